@@ -1,0 +1,327 @@
+"""Packed-sequence attention and a lean chunked cross-entropy, shared by modeling_llama.py and modeling_chatglm.py.
+
+A packed batch is one row of several samples laid end to end ([1, L] input_ids) with their boundaries given as
+`cu_seqlens = [0, e1, ..., L]` (int32) in the 1-D `attention_mask`, the format LongAlign/LongWriter use. This
+module provides what both model files need for it:
+
+- `prepare_packed_inputs`: validates a 1-D cu_seqlens mask, derives per-sample position ids, and returns the
+  keyword arguments (`cu_seq_lens_q/k`, `max_length_q/k`, transformers' own names) that carry the boundaries
+  down to the attention layers.
+- `varlen_attention`: causal attention where each sample attends only to itself. The backend is chosen at run
+  time and logged once: `flash_attn_varlen_func` (flash-attn installed, CUDA, fp16/bf16) -> PyTorch's
+  `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16) -> scaled-dot-product attention per sample
+  (CPU or anywhere). Grouped/multi-query heads are supported by every backend; dropout is always 0.
+- `packed_attention_forward`: the same thing as a transformers attention function, registered under the name
+  `ATTN_IMPLEMENTATION` (with a matching mask builder); unpacked inputs fall through to transformers' SDPA path.
+- `causal_lm_loss`: sum_t w_t * CE_t / D over supervised targets (labels shifted inside, never across a sample
+  boundary), computed `chunk_size` tokens at a time through the lm_head module under activation checkpointing,
+  so fp32 logits for the whole pack exist neither in forward nor in backward.
+
+Tiny CPU check (from the repository root):
+    python -c "import torch, patch.packed_attention as P; q=torch.randn(7,4,8); k=v=torch.randn(7,2,8); \
+print(P.varlen_attention(q, k, v, torch.tensor([0,3,7], dtype=torch.int32), 4, 8**-0.5).shape)"
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+try:  # transformers >= 5: attention/mask registries and the stock SDPA path for unpacked batches
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+except ImportError as exc:  # pragma: no cover - only on unsupported transformers versions
+    raise ImportError(
+        "patch/packed_attention.py needs transformers >= 5.0 (AttentionInterface, masking_utils); "
+        f"install the version pinned in requirements.txt ({exc})"
+    ) from exc
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+ATTN_IMPLEMENTATION = "packed_varlen"  # name registered in transformers' attention + mask registries
+DEFAULT_LOSS_CHUNK_SIZE = 1024  # tokens per lm_head/CE chunk: 1024 x 151,552 x 4 B = 0.62 GB of fp32 logits
+BACKENDS = ("flash_attn", "torch_varlen", "sdpa")
+_logged: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key in _logged:
+        return
+    _logged.add(key)
+    if int(os.environ.get("RANK", "0")) == 0:
+        logger.info(message)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packed batch inputs
+# ---------------------------------------------------------------------------------------------------------------
+def is_packed_mask(attention_mask) -> bool:
+    """True when `attention_mask` is the upstream packed form: a 1-D integer cu_seqlens tensor."""
+    return isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1
+
+
+def position_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Per-sample positions restarting at 0: [0, e1, e1+e2] -> [0..e1-1, 0..e2-1]. Returns LongTensor [1, total]."""
+    cu = cu_seqlens.to(torch.long)
+    lengths = cu[1:] - cu[:-1]  # [n]
+    starts = torch.repeat_interleave(cu[:-1], lengths, output_size=total)  # [total]
+    return (torch.arange(total, device=cu.device) - starts).unsqueeze(0)
+
+
+def prepare_packed_inputs(attention_mask, position_ids, batch_size: int, seq_len: int, device):
+    """Split the `attention_mask` argument into (mask for the model, position_ids, attention kwargs, cu_seqlens).
+
+    1-D integer mask = packed cu_seqlens: requires batch_size 1, returns mask None, per-sample positions if none
+    were given, kwargs with `cu_seq_lens_q/k` (int32) and `max_length_q/k` (python ints), and cu_seqlens.
+    Anything else (2-D padding mask or None) is returned unchanged with empty kwargs and cu_seqlens None.
+    """
+    if not is_packed_mask(attention_mask):
+        return attention_mask, position_ids, {}, None
+    cu = attention_mask
+    problems = []
+    if cu.dtype.is_floating_point or cu.dtype == torch.bool:
+        problems.append(f"dtype is {cu.dtype}; cu_seqlens must be an integer tensor")
+    if batch_size != 1:
+        problems.append(f"batch size is {batch_size}; a packed batch is one row (collate packs as [1, L])")
+    values = cu.tolist()  # n+1 small ints: the one host sync a packed forward needs (max_seqlen for the kernels)
+    if len(values) < 2 or values[0] != 0 or values[-1] != seq_len:
+        problems.append(f"cu_seqlens must start at 0 and end at the sequence length {seq_len}, got {values[:3]}..."
+                        f"{values[-2:]} (a 1-D attention_mask is read as packed boundaries [0, e1, ..., L])")
+    if any(b < a for a, b in zip(values, values[1:])):
+        problems.append("cu_seqlens must be non-decreasing")
+    if problems:
+        raise ValueError("Invalid packed attention_mask (cu_seqlens): " + "; ".join(problems))
+    cu = cu.to(device=device, dtype=torch.int32)
+    max_len = max(b - a for a, b in zip(values, values[1:]))
+    if position_ids is None:
+        position_ids = position_ids_from_cu_seqlens(cu, seq_len)
+    kwargs = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max_len, "max_length_k": max_len}
+    return None, position_ids, kwargs, cu
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variable-length causal attention (one function, three backends)
+# ---------------------------------------------------------------------------------------------------------------
+def _flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def _torch_varlen():
+    try:
+        module = importlib.import_module("torch.nn.attention.varlen")
+    except ImportError:
+        return None
+    return getattr(module, "varlen_attn", None)
+
+
+def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
+    """Backends usable for tensors on `device` with `dtype`, best first (the last one, sdpa, always works)."""
+    out = []
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        if _flash_attn_available():
+            out.append("flash_attn")
+        if _torch_varlen() is not None:
+            out.append("torch_varlen")
+    out.append("sdpa")
+    return out
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # [T, H_kv, D] -> [T, H_kv * n_rep, D]; query head h uses kv head h // n_rep
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _attn_flash(q, k, v, cu, max_len, scale):
+    from flash_attn import flash_attn_varlen_func
+
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
+
+
+def _attn_torch_varlen(q, k, v, cu, max_len, scale):
+    fn = _torch_varlen()
+    params = inspect.signature(fn).parameters
+    kwargs = {"scale": scale}
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
+    if "window_size" in params:  # torch >= 2.10: causal is window (-1, 0)
+        kwargs["window_size"] = (-1, 0)
+    else:  # torch 2.9: explicit flag
+        kwargs["is_causal"] = True
+    return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+
+
+def _attn_sdpa_per_sample(q, k, v, cu, max_len, scale):
+    n_rep = q.shape[1] // k.shape[1]
+    k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
+    bounds = cu.tolist()
+    outs = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L_i, D]
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)  # [H, L_i, D]
+        outs.append(oi.transpose(0, 1))  # [L_i, H, D]
+    return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
+
+
+_BACKEND_FNS = {"flash_attn": _attn_flash, "torch_varlen": _attn_torch_varlen, "sdpa": _attn_sdpa_per_sample}
+
+
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float, backend: str | None = None):
+    """Causal attention within each packed sample.
+
+    q: [T, H_q, D], k/v: [T, H_kv, D] (H_q a multiple of H_kv), cu_seqlens: int32 [n+1] on q's device.
+    Returns [T, H_q, D]. `backend` forces one of BACKENDS (else: env PACKED_ATTN_BACKEND, else the best available).
+    """
+    choice = backend or os.environ.get("PACKED_ATTN_BACKEND") or available_backends(q.device, q.dtype)[0]
+    if choice not in _BACKEND_FNS:
+        raise ValueError(f"unknown packed attention backend {choice!r}; choose one of {BACKENDS}")
+    _log_once(f"backend:{choice}", f"packed attention backend: {choice} ({q.device.type}, {q.dtype})")
+    return _BACKEND_FNS[choice](q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# transformers attention interface: registered under ATTN_IMPLEMENTATION
+# ---------------------------------------------------------------------------------------------------------------
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers AttentionInterface function. query [B, H_q, T_q, D], key/value [B, H_kv, T_k, D].
+
+    With `cu_seq_lens_q` in kwargs (a packed batch, B == 1, no cache): varlen attention. Otherwise transformers'
+    own SDPA path with the mask transformers built (2-D padding, KV cache decoding, plain causal).
+    Returns (attn_output [B, T_q, H_q, D], None).
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and query.shape[2] == key.shape[2]:
+        if dropout:
+            _log_once("dropout", "packed attention ignores attention dropout (always 0)")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
+        out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), scale)  # [T, H_q, D]
+        return out.unsqueeze(0), None
+    _log_once("sdpa-unpacked", "unpacked batch: using transformers' SDPA attention")
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def packed_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """Mask builder for ATTN_IMPLEMENTATION: no mask at all without padding and cache (the attention function
+    applies causality itself, per sample when packed, so no [T, T] mask is ever built for a pack); otherwise
+    the stock SDPA mask."""
+    if attention_mask is None and q_length == kv_length:
+        return None
+    extra = {} if mask_function is None else {"mask_function": mask_function}
+    return sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+                     kv_offset=kv_offset, attention_mask=attention_mask, **extra, **kwargs)
+
+
+ALL_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, packed_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_IMPLEMENTATION, packed_attention_mask)
+
+
+def force_packed_attention(model_cls):
+    """Class decorator for a PreTrainedModel: whatever `attn_implementation` is requested, use ours (it is the only
+    one that honours cu_seqlens on every device; unpacked batches still go through SDPA inside it)."""
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs):
+        if attn_implementation not in (None, ATTN_IMPLEMENTATION):
+            _log_once(f"attn:{attn_implementation}", f"attn_implementation={attn_implementation!r} replaced by "
+                      f"{ATTN_IMPLEMENTATION!r} (packed varlen attention; SDPA for unpacked batches)")
+        return ATTN_IMPLEMENTATION
+
+    model_cls._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
+    return model_cls
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss: sum_t w_t * CE_t / D, chunked
+# ---------------------------------------------------------------------------------------------------------------
+def shift_targets(labels: torch.Tensor, weights: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
+    """Targets for each position: the next token's label, IGNORE_INDEX at the last position of every row and of
+    every packed sample (a prediction never crosses a sample boundary). labels/weights [B, T] -> flat [B*T]."""
+    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+    if cu_seqlens is not None:
+        ends = cu_seqlens[1:].to(torch.long) - 1  # last token of each sample
+        ends = ends[ends >= 0]
+        targets = targets.clone()
+        targets[0, ends] = IGNORE_INDEX
+    shifted_w = None if weights is None else F.pad(weights[:, 1:], (0, 1), value=0.0).reshape(-1)
+    return targets.reshape(-1), shifted_w
+
+
+class _WeightedCrossEntropy(torch.autograd.Function):
+    """sum_i coef_i * (logsumexp(logits_i) - logits_i[target_i]) in fp32, for one chunk of rows.
+    Backward builds the logits' gradient in one fp32 [rows, V] buffer instead of autograd's several."""
+
+    @staticmethod
+    def forward(ctx, logits, target, coef):
+        x = logits.float()  # [c, V]
+        lse = torch.logsumexp(x, dim=-1)  # [c]
+        picked = x.gather(1, target[:, None]).squeeze(1)  # [c]
+        ctx.save_for_backward(logits, target, coef, lse)
+        return ((lse - picked) * coef).sum()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, target, coef, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        grad.copy_(logits).sub_(lse[:, None]).exp_()  # softmax [c, V]
+        grad.scatter_add_(1, target[:, None], torch.full_like(lse[:, None], -1.0))  # softmax - onehot
+        grad.mul_((coef * grad_out)[:, None])
+        return grad.to(logits.dtype), None, None
+
+
+def _chunk_loss(hidden, target, coef, lm_head):
+    return _WeightedCrossEntropy.apply(lm_head(hidden), target, coef)  # lm_head: [c, H] -> [c, V]
+
+
+def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=False, num_items_in_batch=None,
+                   cu_seqlens=None, chunk_size=None):
+    """Weighted next-token cross-entropy: loss = sum_t w_t * CE_t / D.
+
+    hidden_states [B, T, H] (after the final norm), lm_head: module [N, H] -> [N, V] (called as a module so hooks
+    such as DeepSpeed ZeRO-3 gathering or PEFT wrappers apply), labels [B, T] aligned with input_ids (-100 = not
+    supervised), weights [B, T] aligned with labels. w_t = weights at the target if pack_loss and weights is not
+    None, else 1. D = num_items_in_batch if given (the trainer's constant for a whole optimizer step), else sum w_t.
+    Only supervised positions go through lm_head, `chunk_size` rows at a time, each chunk under activation
+    checkpointing (its logits are recomputed in backward), so at most one chunk of logits exists at any time.
+    """
+    hid = hidden_states.shape[-1]
+    targets, shifted_w = shift_targets(labels.to(hidden_states.device),
+                                       weights.to(hidden_states.device) if (pack_loss and weights is not None)
+                                       else None, cu_seqlens)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [N] supervised positions
+    flat = hidden_states.reshape(-1, hid)  # [B*T, H]
+    if rows.numel() == 0:  # nothing supervised: a zero loss that still touches every trainable weight
+        rows = torch.zeros(1, dtype=torch.long, device=flat.device)
+        target, coef = torch.zeros(1, dtype=torch.long, device=flat.device), torch.zeros(1, device=flat.device)
+    else:
+        target = targets[rows]  # [N]
+        w = shifted_w[rows].float() if shifted_w is not None else torch.ones(rows.numel(), device=flat.device)
+        denom = w.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, device=flat.device,
+                                                                           dtype=torch.float32)
+        coef = w / denom  # [N] fp32
+    hidden = flat.index_select(0, rows)  # [N, H]
+    chunk = int(chunk_size or DEFAULT_LOSS_CHUNK_SIZE)
+    if chunk <= 0:
+        raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {chunk_size}")
+    total = None
+    for start in range(0, hidden.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        if torch.is_grad_enabled():
+            part = checkpoint(_chunk_loss, hidden[sl], target[sl], coef[sl], lm_head, use_reentrant=False)
+        else:
+            part = _chunk_loss(hidden[sl], target[sl], coef[sl], lm_head)
+        total = part if total is None else total + part
+    return total
