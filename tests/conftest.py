@@ -22,3 +22,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny tokenizers (tools/make_tiny.py), built once per test session in a temp folder
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def glm4_tokenizer_dir(tmp_path_factory) -> Path:
+    """A GLM-4 hub-like tokenizer folder: tokenizer.model, tokenizer_config.json (auto_map), our code."""
+    from tools.make_tiny import make_glm4_tokenizer
+
+    return make_glm4_tokenizer(tmp_path_factory.mktemp("glm4_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Llama-3.1-style fast tokenizer folder (tokenizer.json + tokenizer_config.json)."""
+    from tools.make_tiny import make_llama3_tokenizer
+
+    return make_llama3_tokenizer(tmp_path_factory.mktemp("llama3_tokenizer"))

@@ -1,0 +1,188 @@
+"""Build tiny, offline stand-ins of the real model folders for tests, benchmarks and the CPU quickstart.
+
+    python tools/make_tiny.py tokenizer --family glm4   --out /tmp/tiny-glm4
+    python tools/make_tiny.py tokenizer --family llama3 --out /tmp/tiny-llama3
+
+Tokenizers (a byte-level BPE trained in well under a second on a small built-in English/Chinese text):
+- `make_glm4_tokenizer(out_dir)`: the GLM-4 hub layout. `tokenizer.model` (tiktoken ranks: all 256 bytes +
+  a few hundred merges), a hub-like `tokenizer_config.json` (auto_map to tokenization_chatglm.ChatGLM4Tokenizer,
+  added_tokens_decoder at the special ids, additional_special_tokens, eos/pad, padding_side left, remove_space,
+  do_lower_case, clean_up_tokenization_spaces, model_max_length, a Jinja chat_template) and a copy of
+  patch/tokenization_chatglm.py. Loads with `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)`.
+- `make_llama3_tokenizer(out_dir)`: a Llama-3.1-style fast tokenizer (`tokenizer.json`) with the 256 Llama-3.1
+  special tokens right after the regular tokens, in Llama's order. Loads with `AutoTokenizer.from_pretrained`.
+Special tokens get ids from len(regular vocab) upward, as in the real models, so nothing may hard-code ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from patch import tokenization_chatglm as glm_tok  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# A small training text for the BPE merges (English, Chinese, digits, code-ish punctuation)
+# ----------------------------------------------------------------------------------------------
+
+CORPUS = """\
+The quick brown fox jumps over the lazy dog. A long story begins with a single sentence, and the
+writer keeps going until the chapter is done. Write a detailed essay about the history of tea,
+its trade routes, and the people who drank it. The model should answer the question clearly.
+Please summarize the following document in three paragraphs. Thank you! What is the capital of France?
+The capital of France is Paris. Here are the steps: first, read the data; second, tokenize it;
+third, train the model; finally, evaluate the results on held-out examples.
+def train(model, data):\n    for batch in data:\n        loss = model(batch)\n        loss.backward()\n
+Numbers: 1 12 123 2024 3.14159 100% $42 #7 @user <tag> [note] {key: value} (a, b, c) -> x != y
+你好，请写一篇关于长江的文章。长江是中国最长的河流，流经十一个省份。今天的天气很好，我们去公园散步吧。
+请总结下面的文档。模型需要学习如何生成很长的回答。训练数据包括中文和英文的对话。谢谢你的帮助！
+用户：你能帮我写一首诗吗？助手：当然可以。春风拂面，花开满园，鸟儿在枝头歌唱。
+"""
+
+
+def _train_byte_bpe(vocab_size: int):
+    """A `tokenizers` byte-level BPE (Llama-3 regex) trained on CORPUS: all 256 bytes + merges."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(glm_tok.PAT_STR), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False, min_frequency=2)
+    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    return tok
+
+
+def _token_bytes_in_rank_order(tok) -> list[bytes]:
+    """Token byte strings for tiktoken ranks: the 256 single bytes (byte order), then merges as learned."""
+    char_to_byte = {c: b for b, c in glm_tok._byte_to_char().items()}
+    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+    tokens = [bytes(char_to_byte[c] for c in s) for s, _ in vocab]
+    assert len({t for t in tokens if len(t) == 1}) == 256 and len(set(tokens)) == len(tokens)
+    return [bytes([b]) for b in range(256)] + [t for t in tokens if len(t) > 1]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------
+# GLM-4 (tiktoken ranks + remote-code tokenizer class)
+# ----------------------------------------------------------------------------------------------
+
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for message in messages %}"
+    "<|{{ message['role'] }}|>{{ message.get('metadata', '') }}\n{{ message['content'] }}"
+    "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def make_glm4_tokenizer(out_dir: str | Path, vocab_size: int = 800) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens = _token_bytes_in_rank_order(_train_byte_bpe(vocab_size))
+    ranks = {t: i for i, t in enumerate(tokens)}
+    glm_tok.write_ranks(ranks, out / "tokenizer.model")
+    shutil.copyfile(glm_tok.__file__, out / "tokenization_chatglm.py")
+    n = len(ranks)
+    specials = list(glm_tok.SPECIAL_TOKENS)
+    _write_json(out / "tokenizer_config.json", {
+        "added_tokens_decoder": {str(n + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                                              "single_word": False, "special": True}
+                                 for i, t in enumerate(specials)},
+        "additional_special_tokens": specials,
+        "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
+        "chat_template": GLM4_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "do_lower_case": False,
+        "eos_token": "<|endoftext|>",
+        "model_max_length": 128000,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "remove_space": False,
+        "tokenizer_class": "ChatGLM4Tokenizer",
+    })
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Llama-3.1 (tokenizers fast tokenizer)
+# ----------------------------------------------------------------------------------------------
+
+def llama31_special_tokens() -> list[str]:
+    """The 256 Llama-3.1 special tokens in id order (offsets 0..255 after the regular vocabulary)."""
+    named = {0: "<|begin_of_text|>", 1: "<|end_of_text|>", 4: "<|finetune_right_pad_id|>",
+             6: "<|start_header_id|>", 7: "<|end_header_id|>", 8: "<|eom_id|>", 9: "<|eot_id|>",
+             10: "<|python_tag|>"}
+    out, reserved = [], 0
+    for i in range(256):
+        if i in named:
+            out.append(named[i])
+        else:
+            out.append(f"<|reserved_special_token_{reserved}|>")
+            reserved += 1
+    return out
+
+
+LLAMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n{{ message['content'] }}<|eot_id|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def make_llama3_tokenizer(out_dir: str | Path, vocab_size: int = 800) -> Path:
+    from tokenizers import AddedToken, decoders, processors
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tk = _train_byte_bpe(vocab_size)
+    tk.decoder = decoders.ByteLevel()
+    specials = llama31_special_tokens()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    bos = "<|begin_of_text|>"
+    tk.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, tk.token_to_id(bos))])
+    tk.save(str(out / "tokenizer.json"))
+    _write_json(out / "tokenizer_config.json", {
+        "bos_token": bos,
+        "eos_token": "<|end_of_text|>",
+        "chat_template": LLAMA3_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": 131072,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    })
+    return out
+
+
+TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokenizer}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("tokenizer", help="write a tiny tokenizer folder")
+    p.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
+    p.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    args = parser.parse_args(argv)
+    out = TOKENIZER_BUILDERS[args.family](args.out)
+    print(f"wrote {args.family} tokenizer to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
