@@ -11,10 +11,28 @@ and every array is memory-mapped, so a training rank does not load the data into
     DIR/report.json      what pre-tokenization read, kept and skipped (and why)
     DIR/skipped.jsonl    one line per skipped input line: file, line, reason
 
+`sort_and_group.py --train_file DIR` adds DIR/packs/ (built in a hidden temp folder, renamed into place;
+re-running replaces it whole). Sample i enters it with its first min(length, max_length) tokens:
+
+    DIR/packs/meta.json         settings (max_length, group_size, pack_algorithm, seed, over_length, cost model),
+                                counts, and the dataset's num_samples/num_tokens (a stale folder is refused)
+    DIR/packs/pack_offsets.bin  int64 [num_packs + 1]  pack p = pack_samples[pack_offsets[p]:pack_offsets[p + 1]]
+    DIR/packs/pack_samples.bin  int64 [num_packed]     sample indices; packs in training order: each run of
+                                                       group_size packs is one step, balanced in compute
+    DIR/packs/sort_order.bin    int64 [num_sorted]     sample indices in sorted-batching order
+    DIR/packs/targets.bin       int32 [num_samples]    N_i: supervised target tokens of sample i as trained
+                                                       (its first token excluded: nothing precedes it)
+    DIR/packs/report.json, report.png                  what sort_and_group.py did (lengths, pack fill, balance)
+
+A folder in the upstream LongAlign/LongWriter layout (dense inputs.npy / labels.npy) is converted in place by
+sort_and_group.py: the files above are added next to the .npy files (meta.json last), which stay untouched.
+
 Labels follow the transformers convention: aligned with input_ids, the model shifts them.
 
     from dataset import LMDataset
     ds = LMDataset("data/glm4/longwriter"); ds[0]  # {"input_ids": LongTensor[L], "labels": LongTensor[L]}
+    LMPackDataset("data/glm4/longwriter")[0]  # + "attention_mask" (cu_seqlens), "position_ids", "weights"
+    LMSortDataset("data/glm4/longwriter")[0]  # like LMDataset, in sorted-batching order
 """
 
 from __future__ import annotations
@@ -262,3 +280,329 @@ class LMDataset(_Lazy, torch.utils.data.Dataset):
         ids, lab = self.data.sample(int(i))
         return {"input_ids": torch.from_numpy(ids.astype(np.int64)),
                 "labels": torch.from_numpy(lab.astype(np.int64))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Collators
+# ----------------------------------------------------------------------------------------------
+# Both collators share one convention, which makes the loss exact and the target counts simple:
+#   - the first token of every sample gets label -100: causal models shift labels, so nothing
+#     predicts it (a prediction never crosses a sample boundary); every remaining label != -100 is
+#     exactly one prediction target;
+#   - `weights` (only with pack_loss) = 1 / N_i on the targets of sample i (N_i = its target count),
+#     0 elsewhere, recomputed here from the labels so padded and packed batches get the same floats.
+# `count_targets(batch)` then gives the per-micro-batch counts the trainer sums over a whole
+# optimizer step (all ranks, all accumulation steps) to normalize the loss exactly.
+
+def _segments_of(cu_seqlens: torch.Tensor, length: int) -> torch.Tensor:
+    """Sample index of every position of a pack, LongTensor [length]."""
+    seg_len = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    return torch.repeat_interleave(torch.arange(seg_len.numel()), seg_len, output_size=length)
+
+
+def _sequence_weights(labels: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """1/N_i on the targets of sample i, 0 elsewhere; float32 like `labels` (1-D)."""
+    target = labels != IGNORE_INDEX
+    n = torch.bincount(segments[target], minlength=int(segments.max()) + 1 if segments.numel() else 0)
+    w = torch.zeros(labels.shape, dtype=torch.float32)
+    w[target] = 1.0 / n[segments[target]].to(torch.float32)
+    return w
+
+
+class PaddedCollator:
+    """`--batch_method naive | sort`: one right-padded batch of whole samples (upstream's meaning).
+
+    features: dicts with 1-D "input_ids" and "labels" (LMDataset / LMSortDataset items).
+    -> {"input_ids": [B, T], "attention_mask": [B, T] 0/1, "position_ids": [B, T], "labels": [B, T]
+        (-100 at padding and at each row's first token), "weights": [B, T] float32 (only with pack_loss)}
+    with T the longest sample of the batch."""
+
+    def __init__(self, pad_token_id: int, pack_loss: bool = False):
+        if pad_token_id is None:
+            raise ValueError("PaddedCollator needs a pad_token_id (read it from the tokenizer or the data's meta.json)")
+        self.pad_token_id = int(pad_token_id)
+        self.pack_loss = pack_loss
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        b, t = len(features), max(int(f["input_ids"].numel()) for f in features)
+        input_ids = torch.full((b, t), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((b, t), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((b, t), dtype=torch.long)
+        for r, f in enumerate(features):
+            n = int(f["input_ids"].numel())
+            input_ids[r, :n] = f["input_ids"]
+            labels[r, 1:n] = f["labels"][1:]
+            attention_mask[r, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "position_ids": torch.arange(t).expand(b, t).clone(), "labels": labels}
+        if self.pack_loss:
+            rows = torch.arange(b).repeat_interleave(t)
+            batch["weights"] = _sequence_weights(labels.reshape(-1), rows).view(b, t)
+        return batch
+
+
+class PackCollator:
+    """`--batch_method pack`: the per-device batch as ONE pack, no padding.
+
+    features: LMPackDataset items (each with its own cu_seqlens in "attention_mask") or plain samples
+    (LMDataset items: one sequence each). Several features are concatenated and their cu_seqlens merged.
+    -> {"input_ids": [1, L], "attention_mask": int32 cu_seqlens [n+1] = [0, e1, ..., L],
+        "position_ids": [1, L] restarting at 0 per sample, "labels": [1, L] (-100 at each sample's first
+        token), "weights": [1, L] float32 (only with pack_loss)}"""
+
+    def __init__(self, pack_loss: bool = False):
+        self.pack_loss = pack_loss
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, labs, bounds, total = [], [], [0], 0
+        for f in features:
+            n = int(f["input_ids"].numel())
+            cu = f.get("attention_mask")
+            cu = torch.tensor([0, n]) if cu is None else cu.long()
+            if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] <= cu[:-1]).any()):
+                raise DatasetFormatError(f"pack with {n} tokens has inconsistent cu_seqlens {cu.tolist()[:8]}...; "
+                                         f"re-run sort_and_group.py on the training data")
+            ids.append(f["input_ids"].long())
+            labs.append(f["labels"].long())
+            bounds.extend((cu[1:] + total).tolist())
+            total += n
+        cu_seqlens = torch.tensor(bounds, dtype=torch.int32)
+        input_ids, labels = torch.cat(ids), torch.cat(labs).clone()
+        labels[cu_seqlens[:-1].long()] = IGNORE_INDEX
+        segments = _segments_of(cu_seqlens, total)
+        starts = cu_seqlens[:-1].long()[segments]
+        batch = {"input_ids": input_ids[None], "attention_mask": cu_seqlens,
+                 "position_ids": (torch.arange(total) - starts)[None], "labels": labels[None]}
+        if self.pack_loss:
+            batch["weights"] = _sequence_weights(labels, segments)[None]
+        return batch
+
+
+def make_collator(batch_method: str, pad_token_id: int | None = None, pack_loss: bool = False):
+    """The collator for `--batch_method`: PaddedCollator for naive/sort, PackCollator for pack."""
+    if batch_method == "pack":
+        return PackCollator(pack_loss=pack_loss)
+    if batch_method in ("naive", "sort"):
+        return PaddedCollator(pad_token_id, pack_loss=pack_loss)
+    raise ValueError(f"--batch_method {batch_method!r}: expected naive, sort or pack")
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+    """(prediction targets, samples with at least one target) of a collated batch.
+
+    Relies on the collators' convention (no sample's first token is labelled), so every label != -100
+    is one target of the shifted causal loss."""
+    target = batch["labels"] != IGNORE_INDEX
+    tokens = int(target.sum())
+    mask = batch.get("attention_mask")
+    if mask is not None and mask.dim() == 1:  # a pack: cu_seqlens
+        segments = _segments_of(mask.cpu(), target.shape[-1])
+        sequences = int(torch.unique(segments[target.reshape(-1).cpu()]).numel())
+    else:
+        sequences = int(target.any(dim=-1).sum())
+    return tokens, sequences
+
+
+# ----------------------------------------------------------------------------------------------
+# Sorted batching and packs (written by sort_and_group.py)
+# ----------------------------------------------------------------------------------------------
+
+PACKS_DIR = "packs"
+PACKS_FORMAT = "longsft-packs"
+PACKS_VERSION = 1
+PACK_FILES = {  # name -> (file, dtype); the lengths are in meta.json
+    "pack_offsets": ("pack_offsets.bin", np.int64),  # [num_packs + 1]
+    "pack_samples": ("pack_samples.bin", np.int64),  # [num_packed_samples]
+    "sort_order": ("sort_order.bin", np.int64),      # [num_sorted_samples]
+    "targets": ("targets.bin", np.int32),            # [num_samples]
+}
+
+
+def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict,
+                extra_files: dict[str, bytes] | None = None) -> Path:
+    """Write DIR/packs atomically: built in a hidden temp folder, meta.json last, then renamed into place."""
+    data_dir = Path(data_dir)
+    tmp = data_dir / f".{PACKS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        for key, (fn, dt) in PACK_FILES.items():
+            np.ascontiguousarray(arrays[key], dtype=dt).tofile(tmp / fn)
+        for name, blob in (extra_files or {}).items():
+            (tmp / name).write_bytes(blob)
+        full = {**meta, "format": PACKS_FORMAT, "version": PACKS_VERSION,
+                **{f"num_{k}": int(np.asarray(arrays[k]).size) for k in PACK_FILES}}
+        write_json_atomic(tmp / META_FILE, full)
+        replace_dir(tmp, data_dir / PACKS_DIR)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return data_dir / PACKS_DIR
+
+
+class PackedData:
+    """A tokenized dataset plus its DIR/packs, memory-mapped and checked on open.
+
+    Sample i enters packs and the sorted order with its first `sample_lengths[i]` tokens
+    (= min(length, max_length); `--over_length truncate` is the only way that cuts anything)."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data = TokenizedData(data_dir)
+        self.data_dir = self.data.data_dir
+        pdir = self.data_dir / PACKS_DIR
+        fix = f"run `python sort_and_group.py --train_file {self.data_dir}`"
+        if not (pdir / META_FILE).is_file():
+            raise DatasetFormatError(f"{self.data_dir}: no packs ({PACKS_DIR}/{META_FILE} missing); {fix} first.")
+        try:
+            self.meta = json.loads((pdir / META_FILE).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{pdir / META_FILE}: unreadable ({e}); {fix} again.") from e
+        m = self.meta
+        if m.get("format") != PACKS_FORMAT or m.get("version") != PACKS_VERSION:
+            raise DatasetFormatError(f"{pdir / META_FILE}: format {m.get('format')!r} version {m.get('version')!r}, "
+                                     f"expected {PACKS_FORMAT!r} version {PACKS_VERSION}; {fix} again.")
+        src = m.get("source", {})
+        if (src.get("num_samples"), src.get("num_tokens")) != (self.data.meta["num_samples"],
+                                                                self.data.meta["num_tokens"]):
+            raise DatasetFormatError(f"{pdir}: made for a different dataset ({src.get('num_samples')} samples / "
+                                     f"{src.get('num_tokens')} tokens, the folder now has "
+                                     f"{self.data.meta['num_samples']} / {self.data.meta['num_tokens']}); {fix} again.")
+        problems, arrays = [], {}
+        for key, (fn, dt) in PACK_FILES.items():
+            n, p = int(m[f"num_{key}"]), pdir / fn
+            got = p.stat().st_size if p.is_file() else None
+            if got != n * np.dtype(dt).itemsize:
+                problems.append(f"{fn}: {'missing' if got is None else f'{got} bytes'}, "
+                                f"expected {n * np.dtype(dt).itemsize} bytes")
+            else:
+                arrays[key] = np.memmap(p, dtype=dt, mode="r", shape=(n,)) if n else np.zeros(0, dt)
+        if problems:
+            raise DatasetFormatError(f"{pdir}: truncated or inconsistent packs ({'; '.join(problems)}); {fix} again.")
+        self.pack_offsets, self.pack_samples = arrays["pack_offsets"], arrays["pack_samples"]
+        self.sort_order, self.targets = arrays["sort_order"], arrays["targets"]
+        n = len(self.data)
+        po = np.asarray(self.pack_offsets)
+        bad = (po.size < 1 or po[0] != 0 or po[-1] != self.pack_samples.size or np.any(np.diff(po) <= 0)
+               or self.targets.size != n)
+        for idx in (self.pack_samples, self.sort_order):
+            bad = bad or (idx.size > 0 and (int(idx.min()) < 0 or int(idx.max()) >= n))
+        if bad:
+            raise DatasetFormatError(f"{pdir}: pack index out of range; {fix} again.")
+        self.max_length = int(m["max_length"])
+        self.group_size = int(m["group_size"])
+        self.sample_lengths = np.minimum(self.data.lengths, self.max_length)  # int64 [num_samples]
+
+    @property
+    def num_packs(self) -> int:
+        return self.pack_offsets.size - 1
+
+    def pack_reduce(self, per_sample: np.ndarray) -> np.ndarray:
+        """Sum of a per-sample quantity over each pack, [num_packs]."""
+        v = np.asarray(per_sample).astype(np.int64)[np.asarray(self.pack_samples)]
+        return np.add.reduceat(v, np.asarray(self.pack_offsets[:-1])) if self.num_packs else v[:0]
+
+    def pack(self, p: int) -> dict[str, np.ndarray]:
+        """Pack p as numpy arrays (see LMPackDataset)."""
+        if not 0 <= p < self.num_packs:
+            raise IndexError(f"pack {p} out of range [0, {self.num_packs})")
+        idx = np.asarray(self.pack_samples[self.pack_offsets[p]:self.pack_offsets[p + 1]])
+        lens = self.sample_lengths[idx]                                   # [n]
+        cu = np.zeros(idx.size + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])                                       # [n + 1]
+        pos = np.arange(cu[-1], dtype=np.int64) - np.repeat(cu[:-1], lens)  # [L]
+        tok = np.repeat(np.asarray(self.data.offsets)[idx], lens) + pos     # [L] positions in the dataset
+        labels = self.data.labels[tok].astype(np.int64)
+        labels[cu[:-1]] = IGNORE_INDEX          # a sample's first token has nothing before it to predict it
+        sup = labels != IGNORE_INDEX
+        n_i = np.add.reduceat(sup.astype(np.int64), cu[:-1])              # [n] supervised tokens per sample
+        inv = np.where(n_i > 0, 1.0 / np.maximum(n_i, 1), 0.0)
+        weights = np.where(sup, np.repeat(inv, lens), 0.0).astype(np.float32)
+        return {"input_ids": self.data.input_ids[tok].astype(np.int64), "labels": labels,
+                "attention_mask": cu.astype(np.int32), "position_ids": pos, "weights": weights}
+
+
+class _LazyPacks:
+    """Opens PackedData on first use, so the datasets pickle cheaply into DataLoader workers."""
+
+    def __init__(self, data_dir: str | os.PathLike):
+        self.data_dir = str(data_dir)
+        self._packs = PackedData(self.data_dir)  # open once now: fail early on a bad folder
+
+    @property
+    def packs(self) -> PackedData:
+        if self._packs is None:
+            self._packs = PackedData(self.data_dir)
+        return self._packs
+
+    def __getstate__(self):
+        return {**self.__dict__, "_packs": None}
+
+    @property
+    def group_size(self) -> int:
+        """--group_size of sort_and_group.py (the GPU count it balanced steps for)."""
+        return self.packs.group_size
+
+    @property
+    def max_length(self) -> int:
+        return self.packs.max_length
+
+    @property
+    def meta(self) -> dict:
+        """DIR/packs/meta.json: the sort_and_group.py settings and counts."""
+        return self.packs.meta
+
+
+class LMPackDataset(_LazyPacks, torch.utils.data.Dataset):
+    """One pack of samples per item (`--batch_method pack`), packs in training order: consecutive runs of
+    `group_size` packs were balanced to cost about the same (one optimizer micro-step on group_size ranks).
+
+    ds[i] -> {"input_ids": LongTensor[L], "labels": LongTensor[L] (-100 not supervised, and at the first token of
+    every sample), "attention_mask": IntTensor[n + 1] cu_seqlens [0, e1, ..., L], "position_ids": LongTensor[L]
+    restarting at 0 per sample, "weights": FloatTensor[L] = 1/N_i on the supervised tokens of sample i, else 0}.
+    Per-pack counts for the trainer (numpy [num_packs]): pack_lengths (tokens), pack_num_samples,
+    pack_num_sequences (samples with N_i > 0 = sum of the pack's weights), pack_num_targets (sum of N_i)."""
+
+    def __len__(self) -> int:
+        return self.packs.num_packs
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(v) for k, v in self.packs.pack(int(i)).items()}
+
+    @property
+    def pack_lengths(self) -> np.ndarray:
+        return self.packs.pack_reduce(self.packs.sample_lengths)
+
+    @property
+    def pack_num_samples(self) -> np.ndarray:
+        return np.diff(np.asarray(self.packs.pack_offsets))
+
+    @property
+    def pack_num_sequences(self) -> np.ndarray:
+        return self.packs.pack_reduce(np.asarray(self.packs.targets) > 0)
+
+    @property
+    def pack_num_targets(self) -> np.ndarray:
+        return self.packs.pack_reduce(np.asarray(self.packs.targets, dtype=np.int64))
+
+
+class LMSortDataset(_LazyPacks, torch.utils.data.Dataset):
+    """One unpadded sample per item in sorted-batching order (`--batch_method sort`): runs of `group_size`
+    samples of similar length, the runs shuffled with --seed (a shorter last run at the end).
+
+    ds[i] -> {"input_ids": LongTensor[L], "labels": LongTensor[L]} like LMDataset (first max_length tokens)."""
+
+    def __len__(self) -> int:
+        return self.packs.sort_order.size
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"item {i} out of range [0, {len(self)})")
+        j = int(self.packs.sort_order[i])
+        ids, lab = self.packs.data.sample(j)
+        n = int(self.packs.sample_lengths[j])
+        return {"input_ids": torch.from_numpy(ids[:n].astype(np.int64)),
+                "labels": torch.from_numpy(lab[:n].astype(np.int64))}
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count of every item, in this dataset's order."""
+        return self.packs.sample_lengths[np.asarray(self.packs.sort_order)]

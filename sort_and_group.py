@@ -1,0 +1,570 @@
+"""Stage 2: sorted-batching order and near-perfect packs for a tokenized dataset, nothing lost.
+
+Reads the folder pre_tokenize_glm4.py / pre_tokenize_llama3.py wrote and adds DIR/packs/ to it (layout in
+dataset.py's docstring); `dataset.LMPackDataset(DIR)` and `dataset.LMSortDataset(DIR)` read the result.
+
+    python sort_and_group.py --train_file data/glm4/longwriter                       # defaults below
+    python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8 \\
+        --pack_algorithm bfd --seed 42 --over_length error
+    python sort_and_group.py --train_file /tmp/tiny --max_length 512 --group_size 2   # a tiny CPU run
+
+What it does, top to bottom:
+- Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the
+  supervised target tokens of every sample (its first token excluded: nothing before it can predict it).
+- A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
+  truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
+- Packing. `bfd` (default): best-fit decreasing over the whole dataset at once. Items of one length are placed
+  together (a best-fit bin takes floor(room / length) of them), and the bins are kept in buckets by remaining
+  room with a two-level bitmap to find the tightest bin that fits, so 1M samples pack in well under a second.
+  `sequential`: upstream's next-fit in file order (a sample that does not fit closes the pack), keeping the
+  last pack and never dropping a sample.
+- Compute balance. With --group_size ranks, the packs of one step run in parallel and the step waits for the
+  slowest. Modeled cost of a pack = sum(L_i) + sum(L_i^2) / attn_cost_length, L_i its sample lengths: forward
+  FLOPs are 2 * params per token for the matmuls and 2 * L^2 * hidden * layers per causal sample for attention,
+  so the quadratic term equals the linear one at L = params / (hidden * layers): about 57,000 for GLM-4-9B
+  (9.4e9 / (4096 * 40)) and 61,000 for Llama-3.1-8B (8.0e9 / (4096 * 32)); default 57,000. Packs are sorted
+  by cost and cut into steps of group_size (similar packs train side by side), then whole steps are shuffled
+  with --seed; a shorter last step, if any, comes last. The report gives the modeled imbalance (slowest rank /
+  mean, per step) against upstream's next-fit in file order. With another GPU count the balance is only less
+  good; nothing that affects the loss depends on it (weights are 1/N_i; normalization happens at training).
+- Sorted batching (LMSortDataset): samples sorted by length, cut into groups of group_size, groups shuffled
+  with --seed (a shorter last group at the end).
+- Report: printed, saved as DIR/packs/report.json, and DIR/packs/report.png (length histogram, pack fill).
+
+Upstream layout (LongAlign / LongWriter pre_tokenize: dense inputs.npy + labels.npy, [rows, width], padded).
+It is converted in place first, without re-tokenizing. Row length rule: 1 + the last position whose token is
+not the pad id OR whose label is supervised (!= -100), so a final EOS equal to the pad id (GLM tokenizers where
+pad == eos) is kept because it is supervised; all-padding rows are dropped and counted. Pad id: --pad_token_id,
+else the pad token of --model_name_or_path (tokenizer_config.json / tokenizer.json / config.json), else the
+most common last-column token of rows whose last label is -100. Upstream LongWriter padded GLM-4 data with
+[MASK] while the tokenizer's pad is <|endoftext|>; a pad id the rows do not end with is refused with the fix.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+from tqdm import tqdm
+from transformers import HfArgumentParser
+
+from dataset import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, ARRAY_FILES, DatasetFormatError, TokenizedData,
+                     TokenizedWriter, write_packs)
+
+
+class SortAndGroupError(ValueError):
+    """Settings or data that sort_and_group.py cannot use; the message lists every problem and its fix."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Arguments:
+    train_file: str = field(metadata={"help": "Dataset folder written by pre_tokenize_*.py (or the upstream "
+                                              "layout with inputs.npy / labels.npy, converted in place)."})
+    max_length: int = field(default=32768, metadata={"help": "Tokens per pack (and longest sample allowed)."})
+    group_size: int = field(default=8, metadata={"help": "Packs (sorted batching: samples) trained in one step, "
+                                                         "normally the GPU count; steps are balanced for it."})
+    pack_algorithm: Literal["bfd", "sequential"] = field(default="bfd", metadata={
+        "help": "bfd: best-fit decreasing over the whole dataset (near the lower bound); "
+                "sequential: upstream's next-fit in file order."})
+    seed: int = field(default=42, metadata={"help": "Shuffles whole steps of packs and sorted groups."})
+    over_length: Literal["error", "truncate", "skip"] = field(default="error", metadata={
+        "help": "Samples longer than --max_length: error (default), truncate (keep the first max_length "
+                "tokens) or skip; the report counts them."})
+    balance_steps: bool = field(default=True, metadata={
+        "help": "Sort packs by modeled cost before cutting steps, so the packs of a step cost about the same."})
+    shuffle: bool = field(default=True, metadata={"help": "Shuffle whole steps / groups with --seed."})
+    attn_cost_length: float = field(default=57000.0, metadata={
+        "help": "Cost model: pack cost = sum(L) + sum(L^2) / this; ~params / (hidden * layers)."})
+    pad_token_id: Optional[int] = field(default=None, metadata={
+        "help": "Upstream layout only: the pad id of inputs.npy (default: from --model_name_or_path, else "
+                "inferred from the data)."})
+    model_name_or_path: Optional[str] = field(default=None, metadata={
+        "help": "Upstream layout only: local model/tokenizer folder to read the pad id from."})
+    plot: bool = field(default=True, metadata={"help": "Write DIR/packs/report.png."})
+
+
+def check_arguments(args: Arguments) -> list[str]:
+    problems = []
+    if args.max_length < 2:
+        problems.append(f"--max_length {args.max_length}: must be at least 2 (the packs' token budget).")
+    if args.group_size < 1:
+        problems.append(f"--group_size {args.group_size}: must be at least 1 (normally the GPU count).")
+    if not args.attn_cost_length > 0:
+        problems.append(f"--attn_cost_length {args.attn_cost_length}: must be positive.")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Packing
+# ----------------------------------------------------------------------------------------------
+
+def lower_bound(lengths: np.ndarray, max_length: int) -> int:
+    """No packing can use fewer packs than ceil(total tokens / max_length)."""
+    return int(-(-int(np.sum(lengths, dtype=np.int64)) // max_length))
+
+
+def _offsets_from_bins(item_bin: np.ndarray, num_bins: int) -> np.ndarray:
+    offsets = np.zeros(num_bins + 1, dtype=np.int64)
+    np.cumsum(np.bincount(item_bin, minlength=num_bins), out=offsets[1:])
+    return offsets
+
+
+def pack_bfd(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing. lengths: int [n], each in [1, max_length].
+
+    Returns (order, pack_offsets): pack p holds items order[pack_offsets[p]:pack_offsets[p + 1]] (positions
+    into `lengths`), longest first. Exact best fit: an item goes to the bin with the least room that fits it.
+    Runs of equal length are placed together (the best bin takes floor(room / length) of them; its room is then
+    below the length, so the next best bin is looked up), and bins wait in buckets by room: buckets[r] is a
+    stack of bins with r tokens free, and a bitmap of non-empty buckets (64-bit words + a summary of non-zero
+    words) finds the smallest r >= length in a few integer operations."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n, cap = lengths.size, int(max_length)
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    sorted_len = lengths[order]
+    starts = np.concatenate([[0], np.flatnonzero(sorted_len[1:] != sorted_len[:-1]) + 1])
+    run_len = sorted_len[starts].tolist()
+    run_cnt = np.diff(np.append(starts, n)).tolist()
+
+    words = [0] * ((cap >> 6) + 1)   # bit r & 63 of words[r >> 6]: buckets[r] is not empty
+    summary = 0                      # bit w: words[w] != 0
+    buckets: list[list[int]] = [[] for _ in range(cap + 1)]
+    seg_bin: list[int] = []          # the sorted items, in order, go in segments: seg_cnt[s] items to seg_bin[s]
+    seg_cnt: list[int] = []
+    num_bins = 0
+
+    def add(room: int, bins) -> None:  # put bins with `room` free into their bucket
+        nonlocal summary
+        if isinstance(bins, int):
+            buckets[room].append(bins)
+        else:
+            buckets[room].extend(bins)
+        w = room >> 6
+        if not words[w]:
+            summary |= 1 << w
+        words[w] |= 1 << (room & 63)
+
+    for x, k in zip(run_len, run_cnt):
+        while k:
+            w = x >> 6
+            m = words[w] >> (x & 63)
+            if m:                                   # a bucket in x's own word
+                r = x + (m & -m).bit_length() - 1
+            else:
+                s = summary >> (w + 1)
+                if not s:                           # nothing fits: open bins, floor(cap / x) items each
+                    q = cap // x
+                    full, rest = divmod(k, q)
+                    if full:
+                        seg_bin.extend(range(num_bins, num_bins + full))
+                        seg_cnt.extend([q] * full)
+                        if cap - q * x:
+                            add(cap - q * x, range(num_bins, num_bins + full))
+                        num_bins += full
+                    if rest:
+                        seg_bin.append(num_bins)
+                        seg_cnt.append(rest)
+                        if cap - rest * x:
+                            add(cap - rest * x, num_bins)
+                        num_bins += 1
+                    break
+                w += (s & -s).bit_length()
+                m = words[w]
+                r = (w << 6) + (m & -m).bit_length() - 1
+            bucket = buckets[r]
+            b = bucket.pop()
+            if not bucket:
+                words[w] &= ~(1 << (r & 63))
+                if not words[w]:
+                    summary &= ~(1 << w)
+            t = min(r // x, k)
+            if r - t * x:
+                add(r - t * x, b)
+            seg_bin.append(b)
+            seg_cnt.append(t)
+            k -= t
+    item_bin = np.repeat(np.asarray(seg_bin, dtype=np.int64), np.asarray(seg_cnt, dtype=np.int64))
+    by_bin = np.argsort(item_bin, kind="stable")
+    return order[by_bin], _offsets_from_bins(item_bin, num_bins)
+
+
+def pack_sequential(lengths: np.ndarray, max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Upstream's next-fit in file order: a sample that does not fit the open pack closes it. Same return as
+    pack_bfd; the last pack is kept. One binary search per pack over the running token count."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = lengths.size
+    cum = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=cum[1:])
+    bounds, s = [0], 0
+    while s < n:
+        s = int(np.searchsorted(cum, cum[s] + max_length, side="right")) - 1  # last end that still fits
+        bounds.append(s)
+    return np.arange(n, dtype=np.int64), np.asarray(bounds, dtype=np.int64)
+
+
+PACKERS = {"bfd": pack_bfd, "sequential": pack_sequential}
+
+
+# ----------------------------------------------------------------------------------------------
+# Compute balance across the packs of a step, and the sorted-batching order
+# ----------------------------------------------------------------------------------------------
+
+def pack_costs(lengths: np.ndarray, order: np.ndarray, pack_offsets: np.ndarray,
+               attn_cost_length: float) -> np.ndarray:
+    """Modeled cost of every pack: tokens + sum of squared sample lengths / attn_cost_length, float64 [packs]."""
+    if pack_offsets.size < 2:
+        return np.zeros(0)
+    ell = np.asarray(lengths, dtype=np.float64)[order]
+    return np.add.reduceat(ell + ell * ell / attn_cost_length, pack_offsets[:-1])
+
+
+def arrange_steps(costs: np.ndarray, group_size: int, seed: int, balance: bool = True,
+                  shuffle: bool = True) -> np.ndarray:
+    """Training order of the packs: steps of group_size packs of similar cost (balance), whole steps shuffled
+    with seed; the shorter last step (packs % group_size of them, the cheapest) stays last."""
+    num = costs.size
+    order = np.argsort(-costs, kind="stable") if balance else np.arange(num)
+    full = num // group_size
+    steps = order[:full * group_size].reshape(full, group_size)
+    if shuffle:
+        steps = steps[np.random.default_rng([seed, 0]).permutation(full)]
+    return np.concatenate([steps.reshape(-1), order[full * group_size:]]).astype(np.int64)
+
+
+def step_imbalance(costs_in_order: np.ndarray, group_size: int) -> dict:
+    """Slowest rank / mean of each full step (1.0 = perfect), and the modeled time lost to waiting."""
+    full = costs_in_order.size // group_size
+    if full == 0:
+        return {"steps": 0}
+    c = costs_in_order[:full * group_size].reshape(full, group_size)
+    ratio = c.max(axis=1) / np.maximum(c.mean(axis=1), 1e-12)
+    return {"steps": full, "mean": round(float(ratio.mean()), 4), "p95": round(float(np.quantile(ratio, 0.95)), 4),
+            "max": round(float(ratio.max()), 4),
+            "time_lost": round(float(c.max(axis=1).sum() / c.mean(axis=1).sum() - 1), 4)}
+
+
+def sorted_batching_order(lengths: np.ndarray, group_size: int, seed: int, shuffle: bool = True) -> np.ndarray:
+    """Positions into `lengths` sorted by length (stable), cut into groups of group_size, groups shuffled with
+    seed; the shorter last group (the longest samples) stays last."""
+    order = np.argsort(np.asarray(lengths), kind="stable")
+    full = order.size // group_size
+    groups = order[:full * group_size].reshape(full, group_size)
+    if shuffle:
+        groups = groups[np.random.default_rng([seed, 1]).permutation(full)]
+    return np.concatenate([groups.reshape(-1), order[full * group_size:]]).astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: our format, or the upstream dense layout (converted in place)
+# ----------------------------------------------------------------------------------------------
+
+def model_pad_token_id(path: str) -> Optional[int]:
+    """The pad id a local model/tokenizer folder declares, from its JSON files (no tokenizer code runs)."""
+    root = Path(path)
+    if not root.is_dir():
+        raise SortAndGroupError(f"--model_name_or_path {path}: no such local folder (nothing is downloaded); "
+                                f"pass the folder with tokenizer_config.json, or --pad_token_id.")
+
+    def load(name):
+        p = root / name
+        return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
+
+    pad = load("tokenizer_config.json").get("pad_token")
+    pad = pad.get("content") if isinstance(pad, dict) else pad
+    if isinstance(pad, str):
+        for tid, tok in load("tokenizer_config.json").get("added_tokens_decoder", {}).items():
+            if tok.get("content") == pad:
+                return int(tid)
+        for tok in load("tokenizer.json").get("added_tokens", []):
+            if tok.get("content") == pad:
+                return int(tok["id"])
+    pid = load("config.json").get("pad_token_id")
+    pid = pid[0] if isinstance(pid, list) and pid else pid
+    return int(pid) if isinstance(pid, int) else None
+
+
+def inspect_legacy(data_dir: Path, args: Arguments) -> dict:
+    """Open inputs.npy / labels.npy read-only, pick the pad id and measure every row. Writes nothing."""
+    arrays = {}
+    for name in ("inputs.npy", "labels.npy"):
+        try:
+            arrays[name] = np.load(data_dir / name, mmap_mode="r")
+        except FileNotFoundError:
+            raise SortAndGroupError(f"{data_dir}: has inputs.npy but no {name}; both upstream files are needed.")
+        except (ValueError, OSError) as e:
+            raise SortAndGroupError(f"{data_dir / name}: unreadable or truncated ({e}); re-create it with the "
+                                    f"upstream pre-tokenization script.") from e
+    ids, lab = arrays["inputs.npy"], arrays["labels.npy"]
+    problems = []
+    for name, a in arrays.items():
+        if a.ndim != 2 or not np.issubdtype(a.dtype, np.integer):
+            problems.append(f"{data_dir / name}: {a.dtype} array of shape {a.shape}, expected integer [rows, width]")
+    if not problems and ids.shape != lab.shape:
+        problems.append(f"{data_dir}: inputs.npy is {ids.shape} but labels.npy is {lab.shape}; they must match")
+    if not problems and ids.shape[0] == 0:
+        problems.append(f"{data_dir}: inputs.npy has no rows")
+    if problems:
+        raise SortAndGroupError("; ".join(problems) + ".")
+    rows, width = ids.shape
+    last_ids, last_unsup = np.asarray(ids[:, -1]), np.asarray(lab[:, -1]) == IGNORE_INDEX
+    values, counts = np.unique(last_ids[last_unsup], return_counts=True)
+    seen = int(values[np.argmax(counts)]) if values.size else None     # most common unsupervised last token
+    if args.pad_token_id is not None:
+        pad, source = int(args.pad_token_id), "--pad_token_id"
+    elif args.model_name_or_path:
+        pad, source = model_pad_token_id(args.model_name_or_path), f"{args.model_name_or_path} (pad token)"
+        if pad is None:
+            raise SortAndGroupError(f"--model_name_or_path {args.model_name_or_path}: declares no pad token; "
+                                    f"pass --pad_token_id.")
+    elif seen is not None:
+        pad, source = seen, "inferred: most common last token of rows with an unsupervised end"
+    else:
+        pad, source = None, "not needed: every row ends in a supervised token (no padding)"
+    if seen is not None and pad != seen and counts.max() > 0.5 * last_unsup.sum():
+        raise SortAndGroupError(
+            f"{data_dir / 'inputs.npy'}: {int(counts.max())} of {rows} rows end in token {seen}, not the pad id "
+            f"{pad} ({source}), so the padding would be read as tokens. Pass --pad_token_id {seen} (upstream "
+            f"LongWriter padded GLM-4 data with [MASK], not the tokenizer's pad token).")
+    lengths = np.zeros(rows, dtype=np.int64)
+    step = max(1, (1 << 23) // width)
+    for a in tqdm(range(0, rows, step), desc="measure rows", unit_scale=step, disable=rows <= step):
+        keep = np.asarray(lab[a:a + step]) != IGNORE_INDEX                 # [chunk, width]
+        if pad is not None:
+            keep |= np.asarray(ids[a:a + step]) != pad
+        last = width - np.argmax(keep[:, ::-1], axis=1)                     # 1 + last kept position
+        lengths[a:a + step] = np.where(keep.any(axis=1), last, 0)
+    return {"ids": ids, "labels": lab, "lengths": lengths, "pad_token_id": pad, "pad_source": source,
+            "rows": rows, "width": width}
+
+
+def convert_legacy(data_dir: Path, legacy: dict, args: Arguments) -> None:
+    """Write our format next to inputs.npy / labels.npy (meta.json last, so DIR is valid only when complete)."""
+    kept = np.flatnonzero(legacy["lengths"] > 0)
+    meta = {"source_format": "upstream inputs.npy/labels.npy", "max_length": legacy["width"],
+            "legacy": {"rows": legacy["rows"], "width": legacy["width"], "empty_rows": legacy["rows"] - kept.size,
+                       "pad_token_id": legacy["pad_token_id"], "pad_source": legacy["pad_source"]},
+            "tokenizer": {"name_or_path": args.model_name_or_path, "pad_token_id": legacy["pad_token_id"]}}
+    stage = data_dir / f".convert-{uuid.uuid4().hex[:8]}"
+    with TokenizedWriter(stage, meta=meta) as w:
+        for i in tqdm(kept.tolist(), desc="convert upstream layout", disable=kept.size < 10000):
+            n = int(legacy["lengths"][i])
+            w.add(legacy["ids"][i, :n], legacy["labels"][i, :n])
+        w.commit()
+    for fn in [OFFSETS_FILE, *(f for f, _ in ARRAY_FILES.values()), META_FILE]:   # meta.json last
+        (stage / fn).replace(data_dir / fn)
+    for p in stage.iterdir():
+        p.unlink()
+    stage.rmdir()
+
+
+def count_targets(data: TokenizedData, lengths: np.ndarray, chunk_tokens: int = 1 << 24) -> np.ndarray:
+    """N_i: supervised labels at positions 1..lengths[i]-1 of every sample, int32 [num_samples] (chunked reads)."""
+    offsets = np.asarray(data.offsets)
+    out = np.zeros(len(data), dtype=np.int32)
+    n, i = len(data), 0
+    with tqdm(total=int(offsets[-1]), desc="count targets", unit="tok", unit_scale=True,
+              disable=offsets[-1] < 10 * chunk_tokens) as bar:
+        while i < n:
+            j = min(n, max(i + 1, int(np.searchsorted(offsets, offsets[i] + chunk_tokens, side="right")) - 1))
+            a, b = int(offsets[i]), int(offsets[j])
+            csum = np.zeros(b - a + 1, dtype=np.int64)
+            np.cumsum(np.asarray(data.labels[a:b]) != IGNORE_INDEX, out=csum[1:])
+            start = offsets[i:j] - a
+            out[i:j] = csum[start + lengths[i:j]] - csum[start + 1]
+            bar.update(b - a)
+            i = j
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+def plot_png(lengths: np.ndarray, fill: np.ndarray, max_length: int, title: str) -> bytes:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    bins = np.unique(np.geomspace(1, max(2, int(lengths.max(initial=1))), 80).astype(np.int64))
+    ax1.hist(lengths, bins=bins)
+    ax1.set(xscale="log", yscale="log", xlabel="sample length (tokens)", ylabel="samples",
+            title=f"{lengths.size:,} samples, {int(lengths.sum()):,} tokens")
+    ax2.hist(fill, bins=np.linspace(0, 1, 101))
+    ax2.set(yscale="log", xlabel=f"pack fill (tokens / {max_length:,})", ylabel="packs",
+            title=f"{fill.size:,} packs, mean fill {fill.mean() if fill.size else 0:.2%}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def summary_lines(r: dict) -> list[str]:
+    s, t, imb = r["samples"], r["tokens"], r["step_imbalance"]
+    lines = [
+        f"sort_and_group: {r['train_file']} (max_length {r['max_length']}, group_size {r['group_size']}, "
+        f"{r['pack_algorithm']}, seed {r['seed']})",
+        f"  samples {s['in_dataset']:,} -> packed {s['packed']:,}; over max_length {s['over_length']:,} "
+        f"({r['over_length']}: truncated {s['truncated']:,}, skipped {s['skipped']:,}, tokens cut "
+        f"{t['cut']:,}); without supervised tokens {s['without_targets']:,} (weight 0)",
+        f"  tokens {t['packed']:,} in {r['packs']:,} packs; lower bound {r['lower_bound']:,} "
+        f"(+{r['packs'] - r['lower_bound']}, {r['gap_to_lower_bound']:.3%}); efficiency {r['efficiency']:.4%}",
+        f"  sequences per pack mean {r['sequences_per_pack']['mean']:.2f} "
+        f"(min {r['sequences_per_pack']['min']}, max {r['sequences_per_pack']['max']}); "
+        f"steps {r['steps']['full']:,} of {r['group_size']} + last step of {r['steps']['last_step_packs']}",
+    ]
+    for name, v in imb.items():
+        if isinstance(v, dict) and v.get("steps"):
+            lines.append(f"  step imbalance [{name}] slowest/mean: mean {v['mean']:.4f}, p95 {v['p95']:.4f}, "
+                         f"max {v['max']:.4f}; modeled time lost {v['time_lost']:.2%}")
+    if r.get("legacy"):
+        g = r["legacy"]
+        lines.append(f"  converted upstream layout: {g['rows']:,} rows x {g['width']:,}, pad id {g['pad_token_id']} "
+                     f"({g['pad_source']}), all-padding rows dropped {g['empty_rows']:,}")
+    lines.append(f"  sorted batching: {r['sorted_batching']['samples']:,} samples, padding efficiency "
+                 f"{r['sorted_batching']['padding_efficiency']:.2%}")
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def over_length_problem(lengths: np.ndarray, args: Arguments) -> Optional[str]:
+    over = np.flatnonzero(lengths > args.max_length)
+    if args.over_length != "error" or over.size == 0:
+        return None
+    worst = over[np.argsort(-lengths[over], kind="stable")[:10]]
+    listed = ", ".join(f"sample {i} ({lengths[i]:,} tokens)" for i in worst.tolist())
+    return (f"{over.size:,} samples are longer than --max_length {args.max_length:,}: {listed}"
+            f"{', ...' if over.size > 10 else ''}. Pass --max_length {int(lengths.max()):,} (or more), or "
+            f"--over_length truncate (keep their first {args.max_length:,} tokens), or --over_length skip "
+            f"(leave them out); either is counted in the report.")
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(args=argv)
+    t0 = time.perf_counter()
+    data_dir = Path(args.train_file)
+    problems = check_arguments(args)
+    legacy = None
+    if data_dir.is_dir() and not (data_dir / META_FILE).exists() and (data_dir / "inputs.npy").exists():
+        legacy = inspect_legacy(data_dir, args)              # reads only
+        raw_lengths = legacy["lengths"][legacy["lengths"] > 0]
+        if raw_lengths.size == 0:
+            problems.append(f"{data_dir}/inputs.npy: every row is padding; nothing to train on.")
+    else:
+        data = TokenizedData(data_dir)                       # DatasetFormatError on a bad folder
+        raw_lengths = data.lengths
+        if raw_lengths.size == 0:
+            problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
+    if not problems:
+        problem = over_length_problem(raw_lengths, args)
+        problems += [problem] if problem else []
+    if problems:
+        raise SortAndGroupError("sort_and_group.py cannot run:\n  - " + "\n  - ".join(problems))
+
+    # ---- nothing has been written so far; from here on the inputs are known to be usable
+    if legacy is not None:
+        convert_legacy(data_dir, legacy, args)
+        data = TokenizedData(data_dir)
+    t_read = time.perf_counter()
+    raw = data.lengths                                               # int64 [num_samples]
+    over = raw > args.max_length
+    lengths = np.minimum(raw, args.max_length)
+    included = np.flatnonzero(~over) if args.over_length == "skip" else np.arange(raw.size)
+    targets = count_targets(data, lengths)                           # int32 [num_samples]
+    t_targets = time.perf_counter()
+
+    inc_len = lengths[included]
+    order, pack_offsets = PACKERS[args.pack_algorithm](inc_len, args.max_length)
+    t_pack = time.perf_counter()
+    costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length)
+    step_order = arrange_steps(costs, args.group_size, args.seed, args.balance_steps, args.shuffle)
+    sizes = np.diff(pack_offsets)
+    new_offsets = np.zeros_like(pack_offsets)
+    np.cumsum(sizes[step_order], out=new_offsets[1:])
+    pos = np.repeat(pack_offsets[:-1][step_order], sizes[step_order]) + (
+        np.arange(order.size) - np.repeat(new_offsets[:-1], sizes[step_order]))
+    pack_samples = included[order[pos]]
+    sort_order = included[sorted_batching_order(inc_len, args.group_size, args.seed, args.shuffle)]
+    t_arrange = time.perf_counter()
+
+    # ---- report
+    nf_order, nf_offsets = pack_sequential(inc_len, args.max_length)
+    nf_costs = pack_costs(inc_len, nf_order, nf_offsets, args.attn_cost_length)
+    num_packs = sizes.size
+    fill = np.add.reduceat(inc_len[order], pack_offsets[:-1]) / args.max_length if num_packs else np.zeros(0)
+    lb = lower_bound(inc_len, args.max_length)
+    g = args.group_size
+    sorted_len = lengths[sort_order]
+    full = sorted_len.size // g
+    padded = sorted_len[:full * g].reshape(full, g).max(axis=1).sum() * g + (
+        sorted_len[full * g:].max(initial=0) * (sorted_len.size - full * g))
+    report = {
+        "train_file": str(data_dir), **{k: v for k, v in asdict(args).items() if k != "train_file"},
+        "samples": {"in_dataset": int(raw.size), "packed": int(included.size), "over_length": int(over.sum()),
+                    "truncated": int(over.sum()) if args.over_length == "truncate" else 0,
+                    "skipped": int(over.sum()) if args.over_length == "skip" else 0,
+                    "without_targets": int((targets[included] == 0).sum())},
+        "tokens": {"in_dataset": int(raw.sum()), "packed": int(inc_len.sum()),
+                   "cut": int((raw - lengths).sum()) if args.over_length == "truncate" else 0,
+                   "skipped": int(raw[over].sum()) if args.over_length == "skip" else 0,
+                   "supervised_targets": int(targets[included].sum(dtype=np.int64))},
+        "packs": int(num_packs), "lower_bound": lb,
+        "gap_to_lower_bound": round((num_packs - lb) / max(lb, 1), 6),
+        "efficiency": round(float(inc_len.sum()) / max(1, num_packs * args.max_length), 6),
+        "sequences_per_pack": {"mean": round(float(sizes.mean()), 3), "min": int(sizes.min()),
+                               "max": int(sizes.max())},
+        "pack_fill": {"mean": round(float(fill.mean()), 6), "min": round(float(fill.min()), 6),
+                      "p01": round(float(np.quantile(fill, 0.01)), 6)},
+        "steps": {"full": int(num_packs // g), "last_step_packs": int(num_packs % g)},
+        "cost_model": f"pack cost = sum(L) + sum(L^2) / {args.attn_cost_length:g}",
+        "step_imbalance": {
+            "this_run": step_imbalance(costs[step_order], g),
+            "next_fit_file_order": step_imbalance(nf_costs, g),
+        },
+        "sorted_batching": {"samples": int(sort_order.size), "groups": int(-(-sort_order.size // g)),
+                            "padding_efficiency": round(float(sorted_len.sum()) / max(1, int(padded)), 6)},
+        "legacy": None if legacy is None else data.meta["legacy"],
+        "seconds": {"read": round(t_read - t0, 3), "count_targets": round(t_targets - t_read, 3),
+                    "pack": round(t_pack - t_targets, 3), "arrange": round(t_arrange - t_pack, 3)},
+    }
+    extra = {}
+    if args.plot:
+        extra["report.png"] = plot_png(lengths[included], fill, args.max_length,
+                                       f"{data_dir.name}: {args.pack_algorithm}, efficiency {report['efficiency']:.3%}")
+    report["seconds"]["total"] = round(time.perf_counter() - t0, 3)
+    extra["report.json"] = (json.dumps(report, indent=2) + "\n").encode()
+    meta = {key: report[key] for key in ("max_length", "group_size", "pack_algorithm", "seed", "over_length",
+                                         "balance_steps", "shuffle", "attn_cost_length")}
+    meta.update({"num_packs": int(num_packs), "steps": report["steps"], "lower_bound": lb,
+                 "efficiency": report["efficiency"],
+                 "source": {"num_samples": data.meta["num_samples"], "num_tokens": data.meta["num_tokens"]}})
+    write_packs(data_dir, {"pack_offsets": new_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
+                           "targets": targets}, meta, extra)
+    print("\n".join(summary_lines(report)))
+    print(f"  wrote {data_dir / 'packs'} (report.json{', report.png' if args.plot else ''})")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (SortAndGroupError, DatasetFormatError) as e:
+        sys.exit(f"error: {e}")
