@@ -73,9 +73,8 @@ class RotaryEmbedding(nn.Module):
         self.base = 10000.0 * config.rope_ratio
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=True)  # [rot_dim / 2]
 
-    def compute_inv_freq(self, device=None):
-        exponent = torch.arange(0, self.rot_dim, 2, dtype=torch.float64, device=device) / self.rot_dim
-        return (1.0 / (self.base**exponent)).float()
+    def compute_inv_freq(self, device=None):  # fp32, the same expression upstream and transformers' Glm use
+        return 1.0 / (self.base ** (torch.arange(0, self.rot_dim, 2, dtype=torch.float, device=device) / self.rot_dim))
 
     def forward(self, position_ids, dtype):  # position_ids [B, T] -> cos, sin [B, T, rot_dim / 2]
         inv_freq = self.compute_inv_freq(position_ids.device)
