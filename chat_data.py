@@ -1,0 +1,601 @@
+"""Chat data -> tokenized dataset: everything `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` share.
+
+The two scripts differ only in a *chat format* object that turns a parsed conversation into
+(input_ids, labels); this module does the rest:
+
+1. Inputs: JSONL files or JSON arrays (detected by the first character, not the extension). Several files can be
+   mixed with a per-file sample count, `--input general.jsonl LongAlign-10k.jsonl:5000` (a random subset of
+   5000 records of the second file, drawn with `--seed`); the mixed list is shuffled with `--seed`
+   (`--no_shuffle` keeps file order).
+2. Records, format detected per record:
+   - messages: {"messages": [{"role": "system"|"user"|"assistant"|"observation", "content": str | [parts],
+     "metadata": str (optional, GLM-4), "loss": false | "loss_weight": 0 (optional opt-out)}]}
+   - ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system"|"observation"|"function_call"|..., "value": str}],
+     "system": str (optional)}
+   - Alpaca:   {"instruction": str, "input": str, "output": str, "system": str, "history": [[q, a], ...]}
+   Only assistant replies are supervised; a reply opts out with `"loss": false` or `"loss_weight": 0`.
+   Zero-width characters are removed from replies; empty replies are not supervised. Nothing is dropped,
+   merged or reordered. `tools` fields are not rendered.
+3. Every selected record ends up either in the dataset or in DIR/skipped.jsonl with file, line and one reason:
+   invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise.
+   `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
+4. Parallel over `--num_proc` worker processes (bounded in-flight chunks, results consumed in input order), so
+   the output is byte-identical for any process count; written through `dataset.TokenizedWriter`, so an
+   interrupted run leaves the previous output intact.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from dataset import IGNORE_INDEX, META_FILE, TokenizedWriter
+
+SKIP_REASONS = ("invalid_json", "wrong_schema", "unknown_role", "too_long", "nothing_to_supervise")
+BAD_REASONS = ("invalid_json", "wrong_schema", "unknown_role")  # fatal with --strict
+ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "function_call": "assistant",
+                  "system": "system", "observation": "observation", "function_response": "observation",
+                  "tool": "observation"}
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "observation": "observation",
+                 "tool": "observation"}
+CHUNK_RECORDS, CHUNK_BYTES = 64, 4 << 20  # work unit sent to a worker
+SHOW_SKIPS = 5
+
+
+class InputError(ValueError):
+    """Bad command line, inputs or tokenizer, found before any work starts (all problems in one message)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (each script subclasses this to set its --output_dir default and add its own flags)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class PretokenizeArguments:
+    model_name_or_path: str = field(metadata={"help": "Model folder or hub id; its tokenizer is used."})
+    input: list[str] = field(metadata={"help": "JSONL / JSON-array files; FILE:COUNT takes a random subset of COUNT "
+                                               "records (with --seed). Example: general.jsonl long.jsonl:5000"})
+    output_dir: str = field(default="data/out", metadata={"help": "Dataset folder to write (replaced atomically)."})
+    max_length: int = field(default=32768, metadata={"help": "Longest sample in tokens."})
+    truncate: Literal["skip", "right", "left"] = field(default="skip", metadata={
+        "help": "Samples over --max_length: skip them (listed in skipped.jsonl), cut the end (right), or cut "
+                "after the conversation prefix (left)."})
+    num_proc: int | None = field(default=None, metadata={"help": "Worker processes (default: CPUs, at most 16). "
+                                                                 "The output does not depend on it."})
+    seed: int = field(default=42, metadata={"help": "Seed of the FILE:COUNT subsets and the shuffle."})
+    shuffle: bool = field(default=True, metadata={"help": "Shuffle the mixed records (--no_shuffle keeps order)."})
+    strict: bool = field(default=False, metadata={"help": "Stop at the first invalid JSON / wrong schema / unknown "
+                                                          "role line instead of skipping it."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow the tokenizer code shipped inside the model folder to run (never needed for GLM-4 and "
+                "Llama-3.1: their tokenizers are built in)."})
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> messages
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Message:
+    role: str  # system | user | assistant | observation
+    content: str
+    metadata: str = ""
+    train: bool = False  # supervised: an assistant reply, not opted out, not empty
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def _text(value: Any, where: str) -> str:
+    """A content value: a string, or a list of text parts (strings or {"type": "text", "text": ...})."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for p in value:
+            if isinstance(p, str):
+                parts.append(p)
+            elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            else:
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise Skip("wrong_schema", f"{where}: content part of type {kind!r}; only text parts are supported")
+        return "".join(parts)
+    raise Skip("wrong_schema", f"{where}: content must be a string or a list of text parts, "
+                               f"got {type(value).__name__}")
+
+
+def _opted_out(msg: dict, where: str) -> bool:
+    loss, weight = msg.get("loss", True), msg.get("loss_weight", 1)
+    if not isinstance(loss, bool) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise Skip("wrong_schema", f"{where}: `loss` must be true/false and `loss_weight` a number")
+    return loss is False or weight == 0
+
+
+def _message(role: str, content: str, metadata: str = "", opt_out: bool = False) -> Message:
+    if role == "assistant":
+        content = content.translate(ZERO_WIDTH)
+    train = role == "assistant" and not opt_out and content.strip() != ""
+    return Message(role, content, metadata, train)
+
+
+def parse_record(obj: Any) -> tuple[str, list[Message]]:
+    """(format name, messages) of one record; raises Skip for a record that cannot be used."""
+    if not isinstance(obj, dict):
+        raise Skip("wrong_schema", f"a record must be a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        fmt, turns, role_key, text_key, roles = "messages", obj["messages"], "role", "content", MESSAGE_ROLES
+    elif "conversations" in obj:
+        fmt, turns, role_key, text_key, roles = "sharegpt", obj["conversations"], "from", "value", SHAREGPT_ROLES
+    elif "instruction" in obj and "output" in obj:
+        return "alpaca", _parse_alpaca(obj)
+    else:
+        raise Skip("wrong_schema", "no `messages`, `conversations` or `instruction`+`output` field "
+                                   f"(keys: {', '.join(sorted(obj))[:200]})")
+    if not isinstance(turns, list) or not turns:
+        raise Skip("wrong_schema", f"`{'messages' if fmt == 'messages' else 'conversations'}` must be a "
+                                   "non-empty list")
+    out = []
+    if fmt == "sharegpt" and obj.get("system"):
+        out.append(_message("system", _text(obj["system"], "system")))
+    for i, m in enumerate(turns):
+        where = f"message {i}"
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise Skip("wrong_schema", f"{where}: must be an object with `{role_key}` and `{text_key}`")
+        role = roles.get(m[role_key]) if isinstance(m[role_key], str) else None
+        if role is None:
+            raise Skip("unknown_role", f"{where}: role {m[role_key]!r}; expected one of {', '.join(sorted(roles))}")
+        metadata = m.get("metadata") or ""
+        if not isinstance(metadata, str):
+            raise Skip("wrong_schema", f"{where}: `metadata` must be a string")
+        out.append(_message(role, _text(m[text_key], where), metadata, _opted_out(m, where)))
+    return fmt, out
+
+
+def _parse_alpaca(obj: dict) -> list[Message]:
+    fields = {k: obj.get(k) or "" for k in ("instruction", "input", "output", "system")}
+    bad = [k for k, v in fields.items() if not isinstance(v, str)]
+    history = obj.get("history") or []
+    if bad or not isinstance(history, list) or not all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+        raise Skip("wrong_schema", "alpaca: instruction/input/output/system must be strings and history a list "
+                                   "of [query, reply] pairs")
+    out = [_message("system", fields["system"])] if fields["system"] else []
+    for q, a in history:
+        out += [_message("user", q), _message("assistant", a)]
+    query = fields["instruction"] + ("\n" + fields["input"] if fields["input"] else "")
+    return out + [_message("user", query), _message("assistant", fields["output"], opt_out=_opted_out(obj, "record"))]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer helpers shared by the chat formats
+# ----------------------------------------------------------------------------------------------
+
+class PlainEncoder:
+    """Batch-encodes text with no special tokens: special-token text ("<|eot_id|>") stays plain text."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._backend = None
+        if hasattr(tokenizer, "encode_plain"):  # our ChatGLM4Tokenizer: tiktoken directly
+            self.kind = "plain"
+        elif getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer"):
+            self.kind = "fast"
+        else:
+            self.kind = "slow"
+
+    def _fast(self):
+        if self._backend is None:  # a private copy of the Rust tokenizer, set to never match added tokens
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+            self._backend.no_truncation()
+            self._backend.no_padding()
+            self._backend.encode_special_tokens = True
+        return self._backend
+
+    def __call__(self, texts: list[str]) -> list[list[int]]:
+        if self.kind == "plain":
+            return [self.tokenizer.encode_plain(t) for t in texts]
+        if self.kind == "fast":
+            return [e.ids for e in self._fast().encode_batch_fast(texts, add_special_tokens=False)]
+        return [self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) for t in texts]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_backend": None}
+
+
+def special_token_ids(tokenizer, names: list[str], problems: list[str], why: str) -> dict[str, int]:
+    """Ids of special tokens read from the tokenizer; a missing one is appended to `problems`."""
+    out = {}
+    for name in names:
+        i = tokenizer.convert_tokens_to_ids(name)
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if i is None or (i == unk and name != getattr(tokenizer, "unk_token", None)) \
+                or tokenizer.convert_ids_to_tokens(i) != name:
+            problems.append(f"tokenizer of {tokenizer.name_or_path!r} has no special token {name!r} ({why})")
+        else:
+            out[name] = int(i)
+    return out
+
+
+def check_plain_encoding(encoder: PlainEncoder, specials: dict[str, int], problems: list[str]) -> None:
+    """Special-token text inside content must not turn into special tokens."""
+    text = "".join(specials)
+    if text and set(encoder([text])[0]) & set(specials.values()):
+        problems.append("the tokenizer turns special-token text inside content into special tokens even with "
+                        "split_special_tokens; use a tokenizers-based (fast) tokenizer")
+
+
+def token_info(tokenizer, pad_token_id: int | None) -> dict:
+    return {"name_or_path": str(tokenizer.name_or_path), "class": type(tokenizer).__name__,
+            "vocab_size": len(tokenizer), "pad_token_id": pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id, "bos_token_id": tokenizer.bos_token_id}
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: index the files, pick and shuffle records
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    spec: str  # as given: FILE or FILE:COUNT
+    path: Path
+    count: int | None
+    kind: str = "jsonl"  # jsonl | json
+    lines: np.ndarray | None = None  # line number of each record (1-based)
+    starts: np.ndarray | None = None  # jsonl: byte offset of each record's line
+    ends: np.ndarray | None = None
+    items: list | None = None  # json: the parsed records
+    blank_lines: int = 0
+
+    @property
+    def num_records(self) -> int:
+        return len(self.lines)
+
+
+def _split_spec(spec: str) -> tuple[Path, int | None]:
+    m = re.fullmatch(r"(.+):(-?\d+)", spec)
+    if m and not Path(spec).exists():
+        return Path(m.group(1)), int(m.group(2))
+    return Path(spec), None
+
+
+def _index_jsonl(src: Source) -> None:
+    lines, starts, ends, pos, blank = [], [], [], 0, 0
+    with open(src.path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                lines.append(n)
+                starts.append(pos)
+                ends.append(pos + len(raw))
+            else:
+                blank += 1
+            pos += len(raw)
+    src.lines, src.blank_lines = np.asarray(lines, np.int64), blank
+    src.starts, src.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+
+
+def _index_json_array(src: Source, text: str) -> None:
+    """Parse a JSON array element by element, keeping each element's line number."""
+    dec, ws = json.JSONDecoder(), re.compile(r"\s*")
+    items, lines, line, last = [], [], 1, 0
+    i = ws.match(text).end() + 1  # past "["
+    while True:
+        i = ws.match(text, i).end()
+        if i < len(text) and text[i] == "]" and not items:
+            break
+        line += text.count("\n", last, i)
+        last = i
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{src.path}:{e.lineno}:{e.colno}: invalid JSON array ({e.msg}); fix the file or "
+                             f"convert it to JSONL, where a bad line is skipped and reported instead") from e
+        items.append(obj)
+        lines.append(line)
+        i = ws.match(text, i).end()
+        if i < len(text) and text[i] == ",":
+            i += 1
+        elif i < len(text) and text[i] == "]":
+            break
+        else:
+            line += text.count("\n", last, i)
+            raise InputError(f"{src.path}:{line}: invalid JSON array (expected ',' or ']'); fix the file")
+    src.items, src.lines = items, np.asarray(lines, np.int64)
+
+
+def index_inputs(specs: list[str], problems: list[str]) -> list[Source]:
+    sources = []
+    for spec in specs:
+        path, count = _split_spec(spec)
+        src = Source(spec, path, count)
+        if not path.is_file():
+            problems.append(f"--input {spec}: no such file")
+            continue
+        if count is not None and count <= 0:
+            problems.append(f"--input {spec}: the sample count must be a positive integer")
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        try:
+            if head.startswith(b"["):
+                src.kind = "json"
+                _index_json_array(src, path.read_text(encoding="utf-8-sig"))
+            else:
+                _index_jsonl(src)
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        except UnicodeDecodeError as e:
+            problems.append(f"--input {spec}: not UTF-8 text ({e})")
+            continue
+        if src.num_records == 0:
+            problems.append(f"--input {spec}: no records (empty file)")
+        elif count is not None and count > src.num_records:
+            problems.append(f"--input {spec}: asks for {count} records but the file has {src.num_records}")
+        sources.append(src)
+    return sources
+
+
+def plan_order(sources: list[Source], seed: int, shuffle: bool) -> np.ndarray:
+    """[N, 2] (source index, record index) in output order."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    parts = []
+    for s, src in enumerate(sources):
+        idx = np.arange(src.num_records, dtype=np.int64)
+        if src.count is not None:
+            idx = np.sort(rng.choice(src.num_records, size=src.count, replace=False))
+        parts.append(np.stack([np.full_like(idx, s), idx], axis=1))
+    plan = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+    return plan[rng.permutation(len(plan))] if shuffle else plan
+
+
+def iter_chunks(sources: list[Source], plan: np.ndarray):
+    """Yields (locations, payloads): payload = the raw line (bytes) of a JSONL record or a parsed JSON item."""
+    files = {}
+    locs, payloads, size = [], [], 0
+    try:
+        for s, r in plan:
+            src = sources[s]
+            if src.kind == "jsonl":
+                f = files.get(s) or files.setdefault(s, open(src.path, "rb"))
+                f.seek(int(src.starts[r]))
+                payload = f.read(int(src.ends[r] - src.starts[r]))
+                size += len(payload)
+            else:
+                payload = src.items[r]
+                size += 1024
+            locs.append((int(s), int(src.lines[r])))
+            payloads.append(payload)
+            if len(payloads) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
+                yield locs, payloads
+                locs, payloads, size = [], [], 0
+        if payloads:
+            yield locs, payloads
+    finally:
+        for f in files.values():
+            f.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Work: one chunk of records -> encoded samples or skip reasons (runs in the worker processes)
+# ----------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(chat_format, max_length: int, truncate: str) -> None:
+    _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate)
+
+
+def encode_record(payload, chat_format, max_length: int, truncate: str):
+    """-> ("ok", fmt, ids int32[L], labels int32[L], truncated) or ("skip", reason, detail)."""
+    try:
+        if isinstance(payload, bytes):
+            try:
+                obj = json.loads(payload.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise Skip("invalid_json", str(e)[:200]) from None
+        else:
+            obj = payload
+        fmt, messages = parse_record(obj)
+        unknown = [m.role for m in messages if m.role not in chat_format.roles]
+        if unknown:
+            raise Skip("unknown_role", f"role {unknown[0]!r} has no place in the {chat_format.name} format")
+        if not any(m.train for m in messages):
+            raise Skip("nothing_to_supervise", "no non-empty assistant reply that is not opted out")
+        ids, labels = chat_format.encode(messages)
+        truncated = len(ids) > max_length
+        if truncated:
+            if truncate == "skip":
+                raise Skip("too_long", f"{len(ids)} tokens > --max_length {max_length}")
+            keep = chat_format.prefix_len if truncate == "left" else max_length
+            ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
+            labels = labels[:keep] + labels[len(labels) - (max_length - keep):]
+        labels = np.asarray(labels, dtype=np.int32)
+        if not (labels != IGNORE_INDEX).any():
+            raise Skip("nothing_to_supervise", f"no supervised token left after --truncate {truncate}")
+        return "ok", fmt, np.asarray(ids, dtype=np.int32), labels, truncated
+    except Skip as s:
+        return "skip", s.reason, s.detail
+    except Exception:  # a bug, not bad data: reported by the main process with the record's location
+        return "error", traceback.format_exc()
+
+
+def _work(payloads: list) -> list:
+    w = _WORKER
+    return [encode_record(p, w["fmt"], w["max_length"], w["truncate"]) for p in payloads]
+
+
+# ----------------------------------------------------------------------------------------------
+# Driver
+# ----------------------------------------------------------------------------------------------
+
+def _percentiles(x: np.ndarray) -> dict:
+    if x.size == 0:
+        return {}
+    q = np.percentile(x, [50, 90, 99])
+    return {"min": int(x.min()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+            "max": int(x.max()), "mean": round(float(x.mean()), 2)}
+
+
+def _check_output_dir(out: Path, sources: list[Source], problems: list[str]) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
+        problems.append(f"--output_dir {out}: exists and is not a tokenized dataset; refusing to replace it. "
+                        f"Pick a new folder or remove it yourself.")
+    for src in sources:
+        if out.resolve() in src.path.resolve().parents:
+            problems.append(f"--output_dir {out} contains the input {src.path}; write the dataset elsewhere")
+
+
+def run(args: PretokenizeArguments, chat_format, template: str, model_family: str, pad_token_id: int | None,
+        problems: list[str] | None = None) -> dict:
+    """Index inputs, check everything, then encode in parallel and write the dataset. Returns the report."""
+    problems = list(problems or [])
+    if args.max_length <= chat_format.prefix_len + 1:
+        problems.append(f"--max_length {args.max_length} is too small")
+    num_proc = args.num_proc if args.num_proc is not None else min(16, os.cpu_count() or 1)
+    if num_proc < 1:
+        problems.append(f"--num_proc {num_proc}: must be at least 1")
+    sources = index_inputs(args.input, problems)
+    out_dir = Path(args.output_dir)
+    _check_output_dir(out_dir, sources, problems)
+    if problems:
+        raise InputError("cannot start:\n  - " + "\n  - ".join(problems))
+
+    plan = plan_order(sources, args.seed, args.shuffle)
+    tok = chat_format.tokenizer
+    meta = {"model_family": model_family, "template": template, "max_length": args.max_length,
+            "truncate": args.truncate, "seed": args.seed, "shuffle": args.shuffle, "inputs": list(args.input),
+            "tokenizer": token_info(tok, pad_token_id), "stop_token_ids": chat_format.stop_token_ids}
+    counts = {"kept": 0, "truncated": 0, **{r: 0 for r in SKIP_REASONS}}
+    per_file = [{"file": src.spec, "format": src.kind, "records": src.num_records, "blank_lines": src.blank_lines,
+                 "selected": 0, "kept": 0, "skipped": 0} for src in sources]
+    formats: dict[str, int] = {}
+    lengths, supervised, shown = [], [], []
+    start = time.perf_counter()
+
+    with TokenizedWriter(out_dir, meta) as writer, \
+            open(writer.tmp_dir / "skipped.jsonl", "w", encoding="utf-8") as skipped, \
+            tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
+                 dynamic_ncols=True) as bar:
+
+        def handle(locs, results):
+            for (s, line), res in zip(locs, results):
+                pf = per_file[s]
+                pf["selected"] += 1
+                if res[0] == "ok":
+                    _, fmt, ids, labels, truncated = res
+                    writer.add(ids, labels)
+                    counts["kept"] += 1
+                    counts["truncated"] += int(truncated)
+                    pf["kept"] += 1
+                    formats[fmt] = formats.get(fmt, 0) + 1
+                    lengths.append(len(ids))
+                    supervised.append(int((labels != IGNORE_INDEX).sum()))
+                    continue
+                where = f"{sources[s].path}:{line}"
+                if res[0] == "error":
+                    raise RuntimeError(f"{where}: internal error while encoding this record "
+                                       f"(please report it):\n{res[1]}")
+                _, reason, detail = res
+                if args.strict and reason in BAD_REASONS:
+                    raise InputError(f"{where}: {reason}: {detail} (--strict; fix the line or drop --strict)")
+                counts[reason] += 1
+                pf["skipped"] += 1
+                skipped.write(json.dumps({"file": str(sources[s].path), "line": line, "reason": reason,
+                                          "detail": detail}, ensure_ascii=False) + "\n")
+                if len(shown) < SHOW_SKIPS:
+                    shown.append(f"  {where}: {reason}: {detail}")
+            bar.update(len(locs))
+
+        chunks = iter_chunks(sources, plan)
+        if num_proc == 1:
+            _init_worker(chat_format, args.max_length, args.truncate)
+            for locs, payloads in chunks:
+                handle(locs, _work(payloads))
+        else:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(num_proc, initializer=_init_worker,
+                          initargs=(chat_format, args.max_length, args.truncate)) as pool:
+                pending: deque = deque()
+                for locs, payloads in chunks:  # at most 2 chunks per process in flight: bounded memory
+                    pending.append((locs, pool.apply_async(_work, (payloads,))))
+                    if len(pending) >= 2 * num_proc:
+                        locs0, res0 = pending.popleft()
+                        handle(locs0, res0.get())
+                while pending:
+                    locs0, res0 = pending.popleft()
+                    handle(locs0, res0.get())
+
+        lengths_a, sup_a = np.asarray(lengths, np.int64), np.asarray(supervised, np.int64)
+        n_skipped = sum(counts[r] for r in SKIP_REASONS)
+        report = {
+            "lines_read": len(plan), "samples_kept": counts["kept"], "truncated": counts["truncated"],
+            "skipped_total": n_skipped, "skipped": {r: counts[r] for r in SKIP_REASONS},
+            "formats": dict(sorted(formats.items())), "tokens": int(lengths_a.sum()),
+            "supervised_tokens": int(sup_a.sum()), "length_percentiles": _percentiles(lengths_a),
+            "supervised_percentiles": _percentiles(sup_a), "inputs": per_file,
+            "max_length": args.max_length, "truncate": args.truncate,
+        }
+        if counts["kept"] == 0:
+            raise InputError(f"no sample left to write (all {len(plan)} records skipped: {report['skipped']}); "
+                             f"the first skips:\n" + "\n".join(shown))
+        writer.write_json("report.json", report)
+        skipped.close()
+        writer.commit()
+
+    elapsed = time.perf_counter() - start
+    print_report(report, shown, out_dir, elapsed)
+    return report
+
+
+def print_report(report: dict, shown: list[str], out_dir: Path, elapsed: float) -> None:
+    pct = report["length_percentiles"]
+    lines = [
+        f"wrote {out_dir}: {report['samples_kept']} samples, {report['tokens']:,} tokens "
+        f"({report['supervised_tokens']:,} supervised) in {elapsed:.1f}s "
+        f"({report['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)",
+        f"  records read {report['lines_read']}, kept {report['samples_kept']}, truncated {report['truncated']}, "
+        f"skipped {report['skipped_total']} " + str({k: v for k, v in report["skipped"].items() if v}),
+        f"  formats {report['formats']}; length min/p50/p90/p99/max "
+        f"{pct['min']}/{pct['p50']:.0f}/{pct['p90']:.0f}/{pct['p99']:.0f}/{pct['max']}",
+    ]
+    if shown:
+        lines.append(f"  first skipped records (all in {out_dir / 'skipped.jsonl'}):")
+        lines += shown
+    print("\n".join(lines), flush=True)
+
+
+def parse_args(dataclass_type, argv: list[str] | None):
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(dataclass_type).parse_args_into_dataclasses(args=argv)
+    return args
+
+
+def cli(main: Callable[[list[str] | None], Any]) -> None:
+    """Run a script's main(); InputError becomes a one-paragraph message and exit status 2."""
+    try:
+        main(None)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
