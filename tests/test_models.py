@@ -1,0 +1,421 @@
+"""patch/ models on tiny random configs, fp32 on CPU: peers, packing exactness, loss, generate, install.
+
+    python -m pytest -q tests/test_models.py
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM, LlamaConfig
+from transformers import LlamaForCausalLM as StockLlama
+
+from patch import install as patch_install
+from patch import packed_attention as PA
+from patch.configuration_chatglm import ChatGLMConfig
+from patch.modeling_chatglm import ChatGLMForConditionalGeneration
+from patch.modeling_llama import LlamaForCausalLM
+
+VOCAB = 101
+TOL = 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny models and their peers
+# ----------------------------------------------------------------------------------------------
+def llama_config(**over) -> LlamaConfig:
+    kw = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6,
+              num_key_value_heads=2, rope_theta=5000.0, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+              tie_word_embeddings=False)
+    kw.update(over)
+    return LlamaConfig(**kw)
+
+
+def glm_config(**over) -> ChatGLMConfig:
+    kw = dict(num_layers=2, padded_vocab_size=VOCAB, hidden_size=48, ffn_hidden_size=80, kv_channels=16,
+              num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2, add_qkv_bias=True,
+              rope_ratio=3.0, layernorm_epsilon=1e-5, seq_length=8, eos_token_id=[97, 98, 99], pad_token_id=97)
+    kw.update(over)
+    return ChatGLMConfig(**kw)
+
+
+def make_llama(seed=0, **over):
+    torch.manual_seed(seed)
+    ours = LlamaForCausalLM(llama_config(**over)).eval()
+    stock = StockLlama(llama_config(**over)).eval()
+    stock.load_state_dict(ours.state_dict())
+    return ours, stock
+
+
+def native_glm_state_dict(sd: dict, cfg: ChatGLMConfig) -> dict:
+    """chatglm state dict -> transformers GlmForCausalLM keys (REFERENCE 1)."""
+    q = cfg.num_attention_heads * cfg.kv_channels
+    kv = (cfg.multi_query_group_num if cfg.multi_query_attention else cfg.num_attention_heads) * cfg.kv_channels
+    out = {"model.embed_tokens.weight": sd["transformer.embedding.word_embeddings.weight"],
+           "model.norm.weight": sd["transformer.encoder.final_layernorm.weight"],
+           "lm_head.weight": sd["transformer.output_layer.weight"]}
+    for i in range(cfg.num_layers):
+        src, dst = f"transformer.encoder.layers.{i}.", f"model.layers.{i}."
+        for kind in ("weight", "bias"):
+            t = sd[src + f"self_attention.query_key_value.{kind}"]
+            out[dst + f"self_attn.q_proj.{kind}"] = t[:q]
+            out[dst + f"self_attn.k_proj.{kind}"] = t[q:q + kv]
+            out[dst + f"self_attn.v_proj.{kind}"] = t[q + kv:]
+        out[dst + "self_attn.o_proj.weight"] = sd[src + "self_attention.dense.weight"]
+        out[dst + "mlp.gate_up_proj.weight"] = sd[src + "mlp.dense_h_to_4h.weight"]
+        out[dst + "mlp.down_proj.weight"] = sd[src + "mlp.dense_4h_to_h.weight"]
+        out[dst + "input_layernorm.weight"] = sd[src + "input_layernorm.weight"]
+        out[dst + "post_attention_layernorm.weight"] = sd[src + "post_attention_layernorm.weight"]
+    return out
+
+
+def make_glm(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = glm_config(**over)
+    ours = ChatGLMForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # non-trivial norm weights so a mis-mapped norm would show
+        for name, p in ours.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    native_cfg = GlmConfig(
+        vocab_size=cfg.padded_vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.multi_query_group_num if cfg.multi_query_attention else cfg.num_attention_heads,
+        head_dim=cfg.kv_channels, rms_norm_eps=cfg.layernorm_epsilon, attention_bias=cfg.add_qkv_bias,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * cfg.rope_ratio,
+                         "partial_rotary_factor": 0.5},
+        eos_token_id=list(cfg.eos_token_id), pad_token_id=cfg.pad_token_id, tie_word_embeddings=False)
+    peer = GlmForCausalLM(native_cfg).eval()
+    result = peer.load_state_dict(native_glm_state_dict(ours.state_dict(), cfg), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return ours, peer
+
+
+FAMILIES = {"llama": make_llama, "glm4": make_glm}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2. Peers
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_logits_match_peer(family):
+    ours, peer = FAMILIES[family]()
+    torch.manual_seed(1)
+    ids = torch.randint(3, 97, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding
+    with torch.no_grad():
+        assert (ours(ids).logits - peer(ids).logits).abs().max().item() <= TOL
+        a, b = ours(ids, attention_mask=mask).logits, peer(ids, attention_mask=mask).logits
+        assert (a - b)[mask.bool()].abs().max().item() <= TOL
+        # labels alone: the usual mean cross-entropy over supervised tokens, as the peer returns it
+        labels = ids.clone()
+        labels[:, :5] = -100
+        out = ours(ids, labels=labels)
+        assert out.logits is None
+        assert abs(out.loss.item() - peer(ids, labels=labels).loss.item()) <= TOL
+
+
+def test_glm4_checkpoint_layout_full_size():
+    """glm-4-9b: the exact keys and shapes of REFERENCE 1 and 9,399,951,360 parameters (built on the meta device)."""
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(ChatGLMConfig())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == 9_399_951_360
+    layer = "transformer.encoder.layers.39."
+    expected = {
+        "transformer.embedding.word_embeddings.weight": (151552, 4096),
+        layer + "input_layernorm.weight": (4096,),
+        layer + "self_attention.query_key_value.weight": (4608, 4096),
+        layer + "self_attention.query_key_value.bias": (4608,),
+        layer + "self_attention.dense.weight": (4096, 4096),
+        layer + "post_attention_layernorm.weight": (4096,),
+        layer + "mlp.dense_h_to_4h.weight": (27392, 4096),
+        layer + "mlp.dense_4h_to_h.weight": (4096, 13696),
+        "transformer.encoder.final_layernorm.weight": (4096,),
+        "transformer.output_layer.weight": (151552, 4096),
+        "transformer.rotary_pos_emb.inv_freq": (32,),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    assert len(shapes) == 4 + 40 * 7
+
+
+def test_glm4_rope_any_position():
+    """Positions far beyond config.seq_length work and match the peer (no RoPE cache to resize)."""
+    ours, peer = make_glm(seq_length=8)
+    ids = torch.randint(3, 97, (1, 20))
+    pos = torch.arange(20).unsqueeze(0) + 5000
+    with torch.no_grad():
+        a = ours(ids, position_ids=pos).logits
+        b = peer(ids, position_ids=pos).logits
+    assert (a - b).abs().max().item() <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Packing is exact
+# ----------------------------------------------------------------------------------------------
+def _pack(lengths, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    samples, labels = [], []
+    for n in lengths:
+        ids = torch.randint(3, 97, (n,), generator=g)
+        lab = ids.clone()
+        lab[: max(1, n // 3)] = -100  # prompt part
+        lab[0] = ids[0]  # a supervised first token: a prediction into it would cross the boundary
+        samples.append(ids)
+        labels.append(lab)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    weights = []
+    for lab in labels:
+        n_targets = int((lab[1:] != -100).sum())  # the first token has nothing before it
+        weights.append(torch.where(lab != -100, 1.0 / max(n_targets, 1), 0.0))
+    return samples, labels, weights, cu
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("positions", ["reset", "running"])
+def test_packing_exact(family, positions):
+    ours, _ = FAMILIES[family]()
+    lengths = [5, 9, 1, 7]
+    samples, labels, weights, cu = _pack(lengths)
+    ids = torch.cat(samples)[None]
+    pos = None if positions == "reset" else torch.arange(ids.shape[1])[None]
+    with torch.no_grad():
+        packed = ours(ids, attention_mask=cu, position_ids=pos).logits[0]
+        for i, s in enumerate(samples):
+            solo = ours(s[None]).logits[0]
+            assert rel_err(packed[cu[i]:cu[i + 1]], solo) <= TOL
+
+    # Weighted loss (LongAlign): same value and parameter gradients as the solo runs summed
+    denom = 3.0  # a trainer-supplied normaliser
+    ours.train()
+    ours.zero_grad()
+    loss = ours(ids, attention_mask=cu, position_ids=pos, labels=torch.cat(labels)[None],
+                weights=torch.cat(weights)[None], pack_loss=True, num_items_in_batch=denom).loss
+    loss.backward()
+    grads_packed = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    total = 0.0
+    for s, lab, w in zip(samples, labels, weights):
+        part = ours(s[None], labels=lab[None], weights=w[None], pack_loss=True,
+                    num_items_in_batch=torch.tensor(denom)).loss
+        part.backward()
+        total += part.item()
+    assert abs(loss.item() - total) <= TOL * max(1.0, abs(total))
+    for name, p in ours.named_parameters():
+        if p.grad is None or p.grad.abs().max() == 0:
+            continue
+        assert rel_err(grads_packed[name], p.grad) <= TOL, name
+
+
+def test_position_ids_derived_from_cu_seqlens():
+    cu = torch.tensor([0, 3, 3, 7, 8], dtype=torch.int32)
+    assert PA.position_ids_from_cu_seqlens(cu, 8).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
+
+
+def test_bad_packed_mask_is_reported():
+    ours, _ = make_llama()
+    ids = torch.randint(3, 97, (1, 6))
+    with pytest.raises(ValueError, match="end at the sequence length 6"):
+        ours(ids, attention_mask=torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="batch size is 2"):
+        ours(ids.repeat(2, 1), attention_mask=torch.tensor([0, 6], dtype=torch.int32))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Loss: weighting, chunking
+# ----------------------------------------------------------------------------------------------
+def _targets(labels, cu):
+    """Shifted targets [T-1] for positions 0..T-2, -100 where a prediction would cross a sample boundary."""
+    targets = labels[0, 1:].clone()
+    for end in cu[1:-1].tolist():
+        targets[end - 1] = -100  # position end-1 would predict the next sample's first token
+    return targets
+
+
+def _reference_loss(logits, labels, weights, cu, denom=None):
+    """Unchunked reference on full fp32 logits: sum_t w_t CE_t / D (D defaults to sum w_t)."""
+    targets, w = _targets(labels, cu), weights[0, 1:]
+    keep = targets != -100
+    ce = F.cross_entropy(logits[0, :-1].float()[keep], targets[keep], reduction="none")
+    return (ce * w[keep]).sum() / (w[keep].sum() if denom is None else denom)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_chunked_loss_equals_unchunked(family):
+    ours, _ = FAMILIES[family]()
+    samples, labels, weights, cu = _pack([6, 11, 4])
+    ids, lab, w = torch.cat(samples)[None], torch.cat(labels)[None], torch.cat(weights)[None]
+    params = [p for p in ours.parameters()]
+
+    logits = ours(ids, attention_mask=cu).logits
+    ref = _reference_loss(logits, lab, w, cu)
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    for chunk in (1, 3, 4096):
+        loss = ours(ids, attention_mask=cu, labels=lab, weights=w, pack_loss=True, loss_chunk_size=chunk).loss
+        assert abs(loss.item() - ref.item()) <= TOL * abs(ref.item())
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for g, r in zip(grads, ref_grads):
+            if r is not None:
+                assert rel_err(g, r) <= TOL
+    # labels alone -> token mean; pack_loss without weights -> token mean too; explicit D
+    plain_ref = _reference_loss(logits, lab, torch.ones_like(w), cu, denom=1.0)
+    n = int((_targets(lab, cu) != -100).sum())
+    with torch.no_grad():
+        assert abs(ours(ids, attention_mask=cu, labels=lab).loss.item() - plain_ref.item() / n) <= TOL
+        assert abs(ours(ids, attention_mask=cu, labels=lab, pack_loss=True).loss.item() - plain_ref.item() / n) <= TOL
+        got = ours(ids, attention_mask=cu, labels=lab, num_items_in_batch=7).loss.item()
+        assert abs(got - plain_ref.item() / 7) <= TOL
+        # nothing supervised: a finite zero
+        none = ours(ids, attention_mask=cu, labels=torch.full_like(lab, -100)).loss
+        assert none.item() == 0.0
+
+
+def test_chunked_ce_function_matches_autograd():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50, bias=False)
+    hidden = torch.randn(1, 13, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (1, 13))
+    labels[0, :3] = -100
+    loss = PA.causal_lm_loss(hidden, head, labels, chunk_size=2)
+    g1 = torch.autograd.grad(loss, [hidden, head.weight])
+    ref = F.cross_entropy(head(hidden[0, :-1]), labels[0, 1:])
+    g2 = torch.autograd.grad(ref, [hidden, head.weight])
+    assert abs(loss.item() - ref.item()) <= TOL
+    for a, b in zip(g1, g2):
+        assert rel_err(a, b) <= TOL
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Gradient checkpointing and generate
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_gradient_checkpointing(family):
+    ours, _ = FAMILIES[family]()
+    samples, labels, _, cu = _pack([5, 8])
+    ids, lab = torch.cat(samples)[None], torch.cat(labels)[None]
+    ours.train()
+    ours(ids, attention_mask=cu, labels=lab).loss.backward()
+    plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
+    ours.zero_grad()
+    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours(ids, attention_mask=cu, labels=lab).loss.backward()
+    for n, p in ours.named_parameters():
+        assert torch.allclose(p.grad, plain[n], rtol=1e-5, atol=1e-7), n
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_generate_matches_peer(family):
+    ours, peer = FAMILIES[family]()
+    torch.manual_seed(5)
+    ids = torch.randint(3, 97, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # batched, left-padded
+    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=ours.config.pad_token_id)
+    a = ours.generate(ids, attention_mask=mask, **kw)
+    b = peer.generate(ids, attention_mask=mask, **kw)
+    assert a.tolist() == b.tolist()
+
+
+def test_glm4_generate_stops_on_eos_list():
+    ours, _ = make_glm()
+    assert ours.generation_config.eos_token_id == [97, 98, 99]
+    ids = torch.randint(3, 97, (1, 5))
+    free = ours.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=[100], pad_token_id=97)[0, 5:]
+    assert len(free) == 8
+    stop_at = next(i for i in range(1, 8) if int(free[i]) not in free[:i].tolist())
+    eos = [int(t) for t in (100, free[stop_at], 99)]  # the stop token is the second entry of the list
+    ours.generation_config.eos_token_id = eos
+    out = ours.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=97)[0, 5:]
+    assert out.tolist() == free[: stop_at + 1].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. install.py and remote code
+# ----------------------------------------------------------------------------------------------
+def test_install_glm4_round_trip(tmp_path, glm4_tokenizer_dir):
+    model_dir = tmp_path / "glm4"
+    shutil.copytree(glm4_tokenizer_dir, model_dir)
+    tok = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)
+    torch.manual_seed(0)
+    cfg = glm_config(padded_vocab_size=len(tok) + 6, eos_token_id=[tok.eos_token_id], pad_token_id=tok.pad_token_id)
+    model = ChatGLMForConditionalGeneration(cfg).eval()
+    model.save_pretrained(model_dir)
+    # an upstream-style folder: its own (old) modeling file and an auto_map entry for a class we do not ship
+    (model_dir / "modeling_chatglm.py").write_text("# upstream file\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                          "AutoModelForSequenceClassification": "modeling_chatglm.ChatGLMForSequenceClassification"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+    patch_install.main(["--model_dir", str(model_dir)])
+    backups = sorted(p.name for p in (model_dir / "patch_backup").iterdir())
+    assert backups == ["config.json", "modeling_chatglm.py"]
+    assert (model_dir / "patch_backup" / "modeling_chatglm.py").read_text() == "# upstream file\n"
+    auto_map = json.loads((model_dir / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForCausalLM"] == "modeling_chatglm.ChatGLMForConditionalGeneration"
+    assert "AutoModelForSequenceClassification" not in auto_map
+    tok_map = json.loads((model_dir / "tokenizer_config.json").read_text())["auto_map"]
+    assert tok_map["AutoTokenizer"][0] == "tokenization_chatglm.ChatGLM4Tokenizer"
+    for name in ("packed_attention.py", "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py"):
+        assert (model_dir / name).read_bytes() == (patch_install.PATCH_DIR / name).read_bytes()
+
+    snapshot = {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()}
+    log = patch_install.main(["--model_dir", str(model_dir), "--verify", "false"])  # idempotent
+    assert all(line.startswith("unchanged") for line in log)
+    assert {p.name: p.read_bytes() for p in model_dir.iterdir() if p.is_file()} == snapshot
+    assert len(list((model_dir / "patch_backup").iterdir())) == 2
+
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    assert type(loaded).__name__ == "ChatGLMForConditionalGeneration"
+    assert type(loaded).__module__.startswith("transformers_modules")
+    assert type(AutoTokenizer.from_pretrained(model_dir, trust_remote_code=True)).__name__ == "ChatGLM4Tokenizer"
+    ids = torch.randint(3, 90, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+        cu = torch.tensor([0, 4, 9], dtype=torch.int32)
+        assert loaded(ids, attention_mask=cu, labels=ids).loss.isfinite()
+
+
+def test_llama_files_copied_by_hand_load_via_remote_code(tmp_path):
+    """What a user does without install.py: copy the two files and add auto_map; then install.py agrees."""
+    ours, _ = make_llama()
+    model_dir = tmp_path / "llama"
+    ours.save_pretrained(model_dir)
+    for name in ("modeling_llama.py", "packed_attention.py"):
+        shutil.copy(patch_install.PATCH_DIR / name, model_dir / name)
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
+    assert type(loaded).__module__.startswith("transformers_modules")
+    assert set(loaded.state_dict()) == set(ours.state_dict())
+    ids = torch.randint(3, 97, (1, 8))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=cu).logits, ours(ids, attention_mask=cu).logits)
+    log = patch_install.main(["--model_dir", str(model_dir), "--verify", "false"])
+    assert all(line.startswith("unchanged") for line in log)
+
+
+def test_install_rejects_unknown_family(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+        patch_install.install(tmp_path)
+
+
+def test_package_exports():
+    import patch
+
+    assert patch.LlamaForCausalLM is LlamaForCausalLM
+    assert patch.ChatGLMForConditionalGeneration is ChatGLMForConditionalGeneration
+    assert copy.copy(PA.ATTN_IMPLEMENTATION) == "packed_varlen"
