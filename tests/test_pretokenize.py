@@ -1,0 +1,367 @@
+"""pre_tokenize_glm4.py / pre_tokenize_llama3.py / chat_data.py end to end on tiny tokenizers."""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+import chat_data
+import dataset
+import pre_tokenize_glm4
+import pre_tokenize_llama3
+from chat_data import InputError
+from dataset import IGNORE_INDEX, LMDataset, TokenizedData
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECIAL_TEXT = "see <|user|> <|eot_id|> <|end_of_text|> [INST] <|endoftext|> [gMASK]"
+
+MULTI = {"messages": [
+    {"role": "system", "content": "You are concise."},
+    {"role": "user", "content": "What is 2+2? " + SPECIAL_TEXT},
+    {"role": "assistant", "content": "It is\u200b 4. " + SPECIAL_TEXT},
+    {"role": "user", "content": [{"type": "text", "text": "And "}, "3+3?"]},
+    {"role": "assistant", "content": "Six.", "loss": False},
+    {"role": "user", "content": "Say nothing."},
+    {"role": "assistant", "content": ""},
+    {"role": "user", "content": "用中文回答：天空是什么颜色？"},
+    {"role": "assistant", "content": "天空是蓝色的。"},
+    {"role": "user", "content": "A trailing question stays unsupervised."},
+]}
+TOOL = {"messages": [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'},
+    {"role": "observation", "content": '{"temp": 21}'},
+    {"role": "assistant", "content": "It is 21 degrees.", "loss_weight": 1},
+]}
+
+
+def write_jsonl(path, records):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
+                            for r in records), encoding="utf-8")
+    return path
+
+
+def spans(labels):
+    """Contiguous runs of supervised labels."""
+    out, cur = [], []
+    for x in labels.tolist() + [IGNORE_INDEX]:
+        if x != IGNORE_INDEX:
+            cur.append(x)
+        elif cur:
+            out.append(cur)
+            cur = []
+    return out
+
+
+@pytest.fixture(scope="module")
+def glm(glm4_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(glm4_tokenizer_dir, trust_remote_code=True)
+
+
+@pytest.fixture(scope="module")
+def llama(llama3_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+
+
+def run_glm(tok_dir, inputs, out, *extra):
+    return pre_tokenize_glm4.main(["--model_name_or_path", str(tok_dir), "--input", *map(str, inputs),
+                                   "--output_dir", str(out), "--num_proc", "1", "--no_shuffle", *extra])
+
+
+def run_llama(tok_dir, inputs, out, template, *extra):
+    return pre_tokenize_llama3.main(["--model_name_or_path", str(tok_dir), "--input", *map(str, inputs),
+                                     "--output_dir", str(out), "--template", template, "--num_proc", "1",
+                                     "--no_shuffle", *extra])
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats and labels
+# ----------------------------------------------------------------------------------------------
+
+def test_glm4_format_and_labels(tmp_path, glm4_tokenizer_dir, glm):
+    run_glm(glm4_tokenizer_dir, [write_jsonl(tmp_path / "in.jsonl", [MULTI, TOOL])], tmp_path / "out")
+    ds = LMDataset(tmp_path / "out")
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert glm.decode(ids) == (
+        "[gMASK]<sop><|system|>\nYou are concise.<|user|>\nWhat is 2+2? " + SPECIAL_TEXT
+        + "<|assistant|>\nIt is 4. " + SPECIAL_TEXT + "<|user|>\nAnd 3+3?<|assistant|>\nSix.<|user|>\nSay nothing."
+        "<|assistant|>\n<|user|>\n用中文回答：天空是什么颜色？<|assistant|>\n天空是蓝色的。"
+        "<|user|>\nA trailing question stays unsupervised.<|endoftext|>")
+    # reply + the token after it; the opted-out and the empty reply are not supervised; zero-width removed
+    assert [glm.decode(s) for s in spans(labels)] == ["\nIt is 4. " + SPECIAL_TEXT + "<|user|>",
+                                                      "\n天空是蓝色的。<|user|>"]
+    specials = set(glm.all_special_ids)
+    template_specials = [i for i in ids.tolist() if i in specials]
+    assert len(template_specials) == 2 + 10 + 1  # prefix, one role token per message, final eos: none from content
+    assert (labels[labels != IGNORE_INDEX] == ids[labels != IGNORE_INDEX]).all()
+
+    ids, labels = ds[1]["input_ids"], ds[1]["labels"]
+    assert glm.decode(ids) == ('[gMASK]<sop><|user|>\nWeather in Paris?<|assistant|>get_weather\n{"city": "Paris"}'
+                               '<|observation|>\n{"temp": 21}<|assistant|>\nIt is 21 degrees.<|endoftext|>')
+    assert [glm.decode(s) for s in spans(labels)] == ['get_weather\n{"city": "Paris"}<|observation|>',
+                                                      "\nIt is 21 degrees.<|endoftext|>"]
+    meta = TokenizedData(tmp_path / "out").meta
+    assert meta["model_family"] == meta["template"] == "glm4"
+    assert meta["tokenizer"]["pad_token_id"] == meta["tokenizer"]["eos_token_id"] == glm.convert_tokens_to_ids("<|endoftext|>")
+    assert meta["tokenizer"]["vocab_size"] == len(glm) and meta["tokenizer"]["class"] == "ChatGLM4Tokenizer"
+    assert meta["stop_token_ids"] == glm.convert_tokens_to_ids(["<|endoftext|>", "<|user|>", "<|observation|>"])
+    assert meta["max_length"] == 32768 and meta["truncate"] == "skip" and meta["inputs"] == [str(tmp_path / "in.jsonl")]
+
+
+def test_llama3_format_and_labels(tmp_path, llama3_tokenizer_dir, llama):
+    rep = run_llama(llama3_tokenizer_dir, [write_jsonl(tmp_path / "in.jsonl", [MULTI, TOOL])], tmp_path / "out", "llama3")
+    assert rep["samples_kept"] == 1 and rep["skipped"]["unknown_role"] == 1  # observation: GLM-4 only
+    ds = LMDataset(tmp_path / "out")
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    h = lambda r: f"<|start_header_id|>{r}<|end_header_id|>\n\n"  # noqa: E731
+    assert llama.decode(ids) == (
+        "<|begin_of_text|>" + h("system") + "You are concise.<|eot_id|>" + h("user") + "What is 2+2? " + SPECIAL_TEXT
+        + "<|eot_id|>" + h("assistant") + "It is 4. " + SPECIAL_TEXT + "<|eot_id|>" + h("user") + "And 3+3?<|eot_id|>"
+        + h("assistant") + "Six.<|eot_id|>" + h("user") + "Say nothing.<|eot_id|>" + h("assistant") + "<|eot_id|>"
+        + h("user") + "用中文回答：天空是什么颜色？<|eot_id|>" + h("assistant") + "天空是蓝色的。<|eot_id|>"
+        + h("user") + "A trailing question stays unsupervised.<|eot_id|>")
+    assert [llama.decode(s) for s in spans(labels)] == ["It is 4. " + SPECIAL_TEXT + "<|eot_id|>", "天空是蓝色的。<|eot_id|>"]
+    assert ids.tolist().count(llama.bos_token_id) == 1
+    meta = TokenizedData(tmp_path / "out").meta
+    assert meta["template"] == "llama3" and meta["model_family"] == "llama3"
+    assert meta["tokenizer"]["bos_token_id"] == llama.bos_token_id
+    assert meta["stop_token_ids"][-1] == llama.convert_tokens_to_ids("<|eot_id|>")
+
+
+def test_longwriter_format_and_labels(tmp_path, llama3_tokenizer_dir, llama):
+    run_llama(llama3_tokenizer_dir, [write_jsonl(tmp_path / "in.jsonl", [MULTI])], tmp_path / "out", "longwriter")
+    ds = LMDataset(tmp_path / "out")
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert llama.decode(ids) == (
+        "<|begin_of_text|><<SYS>>\nYou are concise.\n<</SYS>>\n\n[INST]What is 2+2? " + SPECIAL_TEXT + "[/INST]"
+        "It is 4. " + SPECIAL_TEXT + "<|end_of_text|>[INST]And 3+3?[/INST]Six.<|end_of_text|>[INST]Say nothing.[/INST]"
+        "<|end_of_text|>[INST]用中文回答：天空是什么颜色？[/INST]天空是蓝色的。<|end_of_text|>"
+        "[INST]A trailing question stays unsupervised.[/INST]")
+    assert [llama.decode(s) for s in spans(labels)] == ["It is 4. " + SPECIAL_TEXT + "<|end_of_text|>",
+                                                        "天空是蓝色的。<|end_of_text|>"]
+    bos, end = llama.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
+    assert ids.tolist().count(bos) == 1 and ids.tolist().count(end) == 4  # content text stays plain
+    meta = TokenizedData(tmp_path / "out").meta
+    assert meta["template"] == "longwriter"
+    assert meta["tokenizer"]["pad_token_id"] == llama.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+    assert meta["stop_token_ids"] == [end]
+
+
+def test_sharegpt_alpaca_and_json_array(tmp_path, glm4_tokenizer_dir, glm):
+    records = [
+        {"conversations": [{"from": "system", "value": "Sys."}, {"from": "human", "value": "Q1"},
+                           {"from": "gpt", "value": "A1"}, {"from": "function_call", "value": '{"name": "f"}'},
+                           {"from": "observation", "value": "obs"}, {"from": "gpt", "value": "A2"}]},
+        {"instruction": "Translate", "input": "hello", "output": "你好", "system": "S.",
+         "history": [["h1", "r1"], ["h2", "r2"]]},
+        {"instruction": "Only instruction", "output": "Done."},
+    ]
+    arr = tmp_path / "in.json"
+    arr.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n]\n")
+    rep = run_glm(glm4_tokenizer_dir, [arr], tmp_path / "out")
+    assert rep["formats"] == {"alpaca": 2, "sharegpt": 1} and rep["inputs"][0]["format"] == "json"
+    ds = LMDataset(tmp_path / "out")
+    texts = [glm.decode(ds[i]["input_ids"]) for i in range(3)]
+    assert texts[0] == ('[gMASK]<sop><|system|>\nSys.<|user|>\nQ1<|assistant|>\nA1<|assistant|>\n{"name": "f"}'
+                        "<|observation|>\nobs<|assistant|>\nA2<|endoftext|>")
+    assert texts[1] == ("[gMASK]<sop><|system|>\nS.<|user|>\nh1<|assistant|>\nr1<|user|>\nh2<|assistant|>\nr2"
+                        "<|user|>\nTranslate\nhello<|assistant|>\n你好<|endoftext|>")
+    assert texts[2] == "[gMASK]<sop><|user|>\nOnly instruction<|assistant|>\nDone.<|endoftext|>"
+    assert [glm.decode(s) for s in spans(ds[1]["labels"])] == ["\nr1<|user|>", "\nr2<|user|>", "\n你好<|endoftext|>"]
+    # a bad element in a JSON array names the line
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n{"instruction": "a", "output": "b"},\n{"instruction": oops}\n]')
+    with pytest.raises(InputError, match=r"bad.json:3"):
+        run_glm(glm4_tokenizer_dir, [bad], tmp_path / "out2")
+
+
+# ----------------------------------------------------------------------------------------------
+# Skips, report, strict, truncation
+# ----------------------------------------------------------------------------------------------
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+LONG = {"messages": [{"role": "user", "content": "write"}, {"role": "assistant", "content": "word " * 300}]}
+BAD_LINES = {
+    "invalid_json": '{"messages": [',
+    "wrong_schema": {"messages": [{"role": "user", "text": "no content key"}]},
+    "unknown_role": {"messages": [{"role": "narrator", "content": "x"}, {"role": "assistant", "content": "y"}]},
+    "nothing_to_supervise": {"messages": [{"role": "user", "content": "x"},
+                                          {"role": "assistant", "content": "\u200b  ", "loss": True}]},
+}
+
+
+def test_every_skip_reason_is_reported(tmp_path, glm4_tokenizer_dir, capsys):
+    lines = [GOOD, BAD_LINES["invalid_json"], "", BAD_LINES["wrong_schema"], LONG, BAD_LINES["unknown_role"],
+             {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "loss_weight": 0}]},
+             BAD_LINES["nothing_to_supervise"], [1, 2], GOOD]
+    src = write_jsonl(tmp_path / "in.jsonl", lines)
+    rep = run_glm(glm4_tokenizer_dir, [src], tmp_path / "out", "--max_length", "64")
+    assert rep["skipped"] == {"invalid_json": 1, "wrong_schema": 2, "unknown_role": 1, "too_long": 1,
+                              "nothing_to_supervise": 2}
+    assert rep["lines_read"] == 9 == rep["samples_kept"] + rep["skipped_total"] and rep["samples_kept"] == 2
+    assert rep["inputs"][0]["blank_lines"] == 1
+    skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["reason"]) for s in skipped] == [
+        (2, "invalid_json"), (4, "wrong_schema"), (5, "too_long"), (6, "unknown_role"),
+        (7, "nothing_to_supervise"), (8, "nothing_to_supervise"), (9, "wrong_schema")]
+    assert all(s["file"] == str(src) for s in skipped)
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == rep
+    out = capsys.readouterr().out
+    assert f"{src}:2: invalid_json" in out and "skipped 7" in out
+    assert rep["tokens"] == int(TokenizedData(tmp_path / "out").lengths.sum())
+
+
+def test_strict_makes_bad_lines_fatal(tmp_path, glm4_tokenizer_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD, GOOD, BAD_LINES["unknown_role"]])
+    with pytest.raises(InputError, match=r"in.jsonl:3: unknown_role"):
+        run_glm(glm4_tokenizer_dir, [src], tmp_path / "out", "--strict")
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    rep = run_glm(glm4_tokenizer_dir, [write_jsonl(tmp_path / "ok.jsonl", [GOOD, LONG])], tmp_path / "out",
+                  "--strict", "--max_length", "64")  # too long is not a bad line
+    assert rep["skipped"]["too_long"] == 1
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_truncation(tmp_path, glm4_tokenizer_dir, glm, side):
+    src = write_jsonl(tmp_path / "in.jsonl", [LONG, GOOD])
+    rep = run_glm(glm4_tokenizer_dir, [src], tmp_path / "out", "--max_length", "64", "--truncate", side)
+    assert rep["truncated"] == 1 and rep["samples_kept"] == 2 and rep["length_percentiles"]["max"] == 64
+    ids, labels = LMDataset(tmp_path / "out")[0].values()
+    assert len(ids) == 64
+    text = glm.decode(ids)
+    if side == "right":
+        assert text.startswith("[gMASK]<sop><|user|>\nwrite<|assistant|>\nword word")
+    else:  # the conversation prefix stays, the start of the rest goes
+        assert text.startswith("[gMASK]<sop> word word") and text.endswith("word <|endoftext|>")
+        assert labels[-1] == glm.eos_token_id
+
+
+def test_truncation_that_removes_all_supervision_is_a_skip(tmp_path, glm4_tokenizer_dir):
+    rec = {"messages": [{"role": "user", "content": "long question " * 100}, {"role": "assistant", "content": "ok"}]}
+    rep = run_glm(glm4_tokenizer_dir, [write_jsonl(tmp_path / "in.jsonl", [rec, GOOD])], tmp_path / "out",
+                  "--max_length", "32", "--truncate", "right")
+    assert rep["skipped"]["nothing_to_supervise"] == 1 and rep["samples_kept"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs, mixing, errors before work starts
+# ----------------------------------------------------------------------------------------------
+
+def make_numbered(path, n):
+    return write_jsonl(path, [{"messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": f"{path.stem} answer {i}"}]}
+                              for i in range(n)])
+
+
+def test_mixing_with_counts_and_seed(tmp_path, glm4_tokenizer_dir, glm):
+    a, b = make_numbered(tmp_path / "a.jsonl", 10), make_numbered(tmp_path / "b.jsonl", 30)
+
+    def answers(out, *extra):
+        pre_tokenize_glm4.main(["--model_name_or_path", str(glm4_tokenizer_dir), "--input", str(a), f"{b}:5",
+                                "--output_dir", str(out), "--num_proc", "1", *extra])
+        ds = LMDataset(out)
+        return [glm.decode(ds[i]["labels"][ds[i]["labels"] != IGNORE_INDEX]) for i in range(len(ds))]
+
+    first, same, other = answers(tmp_path / "o1"), answers(tmp_path / "o2"), answers(tmp_path / "o3", "--seed", "7")
+    assert first == same and first != other and len(first) == 15
+    assert sum("a answer" in x for x in first) == 10 and sum("b answer" in x for x in first) == 5
+    assert sorted(first) != first or True  # shuffled order is deterministic (checked by first == same)
+    meta = TokenizedData(tmp_path / "o1").meta
+    assert meta["inputs"] == [str(a), f"{b}:5"] and meta["seed"] == 42
+    rep = json.loads((tmp_path / "o1" / "report.json").read_text())
+    assert [(f["records"], f["selected"]) for f in rep["inputs"]] == [(10, 10), (30, 5)]
+
+
+def test_problems_are_reported_together_before_any_work(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir):
+    a = make_numbered(tmp_path / "a.jsonl", 3)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(InputError) as e:
+        pre_tokenize_glm4.main(["--model_name_or_path", str(glm4_tokenizer_dir), "--input", str(tmp_path / "nope.jsonl"),
+                                str(tmp_path / "empty.jsonl"), f"{a}:9", "--output_dir", str(tmp_path / "out")])
+    msg = str(e.value)
+    assert "nope.jsonl: no such file" in msg and "empty.jsonl: no records" in msg and "asks for 9" in msg
+    assert not (tmp_path / "out").exists()
+    # a tokenizer without the needed special tokens
+    with pytest.raises(InputError, match=r"no special token '<\|begin_of_text\|>'"):
+        pre_tokenize_llama3.main(["--model_name_or_path", str(glm4_tokenizer_dir), "--trust_remote_code",
+                                  "--input", str(a), "--output_dir", str(tmp_path / "out")])
+    with pytest.raises(InputError, match="no tokenizer.model"):
+        pre_tokenize_glm4.main(["--model_name_or_path", str(llama3_tokenizer_dir), "--input", str(a),
+                                "--output_dir", str(tmp_path / "out")])
+    # never replace a folder that is not a dataset
+    keep = tmp_path / "precious"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match="refusing to replace"):
+        run_glm(glm4_tokenizer_dir, [a], keep)
+    assert (keep / "notes.txt").read_text() == "mine"
+
+
+def test_default_output_dirs():
+    g = chat_data.parse_args(pre_tokenize_glm4.Arguments, ["--model_name_or_path", "m", "--input", "x"])
+    l = chat_data.parse_args(pre_tokenize_llama3.Arguments, ["--model_name_or_path", "m", "--input", "x"])
+    assert (g.output_dir, l.output_dir) == ("data/glm4/longwriter", "data/llama3/longwriter")
+    assert g.max_length == l.max_length == 32768 and g.truncate == "skip" and l.template == "longwriter"
+
+
+# ----------------------------------------------------------------------------------------------
+# Parallelism and atomicity
+# ----------------------------------------------------------------------------------------------
+
+def dir_bytes(d):
+    return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["glm4", "llama3"])
+def test_num_proc_does_not_change_the_output(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir, script):
+    records = [MULTI, TOOL, GOOD, LONG, BAD_LINES["invalid_json"]] * 60  # several chunks
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    outs = []
+    for n in (1, 4):
+        out = tmp_path / f"out{n}"
+        if script == "glm4":
+            pre_tokenize_glm4.main(["--model_name_or_path", str(glm4_tokenizer_dir), "--input", str(src),
+                                    "--output_dir", str(out), "--num_proc", str(n), "--max_length", "256"])
+        else:
+            pre_tokenize_llama3.main(["--model_name_or_path", str(llama3_tokenizer_dir), "--input", str(src),
+                                      "--output_dir", str(out), "--num_proc", str(n), "--max_length", "256",
+                                      "--template", "llama3"])
+        outs.append(dir_bytes(out))
+    assert outs[0] == outs[1] and len(outs[0]) == 6
+
+
+def test_interrupted_run_keeps_previous_output(tmp_path, glm4_tokenizer_dir, monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD] * 5)
+    out = tmp_path / "out"
+    run_glm(glm4_tokenizer_dir, [src], out)
+    before = dir_bytes(out)
+    calls = {"n": 0}
+    real_add = dataset.TokenizedWriter.add
+
+    def interrupted_add(self, ids, labels):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of writing
+        real_add(self, ids, labels)
+
+    monkeypatch.setattr(dataset.TokenizedWriter, "add", interrupted_add)
+    with pytest.raises(KeyboardInterrupt):
+        run_glm(glm4_tokenizer_dir, [write_jsonl(tmp_path / "new.jsonl", [GOOD] * 9)], out)
+    assert dir_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "new.jsonl", "out"]  # no half-written folder
+
+
+# ----------------------------------------------------------------------------------------------
+# The bundled sample data
+# ----------------------------------------------------------------------------------------------
+
+def test_bundled_sample_tokenizes_cleanly(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir):
+    sample = ROOT / "data" / "sample.jsonl"
+    rep = run_glm(glm4_tokenizer_dir, [sample], tmp_path / "g", "--max_length", "100000")
+    assert rep["skipped_total"] == 0 and rep["samples_kept"] >= 24
+    assert rep["length_percentiles"]["max"] > 2000  # a few long replies
+    rep = run_llama(llama3_tokenizer_dir, [sample], tmp_path / "l", "longwriter", "--max_length", "100000")
+    assert set(k for k, v in rep["skipped"].items() if v) <= {"unknown_role"}  # the GLM-4 tool-call conversation
