@@ -1,0 +1,534 @@
+"""Supervised fine-tuning of GLM-4 / Llama-3.1 on tokenized (and sorted/packed) long-output data.
+
+The usual run (8 GPUs, DeepSpeed ZeRO-3, packed batches, LongAlign's per-sequence loss):
+
+    deepspeed --num_gpus 8 main.py \\
+        --model_name_or_path THUDM/glm-4-9b --train_file data/glm4/longwriter --batch_method pack --pack_loss \\
+        --output_dir runs/glm4-longwriter --deepspeed ds_config/stage3.json --gradient_checkpointing \\
+        --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --learning_rate 1e-5 \\
+        --num_train_epochs 4 --logging_steps 1 --save_strategy epoch
+
+A config file (YAML or JSON, keys = the flags below) as the first argument; flags after it override it:
+
+    torchrun --nproc_per_node 8 main.py configs/sft.yaml --learning_rate 2e-5
+
+Tiny CPU run (single process, fp32), on a model and data built offline:
+
+    python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3
+    python pre_tokenize_llama3.py --tokenizer /tmp/tiny-llama3 --input data/sample.jsonl --output_dir /tmp/tok
+    python sort_and_group.py --train_file /tmp/tok --max_length 1024
+    python main.py --model_name_or_path /tmp/tiny-llama3 --train_file /tmp/tok --batch_method pack \\
+        --output_dir /tmp/run --max_steps 5 --logging_steps 1 --per_device_train_batch_size 1
+
+What it does: picks the model class from config.json's `model_type` (llama -> patch.modeling_llama,
+chatglm -> patch.modeling_chatglm; code inside the model folder runs only with --trust_remote_code),
+checks the data against the model and tokenizer (and fails once, naming every problem and its fix),
+trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each
+optimizer step, on any number of ranks), optionally with LoRA, and saves the model (or adapter) with
+its tokenizer to --output_dir, plus `train_settings.json` with every setting of the run.
+--resume_from_checkpoint PATH|true continues a run with the same data order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import transformers
+from transformers import HfArgumentParser, TrainingArguments
+
+import dataset as ds_lib
+from dataset import IGNORE_INDEX, DatasetFormatError, TokenizedData, make_collator, write_json_atomic
+from trainer import BATCH_METHODS, TrainerNoShuffle
+
+logger = logging.getLogger("longsft.train")
+
+# model_type in config.json -> (module in patch/, model class, data family written by pre_tokenize_*)
+MODEL_CLASSES = {
+    "llama": ("patch.modeling_llama", "LlamaForCausalLM", "llama3"),
+    "chatglm": ("patch.modeling_chatglm", "ChatGLMForConditionalGeneration", "glm4"),
+}
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+}
+SETTINGS_FILE = "train_settings.json"
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Model folder (config.json model_type llama or chatglm + weights + tokenizer)."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run the model folder's own modeling/tokenizer code (auto_map) instead of "
+                                         "patch/. The exact loss needs a forward() with weights/num_items_in_batch."})
+    loss_chunk_size: Optional[int] = field(
+        default=None, metadata={"help": "Tokens per chunk of the lm_head + cross-entropy (memory vs. speed); "
+                                        "default: the model config's loss_chunk_size."})
+
+
+@dataclass
+class DataArguments:
+    train_file: Optional[str] = field(
+        default=None, metadata={"help": "Tokenized dataset folder (pre_tokenize_*.py; + sort_and_group.py for "
+                                        "sort/pack)."})
+    validation_file: Optional[str] = field(
+        default=None, metadata={"help": "Tokenized validation folder; evaluated with --eval_strategy, and at the end."})
+    batch_method: str = field(
+        default="naive", metadata={"help": "naive: shuffled padded batches of samples; sort: padded batches of "
+                                           "similar-length samples (sort_and_group order); pack: packs of samples "
+                                           "with no padding.", "choices": list(BATCH_METHODS)})
+    pack_loss: bool = field(
+        default=False, metadata={"help": "LongAlign loss: every sequence of the optimizer step weighs the same "
+                                         "(mean over sequences of their token-mean CE). Default: token mean."})
+
+
+@dataclass
+class LoraArguments:
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters (peft) instead of all weights."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: Optional[str] = field(
+        default=None, metadata={"help": "Comma-separated module names; default per family: llama "
+                                        + ",".join(LORA_TARGETS["llama"]) + "; chatglm "
+                                        + ",".join(LORA_TARGETS["chatglm"]) + "."})
+    save_merged_model: bool = field(
+        default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
+
+
+ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+
+
+def _read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise SystemExit(f"config file {path}: not found")
+    text = p.read_text(encoding="utf-8")
+    try:
+        if p.suffix == ".json":
+            cfg = json.loads(text)
+        else:
+            import yaml
+            cfg = yaml.safe_load(text)
+    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
+        raise SystemExit(f"config file {path}: cannot parse ({e})") from e
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise SystemExit(f"config file {path}: expected a mapping of flag names to values, got {type(cfg).__name__}")
+    return cfg
+
+
+def parse_args(argv: list[str] | None = None):
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from [CONFIG.yaml|json] + flags."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = HfArgumentParser(ARG_CLASSES)
+    known = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
+    config = {}
+    if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
+        config_path = argv.pop(0)
+        config = _read_config_file(config_path)
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SystemExit(f"config file {config_path}: unknown settings {unknown}; use the names of main.py's "
+                             f"flags without the leading -- (python main.py --help lists them)")
+        for k, v in config.items():
+            if k == "lora_target_modules" and isinstance(v, (list, tuple)):
+                config[k] = ",".join(v)
+        parser.set_defaults(**config)
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags)")
+    explicit = set(config) | {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    _choose_precision(ns, explicit)
+    _setup_cpu_distributed(ns)
+    return tuple(cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
+                 for cls in ARG_CLASSES)
+
+
+def _choose_precision(ns, explicit: set[str]) -> None:
+    """bf16 where the hardware has it (unless set explicitly), fp32 on CPU."""
+    if not torch.cuda.is_available() or getattr(ns, "use_cpu", False):
+        if ns.bf16 or ns.fp16:
+            logging.getLogger("longsft.train").warning("no CUDA device: training in fp32 (ignoring --bf16/--fp16)")
+        ns.bf16 = ns.fp16 = False
+    elif "bf16" not in explicit and "fp16" not in explicit and torch.cuda.is_bf16_supported():
+        ns.bf16 = True
+
+
+def _setup_cpu_distributed(ns) -> None:
+    """Make multi-process CPU runs (torchrun / deepspeed launcher, gloo) distributed, as on GPUs.
+
+    transformers/accelerate only start a CPU process group with --use_cpu, and never one for DeepSpeed
+    without a GPU; for DeepSpeed we start the state ourselves and tell TrainingArguments to use it."""
+    if torch.cuda.is_available():
+        return
+    if not ns.deepspeed:
+        ns.use_cpu = True
+        return
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return  # a single process: nothing to start
+    from accelerate import PartialState
+
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    PartialState(backend=ns.ddp_backend or "gloo")
+    acc = ns.accelerator_config
+    if isinstance(acc, str):
+        acc = json.loads(Path(acc).read_text(encoding="utf-8"))
+    ns.accelerator_config = {**(acc or {}), "use_configured_state": True}
+
+
+def _resolve_resume(args: TrainingArguments) -> Optional[str]:
+    r = args.resume_from_checkpoint
+    if r is None or str(r).lower() in ("", "false", "no", "0", "none"):
+        return None
+    if str(r).lower() in ("true", "yes", "1", "latest"):
+        last = transformers.trainer_utils.get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) \
+            else None
+        if last is None:
+            raise SystemExit(f"--resume_from_checkpoint true: no checkpoint-* folder in {args.output_dir}; "
+                             f"start without it or pass a checkpoint path")
+        return last
+    if not os.path.isdir(r):
+        raise SystemExit(f"--resume_from_checkpoint {r}: no such folder")
+    return r
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def read_model_type(model_dir: str) -> str:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise SystemExit(f"--model_name_or_path {model_dir}: no config.json (pass a local model folder; "
+                         f"tools/make_tiny.py model builds a tiny one)")
+    return json.loads(path.read_text(encoding="utf-8")).get("model_type", "")
+
+
+def model_class(model_type: str):
+    if model_type not in MODEL_CLASSES:
+        raise SystemExit(f"config.json model_type {model_type!r} is not supported: expected one of "
+                         f"{sorted(MODEL_CLASSES)} (or pass --trust_remote_code to use the folder's own code)")
+    module, name, _ = MODEL_CLASSES[model_type]
+    import importlib
+    return getattr(importlib.import_module(module), name)
+
+
+def load_tokenizer(model_dir: str, model_type: str, trust_remote_code: bool = False):
+    """The model folder's tokenizer; GLM-4's class comes from patch/ unless --trust_remote_code."""
+    if model_type == "chatglm" and not trust_remote_code:
+        from patch.tokenization_chatglm import ChatGLM4Tokenizer
+        return ChatGLM4Tokenizer.from_pretrained(model_dir)
+    return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+
+
+def load_model(model_args: ModelArguments, model_type: str, dtype: torch.dtype):
+    if model_args.trust_remote_code:
+        config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        cls = transformers.AutoModelForCausalLM
+        kw = {"trust_remote_code": True}
+    else:
+        cls = model_class(model_type)
+        config = cls.config_class.from_pretrained(model_args.model_name_or_path)
+        kw = {}
+    config.use_cache = False
+    if model_args.loss_chunk_size is not None:
+        config.loss_chunk_size = model_args.loss_chunk_size
+    model = cls.from_pretrained(model_args.model_name_or_path, config=config, dtype=dtype, **kw)
+    params = inspect.signature(model.forward).parameters
+    missing = [p for p in ("weights", "pack_loss", "num_items_in_batch") if p not in params]
+    if missing:
+        raise SystemExit(f"{type(model).__name__}.forward() from {model_args.model_name_or_path} does not accept "
+                         f"{missing}: the exact loss needs the patched model; drop --trust_remote_code or install "
+                         f"patch/ into the folder (python patch/install.py --model_dir DIR)")
+    return model
+
+
+def vocab_rows(config) -> int:
+    """Embedding rows of the model = the largest token id it can read + 1."""
+    return int(getattr(config, "padded_vocab_size", None) or config.vocab_size)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(total, trainable); works on ZeRO-3 partitioned parameters too."""
+    total = trainable = 0
+    for p in model.parameters():
+        n = int(getattr(p, "ds_numel", p.numel()))
+        total += n
+        trainable += n if p.requires_grad else 0
+    return total, trainable
+
+
+def apply_lora(model, lora_args: LoraArguments, model_type: str, gradient_checkpointing: bool):
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_args.lora_target_modules
+    targets = [t.strip() for t in targets.split(",") if t.strip()] if targets else LORA_TARGETS.get(model_type)
+    if not targets:
+        raise SystemExit(f"--use_lora: no default target modules for model_type {model_type!r}; "
+                         f"pass --lora_target_modules")
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [t for t in targets if t not in present]
+    if absent:
+        raise SystemExit(f"--lora_target_modules: {absent} not in the model (its linear layers include "
+                         f"{sorted(n for n in present if 'proj' in n or 'dense' in n or 'query' in n)[:12]})")
+    if gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    cfg = LoraConfig(r=lora_args.lora_r, lora_alpha=lora_args.lora_alpha, lora_dropout=lora_args.lora_dropout,
+                     target_modules=targets, task_type="CAUSAL_LM", bias="none")
+    return get_peft_model(model, cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: datasets, checks and statistics
+# ----------------------------------------------------------------------------------------------
+
+FAMILY_OF = {t: fam for t, (_, _, fam) in MODEL_CLASSES.items()}
+
+
+def target_stats(data: TokenizedData, chunk_tokens: int = 1 << 26) -> dict:
+    """Targets (labels != -100 after each sample's first token) and samples without any, read in chunks."""
+    offsets = np.asarray(data.offsets)
+    n = len(offsets) - 1
+    targets = no_target = 0
+    start = 0
+    while start < n:
+        end = int(np.searchsorted(offsets, offsets[start] + chunk_tokens, side="right")) - 1
+        end = min(max(end, start + 1), n)
+        a, b = int(offsets[start]), int(offsets[end])
+        mask = np.asarray(data.labels[a:b]) != IGNORE_INDEX
+        rel = offsets[start:end] - a
+        mask[rel] = False  # a sample's first token is never predicted
+        per = np.add.reduceat(mask.astype(np.int64), rel)
+        targets += int(per.sum())
+        no_target += int((per == 0).sum())
+        start = end
+    return {"targets": targets, "samples_without_targets": no_target}
+
+
+def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, model_type: str) -> tuple[list, dict]:
+    """(problems, statistics) of one dataset folder against the model and its tokenizer."""
+    flag = f"--{role}_file {path}"
+    problems, stats = [], {}
+    try:
+        data = TokenizedData(path)
+    except DatasetFormatError as e:
+        return [f"{flag}: {e}"], stats
+    meta = data.meta
+    lengths = data.lengths
+    stats.update(samples=len(data), tokens=int(meta["num_tokens"]),
+                 mean_length=round(float(lengths.mean()), 1) if len(data) else 0,
+                 max_length=int(lengths.max()) if len(data) else 0)
+    if len(data) == 0:
+        problems.append(f"{flag}: the dataset is empty; check the pre-tokenization report.json in it")
+        return problems, stats
+    if int(meta["max_token_id"]) >= rows:
+        problems.append(f"{flag}: token id {meta['max_token_id']} >= the model's {rows} embedding rows; the data "
+                        f"was tokenized for another model: re-run pre_tokenize with this model's tokenizer")
+    tok_meta = meta.get("tokenizer") or {}
+    if tok_meta.get("vocab_size") is not None and tokenizer is not None and int(tok_meta["vocab_size"]) != len(tokenizer):
+        problems.append(f"{flag}: tokenized with a {tok_meta['vocab_size']}-token tokenizer "
+                        f"({tok_meta.get('name_or_path')}), the model's has {len(tokenizer)}: re-run pre_tokenize "
+                        f"with --tokenizer pointing at the model folder")
+    family = meta.get("model_family")
+    want = FAMILY_OF.get(model_type)
+    if family and want and family != want:
+        problems.append(f"{flag}: data made for model family {family!r}, the model is {model_type!r} ({want!r}); "
+                        f"use pre_tokenize_{want}.py")
+    stats.update(target_stats(data))
+    if stats["targets"] == 0:
+        problems.append(f"{flag}: no supervised tokens (every label is -100); check the template/roles of the input "
+                        f"and re-run pre_tokenize")
+    if batch_method in ("sort", "pack"):
+        try:
+            ds = _open_dataset(path, batch_method)
+        except (DatasetFormatError, FileNotFoundError) as e:
+            if role == "validation":
+                return problems, stats  # validation falls back to the plain sample reader
+            problems.append(f"{flag}: {e}. --batch_method {batch_method} reads the output of "
+                            f"`python sort_and_group.py --train_file {path}`: run it first")
+            return problems, stats
+        if batch_method == "pack":
+            problems += [f"{flag}: {p}" for p in check_packs(ds, len(data))]
+            stats.update(pack_stats(ds))
+    return problems, stats
+
+
+def _open_dataset(path: str, batch_method: str):
+    if batch_method == "pack":
+        return ds_lib.LMPackDataset(path)
+    if batch_method == "sort":
+        return ds_lib.LMSortDataset(path)
+    return ds_lib.LMDataset(path)
+
+
+def check_packs(ds, num_samples: int) -> list[str]:
+    """Consistent cu_seqlens in every pack; every sample in exactly one pack."""
+    problems, seen = [], 0
+    for i in range(len(ds)):
+        item = ds[i]
+        cu, n = item["attention_mask"], int(item["input_ids"].numel())
+        if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] <= cu[:-1]).any()):
+            problems.append(f"pack {i}: cu_seqlens {cu.tolist()[:6]}... inconsistent with its {n} tokens; "
+                            f"re-run sort_and_group.py")
+            if len(problems) >= 5:
+                break
+        seen += cu.numel() - 1
+    if not problems and seen != num_samples:
+        problems.append(f"packs hold {seen} samples, the dataset has {num_samples}; re-run sort_and_group.py")
+    return problems
+
+
+def pack_stats(ds) -> dict:
+    sizes = [int(ds[i]["input_ids"].numel()) for i in range(len(ds))]
+    return {"packs": len(ds), "mean_pack_tokens": round(float(np.mean(sizes)), 1) if sizes else 0,
+            "max_pack_tokens": max(sizes, default=0)}
+
+
+def build_datasets(data_args: DataArguments):
+    train = _open_dataset(data_args.train_file, data_args.batch_method)
+    val = None
+    if data_args.validation_file:
+        try:
+            val = _open_dataset(data_args.validation_file, data_args.batch_method)
+        except (DatasetFormatError, FileNotFoundError):
+            val = ds_lib.LMDataset(data_args.validation_file)  # eval order/grouping does not change its loss
+            logger.info("validation: %s has no %s artefacts; evaluating its samples as they are",
+                        data_args.validation_file, data_args.batch_method)
+    return train, val
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+def setup_logging(args: TrainingArguments) -> None:
+    main_process = args.process_index == 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stdout)
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if main_process:
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> TrainerNoShuffle:
+    model_args, data_args, lora_args, args = parse_args(argv)
+    setup_logging(args)
+    missing = [f for f, v in (("--model_name_or_path", model_args.model_name_or_path),
+                              ("--train_file", data_args.train_file), ("--output_dir", args.output_dir)) if not v]
+    if missing:
+        raise SystemExit(f"main.py: {', '.join(missing)} required (python main.py --help)")
+    if lora_args.save_merged_model and not lora_args.use_lora:
+        raise SystemExit("--save_merged_model needs --use_lora (a full fine-tune already saves the whole model)")
+    args.remove_unused_columns = False
+    args.prediction_loss_only = True
+    resume = _resolve_resume(args)
+
+    # ---- model family, tokenizer, data checks (before the model is loaded: fail fast) ----
+    model_type = read_model_type(model_args.model_name_or_path)
+    if not model_args.trust_remote_code:
+        model_class(model_type)  # unsupported model_type -> one clear error
+    tokenizer = load_tokenizer(model_args.model_name_or_path, model_type, model_args.trust_remote_code)
+    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True) \
+        if model_args.trust_remote_code else model_class(model_type).config_class.from_pretrained(
+            model_args.model_name_or_path)
+    rows = vocab_rows(config)
+    problems, stats = [], {}
+    for role, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
+        if path:
+            p, stats[role] = check_data(path, role, data_args.batch_method, rows, tokenizer, model_type)
+            problems += p
+    if problems:
+        raise SystemExit("the training data cannot be used:\n  - " + "\n  - ".join(problems))
+    train_ds, eval_ds = build_datasets(data_args)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
+        (TokenizedData(data_args.train_file).meta.get("tokenizer") or {}).get("pad_token_id")
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id
+    collator = make_collator(data_args.batch_method, pad_id, data_args.pack_loss)
+
+    # ---- model ----
+    dtype = torch.bfloat16 if (args.bf16 and args.deepspeed) else torch.float32
+    model = load_model(model_args, model_type, dtype)
+    if lora_args.use_lora:
+        model = apply_lora(model, lora_args, model_type, args.gradient_checkpointing)
+    total, trainable = count_parameters(model)
+
+    # ---- report the settings and the data (rank 0) ----
+    world = max(1, args.world_size)
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    unit = "packs" if data_args.batch_method == "pack" else "samples"
+    logger.info("model %s (%s, %s), %s parameters, %s trainable (%.2f%%)", model_args.model_name_or_path,
+                model_type, str(dtype).replace("torch.", ""), f"{total:,}", f"{trainable:,}",
+                100.0 * trainable / max(total, 1))
+    logger.info("batch_method %s, loss %s; %d rank(s) x %d %s x %d accumulation steps = %d %s per optimizer step",
+                data_args.batch_method, "per-sequence mean (pack_loss)" if data_args.pack_loss else "token mean",
+                world, args.per_device_train_batch_size, unit, args.gradient_accumulation_steps, global_batch, unit)
+    for role, s in stats.items():
+        logger.info("%s data: %s", role, ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
+                                                      for k, v in s.items()))
+    settings = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
+                "lora": dataclasses.asdict(lora_args), "training": json.loads(args.to_json_string()),
+                "resolved": {"model_type": model_type, "dtype": str(dtype), "world_size": world,
+                             "global_batch": global_batch, "resume_from_checkpoint": resume,
+                             "parameters": total, "trainable_parameters": trainable},
+                "data_stats": stats,
+                "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    if args.should_save:
+        os.makedirs(args.output_dir, exist_ok=True)
+        write_json_atomic(Path(args.output_dir) / SETTINGS_FILE, settings)
+    logger.info("settings written to %s", Path(args.output_dir) / SETTINGS_FILE)
+
+    # ---- train ----
+    trainer = TrainerNoShuffle(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                               data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                               batch_method=data_args.batch_method, pack_loss=data_args.pack_loss)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    trainer.save_state()
+    if eval_ds is not None:
+        trainer.evaluate()
+    if lora_args.save_merged_model:
+        trainer.accelerator.wait_for_everyone()
+        if args.should_save:
+            save_merged(model_args, model_type, dtype, args.output_dir, tokenizer)
+        trainer.accelerator.wait_for_everyone()
+    logger.info("saved the %s and its tokenizer to %s", "LoRA adapter" if lora_args.use_lora else "model",
+                args.output_dir)
+    return trainer
+
+
+def save_merged(model_args: ModelArguments, model_type: str, dtype, output_dir: str, tokenizer) -> Path:
+    """Base model + the saved adapter, merged, written to OUTPUT_DIR/merged (loads like the base model)."""
+    from peft import PeftModel
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()  # rank 0 alone loads a whole copy: no ZeRO-3 partitioning here
+    base = load_model(model_args, model_type, dtype)
+    merged = PeftModel.from_pretrained(base, output_dir).merge_and_unload()
+    out = Path(output_dir) / "merged"
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    logger.info("merged model written to %s", out)
+    return out
+
+
+if __name__ == "__main__":
+    main()
