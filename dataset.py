@@ -25,7 +25,8 @@ re-running replaces it whole). Sample i enters it with its first min(length, max
     DIR/packs/report.json, report.png                  what sort_and_group.py did (lengths, pack fill, balance)
 
 A folder in the upstream LongAlign/LongWriter layout (dense inputs.npy / labels.npy) is converted in place by
-sort_and_group.py: the files above are added next to the .npy files (meta.json last), which stay untouched.
+sort_and_group.py: input_ids.bin, labels.bin, offsets.bin, then meta.json (meta["legacy"]: rows, width, pad id
+and its source, dropped all-padding rows) and packs/ are added; the .npy files stay untouched.
 
 Labels follow the transformers convention: aligned with input_ids, the model shifts them.
 

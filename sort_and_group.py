@@ -6,7 +6,13 @@ dataset.py's docstring); `dataset.LMPackDataset(DIR)` and `dataset.LMSortDataset
     python sort_and_group.py --train_file data/glm4/longwriter                       # defaults below
     python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8 \\
         --pack_algorithm bfd --seed 42 --over_length error
-    python sort_and_group.py --train_file /tmp/tiny --max_length 512 --group_size 2   # a tiny CPU run
+    # a tiny CPU run on the bundled sample
+    python tools/make_tiny.py tokenizer --family glm4 --out /tmp/tiny-glm4
+    python pre_tokenize_glm4.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
+        --output_dir /tmp/glm4-sample --max_length 8192
+    python sort_and_group.py --train_file /tmp/glm4-sample --max_length 8192 --group_size 2
+    # data prepared by the upstream LongWriter/LongAlign scripts (inputs.npy, labels.npy): converted in place
+    python sort_and_group.py --train_file data/glm4/longwriter --pad_token_id 151330
 
 What it does, top to bottom:
 - Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the
@@ -24,7 +30,9 @@ What it does, top to bottom:
   so the quadratic term equals the linear one at L = params / (hidden * layers): about 57,000 for GLM-4-9B
   (9.4e9 / (4096 * 40)) and 61,000 for Llama-3.1-8B (8.0e9 / (4096 * 32)); default 57,000. Packs are sorted
   by cost and cut into steps of group_size (similar packs train side by side), then whole steps are shuffled
-  with --seed; a shorter last step, if any, comes last. The report gives the modeled imbalance (slowest rank /
+  with --seed; a shorter last step, if any, comes last. A step still uneven by more than 1% (typically the
+  one holding bfd's last, part-filled pack) is re-packed among its own packs, costliest sample first into the
+  cheapest pack with room (same pack count). The report gives the modeled imbalance (slowest rank /
   mean, per step) against upstream's next-fit in file order. With another GPU count the balance is only less
   good; nothing that affects the loss depends on it (weights are 1/N_i; normalization happens at training).
 - Sorted batching (LMSortDataset): samples sorted by length, cut into groups of group_size, groups shuffled
@@ -244,6 +252,50 @@ def arrange_steps(costs: np.ndarray, group_size: int, seed: int, balance: bool =
     return np.concatenate([steps.reshape(-1), order[full * group_size:]]).astype(np.int64)
 
 
+def reorder_packs(order: np.ndarray, pack_offsets: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same packs, pack perm[k] in k-th place."""
+    sizes = np.diff(pack_offsets)[perm]
+    offsets = np.zeros(perm.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    pos = np.repeat(pack_offsets[:-1][perm] - offsets[:-1], sizes) + np.arange(offsets[-1])
+    return order[pos], offsets
+
+
+def repack_uneven_steps(lengths: np.ndarray, order: np.ndarray, pack_offsets: np.ndarray, group_size: int,
+                        max_length: int, attn_cost_length: float,
+                        tol: float = 1.01) -> tuple[np.ndarray, np.ndarray, int]:
+    """Steps (runs of group_size packs, the last one may be shorter) whose slowest pack costs more than tol x
+    their mean are re-packed: their samples, most expensive first, go to the cheapest of the step's packs that
+    has room (LPT), kept only if that is more even. Same packs count; only a few tail steps (e.g. the last,
+    part-filled bfd pack) qualify. Returns the new order (pack_offsets may change) and the steps re-packed."""
+    order, offsets = order.copy(), pack_offsets.copy()
+    cost = np.asarray(lengths, dtype=np.float64)
+    cost = cost + cost * cost / attn_cost_length
+    per_pack = np.add.reduceat(cost[order], offsets[:-1]) if offsets.size > 1 else np.zeros(0)
+    repacked = 0
+    for first in range(0, per_pack.size, group_size):
+        c = per_pack[first:first + group_size]
+        if c.size < 2 or c.max() <= tol * c.mean():
+            continue
+        a, b = offsets[first], offsets[first + c.size]
+        items = order[a:b][np.argsort(-cost[order[a:b]], kind="stable")]
+        load, room, dest = np.zeros(c.size), np.full(c.size, max_length), np.empty(items.size, dtype=np.int64)
+        for k, i in enumerate(items.tolist()):
+            fits = np.flatnonzero(room >= lengths[i])
+            if fits.size == 0:
+                break
+            j = fits[np.argmin(load[fits])]
+            dest[k], load[j], room[j] = j, load[j] + cost[i], room[j] - lengths[i]
+        else:
+            if load.max() < c.max():
+                by_pack = np.argsort(dest, kind="stable")
+                order[a:b] = items[by_pack]
+                offsets[first + 1:first + c.size] = a + np.cumsum(np.bincount(dest, minlength=c.size))[:-1]
+                per_pack[first:first + c.size] = load
+                repacked += 1
+    return order, offsets, repacked
+
+
 def step_imbalance(costs_in_order: np.ndarray, group_size: int) -> dict:
     """Slowest rank / mean of each full step (1.0 = perfect), and the modeled time lost to waiting."""
     full = costs_in_order.size // group_size
@@ -340,12 +392,18 @@ def inspect_legacy(data_dir: Path, args: Arguments) -> dict:
             f"LongWriter padded GLM-4 data with [MASK], not the tokenizer's pad token).")
     lengths = np.zeros(rows, dtype=np.int64)
     step = max(1, (1 << 23) // width)
+    lo, hi = 0, 0
     for a in tqdm(range(0, rows, step), desc="measure rows", unit_scale=step, disable=rows <= step):
-        keep = np.asarray(lab[a:a + step]) != IGNORE_INDEX                 # [chunk, width]
+        chunk = np.asarray(ids[a:a + step])                                 # [chunk, width]
+        keep = np.asarray(lab[a:a + step]) != IGNORE_INDEX
         if pad is not None:
-            keep |= np.asarray(ids[a:a + step]) != pad
+            keep |= chunk != pad
         last = width - np.argmax(keep[:, ::-1], axis=1)                     # 1 + last kept position
         lengths[a:a + step] = np.where(keep.any(axis=1), last, 0)
+        lo, hi = min(lo, int(chunk.min())), max(hi, int(chunk.max()))
+    if lo < 0 or hi > np.iinfo(np.int32).max:
+        raise SortAndGroupError(f"{data_dir / 'inputs.npy'}: token ids range over [{lo}, {hi}], outside [0, 2^31); "
+                                f"not token ids of a tokenizer, re-create the file.")
     return {"ids": ids, "labels": lab, "lengths": lengths, "pad_token_id": pad, "pad_source": source,
             "rows": rows, "width": width}
 
@@ -445,14 +503,18 @@ def summary_lines(r: dict) -> list[str]:
 # Main
 # ----------------------------------------------------------------------------------------------
 
-def over_length_problem(lengths: np.ndarray, args: Arguments) -> Optional[str]:
+def over_length_problem(lengths: np.ndarray, args: Arguments, names: Optional[np.ndarray] = None,
+                        what: str = "sample") -> Optional[str]:
+    """The error for samples over --max_length (None when there are none or they are allowed);
+    names[i] is how the user finds sample i (default: its index)."""
     over = np.flatnonzero(lengths > args.max_length)
     if args.over_length != "error" or over.size == 0:
         return None
     worst = over[np.argsort(-lengths[over], kind="stable")[:10]]
-    listed = ", ".join(f"sample {i} ({lengths[i]:,} tokens)" for i in worst.tolist())
-    return (f"{over.size:,} samples are longer than --max_length {args.max_length:,}: {listed}"
-            f"{', ...' if over.size > 10 else ''}. Pass --max_length {int(lengths.max()):,} (or more), or "
+    names = np.arange(lengths.size) if names is None else names
+    listed = ", ".join(f"{what} {names[i]} ({lengths[i]:,} tokens)" for i in worst.tolist())
+    return (f"{over.size:,} samples are longer than --max_length {args.max_length}: {listed}"
+            f"{', ...' if over.size > 10 else ''}. Pass --max_length {int(lengths.max())} (or more), or "
             f"--over_length truncate (keep their first {args.max_length:,} tokens), or --over_length skip "
             f"(leave them out); either is counted in the report.")
 
@@ -473,7 +535,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raw_lengths = data.lengths
         if raw_lengths.size == 0:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
-    if not problems:
+    if not problems and legacy is not None:
+        problem = over_length_problem(raw_lengths, args, np.flatnonzero(legacy["lengths"] > 0), "inputs.npy row")
+        problems += [problem] if problem else []
+    elif not problems:
         problem = over_length_problem(raw_lengths, args)
         problems += [problem] if problem else []
     if problems:
@@ -495,13 +560,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
     order, pack_offsets = PACKERS[args.pack_algorithm](inc_len, args.max_length)
     t_pack = time.perf_counter()
     costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length)
-    step_order = arrange_steps(costs, args.group_size, args.seed, args.balance_steps, args.shuffle)
+    order, pack_offsets = reorder_packs(order, pack_offsets, arrange_steps(
+        costs, args.group_size, args.seed, args.balance_steps, args.shuffle))
+    repacked = 0
+    if args.balance_steps:
+        order, pack_offsets, repacked = repack_uneven_steps(inc_len, order, pack_offsets, args.group_size,
+                                                            args.max_length, args.attn_cost_length)
+    costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length)   # in training order
     sizes = np.diff(pack_offsets)
-    new_offsets = np.zeros_like(pack_offsets)
-    np.cumsum(sizes[step_order], out=new_offsets[1:])
-    pos = np.repeat(pack_offsets[:-1][step_order], sizes[step_order]) + (
-        np.arange(order.size) - np.repeat(new_offsets[:-1], sizes[step_order]))
-    pack_samples = included[order[pos]]
+    pack_samples = included[order]
     sort_order = included[sorted_batching_order(inc_len, args.group_size, args.seed, args.shuffle)]
     t_arrange = time.perf_counter()
 
@@ -533,10 +600,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                "max": int(sizes.max())},
         "pack_fill": {"mean": round(float(fill.mean()), 6), "min": round(float(fill.min()), 6),
                       "p01": round(float(np.quantile(fill, 0.01)), 6)},
-        "steps": {"full": int(num_packs // g), "last_step_packs": int(num_packs % g)},
+        "steps": {"full": int(num_packs // g), "last_step_packs": int(num_packs % g), "repacked": repacked},
         "cost_model": f"pack cost = sum(L) + sum(L^2) / {args.attn_cost_length:g}",
         "step_imbalance": {
-            "this_run": step_imbalance(costs[step_order], g),
+            "this_run": step_imbalance(costs, g),
             "next_fit_file_order": step_imbalance(nf_costs, g),
         },
         "sorted_batching": {"samples": int(sort_order.size), "groups": int(-(-sort_order.size // g)),
@@ -553,10 +620,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     extra["report.json"] = (json.dumps(report, indent=2) + "\n").encode()
     meta = {key: report[key] for key in ("max_length", "group_size", "pack_algorithm", "seed", "over_length",
                                          "balance_steps", "shuffle", "attn_cost_length")}
-    meta.update({"num_packs": int(num_packs), "steps": report["steps"], "lower_bound": lb,
+    meta.update({"num_packs": int(num_packs), "steps": report["steps"], "lower_bound": lb, "samples": report["samples"],
                  "efficiency": report["efficiency"],
                  "source": {"num_samples": data.meta["num_samples"], "num_tokens": data.meta["num_tokens"]}})
-    write_packs(data_dir, {"pack_offsets": new_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
+    write_packs(data_dir, {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
                            "targets": targets}, meta, extra)
     print("\n".join(summary_lines(report)))
     print(f"  wrote {data_dir / 'packs'} (report.json{', report.png' if args.plot else ''})")

@@ -20,7 +20,7 @@ from transformers import HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sort_and_group import (arrange_steps, lower_bound, pack_bfd, pack_costs, pack_sequential,  # noqa: E402
-                            sorted_batching_order, step_imbalance)
+                            reorder_packs, repack_uneven_steps, sorted_batching_order, step_imbalance)
 
 
 @dataclass
@@ -63,6 +63,12 @@ def run(n: int, args: Arguments) -> None:
         t = time.perf_counter()
         costs = pack_costs(lengths, order, offsets, args.attn_cost_length)
         steps = arrange_steps(costs, args.ranks, 42)
+        if name == "bfd":   # the default pipeline of sort_and_group.py: balanced steps, uneven ones re-packed
+            order, offsets = reorder_packs(order, offsets, steps)
+            order, offsets, _ = repack_uneven_steps(lengths, order, offsets, args.ranks, args.max_length,
+                                                    args.attn_cost_length)
+            costs = pack_costs(lengths, order, offsets, args.attn_cost_length)
+            steps = np.arange(costs.size)
         sorted_batching_order(lengths, args.ranks, 42)
         t_rest = time.perf_counter() - t
         packs = offsets.size - 1

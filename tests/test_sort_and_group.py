@@ -127,6 +127,33 @@ def test_steps_are_balanced_whole_and_seeded(costs, group, seed):
     assert sorted(perm[full * group:].tolist()) == sorted(ranked[full * group:].tolist())  # short step last
 
 
+@FAST
+@given(lengths_and_cap, st.integers(1, 5))
+def test_uneven_steps_are_repacked_safely(case, group):
+    lengths, cap = case
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order, offsets = sg.pack_bfd(lengths, cap)
+    costs = sg.pack_costs(lengths, order, offsets, 50.0)
+    order, offsets = sg.reorder_packs(order, offsets, sg.arrange_steps(costs, group, 0))
+    before = sg.pack_costs(lengths, order, offsets, 50.0)
+    new_order, new_offsets, _ = sg.repack_uneven_steps(lengths, order, offsets, group, cap, 50.0)
+    after = sg.pack_costs(lengths, new_order, new_offsets, 50.0)
+    assert new_offsets.size == offsets.size and np.all(np.diff(new_offsets) > 0)
+    for a in range(0, offsets.size - 1, group):   # samples stay in their step; no step gets slower
+        b = min(a + group, offsets.size - 1)
+        assert sorted(new_order[new_offsets[a]:new_offsets[b]]) == sorted(order[offsets[a]:offsets[b]])
+        assert after[a:b].max() <= before[a:b].max() + 1e-9
+    assert max((int(lengths[p].sum()) for p in split(new_order, new_offsets)), default=0) <= cap
+
+
+def test_a_part_filled_pack_is_evened_out():
+    lengths = np.array([60, 30, 5, 5])                  # bfd in 95: [60, 30, 5] and [5]
+    order, offsets = sg.pack_bfd(lengths, 95)
+    assert np.diff(offsets).tolist() == [3, 1]
+    order, offsets, n = sg.repack_uneven_steps(lengths, order, offsets, 2, 95, 1e9)
+    assert n == 1 and sorted(int(lengths[p].sum()) for p in split(order, offsets)) == [40, 60]
+
+
 def test_seed_shuffles_whole_steps():
     costs = np.arange(400, dtype=np.float64)
     a, b = sg.arrange_steps(costs, 8, 1), sg.arrange_steps(costs, 8, 2)
@@ -234,7 +261,7 @@ def test_over_length_error_truncate_skip(tmp_path):
     with pytest.raises(sg.SortAndGroupError) as e:
         run(path, "--max_length", 64)
     msg = str(e.value)
-    assert "2 samples are longer than --max_length 64" in msg and "sample 3 (120 tokens)" in msg
+    assert "2 samples are longer than --max_length 64:" in msg and "sample 3 (120 tokens)" in msg
     assert "sample 1 (90 tokens)" in msg and "--max_length 120" in msg and "--over_length truncate" in msg
     assert not (path / "packs").exists() and entries(path)[-1] == "offsets.bin"    # nothing written
 
@@ -246,6 +273,7 @@ def test_over_length_error_truncate_skip(tmp_path):
 
     report = run(path, "--max_length", 64, "--over_length", "skip")
     assert report["samples"]["skipped"] == 2 and report["samples"]["packed"] == 3
+    assert LMPackDataset(path).meta["samples"]["skipped"] == 2
     assert report["tokens"]["skipped"] == 210
     ds, seen = check_packs(path, samples, 64)
     assert sorted(seen) == [0, 2, 4] and sorted(LMSortDataset(path).packs.sort_order.tolist()) == [0, 2, 4]
@@ -367,14 +395,18 @@ def test_upstream_pad_id_sources(tmp_path):
 
 
 def test_upstream_layout_errors_write_nothing(tmp_path):
-    rows = [([1, 2, 3], [-100, 2, 3]), ([4, 5, 6, 7, 8, 9], [-100, 5, 6, 7, 8, 9])]
+    rows = [([1, 2, 3], [-100, 2, 3]), ([], []), ([4, 5, 6, 7, 8, 9], [-100, 5, 6, 7, 8, 9])]
     long_rows = tmp_path / "long"
     write_legacy(long_rows, rows, 8, 0)
-    with pytest.raises(sg.SortAndGroupError, match="sample 1 \\(6 tokens\\)"):
+    with pytest.raises(sg.SortAndGroupError, match="inputs.npy row 2 \\(6 tokens\\)"):
         run(long_rows, "--max_length", 4)
+    negative = tmp_path / "negative"
+    write_legacy(negative, [([1, -5, 3], [-100, 2, 3])], 4, 0)
+    with pytest.raises(sg.SortAndGroupError, match="token ids range over"):
+        run(negative)
     mismatch = tmp_path / "mismatch"
     write_legacy(mismatch, rows, 8, 0)
-    np.save(mismatch / "labels.npy", np.zeros((3, 8), dtype=np.int64))
+    np.save(mismatch / "labels.npy", np.zeros((4, 8), dtype=np.int64))
     with pytest.raises(sg.SortAndGroupError, match="must match"):
         run(mismatch)
     truncated = tmp_path / "truncated"
@@ -383,11 +415,20 @@ def test_upstream_layout_errors_write_nothing(tmp_path):
         f.truncate(150)
     with pytest.raises(sg.SortAndGroupError, match="truncated"):
         run(truncated)
+    padding = tmp_path / "padding"
+    write_legacy(padding, [([], []), ([], [])], 4, 0)
+    with pytest.raises(sg.SortAndGroupError, match="every row is padding"):
+        run(padding)
+    (tmp_path / "model").mkdir()
+    with pytest.raises(sg.SortAndGroupError, match="declares no pad token"):
+        run(long_rows, "--model_name_or_path", tmp_path / "model")
     (tmp_path / "half").mkdir()
     np.save(tmp_path / "half" / "inputs.npy", np.zeros((2, 4), dtype=np.int64))
     with pytest.raises(sg.SortAndGroupError, match="no labels.npy"):
         run(tmp_path / "half")
     for d in tmp_path.iterdir():
+        if d.name == "model":
+            continue
         assert not ({"meta.json", "packs", "input_ids.bin"} & {p.name for p in d.iterdir()})
         assert not any(p.name.startswith(".") for p in d.iterdir())
 
