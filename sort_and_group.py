@@ -531,8 +531,15 @@ def main(argv: Optional[list[str]] = None) -> dict:
         if raw_lengths.size == 0:
             problems.append(f"{data_dir}/inputs.npy: every row is padding; nothing to train on.")
     else:
-        data = TokenizedData(data_dir)                       # DatasetFormatError on a bad folder
+        try:
+            data = TokenizedData(data_dir)
+        except DatasetFormatError as e:
+            if not problems:
+                raise
+            raise SortAndGroupError("sort_and_group.py cannot run:\n  - " + "\n  - ".join([*problems, str(e)]))
         raw_lengths = data.lengths
+        if args.pad_token_id is not None or args.model_name_or_path:
+            print("note: --pad_token_id / --model_name_or_path only apply to the upstream layout; not used here.")
         if raw_lengths.size == 0:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
     if not problems and legacy is not None:
@@ -541,6 +548,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     elif not problems:
         problem = over_length_problem(raw_lengths, args)
         problems += [problem] if problem else []
+    if not problems and args.over_length == "skip" and np.all(raw_lengths > args.max_length):
+        problems.append(f"every sample is longer than --max_length {args.max_length}, --over_length skip would "
+                        f"leave nothing; pass --max_length {int(raw_lengths.max())} or --over_length truncate.")
     if problems:
         raise SortAndGroupError("sort_and_group.py cannot run:\n  - " + "\n  - ".join(problems))
 

@@ -294,6 +294,12 @@ def test_bad_input_is_refused_before_writing(tmp_path):
         f.truncate(8)
     with pytest.raises(DatasetFormatError, match="labels.bin"):
         run(path)
+    with pytest.raises(sg.SortAndGroupError, match="(?s)--group_size 0.*labels.bin"):
+        run(path, "--group_size", 0)
+    short = tmp_path / "short"
+    write_dataset(short, [9, 8])
+    with pytest.raises(sg.SortAndGroupError, match="would leave nothing"):
+        run(short, "--max_length", 4, "--over_length", "skip")
     none = tmp_path / "none"
     with TokenizedWriter(none) as w:
         w.commit()
