@@ -1,0 +1,116 @@
+# Shared launcher of the four training scripts (glm4_longwriter.sh, llama3_longwriter.sh and their _lora
+# variants). It is sourced, not run: the calling script sets MODEL, DATA, OUTPUT, ... and the array
+# TRAIN_ARGS (its main.py hyper-parameters) first; extra command-line arguments of the calling script ("$@")
+# are appended last, so they override anything here:  bash scripts/glm4_longwriter.sh --max_steps 10
+#
+# Launchers (LAUNCHER=deepspeed | torchrun):
+#   one node            deepspeed --num_gpus $NUM_GPUS main.py ...
+#   nodes over ssh      HOSTFILE=hostfile bash scripts/...   (run on the first node; deepspeed starts the others
+#                       through pdsh/ssh; hostfile lines look like "node1 slots=8"; NUM_NODES defaults to its
+#                       number of hosts)
+#   nodes without ssh   run the same command on every node, each with its own NODE_RANK (0 .. NUM_NODES-1) and
+#                       MASTER_ADDR = node 0's address:
+#                         LAUNCHER=deepspeed NO_SSH=1 HOSTFILE=hostfile NODE_RANK=$i MASTER_ADDR=10.0.0.1 bash ...
+#                         LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=$i MASTER_ADDR=10.0.0.1 bash ...
+# DRY_RUN=1 prints the command and exits.  Without a CUDA GPU the run goes to the CPU (gloo), which only makes
+# sense for tiny models (see scripts/quickstart.sh).
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+# ---- launch settings (environment overrides) --------------------------------------------------------------
+LAUNCHER=${LAUNCHER:-deepspeed}
+HOSTFILE=${HOSTFILE:-}
+NO_SSH=${NO_SSH:-0}
+NODE_RANK=${NODE_RANK:-0}
+MASTER_PORT=${MASTER_PORT:-29500}
+DRY_RUN=${DRY_RUN:-0}
+PYTHON=${PYTHON:-python3}
+
+has_cuda() { "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
+
+if [[ -z "${NUM_GPUS:-}" ]]; then   # GPUs (processes) per node
+  NUM_GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  [[ "$NUM_GPUS" -gt 0 ]] || NUM_GPUS=1
+fi
+if [[ -z "${NUM_NODES:-}" ]]; then
+  if [[ -n "$HOSTFILE" ]]; then
+    NUM_NODES=$(grep -cvE '^[[:space:]]*(#|$)' "$HOSTFILE" || true)
+  else
+    NUM_NODES=1
+  fi
+fi
+if [[ "$NUM_NODES" -gt 1 ]]; then
+  MASTER_ADDR=${MASTER_ADDR:-}
+else
+  MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
+fi
+
+# ---- checks: collect every problem, then fail once ---------------------------------------------------------
+problems=()
+case "$LAUNCHER" in deepspeed|torchrun) ;; *) problems+=("LAUNCHER=$LAUNCHER: use deepspeed or torchrun") ;; esac
+for v in NUM_GPUS NUM_NODES NODE_RANK PER_DEVICE_BATCH GRAD_ACC MASTER_PORT; do
+  [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -ge 0 ]] || problems+=("$v=${!v}: must be a whole number")
+done
+if [[ "$NUM_NODES" =~ ^[0-9]+$ && "$NUM_NODES" -gt 1 ]]; then
+  if [[ "$LAUNCHER" == deepspeed && -z "$HOSTFILE" ]]; then
+    problems+=("NUM_NODES=$NUM_NODES with LAUNCHER=deepspeed needs HOSTFILE (lines 'hostname slots=GPUS'), or use LAUNCHER=torchrun")
+  fi
+  if [[ ( "$LAUNCHER" == torchrun || "$NO_SSH" == 1 ) && -z "$MASTER_ADDR" ]]; then
+    problems+=("NUM_NODES=$NUM_NODES: set MASTER_ADDR to node 0's address (and NODE_RANK on every node)")
+  fi
+fi
+[[ -z "$HOSTFILE" || -f "$HOSTFILE" ]] || problems+=("HOSTFILE=$HOSTFILE: no such file")
+[[ -f "$DS_CONFIG" ]] || problems+=("DS_CONFIG=$DS_CONFIG: no such file (see ds_config/)")
+if [[ "$DRY_RUN" != 1 ]]; then
+  group=8   # sort_and_group --group_size: packs (or samples) per optimizer step
+  [[ ${#problems[@]} -eq 0 ]] && group=$((NUM_GPUS * NUM_NODES * PER_DEVICE_BATCH * GRAD_ACC))
+  if [[ ! -f "$DATA/meta.json" ]]; then
+    problems+=("DATA=$DATA is not a tokenized dataset (no meta.json). Make it with
+      $PYTHON $PRETOKENIZE --model_name_or_path $MODEL --input YOUR.jsonl --output_dir $DATA
+      $PYTHON sort_and_group.py --train_file $DATA --max_length 32768 --group_size $group")
+  elif [[ "$BATCH_METHOD" != naive && ! -d "$DATA/packs" ]]; then
+    problems+=("DATA=$DATA has no packs/ (needed by --batch_method $BATCH_METHOD). Run
+      $PYTHON sort_and_group.py --train_file $DATA --max_length 32768 --group_size $group")
+  fi
+fi
+if [[ ${#problems[@]} -gt 0 ]]; then
+  echo "[launch] cannot start, fix these settings at the top of $0 or in the environment:" >&2
+  for p in "${problems[@]}"; do echo "  - $p" >&2; done
+  exit 2
+fi
+
+# No CUDA: the HF Trainer needs --use_cpu to start its processes on the CPU (gloo) and still hand the model to
+# DeepSpeed (its CPU accelerator). The ACCELERATE_USE_CPU variable would silently switch DeepSpeed off for DDP.
+CPU_ARGS=()
+if [[ "$DRY_RUN" != 1 ]] && ! has_cuda; then
+  echo "[launch] no CUDA GPU found: running $NUM_GPUS process(es) per node on the CPU (gloo backend)"
+  CPU_ARGS=(--use_cpu True)
+fi
+
+# ---- command ---------------------------------------------------------------------------------------------
+if [[ "$LAUNCHER" == torchrun ]]; then
+  CMD=(torchrun --nnodes "$NUM_NODES" --node_rank "$NODE_RANK" --nproc_per_node "$NUM_GPUS"
+       --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+else
+  CMD=(deepspeed --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
+  if [[ -n "$HOSTFILE" ]]; then
+    CMD+=(--hostfile "$HOSTFILE" --num_nodes "$NUM_NODES")
+    [[ "$NO_SSH" == 1 ]] && CMD+=(--no_ssh --node_rank "$NODE_RANK")
+  fi
+  [[ -n "$MASTER_ADDR" ]] && CMD+=(--master_addr "$MASTER_ADDR")
+fi
+CMD+=(main.py "${TRAIN_ARGS[@]}" "${CPU_ARGS[@]}" "$@")
+
+# ---- effective global batch ------------------------------------------------------------------------------
+unit=samples
+[[ "$BATCH_METHOD" == pack ]] && unit=packs
+GLOBAL_BATCH=$((NUM_GPUS * NUM_NODES * PER_DEVICE_BATCH * GRAD_ACC))
+echo "[launch] global batch = $NUM_GPUS GPUs x $NUM_NODES node(s) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
+echo "[launch] model $MODEL | data $DATA | output $OUTPUT | deepspeed config $DS_CONFIG"
+echo "[launch] $(printf '%q ' "${CMD[@]}")"
+if [[ "$DRY_RUN" == 1 ]]; then
+  exit 0
+fi
+mkdir -p "$OUTPUT"
+exec "${CMD[@]}"
