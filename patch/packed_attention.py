@@ -142,12 +142,14 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 def _attn_flash(q, k, v, cu, max_len, scale):
     from flash_attn import flash_attn_varlen_func
 
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
 
 
 def _attn_torch_varlen(q, k, v, cu, max_len, scale):
     fn = _torch_varlen()
     params = inspect.signature(fn).parameters
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kwargs = {"scale": scale}
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:

@@ -149,6 +149,34 @@ def test_glm4_checkpoint_layout_full_size():
     assert len(shapes) == 4 + 40 * 7
 
 
+GLM4_9B_CHAT_CONFIG = {  # the hub's config.json fields (REFERENCE 1), including ones our code does not use
+    "_name_or_path": "THUDM/glm-4-9b-chat", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+    "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                 "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                 "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"},
+    "add_bias_linear": False, "add_qkv_bias": True, "apply_query_key_layer_scaling": True,
+    "apply_residual_connection_post_layernorm": False, "attention_dropout": 0.0, "attention_softmax_in_fp32": True,
+    "attn_implementation": "sdpa", "bias_dropout_fusion": True, "ffn_hidden_size": 13696,
+    "fp32_residual_connection": False, "hidden_dropout": 0.0, "hidden_size": 4096, "kv_channels": 128,
+    "layernorm_epsilon": 1.5625e-07, "multi_query_attention": True, "multi_query_group_num": 2,
+    "num_attention_heads": 32, "num_hidden_layers": 40, "num_layers": 40, "rope_ratio": 500, "original_rope": True,
+    "padded_vocab_size": 151552, "post_layer_norm": True, "rmsnorm": True, "seq_length": 131072, "use_cache": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.44.0", "tie_word_embeddings": False,
+    "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+}
+
+
+def test_glm4_hub_config_reads_as_is():
+    cfg = ChatGLMConfig.from_dict(dict(GLM4_9B_CHAT_CONFIG))
+    assert (cfg.num_layers, cfg.num_hidden_layers, cfg.vocab_size, cfg.rope_ratio) == (40, 40, 151552, 500)
+    assert cfg.eos_token_id == [151329, 151336, 151338] and cfg.pad_token_id == 151329
+    assert cfg.dtype == torch.bfloat16 and cfg.tie_word_embeddings is False
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(cfg)
+    assert model.config._attn_implementation == PA.ATTN_IMPLEMENTATION  # "sdpa" in the file is overridden
+    assert model.generation_config.eos_token_id == [151329, 151336, 151338]
+
+
 def test_glm4_rope_any_position():
     """Positions far beyond config.seq_length work and match the peer (no RoPE cache to resize)."""
     ours, peer = make_glm(seq_length=8)
@@ -307,10 +335,13 @@ def test_gradient_checkpointing(family):
     ours(ids, attention_mask=cu, labels=lab).loss.backward()
     plain = {n: p.grad.clone() for n, p in ours.named_parameters()}
     ours.zero_grad()
-    ours.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    ours(ids, attention_mask=cu, labels=lab).loss.backward()
-    for n, p in ours.named_parameters():
-        assert torch.allclose(p.grad, plain[n], rtol=1e-5, atol=1e-7), n
+    for kwargs in ({}, {"gradient_checkpointing_kwargs": {"use_reentrant": False}}):
+        ours.zero_grad()
+        ours.gradient_checkpointing_enable(**kwargs)
+        assert all(layer.gradient_checkpointing for layer in ours.modules() if hasattr(layer, "_gradient_checkpointing_func"))
+        ours(ids, attention_mask=cu, labels=lab).loss.backward()
+        for n, p in ours.named_parameters():
+            assert torch.allclose(p.grad, plain[n], rtol=1e-5, atol=1e-7), (kwargs, n)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
