@@ -36,6 +36,7 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,11 +231,33 @@ def model_class(model_type: str):
 
 
 def load_tokenizer(model_dir: str, model_type: str, trust_remote_code: bool = False):
-    """The model folder's tokenizer; GLM-4's class comes from patch/ unless --trust_remote_code."""
-    if model_type == "chatglm" and not trust_remote_code:
-        from patch.tokenization_chatglm import ChatGLM4Tokenizer
-        return ChatGLM4Tokenizer.from_pretrained(model_dir)
-    return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    """The model folder's tokenizer, loaded as pre_tokenize_* loads it (GLM-4: patch/'s class, no folder code)."""
+    from chat_data import InputError
+
+    if model_type == "chatglm":
+        from pre_tokenize_glm4 import load_tokenizer as load
+    else:
+        from pre_tokenize_llama3 import load_tokenizer as load
+    try:
+        return load(model_dir, trust_remote_code=trust_remote_code)
+    except InputError as e:
+        raise SystemExit(str(e)) from e
+
+
+def copy_remote_code(src_dir: str, dst_dir: str) -> list[str]:
+    """If the model folder ships remote code (an auto_map in config.json or tokenizer_config.json), copy its
+    top-level .py files next to a saved model, so the output folder loads every way the input did."""
+    uses_remote_code = False
+    for cfg in ("config.json", "tokenizer_config.json"):
+        p = Path(src_dir) / cfg
+        if p.is_file() and json.loads(p.read_text(encoding="utf-8")).get("auto_map"):
+            uses_remote_code = True
+    copied = []
+    for py in sorted(Path(src_dir).glob("*.py")) if uses_remote_code else []:
+        if not (Path(dst_dir) / py.name).exists():
+            shutil.copyfile(py, Path(dst_dir) / py.name)
+            copied.append(py.name)
+    return copied
 
 
 def load_model(model_args: ModelArguments, model_type: str, dtype: torch.dtype):
@@ -363,9 +386,22 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, mo
             problems.append(f"{flag}: {e}. --batch_method {batch_method} reads the output of "
                             f"`python sort_and_group.py --train_file {path}`: run it first")
             return problems, stats
+        p = ds.packs
+        stats.update(group_size=int(ds.group_size), max_length_packing=int(ds.max_length))
         if batch_method == "pack":
-            problems += [f"{flag}: {p}" for p in check_packs(ds, len(data))]
-            stats.update(pack_stats(ds))
+            sizes = np.asarray(ds.pack_lengths)
+            packed = np.asarray(p.pack_samples)
+            stats.update(packs=len(ds), mean_pack_tokens=round(float(sizes.mean()), 1) if sizes.size else 0,
+                         max_pack_tokens=int(sizes.max()) if sizes.size else 0,
+                         samples_per_pack=round(packed.size / max(len(ds), 1), 2),
+                         samples_not_packed=int(len(data) - np.unique(packed).size))
+            if sizes.size and int(sizes.max()) > ds.max_length:
+                problems.append(f"{flag}: a pack of {int(sizes.max())} tokens exceeds its max_length "
+                                f"{ds.max_length}: re-run sort_and_group.py")
+            if np.unique(packed).size != packed.size:
+                problems.append(f"{flag}: a sample appears in several packs: re-run sort_and_group.py")
+        else:
+            stats.update(samples_not_sorted=int(len(data) - np.unique(np.asarray(p.sort_order)).size))
     return problems, stats
 
 
@@ -375,29 +411,6 @@ def _open_dataset(path: str, batch_method: str):
     if batch_method == "sort":
         return ds_lib.LMSortDataset(path)
     return ds_lib.LMDataset(path)
-
-
-def check_packs(ds, num_samples: int) -> list[str]:
-    """Consistent cu_seqlens in every pack; every sample in exactly one pack."""
-    problems, seen = [], 0
-    for i in range(len(ds)):
-        item = ds[i]
-        cu, n = item["attention_mask"], int(item["input_ids"].numel())
-        if cu.dim() != 1 or int(cu[0]) != 0 or int(cu[-1]) != n or bool((cu[1:] <= cu[:-1]).any()):
-            problems.append(f"pack {i}: cu_seqlens {cu.tolist()[:6]}... inconsistent with its {n} tokens; "
-                            f"re-run sort_and_group.py")
-            if len(problems) >= 5:
-                break
-        seen += cu.numel() - 1
-    if not problems and seen != num_samples:
-        problems.append(f"packs hold {seen} samples, the dataset has {num_samples}; re-run sort_and_group.py")
-    return problems
-
-
-def pack_stats(ds) -> dict:
-    sizes = [int(ds[i]["input_ids"].numel()) for i in range(len(ds))]
-    return {"packs": len(ds), "mean_pack_tokens": round(float(np.mean(sizes)), 1) if sizes else 0,
-            "max_pack_tokens": max(sizes, default=0)}
 
 
 def build_datasets(data_args: DataArguments):
@@ -481,6 +494,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     logger.info("batch_method %s, loss %s; %d rank(s) x %d %s x %d accumulation steps = %d %s per optimizer step",
                 data_args.batch_method, "per-sequence mean (pack_loss)" if data_args.pack_loss else "token mean",
                 world, args.per_device_train_batch_size, unit, args.gradient_accumulation_steps, global_batch, unit)
+    group = stats["train"].get("group_size")
+    step_items = world * args.per_device_train_batch_size
+    if group and step_items % group:
+        logger.info("note: sort_and_group.py balanced the data for --group_size %d, this run takes %d %s per "
+                    "micro-step across ranks: balance is less good, the loss is unaffected", group, step_items, unit)
     for role, s in stats.items():
         logger.info("%s data: %s", role, ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                                                       for k, v in s.items()))
@@ -503,6 +521,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     trainer.save_state()
+    if args.should_save and not lora_args.use_lora:
+        copy_remote_code(model_args.model_name_or_path, args.output_dir)
     if eval_ds is not None:
         trainer.evaluate()
     if lora_args.save_merged_model:
@@ -526,6 +546,7 @@ def save_merged(model_args: ModelArguments, model_type: str, dtype, output_dir: 
     out = Path(output_dir) / "merged"
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    copy_remote_code(model_args.model_name_or_path, out)
     logger.info("merged model written to %s", out)
     return out
 

@@ -2,6 +2,8 @@
 
     python tools/make_tiny.py tokenizer --family glm4   --out /tmp/tiny-glm4
     python tools/make_tiny.py tokenizer --family llama3 --out /tmp/tiny-llama3
+    python tools/make_tiny.py model --family glm4 --out /tmp/tiny-glm4-model     # + tiny random weights
+    python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3-model
 
 Tokenizers (a byte-level BPE trained in well under a second on a small built-in English/Chinese text):
 - `make_glm4_tokenizer(out_dir)`: the GLM-4 hub layout. `tokenizer.model` (tiktoken ranks: all 256 bytes +
@@ -169,6 +171,76 @@ TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokeniz
 
 
 # ----------------------------------------------------------------------------------------------
+# Tiny models (random weights) with their tokenizer, loadable like the real folders
+# ----------------------------------------------------------------------------------------------
+
+GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+
+
+def _load_tiny_tokenizer(family: str, tokenizer_dir: Path):
+    if family == "glm4":
+        return glm_tok.ChatGLM4Tokenizer.from_pretrained(str(tokenizer_dir))
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
+                    **overrides) -> Path:
+    """A tiny random-weight model folder for `family` ("llama3" | "glm4"): config.json, model.safetensors,
+    generation_config.json and the tokenizer files of `tokenizer_dir` (built into out_dir when None).
+
+    Shapes: 2 layers, hidden 64, 4 query heads of 16 dims sharing 2 key/value heads (GQA), MLP 128; the
+    vocabulary and special ids come from the tokenizer (GLM-4: embedding rows padded to a multiple of 64, like
+    the real padded_vocab_size). `overrides` replace config fields (e.g. num_hidden_layers=1 / num_layers=1).
+    GLM-4 folders also get the remote-code files and auto_map (patch/install.py), as the hub folders have them;
+    main.py and pre_tokenize_glm4.py never run them unless given --trust_remote_code."""
+    import torch
+
+    if family not in TOKENIZER_BUILDERS:
+        raise ValueError(f"family {family!r}: expected one of {sorted(TOKENIZER_BUILDERS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        tokenizer_dir = TOKENIZER_BUILDERS[family](out)
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = _load_tiny_tokenizer(family, tokenizer_dir)
+    torch.manual_seed(seed)
+    if family == "llama3":
+        from transformers import LlamaConfig
+        from patch.modeling_llama import LlamaForCausalLM
+
+        pad = tok.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+        cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
+                   rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        cfg.update(overrides)
+        model = LlamaForCausalLM(LlamaConfig(**cfg))
+    else:
+        from patch.configuration_chatglm import ChatGLMConfig
+        from patch.modeling_chatglm import ChatGLMForConditionalGeneration
+
+        stops = [tok.convert_tokens_to_ids(t) for t in GLM4_STOP_TOKENS]
+        cfg = dict(padded_vocab_size=-(-len(tok) // 64) * 64, num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                   kv_channels=16, num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2,
+                   seq_length=131072, rope_ratio=1.0, eos_token_id=stops, pad_token_id=tok.pad_token_id)
+        cfg.update(overrides)
+        model = ChatGLMForConditionalGeneration(ChatGLMConfig(**cfg))
+    model.save_pretrained(out)
+    if tokenizer_dir.resolve() != out.resolve():
+        for f in tokenizer_dir.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, out / f.name)
+    if family == "glm4":
+        from patch.install import BACKUP_DIR, install
+        had_backup = (out / BACKUP_DIR).exists()
+        install(out, verify=False)
+        if not had_backup:  # a fresh tiny folder: the copies of what install rewrote are just clutter
+            shutil.rmtree(out / BACKUP_DIR, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
 
@@ -178,7 +250,16 @@ def main(argv: list[str] | None = None) -> Path:
     p = sub.add_parser("tokenizer", help="write a tiny tokenizer folder")
     p.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
     p.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    m = sub.add_parser("model", help="write a tiny random-weight model folder (with its tokenizer)")
+    m.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
+    m.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    m.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: build a tiny one)")
+    m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
+    if args.what == "model":
+        out = make_tiny_model(args.out, args.family, args.tokenizer, seed=args.seed)
+        print(f"wrote tiny {args.family} model to {out}")
+        return out
     out = TOKENIZER_BUILDERS[args.family](args.out)
     print(f"wrote {args.family} tokenizer to {out}")
     return out
