@@ -80,12 +80,9 @@ if [[ ${#problems[@]} -gt 0 ]]; then
   exit 2
 fi
 
-# No CUDA: the HF Trainer needs --use_cpu to start its processes on the CPU (gloo) and still hand the model to
-# DeepSpeed (its CPU accelerator). The ACCELERATE_USE_CPU variable would silently switch DeepSpeed off for DDP.
-CPU_ARGS=()
+# No CUDA: main.py runs the processes on the CPU itself (gloo; DeepSpeed's CPU accelerator). Only tiny models.
 if [[ "$DRY_RUN" != 1 ]] && ! has_cuda; then
-  echo "[launch] no CUDA GPU found: running $NUM_GPUS process(es) per node on the CPU (gloo backend)"
-  CPU_ARGS=(--use_cpu True)
+  echo "[launch] no CUDA GPU found: $NUM_GPUS process(es) per node on the CPU (gloo backend), fp32"
 fi
 
 # ---- command ---------------------------------------------------------------------------------------------
@@ -100,7 +97,7 @@ else
   fi
   [[ -n "$MASTER_ADDR" ]] && CMD+=(--master_addr "$MASTER_ADDR")
 fi
-CMD+=(main.py "${TRAIN_ARGS[@]}" "${CPU_ARGS[@]}" "$@")
+CMD+=(main.py "${TRAIN_ARGS[@]}" "$@")
 
 # ---- effective global batch ------------------------------------------------------------------------------
 unit=samples

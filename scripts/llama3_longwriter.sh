@@ -42,6 +42,7 @@ PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign per-sequence mean
 BF16=${BF16:-1}
 GRAD_CKPT=${GRAD_CKPT:-1}
 SAVE_STEPS=${SAVE_STEPS:-400}
+WARMUP=${WARMUP:-0.03}                          # warmup: < 1 = fraction of all steps (transformers 5 --warmup_steps)
 REPORT_TO=${REPORT_TO:-none}                    # none | tensorboard | wandb
 PRETOKENIZE=pre_tokenize_llama3.py
 
@@ -50,7 +51,7 @@ TRAIN_ARGS=(
   --batch_method "$BATCH_METHOD" --pack_loss "$([[ $PACK_LOSS == 1 ]] && echo True || echo False)"
   --deepspeed "$DS_CONFIG"
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC"
-  --num_train_epochs "$EPOCHS" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_ratio 0.03
+  --num_train_epochs "$EPOCHS" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps "$WARMUP"
   --weight_decay 0.1
   --bf16 "$([[ $BF16 == 1 ]] && echo True || echo False)"
   --gradient_checkpointing "$([[ $GRAD_CKPT == 1 ]] && echo True || echo False)"

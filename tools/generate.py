@@ -1,0 +1,136 @@
+"""Reload a trained model (or LoRA adapter) from main.py's output folder and generate a reply to one prompt.
+
+    python tools/generate.py --model_dir output/glm4/longwriter --prompt "Write a 5000-word story about tea."
+    python tools/generate.py --model_dir quickstart_out/run --max_new_tokens 32        # tiny CPU check
+
+The prompt is built with the same chat format pre_tokenize_* trained on (the format objects of
+pre_tokenize_glm4.py / pre_tokenize_llama3.py): the tokens of a user message followed by an assistant reply,
+cut where the first supervised token would be, so inference and training prompts agree token for token.
+Template: --template, else the `template` in the training data's meta.json (--data), else the family's
+default (GLM-4: glm4, Llama: longwriter). The model class comes from config.json's model_type through
+main.py (patch/), never from code inside the folder. A folder holding only a LoRA adapter
+(adapter_config.json) is loaded on top of its base model. Greedy decoding unless --do_sample.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from transformers import HfArgumentParser  # noqa: E402
+
+from dataset import IGNORE_INDEX, write_json_atomic  # noqa: E402
+
+DEFAULT_TEMPLATE = {"chatglm": "glm4", "llama": "longwriter"}
+
+
+@dataclass
+class GenerateArguments:
+    model_dir: str = field(metadata={"help": "main.py output folder (full model, merged model or LoRA adapter)."})
+    prompt: str = field(default="Write a short story about a lighthouse keeper.",
+                        metadata={"help": "The user message."})
+    system: Optional[str] = field(default=None, metadata={"help": "Optional system message."})
+    template: Optional[str] = field(default=None, metadata={"help": "glm4 | longwriter | llama3 (default: see "
+                                                                    "the module docstring)."})
+    data: Optional[str] = field(default=None, metadata={"help": "Training data folder; its meta.json names the "
+                                                                "template."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Most tokens to generate."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float = field(default=0.7, metadata={"help": "With --do_sample."})
+    top_p: float = field(default=0.9, metadata={"help": "With --do_sample."})
+    seed: int = field(default=0, metadata={"help": "Random seed (sampling)."})
+    output: Optional[str] = field(default=None, metadata={"help": "Also write {prompt, reply, ...} to this JSON."})
+
+
+def chat_format_for(template: str, tokenizer):
+    """The chat format object pre_tokenize_* used for `template`."""
+    if template == "glm4":
+        from pre_tokenize_glm4 import GLM4Format
+
+        fmt = GLM4Format(tokenizer)
+    else:
+        from pre_tokenize_llama3 import FORMATS
+
+        if template not in FORMATS:
+            raise SystemExit(f"--template {template}: expected glm4 or one of {sorted(FORMATS)}")
+        fmt = FORMATS[template](tokenizer)
+    if fmt.problems:
+        raise SystemExit(f"the tokenizer cannot express the {template} template: " + "; ".join(fmt.problems))
+    return fmt
+
+
+def prompt_ids(fmt, prompt: str, system: Optional[str]) -> list[int]:
+    """Tokens of [system], user `prompt`, and the start of the assistant turn, exactly as in training."""
+    from chat_data import Message
+
+    messages = ([Message("system", system)] if system else []) + [Message("user", prompt),
+                                                                  Message("assistant", "x", train=True)]
+    ids, labels = fmt.encode(messages)
+    first = next(i for i, lab in enumerate(labels) if lab != IGNORE_INDEX)
+    return ids[:first]
+
+
+def load(model_dir: str):
+    """(model, tokenizer, model_type); a LoRA adapter folder is applied to its base model."""
+    from main import load_tokenizer, model_class, read_model_type
+
+    adapter_cfg = Path(model_dir) / "adapter_config.json"
+    base_dir = model_dir
+    if adapter_cfg.is_file() and not (Path(model_dir) / "config.json").is_file():
+        base_dir = json.loads(adapter_cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    model_type = read_model_type(base_dir)
+    tok_dir = model_dir if any((Path(model_dir) / f).is_file() for f in
+                               ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")) else base_dir
+    tokenizer = load_tokenizer(tok_dir, model_type)
+    model = model_class(model_type).from_pretrained(base_dir, dtype=torch.float32)
+    if base_dir != model_dir:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, model_dir)
+    return model.eval(), tokenizer, model_type
+
+
+def main(argv: list[str] | None = None) -> dict:
+    (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(args=argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer, model_type = load(args.model_dir)
+    template = args.template
+    if template is None and args.data and (Path(args.data) / "meta.json").is_file():
+        template = json.loads((Path(args.data) / "meta.json").read_text(encoding="utf-8")).get("template")
+    template = template or DEFAULT_TEMPLATE.get(model_type, "longwriter")
+    fmt = chat_format_for(template, tokenizer)
+    ids = prompt_ids(fmt, args.prompt, args.system)
+
+    t0 = time.time()
+    input_ids = torch.tensor([[int(i) for i in ids]], dtype=torch.long)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.stop_token_ids[0]
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
+                             temperature=args.temperature if args.do_sample else None,
+                             top_p=args.top_p if args.do_sample else None,
+                             eos_token_id=list(fmt.stop_token_ids), pad_token_id=pad, use_cache=True)
+    new = out[0, len(ids):].tolist()
+    reply = tokenizer.decode(new, skip_special_tokens=True).strip()
+    result = {"model_dir": args.model_dir, "template": template, "prompt": args.prompt,
+              "prompt_tokens": len(ids), "new_tokens": len(new), "reply": reply,
+              "seconds": round(time.time() - t0, 2)}
+    print(f"[generate] {args.model_dir} ({template} template), {len(ids)} prompt tokens, {len(new)} new tokens")
+    print(f"[generate] user: {args.prompt}")
+    print(f"[generate] assistant: {reply}")
+    if args.output:
+        write_json_atomic(args.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
