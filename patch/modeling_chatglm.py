@@ -49,10 +49,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
 
-    def forward(self, x):  # [..., H], normalised in fp32
+    def forward(self, x):  # [..., H]: x * rsqrt(mean(x^2) + eps) * weight in fp32, cast back (as upstream)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return (self.weight * x32).to(x.dtype)
 
 
 def make_norm(config: ChatGLMConfig):
@@ -188,7 +188,6 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _skip_keys_device_placement = ["past_key_values"]
-    _supports_attention_backend = True
 
     def _init_weights(self, module):
         super()._init_weights(module)

@@ -171,9 +171,10 @@ def _attn_sdpa_per_sample(q, k, v, cu, max_len, scale):
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end == start:
             continue
-        qi, ki, vi = (t[start:end].transpose(0, 1) for t in (q, k, v))  # [H, L_i, D]
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)  # [H, L_i, D]
-        outs.append(oi.transpose(0, 1))  # [L_i, H, D]
+        # 4-D [1, H, L_i, D]: with 3-D inputs the CPU kernel falls back to the math path ([H, L_i, L_i] scores)
+        qi, ki, vi = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)  # [1, H, L_i, D]
+        outs.append(oi[0].transpose(0, 1))  # [L_i, H, D]
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GlmConfig, GlmForCausalLM, LlamaConfig
 from transformers import LlamaForCausalLM as StockLlama
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from patch import install as patch_install
 from patch import packed_attention as PA
@@ -338,7 +339,8 @@ def test_gradient_checkpointing(family):
     for kwargs in ({}, {"gradient_checkpointing_kwargs": {"use_reentrant": False}}):
         ours.zero_grad()
         ours.gradient_checkpointing_enable(**kwargs)
-        assert all(layer.gradient_checkpointing for layer in ours.modules() if hasattr(layer, "_gradient_checkpointing_func"))
+        layers = [m for m in ours.modules() if isinstance(m, GradientCheckpointingLayer)]
+        assert len(layers) == 2 and all(layer.gradient_checkpointing for layer in layers)
         ours(ids, attention_mask=cu, labels=lab).loss.backward()
         for n, p in ours.named_parameters():
             assert torch.allclose(p.grad, plain[n], rtol=1e-5, atol=1e-7), (kwargs, n)
