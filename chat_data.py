@@ -45,7 +45,8 @@ from dataset import IGNORE_INDEX, META_FILE, TokenizedWriter
 
 SKIP_REASONS = ("invalid_json", "wrong_schema", "unknown_role", "too_long", "nothing_to_supervise")
 BAD_REASONS = ("invalid_json", "wrong_schema", "unknown_role")  # fatal with --strict
-ZERO_WIDTH = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))
+ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff"
+ZERO_WIDTH = dict.fromkeys(map(ord, ZERO_WIDTH_CHARS))
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "function_call": "assistant",
                   "system": "system", "observation": "observation", "function_response": "observation",
@@ -130,7 +131,7 @@ def _opted_out(msg: dict, where: str) -> bool:
 
 
 def _message(role: str, content: str, metadata: str = "", opt_out: bool = False) -> Message:
-    if role == "assistant":
+    if role == "assistant" and any(c in content for c in ZERO_WIDTH_CHARS):
         content = content.translate(ZERO_WIDTH)
     train = role == "assistant" and not opt_out and content.strip() != ""
     return Message(role, content, metadata, train)
@@ -220,6 +221,36 @@ class PlainEncoder:
 
     def __getstate__(self):
         return {**self.__dict__, "_backend": None}
+
+
+class ChatFormat:
+    """How a conversation becomes tokens; each script defines one. Subclasses set `name`, `roles` (allowed
+    message roles), `prefix_len` (leading tokens --truncate left keeps), `tokenizer`, `plain` (a PlainEncoder),
+    `stop_token_ids`, and implement `pieces` (the texts to tokenize, plain) and `assemble` (token ids of those
+    pieces -> input_ids and the supervised [start, end) spans of it). Batching the pieces of many records into
+    one tokenizer call is the driver's job; `encode` does one conversation."""
+
+    name: str
+    roles: frozenset
+    prefix_len: int
+
+    def pieces(self, messages: list[Message]) -> list[str]:
+        raise NotImplementedError
+
+    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        raise NotImplementedError
+
+    def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) int32 arrays of one conversation, labels IGNORE_INDEX where not supervised."""
+        return to_arrays(*self.assemble(messages, self.plain(self.pieces(messages))))
+
+
+def to_arrays(ids: list[int], spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    ids_a = np.asarray(ids, dtype=np.int32)
+    labels = np.full_like(ids_a, IGNORE_INDEX)
+    for a, b in spans:
+        labels[a:b] = ids_a[a:b]
+    return ids_a, labels
 
 
 def special_token_ids(tokenizer, names: list[str], problems: list[str], why: str) -> dict[str, int]:
@@ -406,43 +437,75 @@ def _init_worker(chat_format, max_length: int, truncate: str) -> None:
     _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate)
 
 
-def encode_record(payload, chat_format, max_length: int, truncate: str):
-    """-> ("ok", fmt, ids int32[L], labels int32[L], truncated) or ("skip", reason, detail)."""
+def _parse(payload, chat_format) -> tuple[str, list[Message]]:
+    """Decode and validate one record (raises Skip)."""
+    if isinstance(payload, bytes):
+        try:
+            obj = json.loads(payload.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise Skip("invalid_json", str(e)[:200]) from None
+    else:
+        obj = payload
+    fmt, messages = parse_record(obj)
+    unknown = [m.role for m in messages if m.role not in chat_format.roles]
+    if unknown:
+        raise Skip("unknown_role", f"role {unknown[0]!r} has no place in the {chat_format.name} format")
+    if not any(m.train for m in messages):
+        raise Skip("nothing_to_supervise", "no non-empty assistant reply that is not opted out")
+    return fmt, messages
+
+
+def _finish(ids: list[int], spans: list[tuple[int, int]], prefix_len: int, max_length: int, truncate: str):
+    truncated = len(ids) > max_length
+    if truncated and truncate == "skip":
+        raise Skip("too_long", f"{len(ids)} tokens > --max_length {max_length}")
+    ids, labels = to_arrays(ids, spans)
+    if truncated:
+        keep = prefix_len if truncate == "left" else max_length
+        ids = np.concatenate([ids[:keep], ids[len(ids) - (max_length - keep):]])
+        labels = np.concatenate([labels[:keep], labels[len(labels) - (max_length - keep):]])
+    n_supervised = int(np.count_nonzero(labels != IGNORE_INDEX))
+    if n_supervised == 0:
+        raise Skip("nothing_to_supervise", f"no supervised token left after --truncate {truncate}")
+    return ids, labels, truncated, n_supervised
+
+
+def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) -> list:
+    """Records -> one result each: ("ok", fmt, ids int32[L], labels int32[L], truncated, n_supervised), ("skip", reason,
+    detail) or ("error", traceback). The texts of the whole chunk are tokenized in one batch call."""
+    results: list = [None] * len(payloads)
+    todo, texts = [], []
+    for k, payload in enumerate(payloads):
+        try:
+            fmt, messages = _parse(payload, chat_format)
+            pieces = chat_format.pieces(messages)
+            todo.append((k, fmt, messages, len(texts), len(pieces)))
+            texts += pieces
+        except Skip as s:
+            results[k] = ("skip", s.reason, s.detail)
+        except Exception:  # a bug, not bad data: reported by the main process with the record's location
+            results[k] = ("error", traceback.format_exc())
     try:
-        if isinstance(payload, bytes):
-            try:
-                obj = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise Skip("invalid_json", str(e)[:200]) from None
-        else:
-            obj = payload
-        fmt, messages = parse_record(obj)
-        unknown = [m.role for m in messages if m.role not in chat_format.roles]
-        if unknown:
-            raise Skip("unknown_role", f"role {unknown[0]!r} has no place in the {chat_format.name} format")
-        if not any(m.train for m in messages):
-            raise Skip("nothing_to_supervise", "no non-empty assistant reply that is not opted out")
-        ids, labels = chat_format.encode(messages)
-        truncated = len(ids) > max_length
-        if truncated:
-            if truncate == "skip":
-                raise Skip("too_long", f"{len(ids)} tokens > --max_length {max_length}")
-            keep = chat_format.prefix_len if truncate == "left" else max_length
-            ids = ids[:keep] + ids[len(ids) - (max_length - keep):]
-            labels = labels[:keep] + labels[len(labels) - (max_length - keep):]
-        labels = np.asarray(labels, dtype=np.int32)
-        if not (labels != IGNORE_INDEX).any():
-            raise Skip("nothing_to_supervise", f"no supervised token left after --truncate {truncate}")
-        return "ok", fmt, np.asarray(ids, dtype=np.int32), labels, truncated
-    except Skip as s:
-        return "skip", s.reason, s.detail
-    except Exception:  # a bug, not bad data: reported by the main process with the record's location
-        return "error", traceback.format_exc()
+        encoded = chat_format.plain(texts)
+    except Exception:
+        encoded, error = None, ("error", traceback.format_exc())
+    for k, fmt, messages, start, n in todo:
+        try:
+            if encoded is None:
+                results[k] = error
+                continue
+            ids, spans = chat_format.assemble(messages, encoded[start:start + n])
+            results[k] = ("ok", fmt, *_finish(ids, spans, chat_format.prefix_len, max_length, truncate))
+        except Skip as s:
+            results[k] = ("skip", s.reason, s.detail)
+        except Exception:
+            results[k] = ("error", traceback.format_exc())
+    return results
 
 
 def _work(payloads: list) -> list:
     w = _WORKER
-    return [encode_record(p, w["fmt"], w["max_length"], w["truncate"]) for p in payloads]
+    return encode_chunk(payloads, w["fmt"], w["max_length"], w["truncate"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -503,14 +566,14 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                 pf = per_file[s]
                 pf["selected"] += 1
                 if res[0] == "ok":
-                    _, fmt, ids, labels, truncated = res
+                    _, fmt, ids, labels, truncated, n_supervised = res
                     writer.add(ids, labels)
                     counts["kept"] += 1
                     counts["truncated"] += int(truncated)
                     pf["kept"] += 1
                     formats[fmt] = formats.get(fmt, 0) + 1
                     lengths.append(len(ids))
-                    supervised.append(int((labels != IGNORE_INDEX).sum()))
+                    supervised.append(n_supervised)
                     continue
                 where = f"{sources[s].path}:{line}"
                 if res[0] == "error":
@@ -533,6 +596,7 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             for locs, payloads in chunks:
                 handle(locs, _work(payloads))
         else:
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker process
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
             with ctx.Pool(num_proc, initializer=_init_worker,
                           initargs=(chat_format, args.max_length, args.truncate)) as pool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chat_data import IGNORE_INDEX, InputError, Message, PlainEncoder, PretokenizeArguments, check_plain_encoding, \
+from chat_data import ChatFormat, InputError, Message, PlainEncoder, PretokenizeArguments, check_plain_encoding, \
     cli, parse_args, run, special_token_ids
 from patch.tokenization_chatglm import ChatGLM4Tokenizer
 
@@ -53,7 +53,7 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
 # Chat format
 # ----------------------------------------------------------------------------------------------
 
-class GLM4Format:
+class GLM4Format(ChatFormat):
     name = "glm4"
     roles = frozenset({"system", "user", "assistant", "observation"})
     prefix_len = 2  # [gMASK] <sop>, kept by --truncate left
@@ -73,23 +73,25 @@ class GLM4Format:
         self.stop_token_ids = [self.eos, self.role_id["user"], self.role_id["observation"]]
         self.newline = self.plain(["\n"])[0]
 
-    def encode(self, messages: list[Message]) -> tuple[list[int], list[int]]:
-        texts = [m.content for m in messages] + [f"{m.metadata}\n" for m in messages if m.metadata]
-        enc = self.plain(texts)
-        meta_enc = iter(enc[len(messages):])
-        ids, labels = list(self.prefix), [IGNORE_INDEX] * len(self.prefix)
-        supervise_next = False  # the token after a supervised reply is supervised too
-        for m, content in zip(messages, enc):
-            role = self.role_id[m.role]
-            ids.append(role)
-            labels.append(role if supervise_next else IGNORE_INDEX)
-            body = (next(meta_enc) if m.metadata else self.newline) + content
+    def pieces(self, messages: list[Message]) -> list[str]:
+        # contents, then the metadata lines that are not the plain "\n" (GLM-4 tool calls)
+        return [m.content for m in messages] + [f"{m.metadata}\n" for m in messages if m.metadata]
+
+    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        meta_lines = iter(encoded[len(messages):])
+        ids, spans = list(self.prefix), []
+        for m, content in zip(messages, encoded):
+            if spans and spans[-1][1] == len(ids):  # the token after a supervised reply is supervised too
+                spans[-1] = (spans[-1][0], len(ids) + 1)
+            ids.append(self.role_id[m.role])
+            body = (next(meta_lines) if m.metadata else self.newline) + content
+            if m.train:  # from the metadata line after the role token through the reply
+                spans.append((len(ids), len(ids) + len(body)))
             ids += body
-            labels += body if m.train else [IGNORE_INDEX] * len(body)
-            supervise_next = m.train
+        if spans and spans[-1][1] == len(ids):
+            spans[-1] = (spans[-1][0], len(ids) + 1)
         ids.append(self.eos)
-        labels.append(self.eos if supervise_next else IGNORE_INDEX)
-        return ids, labels
+        return ids, spans
 
 
 # ----------------------------------------------------------------------------------------------

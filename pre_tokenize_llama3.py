@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from chat_data import IGNORE_INDEX, InputError, Message, PlainEncoder, PretokenizeArguments, Skip, \
+from chat_data import ChatFormat, InputError, Message, PlainEncoder, PretokenizeArguments, Skip, \
     check_plain_encoding, cli, parse_args, run, special_token_ids
 
 BOS, EOT_TEXT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
@@ -55,7 +55,7 @@ def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
 # Chat formats
 # ----------------------------------------------------------------------------------------------
 
-class _LlamaBase:
+class _LlamaBase(ChatFormat):
     roles = frozenset({"system", "user", "assistant"})
     prefix_len = 1  # <|begin_of_text|>, kept by --truncate left
     needed: list[str] = []
@@ -98,7 +98,7 @@ class LongWriterFormat(_LlamaBase):
     def pad_token_id(self) -> int | None:
         return self.optional.get(PAD, super().pad_token_id())
 
-    def encode(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+    def pieces(self, messages: list[Message]) -> list[str]:
         self._check_metadata(messages)
         texts = []
         for m in messages:
@@ -108,16 +108,19 @@ class LongWriterFormat(_LlamaBase):
                 texts.append(f"[INST]{m.content}[/INST]")
             else:
                 texts.append(m.content)
-        ids, labels = [self.bos], [IGNORE_INDEX]
-        for m, piece in zip(messages, self.plain(texts)):
+        return texts
+
+    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, spans = [self.bos], []
+        for m, piece in zip(messages, encoded):
             if m.role == "assistant":
-                piece = piece + [self.end]
+                if m.train:  # the reply and its <|end_of_text|>
+                    spans.append((len(ids), len(ids) + len(piece) + 1))
                 ids += piece
-                labels += piece if m.train else [IGNORE_INDEX] * len(piece)
+                ids.append(self.end)
             else:
                 ids += piece
-                labels += [IGNORE_INDEX] * len(piece)
-        return ids, labels
+        return ids, spans
 
 
 class Llama3Format(_LlamaBase):
@@ -131,15 +134,19 @@ class Llama3Format(_LlamaBase):
         newlines = self.plain(["\n\n"])[0]
         self.header = {r: [start] + self.plain([r])[0] + [end] + newlines for r in self.roles}
 
-    def encode(self, messages: list[Message]) -> tuple[list[int], list[int]]:
+    def pieces(self, messages: list[Message]) -> list[str]:
         self._check_metadata(messages)
-        ids, labels = [self.bos], [IGNORE_INDEX]
-        for m, content in zip(messages, self.plain([m.content for m in messages])):
-            header = self.header[m.role]
-            body = content + [self.eot]
-            ids += header + body
-            labels += [IGNORE_INDEX] * len(header) + (body if m.train else [IGNORE_INDEX] * len(body))
-        return ids, labels
+        return [m.content for m in messages]
+
+    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+        ids, spans = [self.bos], []
+        for m, content in zip(messages, encoded):
+            ids += self.header[m.role]
+            if m.train:  # the reply through its <|eot_id|>
+                spans.append((len(ids), len(ids) + len(content) + 1))
+            ids += content
+            ids.append(self.eot)
+        return ids, spans
 
 
 FORMATS = {"longwriter": LongWriterFormat, "llama3": Llama3Format}

@@ -23,6 +23,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Iterable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -49,8 +50,8 @@ Numbers: 1 12 123 2024 3.14159 100% $42 #7 @user <tag> [note] {key: value} (a, b
 """
 
 
-def _train_byte_bpe(vocab_size: int):
-    """A `tokenizers` byte-level BPE (Llama-3 regex) trained on CORPUS: all 256 bytes + merges."""
+def _train_byte_bpe(vocab_size: int, corpus: Iterable[str] | None = None):
+    """A `tokenizers` byte-level BPE (Llama-3 regex) trained on `corpus` (default CORPUS): 256 bytes + merges."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
@@ -60,7 +61,7 @@ def _train_byte_bpe(vocab_size: int):
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False, min_frequency=2)
-    tok.train_from_iterator([CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([CORPUS] * 4 if corpus is None else corpus, trainer=trainer)
     return tok
 
 
@@ -88,10 +89,11 @@ GLM4_CHAT_TEMPLATE = (
 )
 
 
-def make_glm4_tokenizer(out_dir: str | Path, vocab_size: int = 800) -> Path:
+def make_glm4_tokenizer(out_dir: str | Path, vocab_size: int = 800, corpus: Iterable[str] | None = None) -> Path:
+    """`vocab_size` regular tokens at most (a bigger `corpus` gives a more realistic, larger vocabulary)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokens = _token_bytes_in_rank_order(_train_byte_bpe(vocab_size))
+    tokens = _token_bytes_in_rank_order(_train_byte_bpe(vocab_size, corpus))
     ranks = {t: i for i, t in enumerate(tokens)}
     glm_tok.write_ranks(ranks, out / "tokenizer.model")
     shutil.copyfile(glm_tok.__file__, out / "tokenization_chatglm.py")
@@ -142,12 +144,12 @@ LLAMA3_CHAT_TEMPLATE = (
 )
 
 
-def make_llama3_tokenizer(out_dir: str | Path, vocab_size: int = 800) -> Path:
+def make_llama3_tokenizer(out_dir: str | Path, vocab_size: int = 800, corpus: Iterable[str] | None = None) -> Path:
     from tokenizers import AddedToken, decoders, processors
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tk = _train_byte_bpe(vocab_size)
+    tk = _train_byte_bpe(vocab_size, corpus)
     tk.decoder = decoders.ByteLevel()
     specials = llama31_special_tokens()
     tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
