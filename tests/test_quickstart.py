@@ -1,0 +1,168 @@
+"""The DeepSpeed configs, the launch scripts' command lines, and scripts/quickstart.sh end to end.
+
+    python -m pytest -q tests/test_quickstart.py              # ~2 min on 2 CPU cores (the quickstart is slow)
+    python -m pytest -q tests/test_quickstart.py -m "not slow"  # configs and scripts only, seconds
+"""
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ["stage1", "stage2", "stage3", "stage3_offload"]
+SCRIPTS = ["glm4_longwriter", "llama3_longwriter", "glm4_longwriter_lora", "llama3_longwriter_lora"]
+
+
+# ----------------------------------------------------------------------------------------------
+# ds_config/*.json through the HF integration into deepspeed's own config parser
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_ds_config_accepted_by_deepspeed(name, tmp_path):
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    path = ROOT / "ds_config" / f"{name}.json"
+    raw = json.loads(path.read_text())
+    assert raw["train_micro_batch_size_per_gpu"] == "auto" and raw["gradient_accumulation_steps"] == "auto"
+    assert raw["bf16"]["enabled"] == "auto" and raw["gradient_clipping"] == "auto"
+    # sizes deepspeed >= 0.15 validates as integers: never a float in the file
+    for key, value in raw["zero_optimization"].items():
+        assert not isinstance(value, float), f"{name}: zero_optimization.{key} = {value} must be an integer"
+
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, gradient_accumulation_steps=4,
+                             learning_rate=1e-5, weight_decay=0.1, report_to="none")
+    hf = HfTrainerDeepSpeedConfig(str(path))
+    hf.trainer_config_process(args)
+
+    class Model:  # what trainer_config_finalize reads: config.hidden_size (GLM-4 / Llama-3.1-8B: 4096)
+        class config:
+            hidden_size = 4096
+
+    hf.trainer_config_finalize(args, Model(), 1000)
+    assert "auto" not in json.dumps(hf.config), f"{name}: an 'auto' the Trainer does not fill"
+    ds = DeepSpeedConfig(hf.config)
+    assert ds.zero_optimization_stage == int(name[5])
+    assert ds.train_micro_batch_size_per_gpu == 1 and ds.gradient_accumulation_steps == 4
+    if name.startswith("stage3"):
+        assert isinstance(hf.config["zero_optimization"]["stage3_prefetch_bucket_size"], int)
+        assert ds.zero_config.gather_16bit_weights_on_model_save  # save_model() writes a full model
+    if name == "stage3_offload":
+        assert ds.zero_config.offload_optimizer.device == "cpu" and ds.zero_config.offload_param.device == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch scripts: the command they build (DRY_RUN=1 prints it; no GPU needed)
+# ----------------------------------------------------------------------------------------------
+
+def dry_run(script: str, **env) -> tuple[str, list[str]]:
+    full_env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": "8", **env}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / f"{script}.sh"), "--max_steps", "7"], env=full_env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cmd_line = [line for line in out.stdout.splitlines() if line.startswith("[launch] ") and " main.py " in line]
+    assert len(cmd_line) == 1, out.stdout
+    return out.stdout, shlex.split(cmd_line[0][len("[launch] "):])
+
+
+def flag(cmd: list[str], name: str) -> str:
+    i = len(cmd) - 1 - cmd[::-1].index(name)  # the last occurrence wins, as in argparse
+    return cmd[i + 1]
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_launch_script_command(script):
+    family = script.split("_")[0]
+    stdout, cmd = dry_run(script)
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"]
+    assert "global batch = 8 GPUs x 1 node(s) x 1 per device x 1 accumulation = 8 packs" in stdout
+    main = cmd.index("main.py")
+    assert flag(cmd, "--train_file") == f"data/{family}/longwriter"
+    assert flag(cmd, "--batch_method") == "pack" and flag(cmd, "--pack_loss") == "False"
+    assert flag(cmd, "--num_train_epochs") == "4" and flag(cmd, "--lr_scheduler_type") == "cosine"
+    assert flag(cmd, "--warmup_steps") == "0.03" and flag(cmd, "--weight_decay") == "0.1"
+    assert flag(cmd, "--bf16") == "True" and flag(cmd, "--gradient_checkpointing") == "True"
+    assert flag(cmd, "--per_device_train_batch_size") == "1" and flag(cmd, "--max_steps") == "7"
+    assert cmd[-2:] == ["--max_steps", "7"] and main < len(cmd) - 2  # extra arguments go last, to main.py
+    if script.endswith("lora"):
+        assert flag(cmd, "--use_lora") == "True" and flag(cmd, "--learning_rate") == "1e-4"
+        assert flag(cmd, "--deepspeed") == "ds_config/stage2.json"
+    else:
+        assert "--use_lora" not in cmd and flag(cmd, "--learning_rate") == "1e-5"
+        assert flag(cmd, "--deepspeed") == "ds_config/stage3.json"
+
+
+def test_launch_script_overrides_and_multinode(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
+    stdout, cmd = dry_run("glm4_longwriter", HOSTFILE=str(hostfile), GRAD_ACC="2", PACK_LOSS="1", LR="2e-5",
+                          MODEL="/models/glm-4-9b", OUTPUT="/out/x", REPORT_TO="tensorboard",
+                          DS_CONFIG="ds_config/stage3_offload.json")
+    assert "8 GPUs x 2 node(s) x 1 per device x 2 accumulation = 32 packs" in stdout
+    assert cmd[:cmd.index("main.py")] == ["deepspeed", "--num_gpus", "8", "--master_port", "29500",
+                                          "--hostfile", str(hostfile), "--num_nodes", "2"]
+    assert flag(cmd, "--pack_loss") == "True" and flag(cmd, "--learning_rate") == "2e-5"
+    assert flag(cmd, "--model_name_or_path") == "/models/glm-4-9b" and flag(cmd, "--output_dir") == "/out/x"
+    assert flag(cmd, "--gradient_accumulation_steps") == "2" and flag(cmd, "--report_to") == "tensorboard"
+    assert flag(cmd, "--deepspeed") == "ds_config/stage3_offload.json"
+
+    _, cmd = dry_run("llama3_longwriter_lora", LAUNCHER="torchrun", NUM_NODES="2", NODE_RANK="1",
+                     MASTER_ADDR="10.0.0.1", MASTER_PORT="29700", LORA_TARGETS="q_proj,v_proj", SAVE_MERGED="1")
+    assert cmd[:cmd.index("main.py")] == ["torchrun", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "8",
+                                          "--master_addr", "10.0.0.1", "--master_port", "29700"]
+    assert flag(cmd, "--lora_target_modules") == "q_proj,v_proj" and flag(cmd, "--save_merged_model") == "True"
+
+    _, cmd = dry_run("llama3_longwriter", HOSTFILE=str(hostfile), NO_SSH="1", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
+    assert cmd[:cmd.index("main.py")] == ["deepspeed", "--num_gpus", "8", "--master_port", "29500", "--hostfile",
+                                          str(hostfile), "--num_nodes", "2", "--no_ssh", "--node_rank", "1",
+                                          "--master_addr", "10.0.0.1"]
+
+
+def test_launch_script_reports_every_problem(tmp_path):
+    env = {**os.environ, "LAUNCHER": "mpirun", "GRAD_ACC": "two", "NUM_NODES": "2", "NUM_GPUS": "8",
+           "DS_CONFIG": "ds_config/nope.json", "DATA": str(tmp_path / "missing")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "llama3_longwriter.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2
+    for expected in ("LAUNCHER=mpirun", "GRAD_ACC=two: must be a whole number", "ds_config/nope.json: no such file",
+                     "no meta.json", "pre_tokenize_llama3.py --model_name_or_path", "sort_and_group.py --train_file"):
+        assert expected in out.stderr, out.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The quickstart, end to end (2-process deepspeed ZeRO-3 on the CPU)
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(tmp_path):
+    out_dir = tmp_path / "qs"
+    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=ROOT)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-6000:]
+
+    # a real 2-process deepspeed launch on ZeRO-3
+    train_log = (out_dir / "train.log").read_text()
+    assert "dist_world_size=2" in train_log
+    assert "global batch = 2 GPUs x 1 node(s) x 1 per device x 1 accumulation = 2 packs" in train_log
+    assert "ZeRO stage 3, 2 partitions, 2 rank files" in train_log
+    settings = json.loads((out_dir / "run" / "train_settings.json").read_text())
+    assert settings["data"]["batch_method"] == "pack"
+
+    # the loss fell
+    history = json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) >= 6 and losses[-1] < losses[0] - 0.5, losses
+
+    # the saved model was reloaded and generated; the loss curve exists
+    reply = json.loads((out_dir / "reply.json").read_text())
+    assert reply["new_tokens"] > 0 and reply["prompt_tokens"] > 0 and isinstance(reply["reply"], str)
+    assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"Outputs in {out_dir}" in run.stdout
