@@ -1,0 +1,91 @@
+"""Multi-node launch paths of the training scripts, as two "nodes" on loopback (one CPU rank each, gloo):
+
+- `LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=i MASTER_ADDR=127.0.0.1 scripts/glm4_longwriter.sh` (torchrun rendezvous)
+- `LAUNCHER=deepspeed NO_SSH=1 HOSTFILE=... NODE_RANK=i scripts/glm4_longwriter.sh` (deepspeed launcher per node)
+
+Both train the same tiny GLM-4 model two steps on the same packs with ZeRO-3 and must log the same losses.
+
+    python -m pytest -q tests/test_multinode.py          # ~1.5 min on 2 CPU cores
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 2
+
+
+@pytest.fixture(scope="module")
+def tiny_glm4_run(tmp_path_factory, glm4_tokenizer_dir):
+    """A tiny GLM-4 model and its packed sample data (2 ranks)."""
+    import pre_tokenize_glm4
+    import sort_and_group
+    from tools.make_tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("multinode")
+    model = make_tiny_model(root / "model", "glm4", glm4_tokenizer_dir)
+    data = root / "data"
+    pre_tokenize_glm4.main(["--model_name_or_path", str(model), "--input", str(ROOT / "data" / "sample.jsonl"),
+                            "--output_dir", str(data), "--max_length", "512", "--truncate", "right",
+                            "--num_proc", "1"])
+    sort_and_group.main(["--train_file", str(data), "--max_length", "512", "--group_size", "2", "--no_plot"])
+    return root, model, data
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_nodes(root: Path, name: str, model: Path, data: Path, **launch_env) -> list[float]:
+    """Start both nodes of the script at once, wait for both, return the logged per-step losses."""
+    out = root / name
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "MODEL": str(model), "DATA": str(data), "OUTPUT": str(out), "NUM_GPUS": "1",
+               "NUM_NODES": "2", "NODE_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+               "BF16": "0", "GRAD_CKPT": "0", "LR": "1e-3", "WARMUP": "0", "PYTHON": sys.executable, **launch_env}
+        log = open(root / f"{name}.node{rank}.log", "w")
+        procs.append((subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "glm4_longwriter.sh"), "--max_steps", str(STEPS),
+             "--save_strategy", "no", "--logging_steps", "1"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True), log))
+    try:
+        for p, _ in procs:
+            p.wait(timeout=300)
+    finally:
+        for p, log in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            log.close()
+    logs = [(root / f"{name}.node{rank}.log").read_text() for rank in (0, 1)]
+    for (p, _), text in zip(procs, logs):
+        assert p.returncode == 0, text[-5000:]
+    assert "global batch = 1 GPUs x 2 node(s) x 1 per device x 1 accumulation = 2 packs" in logs[0]
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+    assert (out / "model.safetensors").is_file()  # ZeRO-3 weights gathered on save
+    return [h["loss"] for h in history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_two_nodes_torchrun_and_deepspeed_no_ssh(tiny_glm4_run):
+    root, model, data = tiny_glm4_run
+    torchrun = run_two_nodes(root, "torchrun", model, data, LAUNCHER="torchrun")
+    hostfile = root / "hostfile"
+    hostfile.write_text("localhost slots=1\n127.0.0.1 slots=1\n")  # two names for this machine = two "nodes"
+    ds = run_two_nodes(root, "deepspeed", model, data, LAUNCHER="deepspeed", NO_SSH="1", HOSTFILE=str(hostfile))
+    assert len(torchrun) == STEPS and len(ds) == STEPS
+    assert ds == pytest.approx(torchrun, rel=1e-5, abs=1e-5), (torchrun, ds)
+    # the world really had 2 ranks on 2 nodes: each node's launcher started one process
+    node1 = (root / "deepspeed.node1.log").read_text()
+    assert "nnodes=2, num_local_procs=1, node_rank=1" in node1
