@@ -134,28 +134,51 @@ def _read_config_file(path: str) -> dict:
     return cfg
 
 
+def split_config(argv: list[str]) -> tuple[dict, list[str]]:
+    """(settings of the leading YAML/JSON config file, or {}; the remaining command-line flags)."""
+    argv = list(argv)
+    if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
+        path = argv.pop(0)
+        config = _read_config_file(path)
+        known = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise SystemExit(f"config file {path}: unknown settings {unknown}; use the names of main.py's "
+                             f"flags without the leading -- (python main.py --help lists them)")
+        return config, argv
+    return {}, argv
+
+
+def explicit_settings(argv: list[str]) -> list[str]:
+    """Names of the settings the config file or the command line set (the rest are defaults)."""
+    config, flags = split_config(argv)
+    names = list(config)
+    for a in flags:
+        if a.startswith("--"):
+            name = a[2:].split("=")[0].replace("-", "_")
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def parse_args(argv: list[str] | None = None):
     """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from [CONFIG.yaml|json] + flags."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(ARG_CLASSES)
-    known = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
-    config = {}
-    if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
-        config_path = argv.pop(0)
-        config = _read_config_file(config_path)
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise SystemExit(f"config file {config_path}: unknown settings {unknown}; use the names of main.py's "
-                             f"flags without the leading -- (python main.py --help lists them)")
-        for k, v in config.items():
-            if k == "lora_target_modules" and isinstance(v, (list, tuple)):
-                config[k] = ",".join(v)
+    config, flags = split_config(argv)
+    if config:
+        config = {k: ",".join(v) if k == "lora_target_modules" and isinstance(v, (list, tuple)) else v
+                  for k, v in config.items()}
         parser.set_defaults(**config)
-    ns, extra = parser.parse_known_args(argv)
+    ns, extra = parser.parse_known_args(flags)
     if extra:
         raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags)")
-    explicit = set(config) | {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    explicit = set(explicit_settings(argv))
     _choose_precision(ns, explicit)
+    if "per_device_eval_batch_size" not in explicit:  # a pack per device, not 8 packs concatenated
+        ns.per_device_eval_batch_size = ns.per_device_train_batch_size
+    if "dataloader_pin_memory" not in explicit and not torch.cuda.is_available():
+        ns.dataloader_pin_memory = False
     _setup_cpu_distributed(ns)
     return tuple(cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
                  for cls in ARG_CLASSES)
@@ -442,6 +465,7 @@ def setup_logging(args: TrainingArguments) -> None:
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> TrainerNoShuffle:
+    argv = list(sys.argv[1:] if argv is None else argv)
     model_args, data_args, lora_args, args = parse_args(argv)
     setup_logging(args)
     missing = [f for f, v in (("--model_name_or_path", model_args.model_name_or_path),
@@ -502,6 +526,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     for role, s in stats.items():
         logger.info("%s data: %s", role, ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v}"
                                                       for k, v in s.items()))
+    every = {f.name: getattr(a, f.name) for a in (model_args, data_args, lora_args, args)
+             for f in dataclasses.fields(a) if f.init}
+    logger.info("settings given: %s", ", ".join(f"{k}={every[k]}" for k in explicit_settings(argv) if k in every))
     settings = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                 "lora": dataclasses.asdict(lora_args), "training": json.loads(args.to_json_string()),
                 "resolved": {"model_type": model_type, "dtype": str(dtype), "world_size": world,

@@ -3,6 +3,7 @@
 Multi-process (2 ranks) exactness is in test_train_ds.py. Run: python -m pytest -q tests/test_train.py
 """
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +63,7 @@ def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int =
 def run(model_dir, data, out, *extra, callbacks=None):
     argv = ["--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
             "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-            "--dataloader_pin_memory", "false", "--seed", "0", *map(str, extra)]
+            "--seed", "0", *map(str, extra)]
     return train_main.main(argv, callbacks=callbacks)
 
 
@@ -144,6 +145,10 @@ def test_config_file_and_cli_overrides(tmp_path):
                                                            ("llama3", "pack", True), ("glm4", "pack", False)])
 def test_batch_method_trains_and_loss_falls(tmp_path, request, family, batch_method, pack_loss):
     model_dir = request.getfixturevalue("llama_dir" if family == "llama3" else "glm_dir")
+    if family == "glm4":  # the hub-like folder ships remote code (auto_map): it must never run without the flag
+        model_dir = Path(shutil.copytree(model_dir, tmp_path / "model"))
+        for py in model_dir.glob("*.py"):
+            py.write_text("raise RuntimeError('remote code was executed')\n")
     data = write_task(tmp_path / "data", model_dir, family)
     val = write_task(tmp_path / "val", model_dir, family, n=6, seed=1, group=False)
     extra = ["--pack_loss"] if pack_loss else []

@@ -29,7 +29,7 @@ def launch_two_ranks(model_dir, data, out, *extra):
            "--master_port", str(_free_port()), str(ROOT / "main.py"),
            "--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
            "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-           "--dataloader_pin_memory", "false", "--seed", "0", *map(str, extra)]
+           "--seed", "0", *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
