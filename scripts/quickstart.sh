@@ -70,7 +70,7 @@ print(f"[quickstart] deepspeed checkpoint {ckpt}: ZeRO stage {int(state['zero_st
       f"{state['partition_count']} partitions, {len(parts)} rank files")
 PY
 
-step "5/6 reload the trained model and generate"
+step "5/6 reload the trained model and generate (a tiny model after a minute of training: expect gibberish)"
 "$PYTHON" tools/generate.py --model_dir "$OUT/run" --data "$OUT/data" --prompt "$PROMPT" \
   --max_new_tokens 48 --output "$OUT/reply.json"
 

@@ -121,12 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
                              eos_token_id=list(fmt.stop_token_ids), pad_token_id=pad, use_cache=True)
     new = out[0, len(ids):].tolist()
     reply = tokenizer.decode(new, skip_special_tokens=True).strip()
+    raw = tokenizer.decode(new, skip_special_tokens=False)
     result = {"model_dir": args.model_dir, "template": template, "prompt": args.prompt,
-              "prompt_tokens": len(ids), "new_tokens": len(new), "reply": reply,
+              "prompt_tokens": len(ids), "new_tokens": len(new), "reply": reply, "reply_raw": raw,
               "seconds": round(time.time() - t0, 2)}
     print(f"[generate] {args.model_dir} ({template} template), {len(ids)} prompt tokens, {len(new)} new tokens")
     print(f"[generate] user: {args.prompt}")
-    print(f"[generate] assistant: {reply}")
+    print(f"[generate] assistant: {reply if reply else f'(no visible text; raw: {raw[:200]!r})'}")
     if args.output:
         write_json_atomic(args.output, result)
     return result
