@@ -253,7 +253,7 @@ def force_packed_attention(model_cls):
 def shift_targets(labels: torch.Tensor, weights: torch.Tensor | None, cu_seqlens: torch.Tensor | None):
     """Targets for each position: the next token's label, IGNORE_INDEX at the last position of every row and of
     every packed sample (a prediction never crosses a sample boundary). labels/weights [B, T] -> flat [B*T]."""
-    targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)  # [B, T]
+    targets = F.pad(labels[:, 1:].long(), (0, 1), value=IGNORE_INDEX)  # [B, T]
     if cu_seqlens is not None:
         ends = cu_seqlens[1:].to(torch.long) - 1  # last token of each sample
         ends = ends[ends >= 0]
