@@ -53,7 +53,7 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "tool": "observation"}
 MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "observation": "observation",
                  "tool": "observation"}
-CHUNK_RECORDS, CHUNK_BYTES = 64, 4 << 20  # work unit sent to a worker
+CHUNK_RECORDS, CHUNK_BYTES = 256, 4 << 20  # largest work unit sent to a worker
 SHOW_SKIPS = 5
 
 
@@ -399,31 +399,23 @@ def plan_order(sources: list[Source], seed: int, shuffle: bool) -> np.ndarray:
     return plan[rng.permutation(len(plan))] if shuffle else plan
 
 
-def iter_chunks(sources: list[Source], plan: np.ndarray):
-    """Yields (locations, payloads): payload = the raw line (bytes) of a JSONL record or a parsed JSON item."""
-    files = {}
-    locs, payloads, size = [], [], 0
-    try:
-        for s, r in plan:
-            src = sources[s]
-            if src.kind == "jsonl":
-                f = files.get(s) or files.setdefault(s, open(src.path, "rb"))
-                f.seek(int(src.starts[r]))
-                payload = f.read(int(src.ends[r] - src.starts[r]))
-                size += len(payload)
-            else:
-                payload = src.items[r]
-                size += 1024
-            locs.append((int(s), int(src.lines[r])))
-            payloads.append(payload)
-            if len(payloads) >= CHUNK_RECORDS or size >= CHUNK_BYTES:
-                yield locs, payloads
-                locs, payloads, size = [], [], 0
-        if payloads:
-            yield locs, payloads
-    finally:
-        for f in files.values():
-            f.close()
+def iter_chunks(sources: list[Source], plan: np.ndarray, num_proc: int):
+    """Cuts the plan into work units: [n, 2] int arrays of (source, record). Units aim at ~16 per process
+    (so long-sample data still spreads over all processes), within [64 KB, 4 MB] of text and 256 records."""
+    sizes = np.array([1024 if src.kind == "json" else 0 for src in sources], dtype=np.int64)
+    rec_bytes = np.empty(len(plan), dtype=np.int64)
+    for k, src in enumerate(sources):
+        sel = plan[:, 0] == k
+        rec_bytes[sel] = (src.ends - src.starts)[plan[sel, 1]] if src.kind == "jsonl" else sizes[k]
+    target = int(np.clip(rec_bytes.sum() // (16 * num_proc), 64 << 10, CHUNK_BYTES))
+    start, acc = 0, 0
+    for i, nbytes in enumerate(rec_bytes.tolist()):
+        acc += nbytes
+        if acc >= target or i + 1 - start >= CHUNK_RECORDS:
+            yield plan[start:i + 1]
+            start, acc = i + 1, 0
+    if start < len(plan):
+        yield plan[start:]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,8 +425,25 @@ def iter_chunks(sources: list[Source], plan: np.ndarray):
 _WORKER: dict = {}
 
 
-def _init_worker(chat_format, max_length: int, truncate: str) -> None:
-    _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate)
+def _init_worker(chat_format, max_length: int, truncate: str, sources: list[Source]) -> None:
+    _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate, sources=sources, files={})
+
+
+def _close_worker_files() -> None:
+    for f in _WORKER.get("files", {}).values():
+        f.close()
+    _WORKER.clear()
+
+
+def _payload(s: int, r: int):
+    """A record as stored: the raw bytes of a JSONL line (read here, in the worker) or a parsed JSON item."""
+    src = _WORKER["sources"][s]
+    if src.kind == "json":
+        return src.items[r]
+    files = _WORKER["files"]
+    f = files.get(s) or files.setdefault(s, open(src.path, "rb"))
+    f.seek(int(src.starts[r]))
+    return f.read(int(src.ends[r] - src.starts[r]))
 
 
 def _parse(payload, chat_format) -> tuple[str, list[Message]]:
@@ -470,9 +479,10 @@ def _finish(ids: list[int], spans: list[tuple[int, int]], prefix_len: int, max_l
     return ids, labels, truncated, n_supervised
 
 
-def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) -> list:
-    """Records -> one result each: ("ok", fmt, ids int32[L], labels int32[L], truncated, n_supervised), ("skip", reason,
-    detail) or ("error", traceback). The texts of the whole chunk are tokenized in one batch call."""
+def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str):
+    """Records -> (ids int32[T], labels int32[T], results): the kept samples concatenated, and per record
+    ("ok", fmt, length, truncated, n_supervised), ("skip", reason, detail) or ("error", traceback).
+    The texts of the whole chunk go to the tokenizer in one batch call."""
     results: list = [None] * len(payloads)
     todo, texts = [], []
     for k, payload in enumerate(payloads):
@@ -486,26 +496,33 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
         except Exception:  # a bug, not bad data: reported by the main process with the record's location
             results[k] = ("error", traceback.format_exc())
     try:
-        encoded = chat_format.plain(texts)
+        encoded, error = chat_format.plain(texts), None
     except Exception:
         encoded, error = None, ("error", traceback.format_exc())
+    kept_ids, kept_labels = [], []
     for k, fmt, messages, start, n in todo:
         try:
-            if encoded is None:
+            if error is not None:
                 results[k] = error
                 continue
             ids, spans = chat_format.assemble(messages, encoded[start:start + n])
-            results[k] = ("ok", fmt, *_finish(ids, spans, chat_format.prefix_len, max_length, truncate))
+            ids, labels, truncated, n_supervised = _finish(ids, spans, chat_format.prefix_len, max_length, truncate)
+            kept_ids.append(ids)
+            kept_labels.append(labels)
+            results[k] = ("ok", fmt, len(ids), truncated, n_supervised)
         except Skip as s:
             results[k] = ("skip", s.reason, s.detail)
         except Exception:
             results[k] = ("error", traceback.format_exc())
-    return results
+    empty = np.zeros(0, dtype=np.int32)
+    ids = np.concatenate(kept_ids) if kept_ids else empty
+    labels = np.concatenate(kept_labels) if kept_labels else empty
+    return ids, labels, results
 
 
-def _work(payloads: list) -> list:
+def _work(unit: np.ndarray):
     w = _WORKER
-    return encode_chunk(payloads, w["fmt"], w["max_length"], w["truncate"])
+    return encode_chunk([_payload(s, r) for s, r in unit.tolist()], w["fmt"], w["max_length"], w["truncate"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -561,20 +578,24 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
                  dynamic_ncols=True) as bar:
 
-        def handle(locs, results):
-            for (s, line), res in zip(locs, results):
+        def handle(unit, out):
+            ids, labels, results = out
+            offset = 0
+            for (s, r), res in zip(unit.tolist(), results):
                 pf = per_file[s]
                 pf["selected"] += 1
                 if res[0] == "ok":
-                    _, fmt, ids, labels, truncated, n_supervised = res
-                    writer.add(ids, labels)
+                    _, fmt, n, truncated, n_supervised = res
+                    writer.add(ids[offset:offset + n], labels[offset:offset + n])
+                    offset += n
                     counts["kept"] += 1
                     counts["truncated"] += int(truncated)
                     pf["kept"] += 1
                     formats[fmt] = formats.get(fmt, 0) + 1
-                    lengths.append(len(ids))
+                    lengths.append(n)
                     supervised.append(n_supervised)
                     continue
+                line = int(sources[s].lines[r])
                 where = f"{sources[s].path}:{line}"
                 if res[0] == "error":
                     raise RuntimeError(f"{where}: internal error while encoding this record "
@@ -588,27 +609,30 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                                           "detail": detail}, ensure_ascii=False) + "\n")
                 if len(shown) < SHOW_SKIPS:
                     shown.append(f"  {where}: {reason}: {detail}")
-            bar.update(len(locs))
+            bar.update(len(unit))
 
-        chunks = iter_chunks(sources, plan)
+        units = iter_chunks(sources, plan, num_proc)
+        init = (chat_format, args.max_length, args.truncate, sources)
         if num_proc == 1:
-            _init_worker(chat_format, args.max_length, args.truncate)
-            for locs, payloads in chunks:
-                handle(locs, _work(payloads))
+            _init_worker(*init)
+            try:
+                for unit in units:
+                    handle(unit, _work(unit))
+            finally:
+                _close_worker_files()
         else:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker process
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(num_proc, initializer=_init_worker,
-                          initargs=(chat_format, args.max_length, args.truncate)) as pool:
+            with ctx.Pool(num_proc, initializer=_init_worker, initargs=init) as pool:
                 pending: deque = deque()
-                for locs, payloads in chunks:  # at most 2 chunks per process in flight: bounded memory
-                    pending.append((locs, pool.apply_async(_work, (payloads,))))
+                for unit in units:  # at most 2 units per process in flight: bounded memory
+                    pending.append((unit, pool.apply_async(_work, (unit,))))
                     if len(pending) >= 2 * num_proc:
-                        locs0, res0 = pending.popleft()
-                        handle(locs0, res0.get())
+                        unit0, res0 = pending.popleft()
+                        handle(unit0, res0.get())
                 while pending:
-                    locs0, res0 = pending.popleft()
-                    handle(locs0, res0.get())
+                    unit0, res0 = pending.popleft()
+                    handle(unit0, res0.get())
 
         lengths_a, sup_a = np.asarray(lengths, np.int64), np.asarray(supervised, np.int64)
         n_skipped = sum(counts[r] for r in SKIP_REASONS)

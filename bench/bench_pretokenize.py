@@ -1,7 +1,7 @@
 """Benchmark: pre_tokenize_* against the bare tokenizer on the same text and process count, plus peak memory.
 
     python bench/bench_pretokenize.py                       # both families, --num_proc 2
-    python bench/bench_pretokenize.py --family glm4 --num_proc 4 --repeat 20 --long_samples 200
+    python bench/bench_pretokenize.py --family glm4 --num_proc 8 --repeat 20 --long_samples 200
 
 Text: the real chat files in --data_dir (default ../shared/data: LLaMA-Factory's alpaca_en_demo.json and
 glaive_toolcall_en_demo.json) when present, else synthetic text. Two data sets: `short` = those records
@@ -9,21 +9,21 @@ glaive_toolcall_en_demo.json) when present, else synthetic text. Two data sets: 
 concatenate real replies to 2k-20k words (the LongWriter shape). Tokenizers: tools/make_tiny.py builders
 trained here on the real text (--vocab_size; no downloads), or real folders via --glm4_tokenizer/--llama3_tokenizer.
 
-1. Speed. The ceiling is the tokenizer's own batch encoding of the same message texts, split over the same
-   number of processes, with the texts already in memory (GLM-4: tiktoken's `encode_ordinary` over the batch,
+1. Speed. The ceiling ("bare") is the tokenizer's own batch encoding of the same message texts, split over the
+   same number of processes, texts already in memory (GLM-4: tiktoken's `encode_ordinary` over the batch,
    which beats tiktoken's threaded `encode_ordinary_batch` per core; Llama: the Rust tokenizer's
-   `encode_batch_fast`, which beats `tokenizer(texts)`). pre_tokenize_* is timed end to end (index the file,
-   parse JSON, build labels, write the dataset). Each side runs --trials times and the fastest run counts
-   (the machine may be shared). Printed: tokens/s of both and the ratio of wall times (goal >= 0.8).
-2. Memory. pre_tokenize_* runs in a fresh process per --max_length on the real records plus 8 conversations
-   of 30k words; printed: peak RSS of the main process and of the largest worker. Upstream allocated
-   (samples x max_length) arrays; here the peak must not grow with --max_length.
+   `encode_batch_fast`, which beats `tokenizer(texts)`), tokenizer loaded before the clock starts.
+   pre_tokenize_* runs end to end (load the tokenizer,
+   index the file, parse JSON, build labels, write the dataset). Every run is a fresh process; both wall time
+   and CPU time (the process and its workers) are measured, fastest of --trials. CPU time is the stable figure
+   on a shared machine. Printed: tokens/s of both and the ratios (goal >= 0.8).
+2. Memory. pre_tokenize_* on the real records plus 8 conversations of 30k words, once per --max_length;
+   printed: peak RSS of the main process and of the largest worker. Upstream allocated (samples x max_length)
+   arrays; here the peak must not grow with --max_length.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -33,7 +33,6 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,22 +44,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process
 class BenchArguments:
     family: list[str] = field(default_factory=lambda: ["glm4", "llama3"], metadata={"help": "glm4 and/or llama3"})
     num_proc: int = field(default=2, metadata={"help": "processes for both the baseline and pre_tokenize_*"})
-    trials: int = field(default=3, metadata={"help": "timed runs per side; the fastest counts"})
-    repeat: int = field(default=5, metadata={"help": "copies of the real records in the `short` benchmark file"})
-    long_samples: int = field(default=60, metadata={"help": "conversations in the `long` benchmark file"})
+    trials: int = field(default=3, metadata={"help": "runs per measurement; the fastest counts"})
+    repeat: int = field(default=10, metadata={"help": "copies of the real records in the `short` data set"})
+    long_samples: int = field(default=120, metadata={"help": "conversations in the `long` data set"})
     data_dir: str = field(default=str(ROOT.parent / "shared" / "data"), metadata={"help": "real *.json chat files"})
     max_lengths: list[int] = field(default_factory=lambda: [4096, 32768, 131072],
                                    metadata={"help": "--max_length values for the memory runs"})
     vocab_size: int = field(default=32768, metadata={"help": "regular tokens of the tokenizers trained here on the "
                                                                 "benchmark text (the real ones have 128k-151k)"})
     glm4_tokenizer: str | None = field(default=None, metadata={"help": "GLM-4 folder (default: trained here)"})
-    llama3_tokenizer: str | None = field(default=None, metadata={"help": "Llama-3.1 folder (default: tiny)"})
+    llama3_tokenizer: str | None = field(default=None, metadata={"help": "Llama-3.1 folder (default: trained here)"})
     work_dir: str | None = field(default=None, metadata={"help": "scratch folder (default: a temp dir)"})
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
+
+ROLES = {"glm4": {"system", "user", "assistant", "observation"}, "llama3": {"system", "user", "assistant"}}
+
 
 def load_records(data_dir: Path) -> tuple[list[dict], str]:
     files = sorted(data_dir.glob("*.json")) if data_dir.is_dir() else []
@@ -109,13 +111,6 @@ def usable(records: list[dict], roles: set[str]) -> tuple[list[dict], list[str]]
     return keep, texts
 
 
-# ----------------------------------------------------------------------------------------------
-# Baseline: the bare tokenizer's batch encoding, split over num_proc processes
-# ----------------------------------------------------------------------------------------------
-
-_TOK = {}
-
-
 def load_tokenizer(family: str, path: str):
     if family == "glm4":
         from patch.tokenization_chatglm import ChatGLM4Tokenizer
@@ -126,13 +121,20 @@ def load_tokenizer(family: str, path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
+# ----------------------------------------------------------------------------------------------
+# One measurement = one fresh child process (`python bench_pretokenize.py _child JSON`)
+# ----------------------------------------------------------------------------------------------
+
+_TOK = {}
+
+
 def _bare_init(family: str, path: str) -> None:
     tok = load_tokenizer(family, path)
     if family == "glm4":
         encode = tok.tokenizer.encode_ordinary
-        _TOK["encode"] = lambda texts: [encode(t) for t in texts]  # faster than tiktoken's threaded batch
+        _TOK["encode"] = lambda texts: [encode(t) for t in texts]
     else:
-        backend = tok.backend_tokenizer  # the Rust tokenizer itself: faster than tokenizer(texts)
+        backend = tok.backend_tokenizer
         _TOK["encode"] = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
@@ -141,51 +143,64 @@ def _bare_work(texts: list[str]) -> int:
     return sum(len(ids) for i in range(0, len(texts), 256) for ids in enc(texts[i:i + 256]))
 
 
-def bench_bare(family: str, path: str, texts: list[str], num_proc: int) -> tuple[int, float]:
-    shards = [texts[i::num_proc] for i in range(num_proc)]
-    ctx = get_context("fork")
-    with ctx.Pool(num_proc, initializer=_bare_init, initargs=(family, path)) as pool:
-        pool.map(_bare_work, [["warm up"]] * num_proc)  # tokenizer loaded in every worker before timing
-        start = time.perf_counter()
-        tokens = sum(pool.map(_bare_work, shards))
-        return tokens, time.perf_counter() - start
+def _cpu() -> float:
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-# ----------------------------------------------------------------------------------------------
-# pre_tokenize_* runs
-# ----------------------------------------------------------------------------------------------
+def child(spec: dict) -> dict:
+    """Runs one measurement in this (fresh) process; timing starts after the imports."""
+    family, path, num_proc = spec["family"], spec["tokenizer"], spec["num_proc"]
+    if spec["kind"] == "bare":
+        from multiprocessing import get_context
 
-def script_argv(family: str, path: str, src: Path, out: Path, num_proc: int, max_length: int) -> list[str]:
-    argv = ["--model_name_or_path", path, "--input", str(src), "--output_dir", str(out),
-            "--num_proc", str(num_proc), "--max_length", str(max_length)]
-    return argv + (["--template", "llama3"] if family == "llama3" else [])
+        texts = usable([json.loads(x) for x in Path(spec["src"]).read_text(encoding="utf-8").splitlines()],
+                       ROLES[family])[1]
+        _bare_init(family, path)  # loaded before timing; forked workers inherit it (a strict ceiling)
+        wall0, cpu0 = time.perf_counter(), _cpu()
+        if num_proc == 1:
+            tokens = _bare_work(texts)
+        else:
+            with get_context("fork").Pool(num_proc) as pool:
+                tokens = sum(pool.map(_bare_work, [texts[i::num_proc] for i in range(num_proc)]))
+                pool.close()
+                pool.join()
+        out = {"tokens": tokens}
+    else:
+        import contextlib
+        import io
+
+        import pre_tokenize_glm4
+        import pre_tokenize_llama3
+
+        main = pre_tokenize_glm4.main if family == "glm4" else pre_tokenize_llama3.main
+        argv = ["--model_name_or_path", path, "--input", spec["src"], "--output_dir", spec["out"],
+                "--num_proc", str(num_proc), "--max_length", str(spec["max_length"])]
+        argv += ["--template", "llama3"] if family == "llama3" else []
+        wall0, cpu0 = time.perf_counter(), _cpu()
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            rep = main(argv)
+        out = {"tokens": rep["tokens"], "kept": rep["samples_kept"], "too_long": rep["skipped"]["too_long"]}
+    out.update(wall=time.perf_counter() - wall0, cpu=_cpu() - cpu0,
+               rss_main=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+               rss_worker=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+    return out
 
 
-def bench_script(family: str, path: str, src: Path, out: Path, num_proc: int) -> tuple[int, float]:
-    import pre_tokenize_glm4
-    import pre_tokenize_llama3
-
-    main = pre_tokenize_glm4.main if family == "glm4" else pre_tokenize_llama3.main
-    start = time.perf_counter()
-    report = main(script_argv(family, path, src, out, num_proc, 1 << 30))
-    return report["tokens"], time.perf_counter() - start
+def run_child(spec: dict) -> dict:
+    res = subprocess.run([sys.executable, __file__, "_child", json.dumps(spec)], capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"benchmark child failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-MEASURE = """
-import resource, sys, contextlib, io
-sys.path.insert(0, {root!r})
-import pre_tokenize_{family} as m
-with contextlib.redirect_stdout(io.StringIO()):
-    rep = m.main({argv!r})
-print(rep["samples_kept"], rep["skipped"]["too_long"], rep["tokens"],
-      resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
-"""
-
-
-def peak_memory(family: str, path: str, src: Path, out: Path, num_proc: int, max_length: int) -> list[int]:
-    code = MEASURE.format(root=str(ROOT), family=family, argv=script_argv(family, path, src, out, num_proc, max_length))
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return [int(x) for x in res.stdout.split()]
+def measure(trials: int, *specs: dict) -> list[dict]:
+    """Each spec `trials` times, interleaved (so a busy moment hits all of them); fastest wall and CPU."""
+    runs = [[] for _ in specs]
+    for _ in range(trials):
+        for k, spec in enumerate(specs):
+            runs[k].append(run_child(spec))
+    return [{**r[0], "wall": min(x["wall"] for x in r), "cpu": min(x["cpu"] for x in r)} for r in runs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,46 +216,48 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
         tmp = Path(tmp)
         records, origin = load_records(Path(args.data_dir))
-        print(f"data: {origin}; {os.cpu_count()} CPUs, --num_proc {args.num_proc}")
-        corpus = usable(records, {"system", "user", "assistant", "observation"})[1]
+        print(f"data: {origin}; {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), "
+              f"--num_proc {args.num_proc}")
+        corpus = usable(records, ROLES["glm4"])[1]
         paths = {"glm4": args.glm4_tokenizer or str(make_glm4_tokenizer(tmp / "tok_glm4", args.vocab_size, corpus)),
                  "llama3": args.llama3_tokenizer
                  or str(make_llama3_tokenizer(tmp / "tok_llama3", args.vocab_size, corpus))}
-        for family, path in paths.items():
-            print(f"{family} tokenizer: {path} ({len(load_tokenizer(family, path)):,} tokens)")
-        sets = {"short": records * args.repeat,  # general SFT: the real records as they are
-                "long": long_records(records, args.long_samples, 2000, 20000)}  # long outputs, 2k-20k words
-
-        print("\nspeed (same text, same process count; fastest of --trials runs each)")
-        print(f"{'family':8} {'data':6} {'records':>8} {'MB':>6} {'bare tokens/s':>14} {'pre_tokenize tokens/s':>22} "
-              f"{'bare s':>7} {'ours s':>7} {'speed ratio':>12}")
         for family in args.family:
-            roles = {"system", "user", "assistant"} | ({"observation"} if family == "glm4" else set())
+            print(f"{family} tokenizer: {paths[family]} ({len(load_tokenizer(family, paths[family])):,} tokens)")
+        sets = {"short": records * args.repeat, "long": long_records(records, args.long_samples, 2000, 20000)}
+
+        print(f"\nspeed (same text, same process count; fresh process per run, interleaved, fastest of {args.trials})")
+        print(f"{'family':7} {'data':5} {'records':>7} {'tokens':>10} {'bare tok/s':>11} {'ours tok/s':>11} "
+              f"{'bare wall':>9} {'ours wall':>9} {'wall ratio':>10} {'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9}")
+        for family in args.family:
             for name, recs in sets.items():
-                data, texts = usable(recs, roles)
+                data = usable(recs, ROLES[family])[0]
                 src = tmp / f"bench_{family}_{name}.jsonl"
                 src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
-                bare_tokens, bare_s = min((bench_bare(family, paths[family], texts, args.num_proc)
-                                           for _ in range(args.trials)), key=lambda r: r[1])
-                with contextlib.redirect_stdout(io.StringIO()):
-                    ours_tokens, ours_s = min((bench_script(family, paths[family], src, tmp / "out", args.num_proc)
-                                               for _ in range(args.trials)), key=lambda r: r[1])
-                print(f"{family:8} {name:6} {len(data):8} {src.stat().st_size / 1e6:6.1f} {bare_tokens / bare_s:14,.0f} "
-                      f"{ours_tokens / ours_s:22,.0f} {bare_s:7.2f} {ours_s:7.2f} {bare_s / ours_s:11.2f}x", flush=True)
+                common = dict(family=family, tokenizer=paths[family], src=str(src), num_proc=args.num_proc)
+                bare, ours = measure(args.trials, dict(kind="bare", **common),
+                                     dict(kind="script", out=str(tmp / "out"), max_length=1 << 30, **common))
+                print(f"{family:7} {name:5} {len(data):7} {ours['tokens']:10,} {bare['tokens'] / bare['wall']:11,.0f} "
+                      f"{ours['tokens'] / ours['wall']:11,.0f} {bare['wall']:8.2f}s {ours['wall']:8.2f}s "
+                      f"{bare['wall'] / ours['wall']:9.2f}x {bare['cpu']:7.2f}s {ours['cpu']:7.2f}s "
+                      f"{bare['cpu'] / ours['cpu']:8.2f}x", flush=True)
 
-        long_src = tmp / "bench_memory.jsonl"
-        long_src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                    for r in records + long_records(records, 8, 30000, 30000)), encoding="utf-8")
-        print("\npeak memory (fresh process per run; the real records + 8 conversations of 30k words)")
-        print(f"{'family':8} {'max_length':>10} {'kept':>6} {'too_long':>8} {'tokens':>11} "
-              f"{'main MB':>8} {'worker MB':>10}")
+        mem_src = tmp / "bench_memory.jsonl"
+        mem_src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                   for r in records + long_records(records, 8, 30000, 30000)), encoding="utf-8")
+        print("\npeak memory (the real records + 8 conversations of 30k words)")
+        print(f"{'family':7} {'max_length':>10} {'kept':>6} {'too_long':>8} {'tokens':>10} {'main MB':>8} "
+              f"{'worker MB':>9}")
         for family in args.family:
             for max_length in args.max_lengths:
-                kept, too_long, tokens, rss_main, rss_child = peak_memory(
-                    family, paths[family], long_src, tmp / f"mem_{family}", args.num_proc, max_length)
-                print(f"{family:8} {max_length:10} {kept:6} {too_long:8} {tokens:11,} {rss_main / 1024:8.0f} "
-                      f"{rss_child / 1024:10.0f}", flush=True)
+                r = run_child(dict(kind="script", family=family, tokenizer=paths[family], src=str(mem_src),
+                                   num_proc=args.num_proc, out=str(tmp / "mem"), max_length=max_length))
+                print(f"{family:7} {max_length:10} {r['kept']:6} {r['too_long']:8} {r['tokens']:10,} "
+                      f"{r['rss_main']:8.0f} {r['rss_worker']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) == 3 and sys.argv[1] == "_child":
+        print(json.dumps(child(json.loads(sys.argv[2]))))
+    else:
+        main()
