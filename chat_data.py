@@ -90,7 +90,7 @@ class PretokenizeArguments:
 # Records -> messages
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
+@dataclass(slots=True)
 class Message:
     role: str  # system | user | assistant | observation
     content: str
@@ -246,8 +246,8 @@ class ChatFormat:
 
 
 def to_arrays(ids: list[int], spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    ids_a = np.asarray(ids, dtype=np.int32)
-    labels = np.full_like(ids_a, IGNORE_INDEX)
+    ids_a = np.array(ids, dtype=np.int32)
+    labels = np.full(len(ids_a), IGNORE_INDEX, dtype=np.int32)
     for a, b in spans:
         labels[a:b] = ids_a[a:b]
     return ids_a, labels
@@ -469,14 +469,15 @@ def _finish(ids: list[int], spans: list[tuple[int, int]], prefix_len: int, max_l
     if truncated and truncate == "skip":
         raise Skip("too_long", f"{len(ids)} tokens > --max_length {max_length}")
     ids, labels = to_arrays(ids, spans)
-    if truncated:
-        keep = prefix_len if truncate == "left" else max_length
-        ids = np.concatenate([ids[:keep], ids[len(ids) - (max_length - keep):]])
-        labels = np.concatenate([labels[:keep], labels[len(labels) - (max_length - keep):]])
+    if not truncated:
+        return ids, labels, False, sum(b - a for a, b in spans)
+    keep = prefix_len if truncate == "left" else max_length
+    ids = np.concatenate([ids[:keep], ids[len(ids) - (max_length - keep):]])
+    labels = np.concatenate([labels[:keep], labels[len(labels) - (max_length - keep):]])
     n_supervised = int(np.count_nonzero(labels != IGNORE_INDEX))
     if n_supervised == 0:
         raise Skip("nothing_to_supervise", f"no supervised token left after --truncate {truncate}")
-    return ids, labels, truncated, n_supervised
+    return ids, labels, True, n_supervised
 
 
 def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str):

@@ -210,7 +210,14 @@ def test_every_skip_reason_is_reported(tmp_path, glm4_tokenizer_dir, capsys):
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == rep
     out = capsys.readouterr().out
     assert f"{src}:2: invalid_json" in out and "skipped 7" in out
-    assert rep["tokens"] == int(TokenizedData(tmp_path / "out").lengths.sum())
+    data = TokenizedData(tmp_path / "out")
+    assert rep["tokens"] == int(data.lengths.sum())
+    assert rep["supervised_tokens"] == int((np.asarray(data.labels) != IGNORE_INDEX).sum())
+    # nothing usable at all is an error, and nothing is written
+    with pytest.raises(InputError, match="no sample left"):
+        run_glm(glm4_tokenizer_dir, [write_jsonl(tmp_path / "bad.jsonl", [BAD_LINES["invalid_json"]])],
+                tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
 
 
 def test_strict_makes_bad_lines_fatal(tmp_path, glm4_tokenizer_dir):

@@ -114,6 +114,18 @@ def test_pickle_deepcopy_and_padded_vocab_ids(tok):
     assert tok.decode(tok.encode_plain("ok") + [len(tok) + 5]) == "ok"
 
 
+def test_hub_config_extras_are_accepted(tmp_path, glm4_tokenizer_dir):
+    """Fields some hub configs also carry (upstream's position_ids input, encode_special_tokens) still load."""
+    folder = tmp_path / "extras"
+    shutil.copytree(glm4_tokenizer_dir, folder)
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg.update(model_input_names=["input_ids", "attention_mask", "position_ids"], encode_special_tokens=False)
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    batch = tok(["a longer prompt", "hi"], padding=True)
+    assert batch["attention_mask"][1][0] == 0 and len(set(map(len, batch["input_ids"]))) == 1
+
+
 def test_config_that_disagrees_with_ranks_is_a_clear_error(tmp_path, glm4_tokenizer_dir):
     bad = tmp_path / "bad"
     shutil.copytree(glm4_tokenizer_dir, bad)
