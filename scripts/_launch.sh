@@ -12,6 +12,8 @@
 #                       MASTER_ADDR = node 0's address:
 #                         LAUNCHER=deepspeed NO_SSH=1 HOSTFILE=hostfile NODE_RANK=$i MASTER_ADDR=10.0.0.1 bash ...
 #                         LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=$i MASTER_ADDR=10.0.0.1 bash ...
+# Every node needs the repository and the data at the same path (a shared filesystem is simplest); variables
+# the other nodes need (NCCL_*, HF_HOME, ...) go into .deepspeed_env (lines NAME=value) for the ssh launcher.
 # DRY_RUN=1 prints the command and exits.  Without a CUDA GPU the run goes to the CPU (gloo), which only makes
 # sense for tiny models (see scripts/quickstart.sh).
 

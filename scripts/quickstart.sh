@@ -10,7 +10,8 @@
 #   2. pre_tokenize_<family>.py   data/sample.jsonl -> a tokenized dataset (report.json, skipped.jsonl)
 #   3. sort_and_group.py          packs of MAX_LENGTH tokens for 2 ranks
 #   4. scripts/<family>_longwriter.sh   training through a real 2-process `deepspeed` launch, ZeRO-3
-#                                 (ds_config/stage3.json), gloo on the CPU, exact token-mean loss over each step
+#                                 (ds_config/stage3.json), gloo on the CPU (on a GPU box: 2 GPUs, NCCL),
+#                                 exact token-mean loss over each step
 #   5. tools/generate.py          reloads the saved model and generates a reply in the training chat format
 #   6. tools/plot_loss.py         the loss curve as a PNG
 # Everything goes to OUT (default quickstart_out/<family>, ignored by git); it is rebuilt on every run.
@@ -20,7 +21,8 @@ cd "$(dirname "$0")/.."
 # ---- settings (environment overrides) ----------------------------------------------------------------------
 FAMILY=${FAMILY:-llama3}                 # llama3 | glm4
 OUT=${OUT:-quickstart_out/$FAMILY}
-NUM_PROCS=${NUM_PROCS:-2}                # deepspeed ranks (CPU processes)
+GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+NUM_PROCS=${NUM_PROCS:-$(( GPUS == 1 ? 1 : 2 ))}   # deepspeed ranks: 2 CPU processes, or 2 GPUs where there are
 MAX_LENGTH=${MAX_LENGTH:-1024}           # tokens per pack (longer samples are cut: --truncate right)
 EPOCHS=${EPOCHS:-3}
 LR=${LR:-2e-3}                           # a tiny random model learns at a much higher rate than 1e-5
@@ -54,7 +56,8 @@ step "2/6 pre-tokenize data/sample.jsonl -> $OUT/data"
 step "3/6 sort and pack for $NUM_PROCS ranks"
 "$PYTHON" sort_and_group.py --train_file "$OUT/data" --max_length "$MAX_LENGTH" --group_size "$NUM_PROCS"
 
-step "4/6 train: $NUM_PROCS-process deepspeed launch, ZeRO-3, CPU (log: $OUT/train.log)"
+where=CPU; [[ "$GPUS" -gt 0 ]] && where=GPU
+step "4/6 train: $NUM_PROCS-process deepspeed launch, ZeRO-3, $where (log: $OUT/train.log)"
 PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 MODEL="$OUT/model" DATA="$OUT/data" OUTPUT="$OUT/run" NUM_GPUS="$NUM_PROCS" NUM_NODES=1 HOSTFILE= \
   LAUNCHER=deepspeed MASTER_PORT="$PORT" DS_CONFIG=ds_config/stage3.json BATCH_METHOD=pack PACK_LOSS=0 \
