@@ -103,6 +103,9 @@ class Skip(Exception):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
 
+    def __reduce__(self):
+        return Skip, (self.reason, self.detail)
+
 
 def _text(value: Any, where: str) -> str:
     """A content value: a string, or a list of text parts (strings or {"type": "text", "text": ...})."""
@@ -302,6 +305,16 @@ class Source:
         return len(self.lines)
 
 
+def check_surrogates(obj) -> None:
+    """A lone UTF-16 surrogate escape ("\\ud800") parses in Python but is not Unicode text: skip the record
+    rather than let one tokenizer crash on it and another silently replace it."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Skip("invalid_json", "a string holds a lone surrogate escape (\\ud800-\\udfff), not valid Unicode") \
+            from None
+
+
 def _split_spec(spec: str) -> tuple[Path, int | None]:
     m = re.fullmatch(r"(.+):(-?\d+)", spec)
     if m and not Path(spec).exists():
@@ -327,6 +340,7 @@ def _index_jsonl(src: Source) -> None:
 def _index_json_array(src: Source, text: str) -> None:
     """Parse a JSON array element by element, keeping each element's line number."""
     dec, ws = json.JSONDecoder(), re.compile(r"\s*")
+    escapes = "\\ud" in text or "\\uD" in text
     items, lines, line, last = [], [], 1, 0
     i = ws.match(text).end() + 1  # past "["
     while True:
@@ -340,6 +354,11 @@ def _index_json_array(src: Source, text: str) -> None:
         except json.JSONDecodeError as e:
             raise InputError(f"{src.path}:{e.lineno}:{e.colno}: invalid JSON array ({e.msg}); fix the file or "
                              f"convert it to JSONL, where a bad line is skipped and reported instead") from e
+        if escapes:
+            try:
+                check_surrogates(obj)
+            except Skip as bad:
+                obj = bad  # reported as this record's skip reason
         items.append(obj)
         lines.append(line)
         i = ws.match(text, i).end()
@@ -450,9 +469,14 @@ def _parse(payload, chat_format) -> tuple[str, list[Message]]:
     """Decode and validate one record (raises Skip)."""
     if isinstance(payload, bytes):
         try:
-            obj = json.loads(payload.decode("utf-8"))
+            text = payload.decode("utf-8")
+            obj = json.loads(text)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise Skip("invalid_json", str(e)[:200]) from None
+        if "\\ud" in text or "\\uD" in text:
+            check_surrogates(obj)
+    elif isinstance(payload, Skip):
+        raise payload
     else:
         obj = payload
     fmt, messages = parse_record(obj)

@@ -195,21 +195,23 @@ BAD_LINES = {
 def test_every_skip_reason_is_reported(tmp_path, glm4_tokenizer_dir, capsys):
     lines = [GOOD, BAD_LINES["invalid_json"], "", BAD_LINES["wrong_schema"], LONG, BAD_LINES["unknown_role"],
              {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y", "loss_weight": 0}]},
-             BAD_LINES["nothing_to_supervise"], [1, 2], GOOD]
+             BAD_LINES["nothing_to_supervise"], [1, 2], GOOD,
+             '{"messages": [{"role": "user", "content": "lone \\ud800"}, {"role": "assistant", "content": "x"}]}',
+             '{"messages": [{"role": "user", "content": "pair \\ud83d\\ude00"}, {"role": "assistant", "content": "ok"}]}']
     src = write_jsonl(tmp_path / "in.jsonl", lines)
     rep = run_glm(glm4_tokenizer_dir, [src], tmp_path / "out", "--max_length", "64")
-    assert rep["skipped"] == {"invalid_json": 1, "wrong_schema": 2, "unknown_role": 1, "too_long": 1,
+    assert rep["skipped"] == {"invalid_json": 2, "wrong_schema": 2, "unknown_role": 1, "too_long": 1,
                               "nothing_to_supervise": 2}
-    assert rep["lines_read"] == 9 == rep["samples_kept"] + rep["skipped_total"] and rep["samples_kept"] == 2
+    assert rep["lines_read"] == 11 == rep["samples_kept"] + rep["skipped_total"] and rep["samples_kept"] == 3
     assert rep["inputs"][0]["blank_lines"] == 1
     skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [(s["line"], s["reason"]) for s in skipped] == [
         (2, "invalid_json"), (4, "wrong_schema"), (5, "too_long"), (6, "unknown_role"),
-        (7, "nothing_to_supervise"), (8, "nothing_to_supervise"), (9, "wrong_schema")]
+        (7, "nothing_to_supervise"), (8, "nothing_to_supervise"), (9, "wrong_schema"), (11, "invalid_json")]
     assert all(s["file"] == str(src) for s in skipped)
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == rep
     out = capsys.readouterr().out
-    assert f"{src}:2: invalid_json" in out and "skipped 7" in out
+    assert f"{src}:2: invalid_json" in out and "skipped 8" in out
     data = TokenizedData(tmp_path / "out")
     assert rep["tokens"] == int(data.lengths.sum())
     assert rep["supervised_tokens"] == int((np.asarray(data.labels) != IGNORE_INDEX).sum())
