@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     import pre_tokenize_llama3
     import sort_and_group
     from dataset import LMPackDataset, LMSortDataset, TokenizedData
+    from main import target_stats
     from tools.make_tiny import make_tiny_model
 
     work = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -166,6 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         pre_tokenize_llama3.main(["--model_name_or_path", str(model), "--input", str(work / "mix.jsonl"),
                                   "--output_dir", str(data), "--max_length", str(args.max_length),
                                   "--truncate", "right", "--num_proc", "1", "--seed", str(args.seed)])
+
         def group(size: int) -> None:  # --group_size: samples per step for sort (packs per step: 1 here)
             sort_and_group.main(["--train_file", str(data), "--max_length", str(args.max_length),
                                  "--group_size", str(size), "--seed", str(args.seed), "--no_plot"])
@@ -174,17 +176,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         tok = TokenizedData(data)
         lengths = np.asarray(tok.lengths, dtype=np.int64)
-        labels = np.asarray(tok.labels)
-        offsets = np.asarray(tok.offsets)
-        # prediction targets: supervised labels except each sample's first token (nothing predicts it)
-        starts = offsets[:-1]
-        supervised = int((labels != -100).sum() - (labels[starts] != -100).sum())
+        supervised = target_stats(tok)["targets"]  # the prediction targets every method trains on
         n_packs = len(LMPackDataset(data))
         batch = args.batch_size or max(1, round(len(lengths) / n_packs))
         group(batch)  # sorted runs of `batch` similar lengths = the sort method's batches
         assert len(LMPackDataset(data)) == n_packs
 
-        # token slots each method computes (padding included): naive pads random batches, sort sorted ones
+        # token slots each method computes (padding included): naive pads random batches (estimated here with one
+        # random order; the trainer draws its own), sort pads runs of similar lengths, pack has no padding
         rng = np.random.default_rng(args.seed)
         perm = rng.permutation(len(lengths))
         naive_batches = [perm[i:i + batch] for i in range(0, len(perm), batch)]
