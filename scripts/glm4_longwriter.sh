@@ -21,7 +21,7 @@
 # RAM, DeepSpeed's CPU AdamW; slower per step, for smaller GPUs or longer packs).
 set -euo pipefail
 
-# ---- what you edit (each one can also be set from the environment) -----------------------------------------
+# ---- what you edit (each one can also be set from the environment; relative paths are from the repo root) ---
 MODEL=${MODEL:-THUDM/glm-4-9b}                  # base model folder or hub id (LongWriter started from the base)
 DATA=${DATA:-data/glm4/longwriter}              # pre_tokenize_glm4.py output, after sort_and_group.py
 OUTPUT=${OUTPUT:-output/glm4/longwriter}

@@ -17,7 +17,7 @@
 #   python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8
 set -euo pipefail
 
-# ---- what you edit (each one can also be set from the environment) -----------------------------------------
+# ---- what you edit (each one can also be set from the environment; relative paths are from the repo root) ---
 MODEL=${MODEL:-THUDM/glm-4-9b}                  # base model folder or hub id
 DATA=${DATA:-data/glm4/longwriter}              # pre_tokenize_glm4.py output, after sort_and_group.py
 OUTPUT=${OUTPUT:-output/glm4/longwriter_lora}

@@ -23,7 +23,7 @@
 # RAM, DeepSpeed's CPU AdamW; slower per step, for smaller GPUs or longer packs).
 set -euo pipefail
 
-# ---- what you edit (each one can also be set from the environment) -----------------------------------------
+# ---- what you edit (each one can also be set from the environment; relative paths are from the repo root) ---
 MODEL=${MODEL:-meta-llama/Llama-3.1-8B}         # base model folder or hub id (LongWriter started from the base)
 DATA=${DATA:-data/llama3/longwriter}            # pre_tokenize_llama3.py output, after sort_and_group.py
 OUTPUT=${OUTPUT:-output/llama3/longwriter}

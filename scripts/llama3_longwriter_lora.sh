@@ -18,7 +18,7 @@
 #   python sort_and_group.py --train_file data/llama3/longwriter --max_length 32768 --group_size 8
 set -euo pipefail
 
-# ---- what you edit (each one can also be set from the environment) -----------------------------------------
+# ---- what you edit (each one can also be set from the environment; relative paths are from the repo root) ---
 MODEL=${MODEL:-meta-llama/Llama-3.1-8B}         # base model folder or hub id
 DATA=${DATA:-data/llama3/longwriter}            # pre_tokenize_llama3.py output, after sort_and_group.py
 OUTPUT=${OUTPUT:-output/llama3/longwriter_lora}
