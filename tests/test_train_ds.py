@@ -1,10 +1,12 @@
 """Exact loss across ranks: one SGD step on 2 real processes (torchrun, gloo on CPU) gives the weights and the
 logged loss of one process accumulating the same packs, with DDP and with DeepSpeed ZeRO-3.
 
-Run: python -m pytest -q tests/test_train_ds.py  (marked slow: two 2-process launches, ~1-2 minutes on 2 cores)
+And a 2-rank ZeRO-3 run resumed from a checkpoint logs the same per-step losses as the uninterrupted one.
+Run: python -m pytest -q tests/test_train_ds.py  (marked slow: four 2-process launches, ~2 minutes on 2 cores)
 """
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,8 +30,10 @@ def launch_two_ranks(model_dir, data, out, *extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(ROOT / "main.py"),
            "--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
-           "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none", "--disable_tqdm", "true",
-           "--seed", "0", *map(str, extra)]
+           "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
+           *map(str, extra)]
+    if "--save_strategy" not in cmd:
+        cmd += ["--save_strategy", "no"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -48,3 +52,17 @@ def test_two_ranks_equal_one_rank_accumulating(tmp_path, llama_dir, engine, pack
     assert "2 rank(s)" in log
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-6
     assert len(two) == 1 and abs(two[0] - losses(one)[0]) < 1e-5  # the logged loss means the same
+
+
+def test_zero3_resume_logs_the_same_losses(tmp_path, llama_dir):  # noqa: F811
+    """A 2-rank ZeRO-3 run resumed from its step-1 checkpoint (in a fresh folder) logs the same later losses."""
+    data = write_task(tmp_path / "data", llama_dir, "llama3", n=24, max_length=64)
+    common = ["--batch_method", "pack", "--pack_loss", "--per_device_train_batch_size", 1, "--max_steps", 3,
+              "--learning_rate", 1e-3, "--deepspeed", ROOT / "ds_config" / "stage3.json"]
+    full, _ = launch_two_ranks(llama_dir, data, tmp_path / "full", *common, "--save_strategy", "steps",
+                               "--save_steps", 1)
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", tmp_path / "cut" / "checkpoint-1")
+    resumed, _ = launch_two_ranks(llama_dir, data, tmp_path / "cut", *common, "--resume_from_checkpoint", "true")
+    assert len(full) == 3 and len(resumed) == 3  # the resumed state keeps the history of step 1
+    assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-6
