@@ -8,17 +8,23 @@ The usual run (8 GPUs, DeepSpeed ZeRO-3, packed batches, LongAlign's per-sequenc
         --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --learning_rate 1e-5 \\
         --num_train_epochs 4 --logging_steps 1 --save_strategy epoch
 
-A config file (YAML or JSON, keys = the flags below) as the first argument; flags after it override it:
+A config file (YAML or JSON, keys = the flag names) as the first argument; flags after it override it:
 
-    torchrun --nproc_per_node 8 main.py configs/sft.yaml --learning_rate 2e-5
+    # sft.yaml:  model_name_or_path: /models/glm-4-9b
+    #            train_file: data/glm4/longwriter
+    #            batch_method: pack
+    #            pack_loss: true
+    #            lora_target_modules: [query_key_value, dense]
+    torchrun --nproc_per_node 8 main.py sft.yaml --output_dir runs/x --learning_rate 2e-5
 
-Tiny CPU run (single process, fp32), on a model and data built offline:
+Tiny CPU run (single process, fp32, about a minute), on a model and data built offline:
 
     python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3
-    python pre_tokenize_llama3.py --tokenizer /tmp/tiny-llama3 --input data/sample.jsonl --output_dir /tmp/tok
-    python sort_and_group.py --train_file /tmp/tok --max_length 1024
-    python main.py --model_name_or_path /tmp/tiny-llama3 --train_file /tmp/tok --batch_method pack \\
-        --output_dir /tmp/run --max_steps 5 --logging_steps 1 --per_device_train_batch_size 1
+    python pre_tokenize_llama3.py --model_name_or_path /tmp/tiny-llama3 --input data/sample.jsonl \
+        --output_dir /tmp/tiny-tok --max_length 4096
+    python sort_and_group.py --train_file /tmp/tiny-tok --max_length 4096 --group_size 1
+    python main.py --model_name_or_path /tmp/tiny-llama3 --train_file /tmp/tiny-tok --batch_method pack \
+        --pack_loss --output_dir /tmp/tiny-run --max_steps 5 --logging_steps 1 --per_device_train_batch_size 1
 
 What it does: picks the model class from config.json's `model_type` (llama -> patch.modeling_llama,
 chatglm -> patch.modeling_chatglm; code inside the model folder runs only with --trust_remote_code),
@@ -237,10 +243,14 @@ def _resolve_resume(args: TrainingArguments) -> Optional[str]:
 # ----------------------------------------------------------------------------------------------
 
 def read_model_type(model_dir: str) -> str:
+    """config.json's model_type, from a local folder or the hub cache (the path's name plays no part)."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise SystemExit(f"--model_name_or_path {model_dir}: no config.json (pass a local model folder; "
-                         f"tools/make_tiny.py model builds a tiny one)")
+        try:
+            path = Path(transformers.utils.cached_file(model_dir, "config.json"))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--model_name_or_path {model_dir}: no config.json ({e}); pass a model folder "
+                             f"(tools/make_tiny.py model builds a tiny one)") from e
     return json.loads(path.read_text(encoding="utf-8")).get("model_type", "")
 
 
@@ -390,7 +400,7 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, mo
     if tok_meta.get("vocab_size") is not None and tokenizer is not None and int(tok_meta["vocab_size"]) != len(tokenizer):
         problems.append(f"{flag}: tokenized with a {tok_meta['vocab_size']}-token tokenizer "
                         f"({tok_meta.get('name_or_path')}), the model's has {len(tokenizer)}: re-run pre_tokenize "
-                        f"with --tokenizer pointing at the model folder")
+                        f"with --model_name_or_path pointing at this model")
     family = meta.get("model_family")
     want = FAMILY_OF.get(model_type)
     if family and want and family != want:
@@ -472,6 +482,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
                               ("--train_file", data_args.train_file), ("--output_dir", args.output_dir)) if not v]
     if missing:
         raise SystemExit(f"main.py: {', '.join(missing)} required (python main.py --help)")
+    if data_args.batch_method not in BATCH_METHODS:
+        raise SystemExit(f"--batch_method {data_args.batch_method!r}: expected one of {', '.join(BATCH_METHODS)}")
     if lora_args.save_merged_model and not lora_args.use_lora:
         raise SystemExit("--save_merged_model needs --use_lora (a full fine-tune already saves the whole model)")
     args.remove_unused_columns = False
