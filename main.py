@@ -559,11 +559,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
                                batch_method=data_args.batch_method, pack_loss=data_args.pack_loss)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
-    trainer.save_state()
     if args.should_save and not lora_args.use_lora:
         copy_remote_code(model_args.model_name_or_path, args.output_dir)
     if eval_ds is not None:
         trainer.evaluate()
+    trainer.save_state()  # trainer_state.json: the log history, final evaluation included
     if lora_args.save_merged_model:
         trainer.accelerator.wait_for_everyone()
         if args.should_save:

@@ -41,10 +41,15 @@ def launch_two_ranks(model_dir, data, out, *extra):
     return [h["loss"] for h in state["log_history"] if "loss" in h], proc.stdout
 
 
+def eval_losses(log_history) -> list[float]:
+    return [h["eval_loss"] for h in log_history if "eval_loss" in h]
+
+
 @pytest.mark.parametrize("engine,pack_loss,per_device", [("ddp", True, 2), ("zero3", False, 1)])
 def test_two_ranks_equal_one_rank_accumulating(tmp_path, llama_dir, engine, pack_loss, per_device):  # noqa: F811
     data = write_task(tmp_path / "data", llama_dir, "llama3", n=24, max_length=64)
-    extra = EXACT + ["--batch_method", "pack", "--per_device_train_batch_size", per_device]
+    val = write_task(tmp_path / "val", llama_dir, "llama3", n=7, seed=1, max_length=64)
+    extra = EXACT + ["--batch_method", "pack", "--per_device_train_batch_size", per_device, "--validation_file", val]
     extra += ["--pack_loss"] if pack_loss else []
     one = run(llama_dir, data, tmp_path / "one", *extra, "--gradient_accumulation_steps", 2)
     ds = ["--deepspeed", ROOT / "ds_config" / "stage3.json"] if engine == "zero3" else []
@@ -52,6 +57,10 @@ def test_two_ranks_equal_one_rank_accumulating(tmp_path, llama_dir, engine, pack
     assert "2 rank(s)" in log
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-6
     assert len(two) == 1 and abs(two[0] - losses(one)[0]) < 1e-5  # the logged loss means the same
+    # evaluation: the same exact mean over the whole validation set (no sample repeated to fill the ranks)
+    state = json.loads((tmp_path / "two" / "trainer_state.json").read_text())
+    e1, e2 = eval_losses(one.state.log_history), eval_losses(state["log_history"])
+    assert e1 and e2 and abs(e1[-1] - e2[-1]) < 1e-5
 
 
 def test_zero3_resume_logs_the_same_losses(tmp_path, llama_dir):  # noqa: F811
