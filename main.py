@@ -78,7 +78,8 @@ SETTINGS_FILE = "train_settings.json"
 @dataclass
 class ModelArguments:
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Model folder (config.json model_type llama or chatglm + weights + tokenizer)."})
+        default=None, metadata={"help": "Model folder (config.json model_type llama or chatglm, weights, "
+                                        "tokenizer)."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run the model folder's own modeling/tokenizer code (auto_map) instead of "
                                          "patch/. The exact loss needs a forward() with weights/num_items_in_batch."})
@@ -397,7 +398,7 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, mo
         problems.append(f"{flag}: token id {meta['max_token_id']} >= the model's {rows} embedding rows; the data "
                         f"was tokenized for another model: re-run pre_tokenize with this model's tokenizer")
     tok_meta = meta.get("tokenizer") or {}
-    if tok_meta.get("vocab_size") is not None and tokenizer is not None and int(tok_meta["vocab_size"]) != len(tokenizer):
+    if tok_meta.get("vocab_size") is not None and int(tok_meta["vocab_size"]) != len(tokenizer):
         problems.append(f"{flag}: tokenized with a {tok_meta['vocab_size']}-token tokenizer "
                         f"({tok_meta.get('name_or_path')}), the model's has {len(tokenizer)}: re-run pre_tokenize "
                         f"with --model_name_or_path pointing at this model")
