@@ -319,12 +319,28 @@ def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=Fa
     chunk = int(chunk_size or DEFAULT_LOSS_CHUNK_SIZE)
     if chunk <= 0:
         raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {chunk_size}")
+    parts = [(hidden[i:i + chunk], target[i:i + chunk], coef[i:i + chunk]) for i in range(0, hidden.shape[0], chunk)]
+    # ZeRO-3: every lm_head call gathers its weight collectively, so all ranks must make the same number of calls
+    # (forward and checkpoint recompute); a rank with fewer chunks adds 1-row chunks of weight 0.
+    padding = (hidden[:1], target[:1], torch.zeros_like(coef[:1]))
+    parts += [padding] * (_max_chunks_across_ranks(len(parts), lm_head, flat.device) - len(parts))
     total = None
-    for start in range(0, hidden.shape[0], chunk):
-        sl = slice(start, start + chunk)
+    for h, t, c in parts:
         if torch.is_grad_enabled():
-            part = checkpoint(_chunk_loss, hidden[sl], target[sl], coef[sl], lm_head, use_reentrant=False)
+            part = checkpoint(_chunk_loss, h, t, c, lm_head, use_reentrant=False)
         else:
-            part = _chunk_loss(hidden[sl], target[sl], coef[sl], lm_head)
+            part = _chunk_loss(h, t, c, lm_head)
         total = part if total is None else total + part
     return total
+
+
+def _max_chunks_across_ranks(n_chunks: int, lm_head, device) -> int:
+    """The largest chunk count of any rank when lm_head's weight is partitioned by DeepSpeed ZeRO-3 (it carries a
+    `ds_id`), else `n_chunks`. One all-reduce of a single integer per forward."""
+    weight = getattr(lm_head, "weight", None)
+    dist = torch.distributed
+    if weight is None or not hasattr(weight, "ds_id") or not (dist.is_available() and dist.is_initialized()):
+        return n_chunks
+    count = torch.tensor([n_chunks], dtype=torch.long, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
