@@ -27,6 +27,7 @@ The two scripts differ only in a *chat format* object that turns a parsed conver
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing as mp
 import os
 import re
@@ -42,6 +43,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dataset import IGNORE_INDEX, META_FILE, TokenizedWriter
+
+try:  # optional: a faster JSON reader for JSONL lines (same results, see _parse)
+    import orjson
+except ImportError:
+    orjson = None
 
 SKIP_REASONS = ("invalid_json", "wrong_schema", "unknown_role", "too_long", "nothing_to_supervise")
 BAD_REASONS = ("invalid_json", "wrong_schema", "unknown_role")  # fatal with --strict
@@ -127,6 +133,8 @@ def _text(value: Any, where: str) -> str:
 
 
 def _opted_out(msg: dict, where: str) -> bool:
+    if "loss" not in msg and "loss_weight" not in msg:  # the common case, checked first (hot path)
+        return False
     loss, weight = msg.get("loss", True), msg.get("loss_weight", 1)
     if not isinstance(loss, bool) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
         raise Skip("wrong_schema", f"{where}: `loss` must be true/false and `loss_weight` a number")
@@ -134,10 +142,11 @@ def _opted_out(msg: dict, where: str) -> bool:
 
 
 def _message(role: str, content: str, metadata: str = "", opt_out: bool = False) -> Message:
-    if role == "assistant" and any(c in content for c in ZERO_WIDTH_CHARS):
+    if role != "assistant":
+        return Message(role, content, metadata, False)
+    if not content.isascii() and any(c in content for c in ZERO_WIDTH_CHARS):  # isascii() is O(1)
         content = content.translate(ZERO_WIDTH)
-    train = role == "assistant" and not opt_out and content.strip() != ""
-    return Message(role, content, metadata, train)
+    return Message(role, content, metadata, not opt_out and content != "" and not content.isspace())
 
 
 def parse_record(obj: Any) -> tuple[str, list[Message]]:
@@ -193,7 +202,8 @@ def _parse_alpaca(obj: dict) -> list[Message]:
 # ----------------------------------------------------------------------------------------------
 
 class PlainEncoder:
-    """Batch-encodes text with no special tokens: special-token text ("<|eot_id|>") stays plain text."""
+    """Batch-encodes text with no special tokens (special-token text such as "<|eot_id|>" stays plain text):
+    texts -> one int32 array of token ids per text."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -215,23 +225,31 @@ class PlainEncoder:
             self._backend.encode_special_tokens = True
         return self._backend
 
-    def __call__(self, texts: list[str]) -> list[list[int]]:
+    def __call__(self, texts: list[str]) -> list[np.ndarray]:
         if self.kind == "plain":
-            return [self.tokenizer.encode_plain(t) for t in texts]
+            return [np.array(self.tokenizer.encode_plain(t), dtype=np.int32) for t in texts]
         if self.kind == "fast":
-            return [e.ids for e in self._fast().encode_batch_fast(texts, add_special_tokens=False)]
-        return [self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) for t in texts]
+            encodings = self._fast().encode_batch_fast(texts, add_special_tokens=False)
+            return [np.array(e.ids, dtype=np.int32) for e in encodings]
+        return [np.array(self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True),
+                         dtype=np.int32) for t in texts]
 
     def __getstate__(self):
         return {**self.__dict__, "_backend": None}
 
 
+def token_array(*ids: int) -> np.ndarray:
+    """Template token ids as an int32 array (a part that `assemble` can return)."""
+    return np.array(ids, dtype=np.int32)
+
+
 class ChatFormat:
     """How a conversation becomes tokens; each script defines one. Subclasses set `name`, `roles` (allowed
     message roles), `prefix_len` (leading tokens --truncate left keeps), `tokenizer`, `plain` (a PlainEncoder),
-    `stop_token_ids`, and implement `pieces` (the texts to tokenize, plain) and `assemble` (token ids of those
-    pieces -> input_ids and the supervised [start, end) spans of it). Batching the pieces of many records into
-    one tokenizer call is the driver's job; `encode` does one conversation."""
+    `stop_token_ids`, and implement `pieces` (the texts to tokenize, plain) and `assemble` (the token arrays of
+    those pieces -> the conversation as a list of int32 token arrays, its *parts*, and for each part whether it
+    is supervised). Batching the pieces of many records into one tokenizer call and joining the parts is the
+    driver's job; `encode` does one conversation."""
 
     name: str
     roles: frozenset
@@ -240,20 +258,20 @@ class ChatFormat:
     def pieces(self, messages: list[Message]) -> list[str]:
         raise NotImplementedError
 
-    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
         raise NotImplementedError
 
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) int32 arrays of one conversation, labels IGNORE_INDEX where not supervised."""
-        return to_arrays(*self.assemble(messages, self.plain(self.pieces(messages))))
+        ids, supervised, _ = join_parts(*self.assemble(messages, self.plain(self.pieces(messages))))
+        return ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
 
 
-def to_arrays(ids: list[int], spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
-    ids_a = np.array(ids, dtype=np.int32)
-    labels = np.full(len(ids_a), IGNORE_INDEX, dtype=np.int32)
-    for a, b in spans:
-        labels[a:b] = ids_a[a:b]
-    return ids_a, labels
+def join_parts(parts: list[np.ndarray], train: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Token parts and their supervised flags -> (ids int32[T], supervised bool[T], length of each part)."""
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return ids, np.repeat(np.array(train, dtype=bool), lengths), lengths
 
 
 def special_token_ids(tokenizer, names: list[str], problems: list[str], why: str) -> dict[str, int]:
@@ -273,7 +291,7 @@ def special_token_ids(tokenizer, names: list[str], problems: list[str], why: str
 def check_plain_encoding(encoder: PlainEncoder, specials: dict[str, int], problems: list[str]) -> None:
     """Special-token text inside content must not turn into special tokens."""
     text = "".join(specials)
-    if text and set(encoder([text])[0]) & set(specials.values()):
+    if text and set(encoder([text])[0].tolist()) & set(specials.values()):
         problems.append("the tokenizer turns special-token text inside content into special tokens even with "
                         "split_special_tokens; use a tokenizers-based (fast) tokenizer")
 
@@ -445,40 +463,45 @@ _WORKER: dict = {}
 
 
 def _init_worker(chat_format, max_length: int, truncate: str, sources: list[Source]) -> None:
-    _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate, sources=sources, files={})
+    _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate, sources=sources, maps={})
 
 
 def _close_worker_files() -> None:
-    for f in _WORKER.get("files", {}).values():
-        f.close()
+    for m in _WORKER.get("maps", {}).values():
+        m.close()
     _WORKER.clear()
 
 
-def _payload(s: int, r: int):
-    """A record as stored: the raw bytes of a JSONL line (read here, in the worker) or a parsed JSON item."""
-    src = _WORKER["sources"][s]
-    if src.kind == "json":
-        return src.items[r]
-    files = _WORKER["files"]
-    f = files.get(s) or files.setdefault(s, open(src.path, "rb"))
-    f.seek(int(src.starts[r]))
-    return f.read(int(src.ends[r] - src.starts[r]))
+def _payloads(unit: np.ndarray) -> list:
+    """The unit's records as stored: raw bytes of JSONL lines (read here, in the worker, through a memory map
+    of the file) or parsed JSON-array items."""
+    sources, maps, out = _WORKER["sources"], _WORKER["maps"], []
+    for s, r in unit.tolist():
+        src = sources[s]
+        if src.kind == "json":
+            out.append(src.items[r])
+            continue
+        if s not in maps:
+            with open(src.path, "rb") as f:
+                maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        out.append(maps[s][src.starts[r]:src.ends[r]])
+    return out
 
 
-def _parse(payload, chat_format) -> tuple[str, list[Message]]:
-    """Decode and validate one record (raises Skip)."""
-    if isinstance(payload, bytes):
-        try:
-            text = payload.decode("utf-8")
-            obj = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise Skip("invalid_json", str(e)[:200]) from None
-        if "\\ud" in text or "\\uD" in text:
-            check_surrogates(obj)
-    elif isinstance(payload, Skip):
-        raise payload
-    else:
-        obj = payload
+def _load_json(payload: bytes):
+    """A JSONL line -> a Python object, or Skip("invalid_json"). The standard json module is the reference:
+    orjson (when installed; several times faster) is used only where it returns the same object."""
+    try:
+        text = payload.decode("utf-8")
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise Skip("invalid_json", str(e)[:200]) from None
+    if "\\ud" in text or "\\uD" in text:
+        check_surrogates(obj)
+    return obj
+
+
+def _validate(obj, chat_format) -> tuple[str, list[Message]]:
     fmt, messages = parse_record(obj)
     unknown = [m.role for m in messages if m.role not in chat_format.roles]
     if unknown:
@@ -488,66 +511,111 @@ def _parse(payload, chat_format) -> tuple[str, list[Message]]:
     return fmt, messages
 
 
-def _finish(ids: list[int], spans: list[tuple[int, int]], prefix_len: int, max_length: int, truncate: str):
-    truncated = len(ids) > max_length
-    if truncated and truncate == "skip":
-        raise Skip("too_long", f"{len(ids)} tokens > --max_length {max_length}")
-    ids, labels = to_arrays(ids, spans)
-    if not truncated:
-        return ids, labels, False, sum(b - a for a, b in spans)
-    keep = prefix_len if truncate == "left" else max_length
-    ids = np.concatenate([ids[:keep], ids[len(ids) - (max_length - keep):]])
-    labels = np.concatenate([labels[:keep], labels[len(labels) - (max_length - keep):]])
-    n_supervised = int(np.count_nonzero(labels != IGNORE_INDEX))
-    if n_supervised == 0:
-        raise Skip("nothing_to_supervise", f"no supervised token left after --truncate {truncate}")
-    return ids, labels, True, n_supervised
+def _parse(payload, chat_format) -> tuple[str, list[Message]]:
+    """Decode and validate one record (raises Skip)."""
+    if isinstance(payload, Skip):  # found while indexing a JSON array
+        raise payload
+    if not isinstance(payload, bytes):  # a JSON-array item
+        return _validate(payload, chat_format)
+    if orjson is not None:
+        # orjson accepts only strictly valid JSON (no lone surrogates, NaN, BOM: those fail and take the json
+        # path below) but reads integers over 64 bits as floats, which can only change a skip's message; so a
+        # record orjson cannot read, or one that is skipped, is redone with json for the reference result.
+        try:
+            return _validate(orjson.loads(payload), chat_format)
+        except (orjson.JSONDecodeError, Skip):
+            pass
+    return _validate(_load_json(payload), chat_format)
 
 
-def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str):
-    """Records -> (ids int32[T], labels int32[T], results): the kept samples concatenated, and per record
-    ("ok", fmt, length, truncated, n_supervised), ("skip", reason, detail) or ("error", traceback).
-    The texts of the whole chunk go to the tokenizer in one batch call."""
-    results: list = [None] * len(payloads)
-    todo, texts = [], []
+@dataclass
+class ChunkResult:
+    """What a worker sends back for one work unit (k = record position in the unit)."""
+    input_ids: np.ndarray  # int32 [T]  the kept samples, concatenated
+    labels: np.ndarray  # int32 [T]  IGNORE_INDEX where not supervised
+    lengths: np.ndarray  # int64 [K]  tokens of each kept sample
+    supervised: np.ndarray  # int64 [K]  supervised tokens of each kept sample
+    kept: np.ndarray  # bool [n]  per record
+    truncated: int  # kept samples cut to --max_length
+    formats: dict  # record format -> kept samples
+    problems: list  # (k, reason, detail) per skipped record, (k, "error", traceback) per bug; by k
+
+
+def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) -> ChunkResult:
+    """Records -> ChunkResult. The texts of the whole chunk go to the tokenizer in one batch call; the token
+    pieces of all samples are joined, and their labels made, once per chunk with numpy."""
+    problems, todo, texts = [], [], []
     for k, payload in enumerate(payloads):
         try:
             fmt, messages = _parse(payload, chat_format)
             pieces = chat_format.pieces(messages)
-            todo.append((k, fmt, messages, len(texts), len(pieces)))
-            texts += pieces
         except Skip as s:
-            results[k] = ("skip", s.reason, s.detail)
+            problems.append((k, s.reason, s.detail))
+            continue
         except Exception:  # a bug, not bad data: reported by the main process with the record's location
-            results[k] = ("error", traceback.format_exc())
+            problems.append((k, "error", traceback.format_exc()))
+            continue
+        todo.append((k, fmt, messages, len(texts), len(pieces)))
+        texts += pieces
     try:
-        encoded, error = chat_format.plain(texts), None
+        encoded = chat_format.plain(texts)
     except Exception:
-        encoded, error = None, ("error", traceback.format_exc())
-    kept_ids, kept_labels = [], []
+        error = traceback.format_exc()
+        problems += [(k, "error", error) for k, *_ in todo]
+        todo = []
+
+    parts, train, first_part, rows = [], [], [], []  # rows: (k, fmt) of each assembled sample
     for k, fmt, messages, start, n in todo:
         try:
-            if error is not None:
-                results[k] = error
-                continue
-            ids, spans = chat_format.assemble(messages, encoded[start:start + n])
-            ids, labels, truncated, n_supervised = _finish(ids, spans, chat_format.prefix_len, max_length, truncate)
-            kept_ids.append(ids)
-            kept_labels.append(labels)
-            results[k] = ("ok", fmt, len(ids), truncated, n_supervised)
-        except Skip as s:
-            results[k] = ("skip", s.reason, s.detail)
+            p, t = chat_format.assemble(messages, encoded[start:start + n])
         except Exception:
-            results[k] = ("error", traceback.format_exc())
-    empty = np.zeros(0, dtype=np.int32)
-    ids = np.concatenate(kept_ids) if kept_ids else empty
-    labels = np.concatenate(kept_labels) if kept_labels else empty
-    return ids, labels, results
+            problems.append((k, "error", traceback.format_exc()))
+            continue
+        first_part.append(len(parts))
+        parts += p
+        train += t
+        rows.append((k, fmt))
+    ids, supervised, part_len = join_parts(parts, train)
+    lengths = np.add.reduceat(part_len, first_part) if rows else np.zeros(0, np.int64)
+    n_sup = np.add.reduceat(np.where(train, part_len, 0), first_part) if rows else np.zeros(0, np.int64)
+
+    truncated = 0
+    over = np.flatnonzero(lengths > max_length)
+    if over.size:  # rare: cut (or drop) those samples' tokens with masks over the joined arrays
+        keep_token, keep_row = np.ones(len(ids), bool), np.ones(len(rows), bool)
+        starts = np.cumsum(lengths) - lengths
+        for i in over.tolist():
+            a, n, k = int(starts[i]), int(lengths[i]), rows[i][0]
+            if truncate == "skip":
+                problem = (k, "too_long", f"{n} tokens > --max_length {max_length}")
+            else:  # keep the first `head` tokens and the last max_length - head
+                head = chat_format.prefix_len if truncate == "left" else max_length
+                keep_token[a + head:a + n - (max_length - head)] = False
+                n_sup[i] = np.count_nonzero(supervised[a:a + n] & keep_token[a:a + n])
+                if n_sup[i] > 0:
+                    lengths[i] = max_length
+                    truncated += 1
+                    continue
+                problem = (k, "nothing_to_supervise", f"no supervised token left after --truncate {truncate}")
+            problems.append(problem)
+            keep_token[a:a + n] = False
+            keep_row[i] = False
+        ids, supervised = ids[keep_token], supervised[keep_token]
+        lengths, n_sup = lengths[keep_row], n_sup[keep_row]
+        rows = [row for row, keep in zip(rows, keep_row.tolist()) if keep]
+
+    kept = np.zeros(len(payloads), bool)
+    kept[[k for k, _ in rows]] = True
+    formats: dict[str, int] = {}
+    for _, fmt in rows:
+        formats[fmt] = formats.get(fmt, 0) + 1
+    labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
+    return ChunkResult(ids, labels, lengths, n_sup, kept, truncated, formats, sorted(problems, key=lambda p: p[0]))
 
 
-def _work(unit: np.ndarray):
+def _work(unit: np.ndarray) -> ChunkResult:
     w = _WORKER
-    return encode_chunk([_payload(s, r) for s, r in unit.tolist()], w["fmt"], w["max_length"], w["truncate"])
+    return encode_chunk(_payloads(unit), w["fmt"], w["max_length"], w["truncate"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -603,33 +671,30 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
                  dynamic_ncols=True) as bar:
 
-        def handle(unit, out):
-            ids, labels, results = out
-            offset = 0
-            for (s, r), res in zip(unit.tolist(), results):
-                pf = per_file[s]
-                pf["selected"] += 1
-                if res[0] == "ok":
-                    _, fmt, n, truncated, n_supervised = res
-                    writer.add(ids[offset:offset + n], labels[offset:offset + n])
-                    offset += n
-                    counts["kept"] += 1
-                    counts["truncated"] += int(truncated)
-                    pf["kept"] += 1
-                    formats[fmt] = formats.get(fmt, 0) + 1
-                    lengths.append(n)
-                    supervised.append(n_supervised)
-                    continue
+        def handle(unit: np.ndarray, out: ChunkResult) -> None:
+            writer.add_batch(out.input_ids, out.labels, out.lengths)
+            lengths.append(out.lengths)
+            supervised.append(out.supervised)
+            counts["kept"] += len(out.lengths)
+            counts["truncated"] += out.truncated
+            for fmt, n in out.formats.items():
+                formats[fmt] = formats.get(fmt, 0) + n
+            selected = np.bincount(unit[:, 0], minlength=len(sources)).tolist()
+            kept = np.bincount(unit[out.kept, 0], minlength=len(sources)).tolist()
+            for pf, n_selected, n_kept in zip(per_file, selected, kept):
+                pf["selected"] += n_selected
+                pf["kept"] += n_kept
+            for k, reason, detail in out.problems:
+                s, r = unit[k].tolist()
                 line = int(sources[s].lines[r])
                 where = f"{sources[s].path}:{line}"
-                if res[0] == "error":
+                if reason == "error":
                     raise RuntimeError(f"{where}: internal error while encoding this record "
-                                       f"(please report it):\n{res[1]}")
-                _, reason, detail = res
+                                       f"(please report it):\n{detail}")
                 if args.strict and reason in BAD_REASONS:
                     raise InputError(f"{where}: {reason}: {detail} (--strict; fix the line or drop --strict)")
                 counts[reason] += 1
-                pf["skipped"] += 1
+                per_file[s]["skipped"] += 1
                 skipped.write(json.dumps({"file": str(sources[s].path), "line": line, "reason": reason,
                                           "detail": detail}, ensure_ascii=False) + "\n")
                 if len(shown) < SHOW_SKIPS:
@@ -659,7 +724,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                     unit0, res0 = pending.popleft()
                     handle(unit0, res0.get())
 
-        lengths_a, sup_a = np.asarray(lengths, np.int64), np.asarray(supervised, np.int64)
+        lengths_a = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        sup_a = np.concatenate(supervised) if supervised else np.zeros(0, np.int64)
         n_skipped = sum(counts[r] for r in SKIP_REASONS)
         report = {
             "lines_read": len(plan), "samples_kept": counts["kept"], "truncated": counts["truncated"],

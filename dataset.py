@@ -126,17 +126,32 @@ class TokenizedWriter:
         self.committed = False
 
     def add(self, input_ids: Iterable[int], labels: Iterable[int]) -> None:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        lab = np.asarray(labels, dtype=np.int64)
+        ids, lab = np.asarray(input_ids), np.asarray(labels)
         if ids.ndim != 1 or ids.shape != lab.shape or ids.size == 0:
             raise ValueError(f"sample {len(self._offsets) - 1}: input_ids and labels must be equal-length "
                              f"non-empty 1-D sequences, got {ids.shape} and {lab.shape}")
+        self.add_batch(ids, lab, [ids.size])
+
+    def add_batch(self, input_ids: Iterable[int], labels: Iterable[int], lengths: Iterable[int]) -> None:
+        """Several samples at once: their input_ids and labels concatenated (equal-length 1-D) and each sample's
+        length. Writes what add() per sample would, without per-sample Python work (int32 input is not copied)."""
+        ids, lab, lengths = np.asarray(input_ids), np.asarray(labels), np.asarray(lengths, dtype=np.int64)
+        first, last = len(self._offsets) - 1, len(self._offsets) - 2 + lengths.size
+        where = f"sample {first}" if lengths.size == 1 else f"samples {first}..{last}"
+        if ids.ndim != 1 or ids.shape != lab.shape or lengths.ndim != 1 or (lengths <= 0).any() \
+                or lengths.sum() != ids.size:
+            raise ValueError(f"{where}: input_ids and labels must be equal-length 1-D sequences made of samples of "
+                             f"the given (non-empty) lengths, got {ids.shape}, {lab.shape} and lengths {lengths}")
+        if ids.size == 0:
+            return
+        ids = ids if ids.dtype == TOKEN_DTYPE else ids.astype(np.int64)  # any other dtype: checked as int64
+        lab = lab if lab.dtype == TOKEN_DTYPE else lab.astype(np.int64)
         if ids.min() < 0 or ids.max() > np.iinfo(TOKEN_DTYPE).max:
-            raise ValueError(f"sample {len(self._offsets) - 1}: token id out of int32 range")
+            raise ValueError(f"{where}: token id out of int32 range")
         self._max_id = max(self._max_id, int(ids.max()))
-        self._files["input_ids"].write(ids.astype(TOKEN_DTYPE).tobytes())
-        self._files["labels"].write(lab.astype(TOKEN_DTYPE).tobytes())
-        self._offsets.append(self._offsets[-1] + ids.size)
+        self._files["input_ids"].write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
+        self._files["labels"].write(lab.astype(TOKEN_DTYPE, copy=False).tobytes())
+        self._offsets.extend((self._offsets[-1] + np.cumsum(lengths)).tolist())
 
     def write_json(self, name: str, obj: Any) -> None:
         write_json_atomic(self.tmp_dir / name, obj)

@@ -23,8 +23,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from chat_data import ChatFormat, InputError, Message, PlainEncoder, PretokenizeArguments, check_plain_encoding, \
-    cli, parse_args, run, special_token_ids
+    cli, parse_args, run, special_token_ids, token_array
 from patch.tokenization_chatglm import ChatGLM4Tokenizer
 
 
@@ -67,31 +69,30 @@ class GLM4Format(ChatFormat):
         check_plain_encoding(self.plain, ids, self.problems)
         if self.problems:
             return
-        self.prefix = [ids["[gMASK]"], ids["<sop>"]]
-        self.role_id = {r: ids[f"<|{r}|>"] for r in self.roles}
         self.eos = ids["<|endoftext|>"]
-        self.stop_token_ids = [self.eos, self.role_id["user"], self.role_id["observation"]]
+        self.stop_token_ids = [self.eos, ids["<|user|>"], ids["<|observation|>"]]
+        # template tokens as int32 arrays, the parts `assemble` returns besides the encoded texts
+        self.prefix = token_array(ids["[gMASK]"], ids["<sop>"])
+        self.role_token = {r: token_array(ids[f"<|{r}|>"]) for r in self.roles}
+        self.eos_token = token_array(self.eos)
         self.newline = self.plain(["\n"])[0]
 
     def pieces(self, messages: list[Message]) -> list[str]:
         # contents, then the metadata lines that are not the plain "\n" (GLM-4 tool calls)
         return [m.content for m in messages] + [f"{m.metadata}\n" for m in messages if m.metadata]
 
-    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
+    def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
         meta_lines = iter(encoded[len(messages):])
-        ids, spans = list(self.prefix), []
+        parts, train = [self.prefix], [False]
+        after_reply = False  # the token after a supervised reply (next role token or the eos) is supervised too
         for m, content in zip(messages, encoded):
-            if spans and spans[-1][1] == len(ids):  # the token after a supervised reply is supervised too
-                spans[-1] = (spans[-1][0], len(ids) + 1)
-            ids.append(self.role_id[m.role])
-            body = (next(meta_lines) if m.metadata else self.newline) + content
-            if m.train:  # from the metadata line after the role token through the reply
-                spans.append((len(ids), len(ids) + len(body)))
-            ids += body
-        if spans and spans[-1][1] == len(ids):
-            spans[-1] = (spans[-1][0], len(ids) + 1)
-        ids.append(self.eos)
-        return ids, spans
+            # <|role|>, then the metadata line and the content: supervised together for a reply
+            parts += (self.role_token[m.role], next(meta_lines) if m.metadata else self.newline, content)
+            train += (after_reply, m.train, m.train)
+            after_reply = m.train
+        parts.append(self.eos_token)
+        train.append(after_reply)
+        return parts, train
 
 
 # ----------------------------------------------------------------------------------------------

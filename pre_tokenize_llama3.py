@@ -26,8 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
+
 from chat_data import ChatFormat, InputError, Message, PlainEncoder, PretokenizeArguments, Skip, \
-    check_plain_encoding, cli, parse_args, run, special_token_ids
+    check_plain_encoding, cli, parse_args, run, special_token_ids, token_array
 
 BOS, EOT_TEXT, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>"
 HEADER = ("<|start_header_id|>", "<|end_header_id|>")
@@ -69,7 +71,7 @@ class _LlamaBase(ChatFormat):
         vocab = tokenizer.get_vocab()
         self.optional = {t: int(vocab[t]) for t in (PAD, EOM, EOT_TEXT) if t in vocab}
         if not self.problems:
-            self.bos = self.ids[BOS]
+            self.bos = token_array(self.ids[BOS])  # template tokens are int32 arrays, parts for `assemble`
             self.setup()
 
     def setup(self) -> None:
@@ -92,8 +94,8 @@ class LongWriterFormat(_LlamaBase):
     needed = [BOS, EOT_TEXT]
 
     def setup(self) -> None:
-        self.end = self.ids[EOT_TEXT]
-        self.stop_token_ids = [self.end]
+        self.stop_token_ids = [self.ids[EOT_TEXT]]
+        self.end = token_array(self.ids[EOT_TEXT])
 
     def pad_token_id(self) -> int | None:
         return self.optional.get(PAD, super().pad_token_id())
@@ -110,17 +112,16 @@ class LongWriterFormat(_LlamaBase):
                 texts.append(m.content)
         return texts
 
-    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, spans = [self.bos], []
+    def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
+        parts, train = [self.bos], [False]
         for m, piece in zip(messages, encoded):
-            if m.role == "assistant":
-                if m.train:  # the reply and its <|end_of_text|>
-                    spans.append((len(ids), len(ids) + len(piece) + 1))
-                ids += piece
-                ids.append(self.end)
+            if m.role == "assistant":  # the reply and its <|end_of_text|>
+                parts += (piece, self.end)
+                train += (m.train, m.train)
             else:
-                ids += piece
-        return ids, spans
+                parts.append(piece)
+                train.append(False)
+        return parts, train
 
 
 class Llama3Format(_LlamaBase):
@@ -128,25 +129,22 @@ class Llama3Format(_LlamaBase):
     needed = [BOS, *HEADER, EOT]
 
     def setup(self) -> None:
-        self.eot = self.ids[EOT]
-        self.stop_token_ids = [self.optional[t] for t in (EOT_TEXT, EOM) if t in self.optional] + [self.eot]
-        start, end = self.ids[HEADER[0]], self.ids[HEADER[1]]
+        self.stop_token_ids = [self.optional[t] for t in (EOT_TEXT, EOM) if t in self.optional] + [self.ids[EOT]]
+        self.eot = token_array(self.ids[EOT])
+        start, end = token_array(self.ids[HEADER[0]]), token_array(self.ids[HEADER[1]])
         newlines = self.plain(["\n\n"])[0]
-        self.header = {r: [start] + self.plain([r])[0] + [end] + newlines for r in self.roles}
+        self.header = {r: np.concatenate([start, self.plain([r])[0], end, newlines]) for r in self.roles}
 
     def pieces(self, messages: list[Message]) -> list[str]:
         self._check_metadata(messages)
         return [m.content for m in messages]
 
-    def assemble(self, messages: list[Message], encoded: list[list[int]]) -> tuple[list[int], list[tuple[int, int]]]:
-        ids, spans = [self.bos], []
-        for m, content in zip(messages, encoded):
-            ids += self.header[m.role]
-            if m.train:  # the reply through its <|eot_id|>
-                spans.append((len(ids), len(ids) + len(content) + 1))
-            ids += content
-            ids.append(self.eot)
-        return ids, spans
+    def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
+        parts, train = [self.bos], [False]
+        for m, content in zip(messages, encoded):  # a reply is supervised through its <|eot_id|>
+            parts += (self.header[m.role], content, self.eot)
+            train += (False, m.train, m.train)
+        return parts, train
 
 
 FORMATS = {"longwriter": LongWriterFormat, "llama3": Llama3Format}

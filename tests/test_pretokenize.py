@@ -347,16 +347,13 @@ def test_interrupted_run_keeps_previous_output(tmp_path, glm4_tokenizer_dir, mon
     out = tmp_path / "out"
     run_glm(glm4_tokenizer_dir, [src], out)
     before = dir_bytes(out)
-    calls = {"n": 0}
-    real_add = dataset.TokenizedWriter.add
+    real_add_batch = dataset.TokenizedWriter.add_batch
 
-    def interrupted_add(self, ids, labels):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C in the middle of writing
-        real_add(self, ids, labels)
+    def interrupted_add_batch(self, ids, labels, lengths):
+        real_add_batch(self, ids, labels, lengths)
+        raise KeyboardInterrupt  # Ctrl-C in the middle of writing: after some samples are written
 
-    monkeypatch.setattr(dataset.TokenizedWriter, "add", interrupted_add)
+    monkeypatch.setattr(dataset.TokenizedWriter, "add_batch", interrupted_add_batch)
     with pytest.raises(KeyboardInterrupt):
         run_glm(glm4_tokenizer_dir, [write_jsonl(tmp_path / "new.jsonl", [GOOD] * 9)], out)
     assert dir_bytes(out) == before
