@@ -1,22 +1,27 @@
 """Benchmark: pre_tokenize_* against the bare tokenizer on the same text and process count, plus peak memory.
 
-    python bench/bench_pretokenize.py                       # both families, --num_proc 2
-    python bench/bench_pretokenize.py --family glm4 --num_proc 8 --repeat 20 --long_samples 200
+    python bench/bench_pretokenize.py                       # both families, --num_proc 2 (about 5 min on 2 cores)
+    python bench/bench_pretokenize.py --family glm4 --num_proc 8 --repeat 100 --long_samples 1000
+    python bench/bench_pretokenize.py --repeat 2 --long_samples 20 --trials 1 --max_lengths 4096   # quick look
 
 Text: the real chat files in --data_dir (default ../shared/data: LLaMA-Factory's alpaca_en_demo.json and
 glaive_toolcall_en_demo.json) when present, else synthetic text. Two data sets: `short` = those records
-(general SFT, ~200 tokens each) repeated --repeat times; `long` = --long_samples conversations whose replies
-concatenate real replies to 2k-20k words (the LongWriter shape). Tokenizers: tools/make_tiny.py builders
-trained here on the real text (--vocab_size; no downloads), or real folders via --glm4_tokenizer/--llama3_tokenizer.
+(general SFT, ~200 tokens each) repeated --repeat times (default: ~8M tokens); `long` = --long_samples
+conversations whose replies concatenate real replies to 2k-20k words (the LongWriter shape; default ~5M tokens).
+Enough text that start-up costs (imports excluded: loading the tokenizer, forking workers, fsync) are a small
+part. Tokenizers: tools/make_tiny.py builders trained here on the real text (--vocab_size; no downloads), or
+real folders via --glm4_tokenizer/--llama3_tokenizer.
 
-1. Speed. The ceiling ("bare") is the tokenizer's own batch encoding of the same message texts, split over the
-   same number of processes, texts already in memory (GLM-4: tiktoken's `encode_ordinary` over the batch,
-   which beats tiktoken's threaded `encode_ordinary_batch` per core; Llama: the Rust tokenizer's
-   `encode_batch_fast`, which beats `tokenizer(texts)`), tokenizer loaded before the clock starts.
-   pre_tokenize_* runs end to end (load the tokenizer,
-   index the file, parse JSON, build labels, write the dataset). Every run is a fresh process; both wall time
-   and CPU time (the process and its workers) are measured, fastest of --trials. CPU time is the stable figure
-   on a shared machine. Printed: tokens/s of both and the ratios (goal >= 0.8).
+1. Speed. The ceiling ("bare") is the bare tokenizer encoding exactly the texts pre_tokenize_* has to encode
+   (the chat format's `pieces` of every record: the message contents, GLM-4 metadata lines, Llama `[INST]`
+   wrappers), already in memory, split over the same number of processes, tokenizer loaded before the clock
+   starts. GLM-4: tiktoken's `encode_ordinary` per text (faster per core than its threaded
+   `encode_ordinary_batch`); Llama: the Rust tokenizer's `encode_batch_fast` over batches of texts (faster than
+   `tokenizer(texts)`). pre_tokenize_* runs end to end (load the tokenizer, index the file, read and parse JSON,
+   build labels, write and fsync the dataset). Every run is a fresh process; wall time and CPU time (the process
+   and its workers) are measured; --trials runs of each, interleaved, fastest counts, spread printed.
+   `wall ratio` = bare wall / ours wall on the same text (the goal: >= 0.8). `steady` = the same after
+   subtracting each side's start-up wall time, measured as a run on 20 short records.
 2. Memory. pre_tokenize_* on the real records plus 8 conversations of 30k words, once per --max_length;
    printed: peak RSS of the main process and of the largest worker. Upstream allocated (samples x max_length)
    arrays; here the peak must not grow with --max_length.
@@ -45,8 +50,8 @@ class BenchArguments:
     family: list[str] = field(default_factory=lambda: ["glm4", "llama3"], metadata={"help": "glm4 and/or llama3"})
     num_proc: int = field(default=2, metadata={"help": "processes for both the baseline and pre_tokenize_*"})
     trials: int = field(default=3, metadata={"help": "runs per measurement; the fastest counts"})
-    repeat: int = field(default=10, metadata={"help": "copies of the real records in the `short` data set"})
-    long_samples: int = field(default=120, metadata={"help": "conversations in the `long` data set"})
+    repeat: int = field(default=30, metadata={"help": "copies of the real records in the `short` data set"})
+    long_samples: int = field(default=360, metadata={"help": "conversations in the `long` data set"})
     data_dir: str = field(default=str(ROOT.parent / "shared" / "data"), metadata={"help": "real *.json chat files"})
     max_lengths: list[int] = field(default_factory=lambda: [4096, 32768, 131072],
                                    metadata={"help": "--max_length values for the memory runs"})
@@ -95,8 +100,8 @@ def long_records(records: list[dict], n: int, min_words: int, max_words: int) ->
 
 
 def usable(records: list[dict], roles: set[str]) -> tuple[list[dict], list[str]]:
-    """The records a chat format accepts (Llama has no `observation` role) and their text (messages joined),
-    which is what the bare tokenizer encodes."""
+    """The records a chat format accepts (Llama has no `observation` role) and their text (messages joined;
+    the training text of the benchmark tokenizers)."""
     import chat_data
 
     keep, texts = [], []
@@ -109,6 +114,23 @@ def usable(records: list[dict], roles: set[str]) -> tuple[list[dict], list[str]]
             keep.append(r)
             texts.append("\n".join(m.content for m in messages))
     return keep, texts
+
+
+def format_texts(records: list[dict], chat_format) -> list[list[str]]:
+    """Per record, the texts pre_tokenize_* sends to the tokenizer (what the bare tokenizer encodes)."""
+    import chat_data
+
+    return [chat_format.pieces(chat_data.parse_record(r)[1]) for r in records]
+
+
+def chat_format_for(family: str, tokenizer):
+    if family == "glm4":
+        from pre_tokenize_glm4 import GLM4Format
+
+        return GLM4Format(tokenizer)
+    from pre_tokenize_llama3 import Llama3Format
+
+    return Llama3Format(tokenizer)
 
 
 def load_tokenizer(family: str, path: str):
@@ -128,19 +150,32 @@ def load_tokenizer(family: str, path: str):
 _TOK = {}
 
 
-def _bare_init(family: str, path: str) -> None:
-    tok = load_tokenizer(family, path)
+def _bare_init(family: str, tok, chat_format) -> None:
     if family == "glm4":
         encode = tok.tokenizer.encode_ordinary
         _TOK["encode"] = lambda texts: [encode(t) for t in texts]
-    else:
-        backend = tok.backend_tokenizer
+    else:  # the Rust tokenizer as pre_tokenize_* configures it (added tokens not matched: plain text)
+        backend = chat_format.plain._fast()
         _TOK["encode"] = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
-def _bare_work(texts: list[str]) -> int:
+def _bare_work(records: list[list[str]]) -> int:
+    """Encodes the texts of batches of 256 records (the size of pre_tokenize_*'s work units)."""
     enc = _TOK["encode"]
-    return sum(len(ids) for i in range(0, len(texts), 256) for ids in enc(texts[i:i + 256]))
+    total = 0
+    for i in range(0, len(records), 256):
+        total += sum(len(ids) for ids in enc([t for texts in records[i:i + 256] for t in texts]))
+    return total
+
+
+def _peak_rss_mb() -> float:
+    """Peak RSS of this process. Linux's ru_maxrss would include the benchmark parent's RSS (it survives the
+    fork + exec that started this process); VmHWM starts afresh at exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _cpu() -> float:
@@ -154,9 +189,11 @@ def child(spec: dict) -> dict:
     if spec["kind"] == "bare":
         from multiprocessing import get_context
 
-        texts = usable([json.loads(x) for x in Path(spec["src"]).read_text(encoding="utf-8").splitlines()],
-                       ROLES[family])[1]
-        _bare_init(family, path)  # loaded before timing; forked workers inherit it (a strict ceiling)
+        tok = load_tokenizer(family, path)
+        records = [json.loads(x) for x in Path(spec["src"]).read_text(encoding="utf-8").splitlines()]
+        chat_format = chat_format_for(family, tok)
+        texts = format_texts(records, chat_format)
+        _bare_init(family, tok, chat_format)  # loaded before timing; forked workers inherit it (a strict ceiling)
         wall0, cpu0 = time.perf_counter(), _cpu()
         if num_proc == 1:
             tokens = _bare_work(texts)
@@ -181,8 +218,7 @@ def child(spec: dict) -> dict:
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             rep = main(argv)
         out = {"tokens": rep["tokens"], "kept": rep["samples_kept"], "too_long": rep["skipped"]["too_long"]}
-    out.update(wall=time.perf_counter() - wall0, cpu=_cpu() - cpu0,
-               rss_main=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    out.update(wall=time.perf_counter() - wall0, cpu=_cpu() - cpu0, rss_main=_peak_rss_mb(),
                rss_worker=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
     return out
 
@@ -195,12 +231,14 @@ def run_child(spec: dict) -> dict:
 
 
 def measure(trials: int, *specs: dict) -> list[dict]:
-    """Each spec `trials` times, interleaved (so a busy moment hits all of them); fastest wall and CPU."""
+    """Each spec `trials` times, interleaved (so a busy moment hits all of them): the first run's counts, the
+    fastest wall and CPU time, and the median wall time (the spread on a shared machine)."""
     runs = [[] for _ in specs]
     for _ in range(trials):
         for k, spec in enumerate(specs):
             runs[k].append(run_child(spec))
-    return [{**r[0], "wall": min(x["wall"] for x in r), "cpu": min(x["cpu"] for x in r)} for r in runs]
+    return [{**r[0], "wall": min(x["wall"] for x in r), "cpu": min(x["cpu"] for x in r),
+             "wall_median": sorted(x["wall"] for x in r)[len(r) // 2]} for r in runs]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,21 +264,32 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{family} tokenizer: {paths[family]} ({len(load_tokenizer(family, paths[family])):,} tokens)")
         sets = {"short": records * args.repeat, "long": long_records(records, args.long_samples, 2000, 20000)}
 
-        print(f"\nspeed (same text, same process count; fresh process per run, interleaved, fastest of {args.trials})")
+        print(f"\nspeed (same text, same process count; fresh process per run; {args.trials} interleaved trials: "
+              f"fastest, and median in brackets; start-up = a run on 20 records)")
         print(f"{'family':7} {'data':5} {'records':>7} {'tokens':>10} {'bare tok/s':>11} {'ours tok/s':>11} "
-              f"{'bare wall':>9} {'ours wall':>9} {'wall ratio':>10} {'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9}")
+              f"{'bare wall':>15} {'ours wall':>15} {'wall ratio':>10} {'start-up b/o':>12} {'steady':>6} "
+              f"{'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9}")
         for family in args.family:
             for name, recs in sets.items():
                 data = usable(recs, ROLES[family])[0]
                 src = tmp / f"bench_{family}_{name}.jsonl"
                 src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
-                common = dict(family=family, tokenizer=paths[family], src=str(src), num_proc=args.num_proc)
-                bare, ours = measure(args.trials, dict(kind="bare", **common),
-                                     dict(kind="script", out=str(tmp / "out"), max_length=1 << 30, **common))
+                startup = tmp / f"bench_{family}_startup.jsonl"  # 20 short records: start-up costs only
+                startup.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                           for r in usable(records, ROLES[family])[0][:20]), encoding="utf-8")
+                common = dict(family=family, tokenizer=paths[family], num_proc=args.num_proc)
+                script = dict(kind="script", out=str(tmp / "out"), max_length=1 << 30, **common)
+                bare, ours, bare0, ours0 = measure(args.trials, dict(kind="bare", src=str(src), **common),
+                                                   dict(src=str(src), **script),
+                                                   dict(kind="bare", src=str(startup), **common),
+                                                   dict(src=str(startup), **script))
+                steady = (bare["wall"] - bare0["wall"]) / (ours["wall"] - ours0["wall"])  # start-up excluded
+                steady = f"{steady:5.2f}x" if ours["wall"] > 2 * ours0["wall"] else "   n/a"  # too little data
                 print(f"{family:7} {name:5} {len(data):7} {ours['tokens']:10,} {bare['tokens'] / bare['wall']:11,.0f} "
-                      f"{ours['tokens'] / ours['wall']:11,.0f} {bare['wall']:8.2f}s {ours['wall']:8.2f}s "
-                      f"{bare['wall'] / ours['wall']:9.2f}x {bare['cpu']:7.2f}s {ours['cpu']:7.2f}s "
-                      f"{bare['cpu'] / ours['cpu']:8.2f}x", flush=True)
+                      f"{ours['tokens'] / ours['wall']:11,.0f} {bare['wall']:6.2f}s ({bare['wall_median']:5.2f}) "
+                      f"{ours['wall']:6.2f}s ({ours['wall_median']:5.2f}) {bare['wall'] / ours['wall']:9.2f}x "
+                      f"{bare0['wall']:5.2f}/{ours0['wall']:4.2f}s {steady} {bare['cpu']:7.2f}s "
+                      f"{ours['cpu']:7.2f}s {bare['cpu'] / ours['cpu']:8.2f}x", flush=True)
 
         mem_src = tmp / "bench_memory.jsonl"
         mem_src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
