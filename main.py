@@ -591,5 +591,14 @@ def save_merged(model_args: ModelArguments, model_type: str, dtype, output_dir: 
     return out
 
 
+def shutdown_distributed() -> None:
+    """Leave together: rank 0 hosts the rendezvous store (deepspeed launcher), and a rank still tearing down its
+    process group when rank 0 exits aborts ("terminate called without an active exception" from gloo)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     main()
+    shutdown_distributed()

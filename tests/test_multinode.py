@@ -69,8 +69,9 @@ def run_two_nodes(root: Path, name: str, model: Path, data: Path, **launch_env) 
                 p.wait()
             log.close()
     logs = [(root / f"{name}.node{rank}.log").read_text() for rank in (0, 1)]
-    for (p, _), text in zip(procs, logs):
-        assert p.returncode == 0, text[-5000:]
+    codes = [p.returncode for p, _ in procs]
+    assert codes == [0, 0], "\n".join(f"---- node {r} (exit {c}) ----\n{t[-4000:]}" for r, (c, t) in
+                                       enumerate(zip(codes, logs)))
     assert "global batch = 1 GPUs x 2 node(s) x 1 per device x 1 accumulation = 2 packs" in logs[0]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert (out / "model.safetensors").is_file()  # ZeRO-3 weights gathered on save
