@@ -56,7 +56,7 @@ def run(n: int, args: Arguments) -> None:
     lb = lower_bound(lengths, args.max_length)
     print(f"\n== {n:,} samples, {int(lengths.sum()):,} tokens (mean {lengths.mean():.0f}, max {lengths.max():,}), "
           f"packs of {args.max_length:,}: lower bound {lb:,} packs")
-    print(f"{'algorithm':<12}{'packs':>9}{'over LB':>15}{'efficiency':>12}{'pack s':>9}{'+steps+sort s':>15}")
+    print(f"{'algorithm':<12}{'packs':>9}{'over LB':>18}{'efficiency':>12}{'pack s':>9}{'+steps+sort s':>15}")
     results = {}
     for name, fn in (("bfd", pack_bfd), ("sequential", pack_sequential)):
         (order, offsets), t_pack = timed(fn, lengths, args.max_length)
@@ -74,7 +74,7 @@ def run(n: int, args: Arguments) -> None:
         packs = offsets.size - 1
         fills = np.add.reduceat(lengths[order], offsets[:-1])
         assert fills.max() <= args.max_length and np.array_equal(np.sort(order), np.arange(n))
-        print(f"{name:<12}{packs:>9,}{f'+{packs - lb} ({(packs - lb) / lb:.3%})':>15}"
+        print(f"{name:<12}{packs:>9,}{f'+{packs - lb} ({(packs - lb) / lb:.3%})':>18}"
               f"{lengths.sum() / (packs * args.max_length):>12.4%}{t_pack:>9.3f}{t_rest:>15.3f}")
         results[name] = (costs, steps)
     print(f"modeled step imbalance, {args.ranks} ranks (slowest/mean per step; cost = tokens + sum L^2 / "
