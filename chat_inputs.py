@@ -1,0 +1,179 @@
+"""Chat data inputs: index JSONL / JSON-array files, pick and shuffle records, cut the plan into work units.
+
+Used by chat_data.py (the pre_tokenize_* driver; its docstring has the --input syntax). A JSONL file is indexed
+as the byte offsets of its non-blank lines (the workers read the lines themselves through a memory map); a JSON
+array is parsed here element by element, keeping each element's line number for the skip report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CHUNK_RECORDS, CHUNK_BYTES = 256, 4 << 20  # largest work unit sent to a worker
+
+
+class InputError(ValueError):
+    """Bad command line, inputs or tokenizer, found before any work starts (all problems in one message)."""
+
+
+class Skip(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+    def __reduce__(self):
+        return Skip, (self.reason, self.detail)
+
+
+@dataclass
+class Source:
+    spec: str  # as given: FILE or FILE:COUNT
+    path: Path
+    count: int | None
+    kind: str = "jsonl"  # jsonl | json
+    lines: np.ndarray | None = None  # line number of each record (1-based)
+    starts: np.ndarray | None = None  # jsonl: byte offset of each record's line
+    ends: np.ndarray | None = None
+    items: list | None = None  # json: the parsed records
+    blank_lines: int = 0
+
+    @property
+    def num_records(self) -> int:
+        return len(self.lines)
+
+
+def check_surrogates(obj) -> None:
+    """A lone UTF-16 surrogate escape ("\\ud800") parses in Python but is not Unicode text: skip the record
+    rather than let one tokenizer crash on it and another silently replace it."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Skip("invalid_json", "a string holds a lone surrogate escape (\\ud800-\\udfff), not valid Unicode") \
+            from None
+
+
+def _split_spec(spec: str) -> tuple[Path, int | None]:
+    m = re.fullmatch(r"(.+):(-?\d+)", spec)
+    if m and not Path(spec).exists():
+        return Path(m.group(1)), int(m.group(2))
+    return Path(spec), None
+
+
+def _index_jsonl(src: Source) -> None:
+    lines, starts, ends, pos, blank = [], [], [], 0, 0
+    with open(src.path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if raw.strip():
+                lines.append(n)
+                starts.append(pos)
+                ends.append(pos + len(raw))
+            else:
+                blank += 1
+            pos += len(raw)
+    src.lines, src.blank_lines = np.asarray(lines, np.int64), blank
+    src.starts, src.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
+
+
+def _index_json_array(src: Source, text: str) -> None:
+    """Parse a JSON array element by element, keeping each element's line number."""
+    dec, ws = json.JSONDecoder(), re.compile(r"\s*")
+    escapes = "\\ud" in text or "\\uD" in text
+    items, lines, line, last = [], [], 1, 0
+    i = ws.match(text).end() + 1  # past "["
+    while True:
+        i = ws.match(text, i).end()
+        if i < len(text) and text[i] == "]" and not items:
+            break
+        line += text.count("\n", last, i)
+        last = i
+        try:
+            obj, i = dec.raw_decode(text, i)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{src.path}:{e.lineno}:{e.colno}: invalid JSON array ({e.msg}); fix the file or "
+                             f"convert it to JSONL, where a bad line is skipped and reported instead") from e
+        if escapes:
+            try:
+                check_surrogates(obj)
+            except Skip as bad:
+                obj = bad  # reported as this record's skip reason
+        items.append(obj)
+        lines.append(line)
+        i = ws.match(text, i).end()
+        if i < len(text) and text[i] == ",":
+            i += 1
+        elif i < len(text) and text[i] == "]":
+            break
+        else:
+            line += text.count("\n", last, i)
+            raise InputError(f"{src.path}:{line}: invalid JSON array (expected ',' or ']'); fix the file")
+    src.items, src.lines = items, np.asarray(lines, np.int64)
+
+
+def index_inputs(specs: list[str], problems: list[str]) -> list[Source]:
+    sources = []
+    for spec in specs:
+        path, count = _split_spec(spec)
+        src = Source(spec, path, count)
+        if not path.is_file():
+            problems.append(f"--input {spec}: no such file")
+            continue
+        if count is not None and count <= 0:
+            problems.append(f"--input {spec}: the sample count must be a positive integer")
+            continue
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+        try:
+            if head.startswith(b"["):
+                src.kind = "json"
+                _index_json_array(src, path.read_text(encoding="utf-8-sig"))
+            else:
+                _index_jsonl(src)
+        except InputError as e:
+            problems.append(str(e))
+            continue
+        except UnicodeDecodeError as e:
+            problems.append(f"--input {spec}: not UTF-8 text ({e})")
+            continue
+        if src.num_records == 0:
+            problems.append(f"--input {spec}: no records (empty file)")
+        elif count is not None and count > src.num_records:
+            problems.append(f"--input {spec}: asks for {count} records but the file has {src.num_records}")
+        sources.append(src)
+    return sources
+
+
+def plan_order(sources: list[Source], seed: int, shuffle: bool) -> np.ndarray:
+    """[N, 2] (source index, record index) in output order."""
+    rng = np.random.Generator(np.random.PCG64(seed))
+    parts = []
+    for s, src in enumerate(sources):
+        idx = np.arange(src.num_records, dtype=np.int64)
+        if src.count is not None:
+            idx = np.sort(rng.choice(src.num_records, size=src.count, replace=False))
+        parts.append(np.stack([np.full_like(idx, s), idx], axis=1))
+    plan = np.concatenate(parts) if parts else np.zeros((0, 2), np.int64)
+    return plan[rng.permutation(len(plan))] if shuffle else plan
+
+
+def iter_chunks(sources: list[Source], plan: np.ndarray, num_proc: int):
+    """Cuts the plan into work units: [n, 2] int arrays of (source, record). Units aim at ~16 per process
+    (so long-sample data still spreads over all processes), within [64 KB, 4 MB] of text and 256 records."""
+    sizes = np.array([1024 if src.kind == "json" else 0 for src in sources], dtype=np.int64)
+    rec_bytes = np.empty(len(plan), dtype=np.int64)
+    for k, src in enumerate(sources):
+        sel = plan[:, 0] == k
+        rec_bytes[sel] = (src.ends - src.starts)[plan[sel, 1]] if src.kind == "jsonl" else sizes[k]
+    target = int(np.clip(rec_bytes.sum() // (16 * num_proc), 64 << 10, CHUNK_BYTES))
+    start, acc = 0, 0
+    for i, nbytes in enumerate(rec_bytes.tolist()):
+        acc += nbytes
+        if acc >= target or i + 1 - start >= CHUNK_RECORDS:
+            yield plan[start:i + 1]
+            start, acc = i + 1, 0
+    if start < len(plan):
+        yield plan[start:]
