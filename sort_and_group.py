@@ -453,6 +453,7 @@ def count_targets(data: TokenizedData, lengths: np.ndarray, chunk_tokens: int = 
 
 def plot_png(lengths: np.ndarray, fill: np.ndarray, max_length: int, title: str) -> bytes:
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -464,6 +465,11 @@ def plot_png(lengths: np.ndarray, fill: np.ndarray, max_length: int, title: str)
     ax2.hist(fill, bins=np.linspace(0, 1, 101))
     ax2.set(yscale="log", xlabel=f"pack fill (tokens / {max_length:,})", ylabel="packs",
             title=f"{fill.size:,} packs, mean fill {fill.mean() if fill.size else 0:.2%}")
+    for ax in (ax1, ax2):  # counts as plain numbers on 1-2-5 ticks, not 10^0-style labels
+        ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax1.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     fig.suptitle(title)
     fig.tight_layout()
     buf = io.BytesIO()
