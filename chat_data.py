@@ -195,7 +195,8 @@ class PlainEncoder:
         self.tokenizer = tokenizer
         self._backend = None
         if hasattr(tokenizer, "encode_plain"):  # our ChatGLM4Tokenizer: tiktoken directly
-            self.kind = "plain"
+            # encode_to_numpy with no special tokens allowed gives encode_plain's ids without a Python list
+            self.kind = "tiktoken" if hasattr(getattr(tokenizer, "tokenizer", None), "encode_to_numpy") else "plain"
         elif getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer"):
             self.kind = "fast"
         else:
@@ -212,6 +213,9 @@ class PlainEncoder:
         return self._backend
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
+        if self.kind == "tiktoken":
+            encode = self.tokenizer.tokenizer.encode_to_numpy
+            return [encode(t, disallowed_special=()).view(np.int32) for t in texts]  # ids < 2**31
         if self.kind == "plain":
             return [np.array(self.tokenizer.encode_plain(t), dtype=np.int32) for t in texts]
         if self.kind == "fast":
