@@ -19,9 +19,9 @@ The two scripts differ only in a *chat format* object that turns a parsed conver
 3. Every selected record ends up either in the dataset or in DIR/skipped.jsonl with file, line and one reason:
    invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise.
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
-4. Parallel over `--num_proc` worker processes (bounded in-flight chunks, results consumed in input order), so
-   the output is byte-identical for any process count; written through `dataset.TokenizedWriter`, so an
-   interrupted run leaves the previous output intact.
+4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
+   consumed in input order), so the output is byte-identical for any process count; written through
+   `dataset.TokenizedWriter`, so an interrupted run leaves the previous output intact.
 """
 
 from __future__ import annotations
@@ -455,6 +455,34 @@ def _work(unit: np.ndarray) -> ChunkResult:
     return encode_chunk(_payloads(unit), w["fmt"], w["max_length"], w["truncate"])
 
 
+def _in_order(pool, units, num_proc: int):
+    """(unit, ChunkResult) in input order, encoded by the num_proc - 1 pool workers and by this process, which
+    encodes the next unit itself whenever the oldest unit in the pool is not done yet (rather than wait).
+    Bounded memory: at most 2 units per worker in flight and 2 * num_proc finished here waiting their turn."""
+    pending: deque = deque()  # (unit, AsyncResult of a worker or ChunkResult made here), in input order
+    units, in_pool, done_here = iter(units), 0, 0
+    while True:
+        while in_pool < 2 * (num_proc - 1) and (unit := next(units, None)) is not None:
+            pending.append((unit, pool.apply_async(_work, (unit,))))
+            in_pool += 1
+        if not pending:
+            return
+        unit, res = pending[0]
+        if not isinstance(res, ChunkResult) and not res.ready() and done_here < 2 * num_proc:
+            mine = next(units, None)
+            if mine is not None:
+                pending.append((mine, _work(mine)))
+                done_here += 1
+                continue
+        pending.popleft()
+        if isinstance(res, ChunkResult):
+            done_here -= 1
+            yield unit, res
+        else:
+            in_pool -= 1
+            yield unit, res.get()
+
+
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
@@ -550,16 +578,13 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
         else:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker process
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with ctx.Pool(num_proc, initializer=_init_worker, initargs=init) as pool:
-                pending: deque = deque()
-                for unit in units:  # at most 2 units per process in flight: bounded memory
-                    pending.append((unit, pool.apply_async(_work, (unit,))))
-                    if len(pending) >= 2 * num_proc:
-                        unit0, res0 = pending.popleft()
-                        handle(unit0, res0.get())
-                while pending:
-                    unit0, res0 = pending.popleft()
-                    handle(unit0, res0.get())
+            with ctx.Pool(num_proc - 1, initializer=_init_worker, initargs=init) as pool:
+                _init_worker(*init)  # this process is the num_proc-th encoder
+                try:
+                    for unit, out in _in_order(pool, units, num_proc):
+                        handle(unit, out)
+                finally:
+                    _close_worker_files()
 
         lengths_a = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         sup_a = np.concatenate(supervised) if supervised else np.zeros(0, np.int64)
