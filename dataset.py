@@ -272,26 +272,30 @@ class TokenizedData:
 
 
 class _Lazy:
-    """Opens TokenizedData on first use, so datasets pickle cheaply into DataLoader workers."""
+    """Holds a memory-mapped reader (`_reader_cls` of data_dir) that is dropped when pickled and reopened on first
+    use, so datasets pickle cheaply into DataLoader workers."""
+
+    _reader_cls = TokenizedData
 
     def __init__(self, data_dir: str | os.PathLike):
         self.data_dir = str(data_dir)
-        self._data = TokenizedData(self.data_dir)  # open once now: fail early on a bad folder
+        self._reader = self._reader_cls(self.data_dir)  # open once now: fail early on a bad folder
 
-    @property
-    def data(self) -> TokenizedData:
-        if self._data is None:
-            self._data = TokenizedData(self.data_dir)
-        return self._data
+    def _open(self):
+        if self._reader is None:
+            self._reader = self._reader_cls(self.data_dir)
+        return self._reader
 
     def __getstate__(self):
-        return {**self.__dict__, "_data": None}
+        return {**self.__dict__, "_reader": None}
 
 
 class LMDataset(_Lazy, torch.utils.data.Dataset):
     """One unpadded sample per item (`--batch_method naive`).
 
     ds[i] -> {"input_ids": LongTensor[L], "labels": LongTensor[L]} (labels -100 where not supervised)."""
+
+    data = property(_Lazy._open, doc="the TokenizedData reader")
 
     def __len__(self) -> int:
         return len(self.data)
@@ -419,21 +423,11 @@ class PackedData:
                 "attention_mask": cu.astype(np.int32), "position_ids": pos, "weights": weights}
 
 
-class _LazyPacks:
-    """Opens PackedData on first use, so the datasets pickle cheaply into DataLoader workers."""
+class _LazyPacks(_Lazy):
+    """Base of the datasets that read DIR/packs/ (PackedData), opened lazily like LMDataset's reader."""
 
-    def __init__(self, data_dir: str | os.PathLike):
-        self.data_dir = str(data_dir)
-        self._packs = PackedData(self.data_dir)  # open once now: fail early on a bad folder
-
-    @property
-    def packs(self) -> PackedData:
-        if self._packs is None:
-            self._packs = PackedData(self.data_dir)
-        return self._packs
-
-    def __getstate__(self):
-        return {**self.__dict__, "_packs": None}
+    _reader_cls = PackedData
+    packs = property(_Lazy._open, doc="the PackedData reader")
 
     @property
     def group_size(self) -> int:

@@ -251,7 +251,7 @@ def test_report_determinism_and_pickling(tmp_path):
     assert ds.group_size == 4 and ds.max_length == 512 and ds.meta["seed"] == 6
     for obj in (ds, srt):
         clone = pickle.loads(pickle.dumps(obj))
-        assert len(pickle.dumps(obj)) < 500 and clone._packs is None
+        assert len(pickle.dumps(obj)) < 500 and clone._reader is None
         assert torch.equal(clone[0]["input_ids"], obj[0]["input_ids"])
 
 
