@@ -150,18 +150,25 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
     def _build_tables(self) -> None:
         self.tokenizer = tiktoken.Encoding(name="glm4", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks,
                                            special_tokens=self.special_tokens)
-        b2c = _byte_to_char()
-        self._char_to_byte = {c: b for b, c in b2c.items()}
         self._id_to_bytes = [b""] * len(self.mergeable_ranks)
         for token, rank in self.mergeable_ranks.items():
             self._id_to_bytes[rank] = token
-        self._id_to_str = ["".join(b2c[b] for b in token) for token in self._id_to_bytes]
-        self._str_to_id = {s: i for i, s in enumerate(self._id_to_str)}
+        self._string_tables = None  # built on first use: encoding and decoding never need them
+
+    def _strings(self) -> tuple[list[str], dict[str, int], dict[str, int]]:
+        """(id -> token string, token string -> id, char -> byte): the token strings of the slow-tokenizer API
+        (tokenize, convert_*, get_vocab), each token's bytes in the GPT-2 byte-to-char alphabet."""
+        if self._string_tables is None:
+            b2c = _byte_to_char()
+            id_to_str = [t.decode("latin-1").translate(b2c) for t in self._id_to_bytes]  # latin-1: char = byte
+            self._string_tables = (id_to_str, {s: i for i, s in enumerate(id_to_str)},
+                                   {c: b for b, c in b2c.items()})
+        return self._string_tables
 
     # tiktoken's Encoding does not pickle; rebuild it (copy.deepcopy, spawn-started workers).
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("tokenizer", "_char_to_byte", "_id_to_bytes", "_id_to_str", "_str_to_id"):
+        for key in ("tokenizer", "_id_to_bytes", "_string_tables"):
             state.pop(key, None)
         return state
 
@@ -175,7 +182,7 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         return len(self.mergeable_ranks) + len(SPECIAL_TOKENS)
 
     def get_vocab(self) -> dict[str, int]:
-        vocab = dict(self._str_to_id)
+        vocab = dict(self._strings()[1])
         vocab.update(self._added_tokens_encoder)
         return vocab
 
@@ -203,19 +210,21 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
 
     # ---- transformers' slow-tokenizer hooks -----------------------------------------------------
     def _tokenize(self, text: str, **kwargs) -> list[str]:
-        return [self._id_to_str[i] for i in self.tokenizer.encode_ordinary(text)]
+        id_to_str = self._strings()[0]
+        return [id_to_str[i] for i in self.tokenizer.encode_ordinary(text)]
 
     def _convert_token_to_id(self, token: str) -> int | None:
-        return self._str_to_id.get(token)
+        return self._strings()[1].get(token)
 
     def _convert_id_to_token(self, index: int) -> str:
         # ids past the vocabulary (the model's padded embedding rows) decode to nothing
-        return self._id_to_str[index] if 0 <= index < len(self._id_to_str) else ""
+        id_to_str = self._strings()[0]
+        return id_to_str[index] if 0 <= index < len(id_to_str) else ""
 
     def _token_bytes(self, token: str) -> bytes:
         if token in self._added_tokens_encoder:
             return token.encode("utf-8")
-        c2b = self._char_to_byte
+        c2b = self._strings()[2]
         return bytes(c2b[c] for c in token) if all(c in c2b for c in token) else token.encode("utf-8")
 
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
