@@ -76,6 +76,7 @@ class GLM4Format(ChatFormat):
         self.role_token = {r: token_array(ids[f"<|{r}|>"]) for r in self.roles}
         self.eos_token = token_array(self.eos)
         self.newline = self.plain(["\n"])[0]
+        self._setup_batch(ids)
 
     def pieces(self, messages: list[Message]) -> list[str]:
         # contents, then the metadata lines that are not the plain "\n" (GLM-4 tool calls)
@@ -93,6 +94,76 @@ class GLM4Format(ChatFormat):
         parts.append(self.eos_token)
         train.append(after_reply)
         return parts, train
+
+    # ---- the fast path: a whole work unit in one tiktoken call -----------------------------------------------
+    # The unit is written out as one text with the template's special tokens in it, plus a separator special
+    # token between a metadata line and its content, and tiktoken is allowed to match exactly those. tiktoken
+    # encodes the text between two allowed special tokens on its own (its regex runs on that slice), so every
+    # metadata line and content gets the ids `assemble` would give it. Labels come from the positions of the
+    # role/eos tokens (a reply is supervised from after its role token through the next role or eos token).
+    # A content that contains the text of one of these special tokens would turn it into a special token; the
+    # counts of those ids then differ from the template's, and the unit goes through pieces/assemble instead.
+
+    def _setup_batch(self, ids: dict[str, int]) -> None:
+        self.batch_ready = False
+        encoding = getattr(self.tokenizer, "tokenizer", None)
+        specials = dict(getattr(encoding, "_special_tokens", None) or {})
+        if self.plain.kind != "tiktoken" or any(specials.get(t) != i for t, i in ids.items()):
+            return  # not our tiktoken-based tokenizer
+        used = ["[gMASK]", "<sop>", "<|endoftext|>"] + [f"<|{r}|>" for r in sorted(self.roles)]
+        spare = [t for t in sorted(specials, key=specials.get) if t not in used]
+        if not spare or not _cannot_overlap(list(specials)):
+            return
+        self.sep_text = spare[0]
+        self.prefix_text, self.eos_text = "[gMASK]<sop>", "<|endoftext|>"
+        self.role_text = {r: f"<|{r}|>" for r in self.roles}
+        self.allowed = frozenset(used + [self.sep_text])
+        # token kind by id: 1 role or eos (a label boundary), 2 separator, 3 [gMASK] (a sample start), 4 <sop>
+        self.kind = np.zeros(encoding.max_token_value + 1, np.uint8)
+        self.kind[[ids[f"<|{r}|>"] for r in self.roles] + [self.eos]] = 1
+        self.kind[[specials[self.sep_text], ids["[gMASK]"], ids["<sop>"]]] = (2, 3, 4)
+        self.batch_ready = True
+
+    def encode_batch(self, conversations: list[list[Message]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Many conversations -> (ids int32[T], supervised bool[T], length of each int64[K]), exactly as `encode`
+        each; None when the fast path cannot be used for them."""
+        if not self.batch_ready:
+            return None
+        text, boundary_train, sizes = [], [False], []  # per role/eos token: is what follows it supervised
+        role_text, newline_sep = self.role_text, "\n" + self.sep_text
+        for messages in conversations:
+            text.append(self.prefix_text)
+            for m in messages:
+                text += (role_text[m.role], m.metadata, newline_sep, m.content)
+                boundary_train.append(m.train)
+            text.append(self.eos_text)
+            boundary_train.append(False)
+            sizes.append(len(messages))
+        encode = self.tokenizer.tokenizer.encode_to_numpy
+        flat = encode("".join(text), allowed_special=self.allowed, disallowed_special=()).view(np.int32)  # [T + seps]
+        kind = self.kind[flat]  # [T + seps]
+        counts = np.bincount(kind, minlength=5)
+        n, n_messages = len(conversations), len(boundary_train) - 1 - len(conversations)
+        if counts[1] != n_messages + n or counts[2] != n_messages or counts[3] != n or counts[4] != n:
+            return None  # special-token text inside some content: use pieces/assemble
+        before = np.zeros(len(flat) + 1, np.int32)  # [T + seps + 1] role/eos tokens strictly before each token
+        np.cumsum(kind == 1, out=before[1:])
+        supervised = np.array(boundary_train, dtype=bool)[before[:-1]]  # [T + seps]
+        keep = kind != 2
+        sample_tokens = np.diff(np.flatnonzero(kind == 3), append=len(flat)) - np.array(sizes)  # minus separators
+        return flat[keep], supervised[keep], sample_tokens
+
+
+def _cannot_overlap(specials: list[str]) -> bool:
+    """True when no special-token text is inside another one or overlaps the start of another one with its end:
+    then every special token written between texts is found where it was written, whatever the texts hold."""
+    for a in specials:
+        for b in specials:
+            if a != b and a in b:
+                return False
+            if any(b.startswith(a[k:]) for k in range(1, len(a))):
+                return False
+    return True
 
 
 # ----------------------------------------------------------------------------------------------

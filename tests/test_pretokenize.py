@@ -361,6 +361,69 @@ def test_interrupted_run_keeps_previous_output(tmp_path, glm4_tokenizer_dir, mon
 
 
 # ----------------------------------------------------------------------------------------------
+# GLM-4's one-call path (encode_batch) against the per-conversation reference (pieces/assemble)
+# ----------------------------------------------------------------------------------------------
+
+GLM_FRAGMENTS = ["hello", " world", "世界", "123", "'s", " ", "  ", "\n", "\n\n", "\r\n", "\t", "!", "?\n",
+                 "<|", "|>", "<|endof", "tex", "<|begin_of_image|>", "[MASK"]  # no special text when joined
+GLM_SPECIAL_TEXT = ["<|user|>", "<|assistant|>", "<|endoftext|>", "[gMASK]", "<sop>", "[MASK]"]
+
+
+def random_conversations(rng, fragments, n):
+    convs = []
+    for _ in range(n):
+        messages = []
+        for _ in range(rng.randint(1, 5)):
+            role = rng.choice(["system", "user", "assistant", "observation"])
+            content = "".join(rng.choices(fragments, k=rng.randint(0, 6)))
+            metadata = "".join(rng.choices(fragments, k=rng.randint(1, 2))) if rng.random() < 0.3 else ""
+            train = role == "assistant" and bool(content.strip()) and rng.random() < 0.8
+            messages.append(chat_data.Message(role, content, metadata, train))
+        convs.append(messages)
+    return convs
+
+
+def test_glm4_one_call_batch_equals_per_conversation_encoding(glm4_tokenizer_dir):
+    import random
+
+    fmt = pre_tokenize_glm4.GLM4Format(pre_tokenize_glm4.load_tokenizer(str(glm4_tokenizer_dir)))
+    assert fmt.batch_ready
+    rng = random.Random(0)
+    for trial in range(400):
+        dirty = trial % 2 == 1  # odd trials: one content holds special-token text -> the unit is not batched
+        convs = random_conversations(rng, GLM_FRAGMENTS, rng.randint(1, 6))
+        if dirty:
+            m = rng.choice(rng.choice(convs))
+            m.content += rng.choice(GLM_SPECIAL_TEXT)
+        got = fmt.encode_batch(convs)
+        if dirty:
+            assert got is None
+            continue
+        ref = [fmt.encode(messages) for messages in convs]
+        ids, supervised, lengths = got
+        assert ids.dtype == np.int32 and lengths.tolist() == [len(r[0]) for r in ref]
+        assert np.array_equal(ids, np.concatenate([r[0] for r in ref]))
+        assert np.array_equal(np.where(supervised, ids, IGNORE_INDEX), np.concatenate([r[1] for r in ref]))
+
+
+def test_glm4_one_call_path_writes_the_same_dataset(tmp_path, glm4_tokenizer_dir, monkeypatch):
+    records = [TOOL, GOOD, LONG, {"messages": [{"role": "user", "content": "Hi"},
+                                                {"role": "assistant", "metadata": "m", "content": ""},
+                                                {"role": "assistant", "content": " \n "},
+                                                {"role": "assistant", "content": "ok"}]}] * 5
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    calls = []
+    real = pre_tokenize_glm4.GLM4Format.encode_batch
+    monkeypatch.setattr(pre_tokenize_glm4.GLM4Format, "encode_batch",
+                        lambda self, convs: calls.append(real(self, convs)) or calls[-1])
+    fast = run_glm(glm4_tokenizer_dir, [src], tmp_path / "fast", "--max_length", "64", "--truncate", "left")
+    assert calls and all(c is not None for c in calls)  # every unit went through the one-call path
+    monkeypatch.setattr(pre_tokenize_glm4.GLM4Format, "encode_batch", lambda self, convs: None)
+    slow = run_glm(glm4_tokenizer_dir, [src], tmp_path / "slow", "--max_length", "64", "--truncate", "left")
+    assert fast == slow and dir_bytes(tmp_path / "fast") == dir_bytes(tmp_path / "slow")
+
+
+# ----------------------------------------------------------------------------------------------
 # The bundled sample data
 # ----------------------------------------------------------------------------------------------
 
