@@ -1,8 +1,10 @@
-"""Chat data inputs: index JSONL / JSON-array files, pick and shuffle records, cut the plan into work units.
+"""Chat data inputs: index JSONL / JSON-array files, pick and shuffle records, cut the plan into work units, and
+turn one record (messages, ShareGPT or Alpaca) into a list of `Message`s.
 
-Used by chat_data.py (the pre_tokenize_* driver; its docstring has the --input syntax). A JSONL file is indexed
-as the byte offsets of its non-blank lines (the workers read the lines themselves through a memory map); a JSON
-array is parsed here element by element, keeping each element's line number for the skip report.
+Used by chat_data.py (the pre_tokenize_* driver; its docstring has the --input syntax and the record formats).
+A JSONL file is indexed as the byte offsets of its non-blank lines (the workers read the lines themselves through
+a memory map); a JSON array is parsed here element by element, keeping each element's line number for the skip
+report.
 """
 
 from __future__ import annotations
@@ -12,11 +14,20 @@ import mmap
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 CHUNK_RECORDS, CHUNK_BYTES = 256, 4 << 20  # largest work unit sent to a worker
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
+ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff"
+ZERO_WIDTH = dict.fromkeys(map(ord, ZERO_WIDTH_CHARS))
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "model": "assistant", "function_call": "assistant",
+                  "system": "system", "observation": "observation", "function_response": "observation",
+                  "tool": "observation"}
+MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "observation": "observation",
+                 "tool": "observation"}
 
 
 class InputError(ValueError):
@@ -186,3 +197,102 @@ def iter_chunks(sources: list[Source], plan: np.ndarray, num_proc: int):
             start, acc = i + 1, 0
     if start < len(plan):
         yield plan[start:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> messages
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Message:
+    role: str  # system | user | assistant | observation
+    content: str
+    metadata: str = ""
+    train: bool = False  # supervised: an assistant reply, not opted out, not empty
+
+
+def _text(value: Any, where: str) -> str:
+    """A content value: a string, or a list of text parts (strings or {"type": "text", "text": ...})."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        parts = []
+        for p in value:
+            if isinstance(p, str):
+                parts.append(p)
+            elif isinstance(p, dict) and p.get("type", "text") == "text" and isinstance(p.get("text"), str):
+                parts.append(p["text"])
+            else:
+                kind = p.get("type") if isinstance(p, dict) else type(p).__name__
+                raise Skip("wrong_schema", f"{where}: content part of type {kind!r}; only text parts are supported")
+        return "".join(parts)
+    raise Skip("wrong_schema", f"{where}: content must be a string or a list of text parts, "
+                               f"got {type(value).__name__}")
+
+
+def _opted_out(msg: dict, where: str) -> bool:
+    if "loss" not in msg and "loss_weight" not in msg:  # the common case, checked first (hot path)
+        return False
+    loss, weight = msg.get("loss", True), msg.get("loss_weight", 1)
+    if not isinstance(loss, bool) or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+        raise Skip("wrong_schema", f"{where}: `loss` must be true/false and `loss_weight` a number")
+    return loss is False or weight == 0
+
+
+def _message(role: str, content: str, metadata: str = "", opt_out: bool = False) -> Message:
+    if role != "assistant":
+        return Message(role, content, metadata, False)
+    if not content.isascii() and any(c in content for c in ZERO_WIDTH_CHARS):  # isascii() is O(1)
+        content = content.translate(ZERO_WIDTH)
+    return Message(role, content, metadata, not opt_out and content != "" and not content.isspace())
+
+
+def parse_record(obj: Any) -> tuple[str, list[Message]]:
+    """(format name, messages) of one record; raises Skip for a record that cannot be used."""
+    if not isinstance(obj, dict):
+        raise Skip("wrong_schema", f"a record must be a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        fmt, turns, role_key, text_key, roles = "messages", obj["messages"], "role", "content", MESSAGE_ROLES
+    elif "conversations" in obj:
+        fmt, turns, role_key, text_key, roles = "sharegpt", obj["conversations"], "from", "value", SHAREGPT_ROLES
+    elif "instruction" in obj and "output" in obj:
+        return "alpaca", _parse_alpaca(obj)
+    else:
+        raise Skip("wrong_schema", "no `messages`, `conversations` or `instruction`+`output` field "
+                                   f"(keys: {', '.join(sorted(obj))[:200]})")
+    if not isinstance(turns, list) or not turns:
+        raise Skip("wrong_schema", f"`{'messages' if fmt == 'messages' else 'conversations'}` must be a "
+                                   "non-empty list")
+    out = []
+    if fmt == "sharegpt" and obj.get("system"):
+        out.append(_message("system", _text(obj["system"], "system")))
+    for i, m in enumerate(turns):
+        where = f"message {i}"
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise Skip("wrong_schema", f"{where}: must be an object with `{role_key}` and `{text_key}`")
+        role = roles.get(m[role_key]) if isinstance(m[role_key], str) else None
+        if role is None:
+            raise Skip("unknown_role", f"{where}: role {m[role_key]!r}; expected one of {', '.join(sorted(roles))}")
+        metadata = m.get("metadata") or ""
+        if not isinstance(metadata, str):
+            raise Skip("wrong_schema", f"{where}: `metadata` must be a string")
+        out.append(_message(role, _text(m[text_key], where), metadata, _opted_out(m, where)))
+    return fmt, out
+
+
+def _parse_alpaca(obj: dict) -> list[Message]:
+    get = obj.get
+    instruction, query_input, output, system = (get("instruction") or "", get("input") or "", get("output") or "",
+                                                get("system") or "")
+    history = get("history") or []
+    if not (isinstance(instruction, str) and isinstance(query_input, str) and isinstance(output, str)
+            and isinstance(system, str) and isinstance(history, list)) or history and not all(
+            isinstance(h, (list, tuple)) and len(h) == 2 and all(isinstance(x, str) for x in h) for h in history):
+        raise Skip("wrong_schema", "alpaca: instruction/input/output/system must be strings and history a list "
+                                   "of [query, reply] pairs")
+    out = [Message("system", system)] if system else []
+    for q, a in history:
+        out += (Message("user", q), _message("assistant", a))
+    query = instruction + "\n" + query_input if query_input else instruction
+    out += (Message("user", query), _message("assistant", output, opt_out=_opted_out(obj, "record")))
+    return out
