@@ -137,7 +137,8 @@ class ChatFormat:
     `stop_token_ids`, and implement `pieces` (the texts to tokenize, plain) and `assemble` (the token arrays of
     those pieces -> the conversation as a list of int32 token arrays, its *parts*, and for each part whether it
     is supervised). Batching the pieces of many records into one tokenizer call and joining the parts is the
-    driver's job; `encode` does one conversation."""
+    driver's job; `encode` does one conversation. A format may also define `encode_batch(conversations)` ->
+    (ids, supervised, lengths) or None: the driver then tries it first for a whole work unit (GLM-4 does)."""
 
     name: str
     roles: frozenset
