@@ -110,8 +110,8 @@ class GLM4Format(ChatFormat):
         specials = dict(getattr(encoding, "_special_tokens", None) or {})
         if self.plain.kind != "tiktoken" or any(specials.get(t) != i for t, i in ids.items()):
             return  # not our tiktoken-based tokenizer
-        used = ["[gMASK]", "<sop>", "<|endoftext|>"] + [f"<|{r}|>" for r in sorted(self.roles)]
-        spare = [t for t in sorted(specials, key=specials.get) if t not in used]
+        used = list(ids)  # the template's special tokens: prefix, eos, role tokens
+        spare = [t for t in sorted(specials, key=specials.get) if t not in ids]
         if not spare or not _cannot_overlap(list(specials)):
             return
         self.sep_text = spare[0]
