@@ -1,6 +1,7 @@
-"""GLM-4 tokenizer (`ChatGLM4Tokenizer`) that works on current transformers and loads hub folders unchanged.
+"""GLM tokenizers that work on current transformers and load hub folders unchanged:
+`ChatGLM4Tokenizer` (GLM-4, tiktoken ranks) and `ChatGLMTokenizer` (ChatGLM2-6B / ChatGLM3-6B, SentencePiece).
 
-A GLM-4 folder (THUDM/glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b) ships `tokenizer.model`: one line per
+GLM-4. A GLM-4 folder (THUDM/glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b) ships `tokenizer.model`: one line per
 regular token, `<base64 of the token's bytes> <rank>` (tiktoken mergeable ranks, byte-level BPE). This class
 reads that file, builds a `tiktoken.Encoding` with its *own* special-token table (numbered from
 `len(ranks)` upward, so there is no `KeyError: '<|endoftext|>'`), and plugs into transformers'
@@ -13,15 +14,27 @@ left padding for batched generation and `apply_chat_template` all work without t
         + [tok.convert_tokens_to_ids("<|assistant|>")]
     tok.decode(ids)  # '[gMASK]<sop><|user|>\\nHi<|assistant|>'
 
-Plain text vs special tokens:
+ChatGLM2 / ChatGLM3. Their `tokenizer.model` is a binary SentencePiece model: regular ids are its piece ids
+(`<unk>` 0 = pad, `</s>` = eos), and `[MASK] [gMASK] [sMASK] sop eop` (+ `<|system|> <|user|> <|assistant|>
+<|observation|>` for ChatGLM3) are numbered from its piece count upward. ChatGLM3 is told from ChatGLM2 by
+`chatglm_version` (2 or 3) when given, else by the hub's tokenizer_config.json (ChatGLM3's names role tokens in
+`added_tokens_decoder` / its chat_template; ChatGLM2's names none), else 2. See `ChatGLMTokenizer`.
+
+    from patch.tokenization_chatglm import ChatGLMTokenizer
+    tok = ChatGLMTokenizer.from_pretrained("THUDM/chatglm3-6b")
+    tok.get_prefix_tokens() + tok.build_single_message("user", "", "Hi")   # ChatGLM3 message
+    ids, spans = tok.encode_with_offsets("[Round 1]\\n\\n问：hi")               # char span of every token
+
+Plain text vs special tokens (both classes):
 - `encode_plain(text)` / `build_single_message(...)` never produce special tokens: special-token text
-  inside content ("<|user|>" typed by a user) is tokenized as ordinary bytes. Training data goes this way.
+  inside content ("<|user|>" typed by a user) is tokenized as ordinary text. Training data goes this way.
 - `tokenizer(text)` / `tokenize(text)` follow the transformers convention: registered special-token text is
   recognised (needed for chat templates), unless `split_special_tokens=True` is passed.
-- `tokenizer(text)` with the default `add_special_tokens=True` prepends `[gMASK]<sop>` (upstream behaviour).
+- `tokenizer(text)` with the default `add_special_tokens=True` prepends `[gMASK]<sop>` / `[gMASK] sop` (upstream).
 
-Only the standard library, tiktoken and transformers are imported, so this file can be copied into a model
-folder (`save_pretrained` does that) and loaded as remote code.
+Only the standard library, tiktoken, sentencepiece (imported when a ChatGLM2/3 tokenizer is built) and
+transformers are imported, so this file can be copied into a model folder (`save_pretrained` does that) and
+loaded as remote code.
 """
 
 from __future__ import annotations
@@ -258,4 +271,259 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
             shutil.copyfile(self.vocab_file, out)  # byte-identical copy of the original file
         elif not os.path.isfile(out):
             write_ranks(self.mergeable_ranks, out)
+        return (out,)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ChatGLM2 / ChatGLM3: SentencePiece (REFERENCE 5)
+# ---------------------------------------------------------------------------------------------------------------
+# Special tokens in id order, numbered from the SentencePiece piece count; ChatGLM3 adds the role tokens.
+SP_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
+SP_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
+
+
+def load_sentencepiece(path: str | os.PathLike):
+    """A `sentencepiece.SentencePieceProcessor` for a binary SentencePiece model file, with a clear error if the
+    package is missing or the file is not such a model (a GLM-4 text `tokenizer.model`, say)."""
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError("ChatGLMTokenizer needs the sentencepiece package: pip install sentencepiece") from e
+    sp = sentencepiece.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError depending on the version
+        raise ValueError(f"{path}: not a SentencePiece model ({e}). ChatGLMTokenizer reads the binary "
+                         f"tokenizer.model of chatglm2-6b / chatglm3-6b; GLM-4 folders use ChatGLM4Tokenizer.") from e
+    return sp
+
+
+def detect_chatglm_version(config: dict) -> int:
+    """3 when a tokenizer_config's fields name ChatGLM3's role tokens (`added_tokens_decoder`,
+    `additional_special_tokens` / `extra_special_tokens`, or a `chat_template` with `<|role|>` tags, as the
+    chatglm3-6b hub config has), else 2 (the chatglm2-6b hub config names none)."""
+    named = [str(t) for t in (config.get("added_tokens_decoder") or {}).values()]
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        value = config.get(key) or []
+        named += [str(t) for t in (value.values() if isinstance(value, dict) else value)]
+    if set(named) & set(SP_ROLE_TOKENS):
+        return 3
+    templates = config.get("chat_template") or ""
+    templates = templates.values() if isinstance(templates, dict) else [templates]
+    return 3 if any("<|" in str(t) for t in templates) else 2
+
+
+class ChatGLMTokenizer(PreTrainedTokenizer):
+    """ChatGLM2 / ChatGLM3 tokenizer over SentencePiece (REFERENCE 5). Regular ids and token strings are the
+    model's pieces; `decode` is SentencePiece's (so the dummy-prefix space of a text's first piece is dropped,
+    as the hub does). Ids past the vocabulary (the model's padded embedding rows) decode to nothing.
+
+    API for templates: `encode_plain(text)`, `encode_with_offsets(text)` (ids + char span of each token),
+    `get_prefix_tokens()` ([gMASK] sop), `get_command(name)` / `special_tokens[name]` (special ids),
+    `build_single_message(role, metadata, content)` (ChatGLM3), `eos_token_id` (`</s>`), `pad_token_id` (`<unk>`)."""
+
+    vocab_files_names = VOCAB_FILES_NAMES
+    model_input_names = ["input_ids", "attention_mask"]
+    padding_side = "left"
+    _auto_class = "AutoTokenizer"  # save_pretrained copies this file and writes auto_map
+
+    def __init__(
+        self,
+        vocab_file: str,
+        chatglm_version: int | None = None,
+        padding_side: str = "left",
+        clean_up_tokenization_spaces: bool = False,
+        remove_space: bool = False,
+        do_lower_case: bool = False,
+        encode_special_tokens: bool = False,
+        eos_token: str = "</s>",
+        pad_token: str = "<unk>",
+        unk_token: str = "<unk>",
+        **kwargs: Any,
+    ):
+        self.vocab_file = vocab_file
+        self.remove_space = remove_space
+        self.do_lower_case = do_lower_case
+        self.encode_special_tokens = encode_special_tokens
+        if chatglm_version is None:
+            chatglm_version = detect_chatglm_version(kwargs)
+        if int(chatglm_version) not in (2, 3):
+            raise ValueError(f"chatglm_version={chatglm_version!r}: expected 2 (ChatGLM2) or 3 (ChatGLM3)")
+        self.chatglm_version = int(chatglm_version)
+        self._load(load_sentencepiece(vocab_file))  # before super().__init__, which already calls get_vocab
+        n = self.n_pieces
+
+        # The special-token table is ours; a config's added_tokens_decoder must agree with it and the pieces.
+        added = {i: AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False, single_word=False)
+                 for t, i in self.special_tokens.items()}
+        problems = []
+        for idx, tok in (kwargs.pop("added_tokens_decoder", None) or {}).items():
+            idx, content = int(idx), str(tok)
+            if content in self.special_tokens:
+                if self.special_tokens[content] != idx:
+                    problems.append(f"{content!r} at id {idx}, but {vocab_file} (ChatGLM{self.chatglm_version}) "
+                                    f"puts it at {self.special_tokens[content]}")
+            elif 0 <= idx < n and self.sp_model.id_to_piece(idx) != content:
+                problems.append(f"{content!r} at id {idx}, which is the piece {self.sp_model.id_to_piece(idx)!r}")
+            elif n <= idx < self.vocab_size:
+                problems.append(f"{content!r} at id {idx}, which is a special token id of {vocab_file}")
+            else:
+                added[idx] = tok if isinstance(tok, AddedToken) else AddedToken(content, special=True)
+        if problems:
+            raise ValueError("tokenizer_config.json `added_tokens_decoder` does not match tokenizer.model: "
+                             + "; ".join(problems) + ". Remove those entries, set `chatglm_version` (2 or 3), "
+                             "or use the matching tokenizer.model.")
+        self._added_tokens_decoder = added
+        if "additional_special_tokens" not in kwargs and "extra_special_tokens" not in kwargs:
+            kwargs["extra_special_tokens"] = list(self.special_tokens)  # so skip_special_tokens drops them
+        super().__init__(padding_side=padding_side, clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+                         eos_token=eos_token, pad_token=pad_token, unk_token=unk_token, **kwargs)
+        self.special_tokens_pattern = "prefix_suffix"  # tokenizer(text) -> [gMASK] sop text
+        self.prefix_tokens = self.get_prefix_tokens()
+        self.suffix_tokens = []
+        self.init_kwargs.update(chatglm_version=self.chatglm_version, remove_space=remove_space,
+                                do_lower_case=do_lower_case)  # kept on save
+
+    def _load(self, sp_model) -> None:
+        self.sp_model = sp_model
+        self.n_pieces = sp_model.get_piece_size()
+        names = SP_SPECIAL_TOKENS + (SP_ROLE_TOKENS if self.chatglm_version == 3 else ())
+        self.special_tokens = {tok: self.n_pieces + i for i, tok in enumerate(names)}
+        self._pieces = None  # piece -> id, built on first use (get_vocab)
+        try:  # sentencepiece >= 0.2.3 returns char offsets directly; older versions through an immutable proto
+            sp_model.encode("a", return_type="offset_mapping")
+            self._offsets_via = "offset_mapping"
+        except (TypeError, ValueError):
+            self._offsets_via = "immutable_proto"
+
+    # SentencePieceProcessor objects are rebuilt from the model bytes (copy.deepcopy, spawn-started workers).
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["sp_model"] = self.sp_model.serialized_model_proto()
+        state.pop("_pieces", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import sentencepiece
+
+        proto = state.pop("sp_model")
+        self.__dict__.update(state)
+        sp = sentencepiece.SentencePieceProcessor()
+        sp.LoadFromSerializedProto(proto)
+        self._load(sp)
+
+    # ---- sizes and vocabulary -------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.n_pieces + len(self.special_tokens)
+
+    def get_vocab(self) -> dict[str, int]:
+        if self._pieces is None:
+            self._pieces = {self.sp_model.id_to_piece(i): i for i in range(self.n_pieces)}
+        vocab = dict(self._pieces)
+        vocab.update(self.special_tokens)
+        vocab.update(self._added_tokens_encoder)
+        return vocab
+
+    # ---- the paths templates use ----------------------------------------------------------------
+    def encode_plain(self, text: str) -> list[int]:
+        """`sp_model.encode(text)`: the model's own normalizer and dummy prefix; special-token text is plain."""
+        return self.sp_model.encode(text)
+
+    def encode_plain_batch(self, texts: list[str], num_threads: int = 1) -> list[list[int]]:
+        """`encode_plain` of many texts in one SentencePiece call."""
+        return self.sp_model.encode(list(texts), num_threads=num_threads)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """(ids, spans): `encode_plain(text)` and, per token, the [start, end) character span of `text` it holds.
+        A token holding no character (the dummy-prefix "▁" before a leading "\\n", say) has start == end; all
+        byte-fallback pieces of one character hold that character (SentencePiece gives it to the last byte only).
+        So "the tokens holding a character of text[a:b]" are those with start < b and end > a."""
+        if self._offsets_via == "offset_mapping":
+            out = self.sp_model.encode(text, return_type="offset_mapping")
+            ids, spans = list(out["ids"]), [(int(b), int(e)) for b, e in out["offsets"]]
+        else:
+            pieces = self.sp_model.encode(text, out_type="immutable_proto").pieces
+            ids, spans = [p.id for p in pieces], [(p.begin, p.end) for p in pieces]
+        is_byte = self.sp_model.is_byte
+        for i in range(len(ids) - 2, -1, -1):
+            start, end = spans[i]
+            if start == end and is_byte(ids[i]) and is_byte(ids[i + 1]) and spans[i + 1][0] == start:
+                spans[i] = spans[i + 1]
+        return ids, spans
+
+    def get_command(self, token: str) -> int:
+        """Id of a special token such as "[gMASK]" or "<|user|>" (upstream API)."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        if token in self._added_tokens_encoder:
+            return self._added_tokens_encoder[token]
+        raise KeyError(f"{token!r} is not a special token of this ChatGLM{self.chatglm_version} tokenizer")
+
+    def get_prefix_tokens(self) -> list[int]:
+        """[gMASK] sop: the prefix of every ChatGLM2/3 prompt."""
+        return [self.special_tokens["[gMASK]"], self.special_tokens["sop"]]
+
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        """ChatGLM3: [<|role|>] + encode(metadata + "\\n") + encode(message); content is always plain text."""
+        if self.chatglm_version != 3:
+            raise ValueError("ChatGLM2 has no role tokens; build_single_message is ChatGLM3's (chatglm_version=3)")
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}; ChatGLM3 roles are {', '.join(ROLES)}")
+        return [self.special_tokens[f"<|{role}|>"]] + self.encode_plain(f"{metadata}\n") + self.encode_plain(message)
+
+    # ---- transformers' slow-tokenizer hooks -----------------------------------------------------
+    def _tokenize(self, text: str, **kwargs) -> list[str]:
+        return self.sp_model.encode(text, out_type=str)
+
+    def _convert_token_to_id(self, token: str) -> int:
+        return self.special_tokens.get(token, self.sp_model.piece_to_id(token))
+
+    def _convert_id_to_token(self, index: int) -> str:
+        return self.sp_model.id_to_piece(index) if 0 <= index < self.n_pieces else ""
+
+    def _text_of(self, items, is_regular, to_text, regular_run) -> str:
+        """Join runs of regular items through SentencePiece and the others through `to_text`."""
+        parts, run = [], []
+        for item in items:
+            if is_regular(item):
+                run.append(item)
+                continue
+            if run:
+                parts.append(regular_run(run))
+                run = []
+            parts.append(to_text(item))
+        if run:
+            parts.append(regular_run(run))
+        return "".join(parts)
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        specials = set(self.special_tokens) | set(self._added_tokens_encoder)
+        return self._text_of(tokens, lambda t: t not in specials, str, self.sp_model.decode_pieces)
+
+    def _decode(self, token_ids, skip_special_tokens: bool = False, clean_up_tokenization_spaces=None,
+                **kwargs) -> str:
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        skip = set(self.all_special_ids) if skip_special_tokens else set()
+        added, n = self._added_tokens_decoder, self.n_pieces
+        ids = [int(i) for i in token_ids if int(i) not in skip]
+        # regular ids through SentencePiece (control pieces such as </s> decode to nothing there, so they are
+        # written out like the other registered tokens), registered tokens as their text, others as nothing
+        text = self._text_of(ids, lambda i: 0 <= i < n and i not in added, lambda i: added[i].content if i in added
+                             else "", self.sp_model.decode)
+        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None \
+            else clean_up_tokenization_spaces
+        return self.clean_up_tokenization(text) if clean else text
+
+    def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
+        if not os.path.isdir(save_directory):
+            raise ValueError(f"save_vocabulary: {save_directory} is not a folder")
+        out = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "")
+                           + VOCAB_FILES_NAMES["vocab_file"])
+        if os.path.isfile(self.vocab_file) and os.path.abspath(self.vocab_file) != os.path.abspath(out):
+            shutil.copyfile(self.vocab_file, out)  # byte-identical copy of the original file
+        elif not os.path.isfile(out):
+            with open(out, "wb") as f:
+                f.write(self.sp_model.serialized_model_proto())
         return (out,)
