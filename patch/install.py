@@ -9,7 +9,8 @@ What it does, by family (read from config.json `model_type`):
              config.json auto_map: AutoConfig -> configuration_chatglm.ChatGLMConfig, AutoModel and
              AutoModelForCausalLM -> modeling_chatglm.ChatGLMForConditionalGeneration (other entries that name a
              class our files lack are dropped); tokenizer_config.json auto_map: AutoTokenizer ->
-             tokenization_chatglm.ChatGLM4Tokenizer.
+             tokenization_chatglm.ChatGLM4Tokenizer (GLM-4: a text tokenizer.model of tiktoken ranks) or
+             tokenization_chatglm.ChatGLMTokenizer (ChatGLM2/3: a binary SentencePiece tokenizer.model).
   llama   -> copies packed_attention.py, modeling_llama.py; config.json auto_map: AutoModelForCausalLM ->
              modeling_llama.LlamaForCausalLM (config and tokenizer stay transformers' own).
 Every file it replaces or rewrites is first copied to DIR/patch_backup/ (an existing backup is never
@@ -102,6 +103,19 @@ def _update_json(path: Path, model_dir: Path, updates: dict, available: dict[str
                + (f"; dropped entries naming classes our files lack: {dropped}" if dropped else ""))
 
 
+def chatglm_tokenizer_class(model_dir: Path) -> str:
+    """ChatGLM4Tokenizer when DIR/tokenizer.model is GLM-4's text file (`<base64> <rank>` lines), else
+    ChatGLMTokenizer (ChatGLM2/3's binary SentencePiece model)."""
+    path = model_dir / "tokenizer.model"
+    if not path.is_file():
+        return "ChatGLM4Tokenizer"
+    with open(path, "rb") as f:
+        first = f.readline(4096).split()
+    is_ranks = len(first) == 2 and first[1].isdigit() and all(
+        chr(c).isalnum() or chr(c) in "+/=" for c in first[0])
+    return "ChatGLM4Tokenizer" if is_ranks else "ChatGLMTokenizer"
+
+
 def install(model_dir: str | Path, verify: bool = True) -> list[str]:
     """Install into `model_dir`; returns the list of actions taken (also printed by main)."""
     model_dir = Path(model_dir)
@@ -118,7 +132,7 @@ def install(model_dir: str | Path, verify: bool = True) -> list[str]:
         raise FileNotFoundError(f"missing in {PATCH_DIR}: {missing} (incomplete checkout of patch/)")
     tok_config = model_dir / "tokenizer_config.json"
     if spec["tokenizer_auto_map"] and not tok_config.is_file():
-        raise FileNotFoundError(f"{tok_config} not found: a GLM-4 folder needs its tokenizer files")
+        raise FileNotFoundError(f"{tok_config} not found: a chatglm-format folder needs its tokenizer files")
 
     log: list[str] = []
     for name in spec["files"]:
@@ -133,7 +147,9 @@ def install(model_dir: str | Path, verify: bool = True) -> list[str]:
     available = {Path(n).stem: _defined_classes(PATCH_DIR / n) for n in spec["files"]}
     _update_json(config_path, model_dir, spec["auto_map"], available, log)
     if spec["tokenizer_auto_map"]:
-        _update_json(tok_config, model_dir, spec["tokenizer_auto_map"], available, log)
+        tok_map = {"AutoTokenizer": [f"tokenization_chatglm.{chatglm_tokenizer_class(model_dir)}", None]} \
+            if model_type == "chatglm" else spec["tokenizer_auto_map"]
+        _update_json(tok_config, model_dir, tok_map, available, log)
     if verify:
         log.append(_verify(model_dir, spec))
     return log

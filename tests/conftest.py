@@ -42,3 +42,27 @@ def llama3_tokenizer_dir(tmp_path_factory) -> Path:
     from tools.make_tiny import make_llama3_tokenizer
 
     return make_llama3_tokenizer(tmp_path_factory.mktemp("llama3_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def chatglm2_tokenizer_dir(tmp_path_factory) -> Path:
+    """A chatglm2-6b hub-like tokenizer folder: SentencePiece tokenizer.model, tokenizer_config.json, our code."""
+    from tools.make_tiny import make_chatglm_tokenizer
+
+    return make_chatglm_tokenizer(tmp_path_factory.mktemp("chatglm2_tokenizer"), version=2)
+
+
+@pytest.fixture(scope="session")
+def chatglm3_tokenizer_dir(tmp_path_factory) -> Path:
+    """A chatglm3-6b hub-like tokenizer folder (role tokens named in added_tokens_decoder and chat_template)."""
+    from tools.make_tiny import make_chatglm_tokenizer
+
+    return make_chatglm_tokenizer(tmp_path_factory.mktemp("chatglm3_tokenizer"), version=3)
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_dir(tmp_path_factory) -> Path:
+    """A Llama-2 hub-like tokenizer folder: tokenizer.model + tokenizer.json + tokenizer_config.json."""
+    from tools.make_tiny import make_llama2_tokenizer
+
+    return make_llama2_tokenizer(tmp_path_factory.mktemp("llama2_tokenizer"))

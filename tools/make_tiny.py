@@ -4,6 +4,7 @@
     python tools/make_tiny.py tokenizer --family llama3 --out /tmp/tiny-llama3
     python tools/make_tiny.py model --family glm4 --out /tmp/tiny-glm4-model     # + tiny random weights
     python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3-model
+    python tools/make_tiny.py model --family chatglm3 --out /tmp/tiny-chatglm3   # also chatglm2, llama2
 
 Tokenizers (a byte-level BPE trained in well under a second on a small built-in English/Chinese text):
 - `make_glm4_tokenizer(out_dir)`: the GLM-4 hub layout. `tokenizer.model` (tiktoken ranks: all 256 bytes +
@@ -13,6 +14,11 @@ Tokenizers (a byte-level BPE trained in well under a second on a small built-in 
   patch/tokenization_chatglm.py. Loads with `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)`.
 - `make_llama3_tokenizer(out_dir)`: a Llama-3.1-style fast tokenizer (`tokenizer.json`) with the 256 Llama-3.1
   special tokens right after the regular tokens, in Llama's order. Loads with `AutoTokenizer.from_pretrained`.
+SentencePiece tokenizers (sentencepiece's trainer, offline, on the same text; byte fallback, dummy prefix):
+- `make_chatglm_tokenizer(out_dir, version=2|3)`: the chatglm2-6b / chatglm3-6b hub layout (binary
+  `tokenizer.model`, the hub's tokenizer_config.json fields, patch/tokenization_chatglm.py -> ChatGLMTokenizer).
+- `make_llama2_tokenizer(out_dir)`: Llama-2's hub layout (`tokenizer.model`, `tokenizer.json`, tokenizer_config),
+  `<unk>` 0, `<s>` 1, `</s>` 2. Loads with `AutoTokenizer.from_pretrained`.
 Special tokens get ids from len(regular vocab) upward, as in the real models, so nothing may hard-code ids.
 """
 
@@ -169,7 +175,129 @@ def make_llama3_tokenizer(out_dir: str | Path, vocab_size: int = 800, corpus: It
     return out
 
 
-TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokenizer}
+# ----------------------------------------------------------------------------------------------
+# SentencePiece tokenizers: ChatGLM2 / ChatGLM3 (remote-code class) and Llama-2 (hub fast tokenizer)
+# ----------------------------------------------------------------------------------------------
+
+def train_sentencepiece(vocab_size: int = 1000, corpus: Iterable[str] | None = None) -> bytes:
+    """A SentencePiece BPE model (serialized) trained offline on `corpus` lines (default CORPUS) with the
+    settings of the real chatglm / Llama-2 models: `<unk>` 0, `<s>` 1, `</s>` 2, byte fallback (any text
+    encodes), a dummy prefix, no whitespace folding, digits split. `vocab_size` is a soft limit."""
+    import io
+
+    import sentencepiece as spm
+
+    lines = [line for line in (CORPUS.splitlines() * 4 if corpus is None else corpus) if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def _sentencepiece_file(out: Path, vocab_size: int, corpus, names: Iterable[str]):
+    """Train, write out/tokenizer.model, and check that no `names` (special-token strings) is also a piece."""
+    import sentencepiece as spm
+
+    (out / "tokenizer.model").write_bytes(train_sentencepiece(vocab_size, corpus))
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    clash = [t for t in names if sp.piece_to_id(t) != sp.unk_id()]
+    if clash:
+        raise ValueError(f"special-token strings {clash} are also pieces of the trained model; change the corpus")
+    return sp
+
+
+CHATGLM3_CHAT_TEMPLATE = (  # chatglm3-6b's tokenizer_config.json template
+    "{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ message['role'] }}|>\n {{ message['content'] }}"
+    "{% else %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+HUB_MAX_LENGTH = 1000000000000000019884624838656  # transformers' "no limit" value the hub configs carry
+
+
+def make_chatglm_tokenizer(out_dir: str | Path, version: int = 3, vocab_size: int = 1000,
+                           corpus: Iterable[str] | None = None) -> Path:
+    """A chatglm2-6b (`version=2`) / chatglm3-6b (`version=3`) hub-like tokenizer folder: a binary SentencePiece
+    `tokenizer.model`, the hub's `tokenizer_config.json` fields (ChatGLM2: only auto_map, tokenizer_class,
+    remove_space, do_lower_case, name_or_path; ChatGLM3 also added_tokens_decoder entries for [gMASK], sop,
+    <|user|>, <|assistant|> at their ids, eos/pad/unk, padding_side left and its chat_template) and
+    patch/tokenization_chatglm.py. Loads with `AutoTokenizer.from_pretrained(dir, trust_remote_code=True)`."""
+    if version not in (2, 3):
+        raise ValueError(f"version={version!r}: expected 2 (ChatGLM2) or 3 (ChatGLM3)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    names = glm_tok.SP_SPECIAL_TOKENS + (glm_tok.SP_ROLE_TOKENS if version == 3 else ())
+    sp = _sentencepiece_file(out, vocab_size, corpus, names)
+    shutil.copyfile(glm_tok.__file__, out / "tokenization_chatglm.py")
+    config = {"name_or_path": f"THUDM/chatglm{version}-6b", "remove_space": False, "do_lower_case": False,
+              "tokenizer_class": "ChatGLMTokenizer",
+              "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}
+    if version == 3:
+        ids = {t: sp.get_piece_size() + i for i, t in enumerate(names)}
+        config.update({
+            "added_tokens_decoder": {str(ids[t]): {"content": t, "lstrip": False, "normalized": True,
+                                                   "rstrip": False, "single_word": False, "special": False}
+                                     for t in ("[gMASK]", "sop", "<|user|>", "<|assistant|>")},
+            "chat_template": CHATGLM3_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False,
+            "eos_token": "</s>", "model_max_length": HUB_MAX_LENGTH, "pad_token": "<unk>",
+            "padding_side": "left", "unk_token": "<unk>"})
+        del config["name_or_path"]
+        config = dict(sorted(config.items()))  # the hub file is written by save_pretrained: keys sorted
+    _write_json(out / "tokenizer_config.json", config)
+    return out
+
+
+def _llama2_tokenizer_json(sp):
+    """Llama-2's hub `tokenizer.json` layout for a SentencePiece BPE model: the pieces as a byte-fallback BPE
+    (merges ordered by the merged piece's rank), "▁" prepended and spaces replaced by the normalizer, `<s>`
+    added in front by the post-processor."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    merges = []
+    for piece, rank in sorted(vocab.items(), key=lambda kv: kv[1]):
+        if sp.is_control(rank) or sp.is_byte(rank) or sp.is_unknown(rank):
+            continue
+        splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                  if piece[:k] in vocab and piece[k:] in vocab]
+        merges += sorted(splits, key=lambda lr: (vocab[lr[0]], vocab[lr[1]]))
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tk.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tk.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tk.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", sp.bos_id())])
+    return tk
+
+
+def make_llama2_tokenizer(out_dir: str | Path, vocab_size: int = 1000, corpus: Iterable[str] | None = None) -> Path:
+    """A Llama-2 hub-like tokenizer folder: SentencePiece `tokenizer.model` (`<unk>` 0, `<s>` 1, `</s>` 2),
+    the matching fast `tokenizer.json` (adds `<s>`), and Llama-2's `tokenizer_config.json` fields.
+    Loads with `AutoTokenizer.from_pretrained(dir)`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sp = _sentencepiece_file(out, vocab_size, corpus, ())
+    _llama2_tokenizer_json(sp).save(str(out / "tokenizer.json"))
+
+    def added(t):
+        return {"__type": "AddedToken", "content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                "single_word": False}
+
+    _write_json(out / "tokenizer_config.json", {
+        "add_bos_token": True, "add_eos_token": False, "bos_token": added("<s>"),
+        "clean_up_tokenization_spaces": False, "eos_token": added("</s>"), "legacy": False,
+        "model_max_length": HUB_MAX_LENGTH, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer", "unk_token": added("<unk>")})
+    return out
+
+
+TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokenizer,
+                      "chatglm2": lambda out: make_chatglm_tokenizer(out, version=2),
+                      "chatglm3": lambda out: make_chatglm_tokenizer(out, version=3),
+                      "llama2": make_llama2_tokenizer}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -177,25 +305,57 @@ TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokeniz
 # ----------------------------------------------------------------------------------------------
 
 GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+SP_CHATGLM_VERSIONS = {"chatglm2": 2, "chatglm3": 3}
+
+
+def chatglm_sp_tiny_config(tok, version: int) -> dict:
+    """chatglm2-6b / chatglm3-6b config.json fields (REFERENCE 5) at tiny sizes: no rope_ratio (= 1),
+    apply_query_key_layer_scaling and attention_softmax_in_fp32 on, seq_length 32768 (ChatGLM2) / 8192 (ChatGLM3),
+    embedding rows padded past the tokenizer (padded_vocab_size), eos `</s>` and pad `<unk>` from the tokenizer."""
+    return dict(padded_vocab_size=-(-len(tok) // 64) * 64, num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                kv_channels=16, num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2,
+                seq_length=32768 if version == 2 else 8192, layernorm_epsilon=1e-5, rmsnorm=True,
+                post_layer_norm=True, add_bias_linear=False, add_qkv_bias=True, original_rope=True,
+                apply_query_key_layer_scaling=True, attention_softmax_in_fp32=True, tie_word_embeddings=False,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def llama2_tiny_config(tok) -> dict:
+    """Llama-2-7b config.json fields at tiny sizes: no GQA, max_position_embeddings 4096, rms_norm_eps 1e-5,
+    RoPE base 10000, untied; bos/eos from the tokenizer, pad = `<unk>` (LongAlign pads with it)."""
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=172, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_theta=10000.0, hidden_act="silu", tie_word_embeddings=False,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.unk_token_id)
+
+
+def _drop_config_keys(path: Path, keys: list[str]) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    _write_json(path, {k: v for k, v in data.items() if k not in keys})
 
 
 def _load_tiny_tokenizer(family: str, tokenizer_dir: Path):
     if family == "glm4":
         return glm_tok.ChatGLM4Tokenizer.from_pretrained(str(tokenizer_dir))
+    if family in SP_CHATGLM_VERSIONS:
+        return glm_tok.ChatGLMTokenizer.from_pretrained(str(tokenizer_dir))
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(tokenizer_dir))
 
 
 def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
                     **overrides) -> Path:
-    """A tiny random-weight model folder for `family` ("llama3" | "glm4"): config.json, model.safetensors,
+    """A tiny random-weight model folder for `family` (glm4, llama3, chatglm2, chatglm3, llama2): config.json,
+    model.safetensors,
     generation_config.json and the tokenizer files of `tokenizer_dir` (built into out_dir when None).
 
-    Shapes: 2 layers, hidden 64, 4 query heads of 16 dims sharing 2 key/value heads (GQA), MLP 128; the
-    vocabulary and special ids come from the tokenizer (GLM-4: embedding rows padded to a multiple of 64, like
-    the real padded_vocab_size). `overrides` replace config fields (e.g. num_hidden_layers=1 / num_layers=1).
-    GLM-4 folders also get the remote-code files and auto_map (patch/install.py), as the hub folders have them;
-    main.py and pre_tokenize_glm4.py never run them unless given --trust_remote_code."""
+    Shapes: 2 layers, hidden 64, 4 query heads of 16 dims sharing 2 key/value heads (GQA), MLP 128 (llama2:
+    4 key/value heads, MLP 172, `llama2_tiny_config`; chatglm2/3: `chatglm_sp_tiny_config`); the vocabulary and
+    special ids come from the tokenizer (chatglm formats: embedding rows padded to a multiple of 64, like the
+    real padded_vocab_size). `overrides` replace config fields (e.g. num_hidden_layers=1 / num_layers=1).
+    chatglm-format folders (glm4, chatglm2, chatglm3) also get the remote-code files and auto_map
+    (patch/install.py), as the hub folders have them; main.py and pre_tokenize_glm4.py never run them unless
+    given --trust_remote_code."""
     import torch
 
     if family not in TOKENIZER_BUILDERS:
@@ -207,17 +367,27 @@ def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path 
     tokenizer_dir = Path(tokenizer_dir)
     tok = _load_tiny_tokenizer(family, tokenizer_dir)
     torch.manual_seed(seed)
-    if family == "llama3":
+    if family in ("llama3", "llama2"):
         from transformers import LlamaConfig
         from patch.modeling_llama import LlamaForCausalLM
 
-        pad = tok.convert_tokens_to_ids("<|finetune_right_pad_id|>")
-        cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
-                   rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-                   bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        if family == "llama3":
+            pad = tok.convert_tokens_to_ids("<|finetune_right_pad_id|>")
+            cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
+                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad)
+        else:
+            cfg = llama2_tiny_config(tok)
         cfg.update(overrides)
         model = LlamaForCausalLM(LlamaConfig(**cfg))
+    elif family in SP_CHATGLM_VERSIONS:
+        from patch.configuration_chatglm import ChatGLMConfig
+        from patch.modeling_chatglm import ChatGLMForConditionalGeneration
+
+        cfg = chatglm_sp_tiny_config(tok, SP_CHATGLM_VERSIONS[family])
+        cfg.update(overrides)
+        model = ChatGLMForConditionalGeneration(ChatGLMConfig(**cfg))
     else:
         from patch.configuration_chatglm import ChatGLMConfig
         from patch.modeling_chatglm import ChatGLMForConditionalGeneration
@@ -233,12 +403,14 @@ def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path 
         for f in tokenizer_dir.iterdir():
             if f.is_file():
                 shutil.copyfile(f, out / f.name)
-    if family == "glm4":
+    if family == "glm4" or family in SP_CHATGLM_VERSIONS:
         from patch.install import BACKUP_DIR, install
         had_backup = (out / BACKUP_DIR).exists()
         install(out, verify=False)
         if not had_backup:  # a fresh tiny folder: the copies of what install rewrote are just clutter
             shutil.rmtree(out / BACKUP_DIR, ignore_errors=True)
+    if family in SP_CHATGLM_VERSIONS and "rope_ratio" not in overrides:
+        _drop_config_keys(out / "config.json", ["rope_ratio"])  # chatglm2-6b / chatglm3-6b carry none (= 1)
     return out
 
 
