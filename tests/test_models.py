@@ -74,9 +74,10 @@ def native_glm_state_dict(sd: dict, cfg: ChatGLMConfig) -> dict:
     return out
 
 
-def make_glm(seed=0, **over):
+def make_glm(seed=0, config: ChatGLMConfig | None = None, **over):
+    """Our chatglm-format model (GLM-4 tiny config, or `config`) and transformers' GlmForCausalLM peer."""
     torch.manual_seed(seed)
-    cfg = glm_config(**over)
+    cfg = config if config is not None else glm_config(**over)
     ours = ChatGLMForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # non-trivial norm weights so a mis-mapped norm would show
         for name, p in ours.named_parameters():
@@ -89,14 +90,31 @@ def make_glm(seed=0, **over):
         head_dim=cfg.kv_channels, rms_norm_eps=cfg.layernorm_epsilon, attention_bias=cfg.add_qkv_bias,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * cfg.rope_ratio,
                          "partial_rotary_factor": 0.5},
-        eos_token_id=list(cfg.eos_token_id), pad_token_id=cfg.pad_token_id, tie_word_embeddings=False)
+        eos_token_id=cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else list(cfg.eos_token_id),
+        pad_token_id=cfg.pad_token_id, tie_word_embeddings=False)
     peer = GlmForCausalLM(native_cfg).eval()
     result = peer.load_state_dict(native_glm_state_dict(ours.state_dict(), cfg), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     return ours, peer
 
 
-FAMILIES = {"llama": make_llama, "glm4": make_glm}
+def tiny_hub_config(hub: dict, **over) -> ChatGLMConfig:
+    """A hub config.json (below) read as it is, at tiny sizes: every other field (no rope_ratio, layer scaling,
+    fp32 softmax, eos/pad ids, seq_length) stays the hub's."""
+    sizes = dict(num_layers=2, padded_vocab_size=VOCAB, hidden_size=48, ffn_hidden_size=80, kv_channels=16,
+                 num_attention_heads=4, multi_query_group_num=2)
+    return ChatGLMConfig.from_dict({**hub, **sizes, **over})
+
+
+def make_chatglm2(seed=0, **over):
+    return make_glm(seed, config=tiny_hub_config(CHATGLM2_6B_CONFIG, **over))
+
+
+def make_chatglm3(seed=0, **over):
+    return make_glm(seed, config=tiny_hub_config(CHATGLM3_6B_CONFIG, **over))
+
+
+FAMILIES = {"llama": make_llama, "glm4": make_glm, "chatglm2": make_chatglm2, "chatglm3": make_chatglm3}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -125,31 +143,6 @@ def test_logits_match_peer(family):
         assert abs(out.loss.item() - peer(ids, labels=labels).loss.item()) <= TOL
 
 
-def test_glm4_checkpoint_layout_full_size():
-    """glm-4-9b: the exact keys and shapes of REFERENCE 1 and 9,399,951,360 parameters (built on the meta device)."""
-    with torch.device("meta"):
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig())
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    assert sum(p.numel() for p in model.parameters()) == 9_399_951_360
-    layer = "transformer.encoder.layers.39."
-    expected = {
-        "transformer.embedding.word_embeddings.weight": (151552, 4096),
-        layer + "input_layernorm.weight": (4096,),
-        layer + "self_attention.query_key_value.weight": (4608, 4096),
-        layer + "self_attention.query_key_value.bias": (4608,),
-        layer + "self_attention.dense.weight": (4096, 4096),
-        layer + "post_attention_layernorm.weight": (4096,),
-        layer + "mlp.dense_h_to_4h.weight": (27392, 4096),
-        layer + "mlp.dense_4h_to_h.weight": (4096, 13696),
-        "transformer.encoder.final_layernorm.weight": (4096,),
-        "transformer.output_layer.weight": (151552, 4096),
-        "transformer.rotary_pos_emb.inv_freq": (32,),
-    }
-    for key, shape in expected.items():
-        assert shapes[key] == shape, key
-    assert len(shapes) == 4 + 40 * 7
-
-
 GLM4_9B_CHAT_CONFIG = {  # the hub's config.json fields (REFERENCE 1), including ones our code does not use
     "_name_or_path": "THUDM/glm-4-9b-chat", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
     "auto_map": {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
@@ -165,6 +158,61 @@ GLM4_9B_CHAT_CONFIG = {  # the hub's config.json fields (REFERENCE 1), including
     "torch_dtype": "bfloat16", "transformers_version": "4.44.0", "tie_word_embeddings": False,
     "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
 }
+
+
+_CHATGLM_6B_AUTO_MAP = {"AutoConfig": "configuration_chatglm.ChatGLMConfig",
+                        "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                        "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+                        "AutoModelForSeq2SeqLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}
+CHATGLM2_6B_CONFIG = {  # chatglm2-6b's config.json fields (REFERENCE 5): no rope_ratio
+    "_name_or_path": "THUDM/chatglm2-6b", "model_type": "chatglm", "architectures": ["ChatGLMModel"],
+    "auto_map": _CHATGLM_6B_AUTO_MAP, "add_bias_linear": False, "add_qkv_bias": True,
+    "apply_query_key_layer_scaling": True, "apply_residual_connection_post_layernorm": False,
+    "attention_dropout": 0.0, "attention_softmax_in_fp32": True, "bias_dropout_fusion": True,
+    "ffn_hidden_size": 13696, "fp32_residual_connection": False, "hidden_dropout": 0.0, "hidden_size": 4096,
+    "kv_channels": 128, "layernorm_epsilon": 1e-05, "multi_query_attention": True, "multi_query_group_num": 2,
+    "num_attention_heads": 32, "num_layers": 28, "original_rope": True, "padded_vocab_size": 65024,
+    "post_layer_norm": True, "rmsnorm": True, "seq_length": 32768, "use_cache": True, "torch_dtype": "float16",
+    "transformers_version": "4.27.1", "tie_word_embeddings": False, "eos_token_id": 2, "pad_token_id": 0,
+}
+CHATGLM3_6B_CONFIG = {**CHATGLM2_6B_CONFIG, "_name_or_path": "THUDM/chatglm3-6b", "seq_length": 8192,
+                      "transformers_version": "4.30.2"}
+
+
+@pytest.mark.parametrize("hub, layers, rows, total", [
+    (None, 40, 151552, 9_399_951_360), (CHATGLM2_6B_CONFIG, 28, 65024, 6_243_584_000),
+    (CHATGLM3_6B_CONFIG, 28, 65024, 6_243_584_000)], ids=["glm-4-9b", "chatglm2-6b", "chatglm3-6b"])
+def test_checkpoint_layout_full_size(hub, layers, rows, total):
+    """The exact keys and shapes of REFERENCE 1 (glm-4-9b) / 5 (chatglm2-6b, chatglm3-6b config.json read as it
+    is) and their parameter counts, built on the meta device."""
+    cfg = ChatGLMConfig() if hub is None else ChatGLMConfig.from_dict(dict(hub))
+    if hub is not None:  # no rope_ratio in the file: 1, RoPE base 10000; the numerical-trick flags are read
+        assert "rope_ratio" not in hub and cfg.rope_ratio == 1.0 and cfg.seq_length == hub["seq_length"]
+        assert cfg.apply_query_key_layer_scaling and cfg.attention_softmax_in_fp32 and cfg.dtype == torch.float16
+        assert cfg.eos_token_id == 2 and cfg.pad_token_id == 0
+    with torch.device("meta"):
+        model = ChatGLMForConditionalGeneration(cfg)
+    if hub is not None:
+        assert model.transformer.rotary_pos_emb.base == 10000.0 and model.generation_config.eos_token_id == 2
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == total
+    layer = f"transformer.encoder.layers.{layers - 1}."
+    expected = {
+        "transformer.embedding.word_embeddings.weight": (rows, 4096),
+        layer + "input_layernorm.weight": (4096,),
+        layer + "self_attention.query_key_value.weight": (4608, 4096),
+        layer + "self_attention.query_key_value.bias": (4608,),
+        layer + "self_attention.dense.weight": (4096, 4096),
+        layer + "post_attention_layernorm.weight": (4096,),
+        layer + "mlp.dense_h_to_4h.weight": (27392, 4096),
+        layer + "mlp.dense_4h_to_h.weight": (4096, 13696),
+        "transformer.encoder.final_layernorm.weight": (4096,),
+        "transformer.output_layer.weight": (rows, 4096),
+        "transformer.rotary_pos_emb.inv_freq": (32,),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    assert len(shapes) == 4 + layers * 7
 
 
 def test_glm4_hub_config_reads_as_is():
@@ -440,6 +488,44 @@ def test_llama_files_copied_by_hand_load_via_remote_code(tmp_path):
     assert all(line.startswith("unchanged") for line in log)
 
 
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3", "llama2"])
+def test_tiny_sentencepiece_family_folders(tmp_path, family):
+    """tools/make_tiny.py model folders of the SentencePiece families: the real config fields, the right tokenizer
+    class through auto_map (install.py tells ChatGLM2/3's binary tokenizer.model from GLM-4's), a working model."""
+    from tools.make_tiny import main as make_tiny_main
+
+    out = make_tiny_main(["model", "--family", family, "--out", str(tmp_path / family)])
+    config = json.loads((out / "config.json").read_text())
+    tok = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    if family == "llama2":
+        assert type(tok).__name__ == "LlamaTokenizer" and config["model_type"] == "llama"
+        assert config["vocab_size"] == len(tok) and (config["bos_token_id"], config["eos_token_id"]) == (1, 2)
+        assert config["max_position_embeddings"] == 4096
+        assert config["num_key_value_heads"] == config["num_attention_heads"]
+        model = LlamaForCausalLM.from_pretrained(out).eval()
+        assert model.config.rope_parameters["rope_theta"] == 10000.0
+    else:
+        version = int(family[-1])
+        assert type(tok).__name__ == "ChatGLMTokenizer" and tok.chatglm_version == version
+        tok_map = json.loads((out / "tokenizer_config.json").read_text())["auto_map"]
+        assert tok_map["AutoTokenizer"][0] == "tokenization_chatglm.ChatGLMTokenizer"
+        assert "rope_ratio" not in config and config["seq_length"] == {2: 32768, 3: 8192}[version]
+        assert config["apply_query_key_layer_scaling"] and config["attention_softmax_in_fp32"]
+        assert config["padded_vocab_size"] % 64 == 0 and config["padded_vocab_size"] >= len(tok)
+        assert (config["eos_token_id"], config["pad_token_id"]) == (tok.eos_token_id, tok.pad_token_id)
+        log = patch_install.main(["--model_dir", str(out), "--verify", "false"])  # installed already: idempotent
+        assert all(line.startswith("unchanged") for line in log)
+        model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules") and model.config.rope_ratio == 1.0
+    ids = torch.tensor([tok("你好 hello")["input_ids"] + tok("world")["input_ids"]])
+    n = len(tok("你好 hello")["input_ids"])
+    cu = torch.tensor([0, n, ids.shape[1]], dtype=torch.int32)
+    with torch.no_grad():
+        packed = model(ids, attention_mask=cu).logits[0]
+        assert rel_err(packed[:n], model(ids[:, :n]).logits[0]) <= TOL
+        assert model(ids, attention_mask=cu, labels=ids).loss.isfinite()
+
+
 def test_install_rejects_unknown_family(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
@@ -471,8 +557,8 @@ def _zero3_check(port: int) -> None:
         "zero_allow_untested_optimizer": True}
     samples, labels, weights, cu = _pack([6, 11, 4])
     ids, lab, w = torch.cat(samples)[None], torch.cat(labels)[None], torch.cat(weights)[None]
-    for family, make in sorted(FAMILIES.items()):
-        ref, _ = make()
+    for family in ("glm4", "llama"):  # chatglm2/3 run the same model code as glm4
+        ref, _ = FAMILIES[family]()
         ref.train()
         kw = dict(attention_mask=cu, labels=lab, weights=w, pack_loss=True, num_items_in_batch=3, loss_chunk_size=4)
         ref(ids, **kw).loss.backward()
