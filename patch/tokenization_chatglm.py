@@ -282,14 +282,18 @@ SP_SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 SP_ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 
-def load_sentencepiece(path: str | os.PathLike):
-    """A `sentencepiece.SentencePieceProcessor` for a binary SentencePiece model file, with a clear error if the
-    package is missing or the file is not such a model (a GLM-4 text `tokenizer.model`, say)."""
-    try:
+def _new_sentencepiece_processor():
+    try:  # imported here, inside try: GLM-4 folders load as remote code without sentencepiece installed
         import sentencepiece
     except ImportError as e:
         raise ImportError("ChatGLMTokenizer needs the sentencepiece package: pip install sentencepiece") from e
-    sp = sentencepiece.SentencePieceProcessor()
+    return sentencepiece.SentencePieceProcessor()
+
+
+def load_sentencepiece(path: str | os.PathLike):
+    """A `sentencepiece.SentencePieceProcessor` for a binary SentencePiece model file, with a clear error if the
+    package is missing or the file is not such a model (a GLM-4 text `tokenizer.model`, say)."""
+    sp = _new_sentencepiece_processor()
     try:
         sp.Load(str(path))
     except Exception as e:  # noqa: BLE001 - sentencepiece raises RuntimeError/OSError depending on the version
@@ -404,11 +408,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return state
 
     def __setstate__(self, state: dict) -> None:
-        import sentencepiece
-
         proto = state.pop("sp_model")
         self.__dict__.update(state)
-        sp = sentencepiece.SentencePieceProcessor()
+        sp = _new_sentencepiece_processor()
         sp.LoadFromSerializedProto(proto)
         self._load(sp)
 

@@ -524,6 +524,16 @@ def test_tiny_sentencepiece_family_folders(tmp_path, family):
         packed = model(ids, attention_mask=cu).logits[0]
         assert rel_err(packed[:n], model(ids[:, :n]).logits[0]) <= TOL
         assert model(ids, attention_mask=cu, labels=ids).loss.isfinite()
+    # batched generation from left-padded prompts = one by one (Llama-2 ships no pad token: the config's, <unk>)
+    if tok.pad_token is None:
+        tok.pad_token = tok.convert_ids_to_tokens(model.config.pad_token_id)
+    prompts = ["你好，请写一篇关于长江的文章。", "hi"]
+    batch = tok(prompts, padding=True, padding_side="left", return_tensors="pt")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=[])
+    together = model.generate(**batch, **kw)[:, batch["input_ids"].shape[1]:]
+    for row, prompt in zip(together.tolist(), prompts):
+        alone = tok(prompt, return_tensors="pt")
+        assert model.generate(**alone, **kw)[0, alone["input_ids"].shape[1]:].tolist() == row
 
 
 def test_install_rejects_unknown_family(tmp_path):

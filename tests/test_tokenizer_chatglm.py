@@ -224,8 +224,12 @@ def test_config_that_disagrees_with_the_model_is_a_clear_error(tmp_path, chatglm
 
 
 def test_glm4_folder_still_gets_chatglm4(glm4_tokenizer_dir):
+    from transformers.dynamic_module_utils import get_imports
+
     assert type(AutoTokenizer.from_pretrained(glm4_tokenizer_dir, trust_remote_code=True)).__name__ == \
         "ChatGLM4Tokenizer"
+    # the remote-code check asks for no sentencepiece: GLM-4 folders load without it
+    assert "sentencepiece" not in get_imports(glm4_tokenizer_dir / "tokenization_chatglm.py")
 
 
 # ----------------------------------------------------------------------------------------------
