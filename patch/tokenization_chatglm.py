@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 from typing import Any
 
@@ -475,6 +476,30 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return [self.special_tokens[f"<|{role}|>"]] + self.encode_plain(f"{metadata}\n") + self.encode_plain(message)
 
     # ---- transformers' slow-tokenizer hooks -----------------------------------------------------
+    def tokenize(self, text: str, **kwargs) -> list[str]:
+        """The transformers convention (registered token text is recognised, so chat templates work), except
+        that the word-like `sop` / `eop` count only right after another special token (`[gMASK]sop`): inside
+        ordinary words ("people", "Aesop") they are letters. `split_special_tokens=True`: plain SentencePiece."""
+        split = kwargs.pop("split_special_tokens", self.split_special_tokens)
+        text, kwargs = self.prepare_for_tokenization(text, **kwargs)
+        if split:
+            return self._tokenize(text)
+        names = set(self._added_tokens_encoder) | set(self.special_tokens)
+        wordlike = sorted(t for t in names if t.isalpha())
+        pattern = "|".join(re.escape(t) for t in sorted(names - set(wordlike), key=len, reverse=True))
+        tokens, parts = [], re.split(f"({pattern})", text) if pattern else [text]
+        for i, part in enumerate(parts):  # odd indices: registered tokens
+            if i % 2:
+                tokens.append(part)
+                continue
+            word = next((w for w in wordlike if i and part.startswith(w)), None)
+            if word:
+                tokens.append(word)
+                part = part[len(word):]
+            if part:
+                tokens.extend(self._tokenize(part))
+        return tokens
+
     def _tokenize(self, text: str, **kwargs) -> list[str]:
         return self.sp_model.encode(text, out_type=str)
 

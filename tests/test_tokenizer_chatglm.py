@@ -110,6 +110,20 @@ def test_special_text_in_content_is_plain(tok, glm3):
             tok.build_single_message("user", "", "x")
 
 
+def test_transformers_path_recognises_special_text_but_not_inside_words(tok, glm3):
+    """tokenizer(text) recognises registered token text (chat templates need it), but the word-like `sop` / `eop`
+    only right after another special token: "people" and "Aesop" stay letters (the hub class split them)."""
+    words = "people of Aesop sopa eop"
+    assert tok(words, add_special_tokens=False)["input_ids"] == tok.encode_plain(words)
+    ids = tok("[gMASK]sop hi", add_special_tokens=False)["input_ids"]
+    assert ids[:2] == tok.get_prefix_tokens() and ids[2:] == tok.encode_plain(" hi")
+    # chatglm3-6b's own chat_template gives the ids the model's message builder gives
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "people?"}]
+    manual = glm3.get_prefix_tokens() + [i for m in conv for i in glm3.build_single_message(m["role"], "", m["content"])]
+    templ = glm3.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)["input_ids"]
+    assert list(templ) == manual + [glm3.get_command("<|assistant|>")]
+
+
 def test_decode_padded_rows_and_specials(tok):
     ids = tok.encode_plain("ok")
     assert tok.decode(ids + [len(tok) + 5]) == "ok"  # the model's padded embedding rows decode to nothing
