@@ -1,4 +1,4 @@
-"""Model files for packed long-context SFT: GLM-4 and ChatGLM2/3 (chatglm format) and Llama, plus their shared attention/loss.
+"""Model files for packed long-context SFT: GLM-4 and ChatGLM2/3 (chatglm format), Llama, shared attention/loss.
 
 The files are meant to be copied into a model folder (`python patch/install.py --model_dir DIR`) and loaded
 with `trust_remote_code=True`; this package form lets code import them directly, e.g.
