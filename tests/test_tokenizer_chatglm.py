@@ -119,7 +119,9 @@ def test_transformers_path_recognises_special_text_but_not_inside_words(tok, glm
     assert ids[:2] == tok.get_prefix_tokens() and ids[2:] == tok.encode_plain(" hi")
     # chatglm3-6b's own chat_template gives the ids the model's message builder gives
     conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "people?"}]
-    manual = glm3.get_prefix_tokens() + [i for m in conv for i in glm3.build_single_message(m["role"], "", m["content"])]
+    manual = glm3.get_prefix_tokens()
+    for m in conv:
+        manual += glm3.build_single_message(m["role"], "", m["content"])
     templ = glm3.apply_chat_template(conv, add_generation_prompt=True, return_dict=True)["input_ids"]
     assert list(templ) == manual + [glm3.get_command("<|assistant|>")]
 
