@@ -10,7 +10,7 @@ generate() - is transformers' own code):
      loss = sum_t w_t * CE_t / D (w_t = weights if pack_loss else 1, D = num_items_in_batch or sum w_t), computed in
      chunks so fp32 logits of a whole pack never exist. With labels given, `logits` is returned as None.
   3. Attention implementation is always "packed_varlen" (unpacked batches use transformers' SDPA inside it).
-Supported transformers: >= 5.0 (AttentionInterface, masking_utils, TransformersKwargs); tested with 5.23.
+Supported transformers: >= 5.0 (AttentionInterface, masking_utils, TransformersKwargs); tested with 5.23 and 5.17.
 
 Use: `python patch/install.py --model_dir DIR` then `AutoModelForCausalLM.from_pretrained(DIR,
 trust_remote_code=True)`, or import directly: `from patch.modeling_llama import LlamaForCausalLM`.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM as _UpstreamLlamaForCausalLM
-from transformers.modeling_utils import slice_logits_to_keep
 
 from .packed_attention import causal_lm_loss, force_packed_attention, prepare_packed_inputs
 
@@ -72,7 +71,10 @@ class LlamaForCausalLM(_UpstreamLlamaForCausalLM):
                 chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
             )
         else:
-            logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))  # [B, T', V]
+            # an int keeps the last `logits_to_keep` positions (0 = all), a tensor selects positions; written out
+            # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = self.lm_head(hidden_states[:, keep, :])  # [B, T', V]
         return CausalLMOutputWithPast(
             loss=loss,
             logits=logits,

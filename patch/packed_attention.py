@@ -146,19 +146,26 @@ def _attn_flash(q, k, v, cu, max_len, scale):
     return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
 
 
-def _attn_torch_varlen(q, k, v, cu, max_len, scale):
-    fn = _torch_varlen()
+def _attn_torch_varlen(q, k, v, cu, max_len, scale, fn=None):
+    """torch's varlen_attn across its versions: the first (2.9) takes `is_causal` and no `scale`, later ones
+    `window_size`, `scale` and `enable_gqa` (read off the signature, whatever the version number). Without a `scale` argument q is pre-scaled (softmax(s q.k) = softmax(s0 (s/s0) q.k),
+    s0 = D**-0.5 the kernel's own); without `enable_gqa` the KV heads are repeated. `fn` defaults to torch's."""
+    fn = fn or _torch_varlen()
     params = inspect.signature(fn).parameters
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    kwargs = {"scale": scale}
+    kwargs = {}
+    if "scale" in params:
+        kwargs["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12 * scale:
+        q = q * (scale / q.shape[-1] ** -0.5)
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
         else:
             k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
-    if "window_size" in params:  # torch >= 2.10: causal is window (-1, 0)
+    if "window_size" in params:  # newer torch: causal is window (-1, 0)
         kwargs["window_size"] = (-1, 0)
-    else:  # torch 2.9: explicit flag
+    else:  # older torch: explicit flag
         kwargs["is_causal"] = True
     return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 

@@ -299,6 +299,40 @@ def test_position_ids_derived_from_cu_seqlens():
     assert PA.position_ids_from_cu_seqlens(cu, 8).tolist() == [[0, 1, 2, 0, 1, 2, 3, 0]]
 
 
+def _varlen_math(q, k, v, cu, max_len, scale):
+    # what torch's CUDA-only varlen_attn computes, on CPU: per-sample causal attention with equal head counts
+    assert q.shape[1] == k.shape[1], "this signature has no GQA: the caller must repeat the KV heads"
+    return PA._attn_sdpa_per_sample(q, k, v, cu, max_len, q.shape[-1] ** -0.5 if scale is None else scale)
+
+
+def _varlen_torch_2_9(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert is_causal
+    return _varlen_math(query, key, value, cu_seq_q, max_q, None)  # no `scale` argument: the default D**-0.5
+
+
+def _varlen_torch_2_10_on(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                          window_size=(-1, -1), enable_gqa=False):
+    assert tuple(window_size) == (-1, 0)
+    if enable_gqa:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, dim=1), value.repeat_interleave(rep, dim=1)
+    return _varlen_math(query, key, value, cu_seq_q, max_q, scale)
+
+
+@pytest.mark.parametrize("fn", [_varlen_torch_2_9, _varlen_torch_2_10_on], ids=["torch2.9", "torch2.10+"])
+@pytest.mark.parametrize("scale", [8**-0.5, 0.2])  # GLM/Llama use the default; 0.2 needs the q pre-scaling
+def test_torch_varlen_call_fits_each_signature(fn, scale):
+    """The torch_varlen backend adapts to the varlen_attn signature it finds (2.9: is_causal, no scale/GQA; later:
+    window_size, scale, enable_gqa): same result as per-sample SDPA with grouped heads and any scale."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 10, 11], dtype=torch.int32)
+    q, k, v = torch.randn(11, 4, 8), torch.randn(11, 2, 8), torch.randn(11, 2, 8)
+    out = PA._attn_torch_varlen(q, k, v, cu, 7, scale, fn=fn)
+    ref = PA.varlen_attention(q, k, v, cu, 7, scale, backend="sdpa")
+    assert out.shape == (11, 4, 8)
+    assert rel_err(out, ref) <= TOL
+
+
 def test_bad_packed_mask_is_reported():
     ours, _ = make_llama()
     ids = torch.randint(3, 97, (1, 6))
