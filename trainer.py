@@ -28,16 +28,23 @@ gradient of one step is then exactly that of
 whatever the number of ranks, accumulation steps and per-device batch. The logged `loss` is the
 all-rank mean of the per-rank sums, i.e. that same quantity, so it means the same on any GPU count.
 Evaluation uses the same definitions summed over the whole validation set.
+
+Checkpoints. A checkpoint-N folder gets `save_complete.json` (checkpoints.py) only after every rank wrote
+its files, so a save cut short never looks complete; `--save_total_limit` deletes only the checkpoints of
+this run (its run_id, kept across resumes), never other checkpoint-* folders in --output_dir. A run resumed
+at its last step trains nothing (transformers would run one more step).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 import transformers
 from torch.utils.data import Dataset, Sampler
 
+from checkpoints import mark_in_progress, new_run_id, read_marker, rotate_own_checkpoints, write_marker
 from dataset import IGNORE_INDEX, count_targets
 
 BATCH_METHODS = ("naive", "sort", "pack")
@@ -100,6 +107,14 @@ class EpochSampler(Sampler):
         return iter(order + list(range(self.num_real, self.num_items)))
 
 
+def planned_steps(num_items: int, world_size: int, per_device: int, grad_acc: int, max_steps: int,
+                  num_train_epochs: float) -> int:
+    """Optimizer steps the run will make, as transformers counts them for TrainerNoShuffle's padded data."""
+    batches = math.ceil(num_items / (max(1, world_size) * per_device))  # per rank, after PaddedToMultiple
+    per_epoch = max(batches // grad_acc + int(batches % grad_acc > 0), 1)
+    return max_steps if max_steps > 0 else math.ceil(num_train_epochs * per_epoch)
+
+
 # ----------------------------------------------------------------------------------------------
 # Trainer
 # ----------------------------------------------------------------------------------------------
@@ -107,17 +122,20 @@ class EpochSampler(Sampler):
 class TrainerNoShuffle(transformers.Trainer):
     """transformers.Trainer with the data order and the exact step loss described in the module docstring.
 
-    Extra keyword arguments: batch_method ("naive" | "sort" | "pack"), pack_loss (bool). The model's
-    forward must accept labels, weights, pack_loss and num_items_in_batch (patch/modeling_*.py do)."""
+    Extra keyword arguments: batch_method ("naive" | "sort" | "pack"), pack_loss (bool), run_id (the run
+    the checkpoints belong to; default: the resumed checkpoint's, else a new one). The model's forward must
+    accept labels, weights, pack_loss and num_items_in_batch (patch/modeling_*.py do)."""
 
     # compute_loss returns a loss already normalized over the whole optimizer step
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, batch_method: str = "pack", pack_loss: bool = False, **kwargs):
+    def __init__(self, *args, batch_method: str = "pack", pack_loss: bool = False, run_id: str | None = None,
+                 **kwargs):
         if batch_method not in BATCH_METHODS:
             raise ValueError(f"batch_method {batch_method!r}: expected one of {BATCH_METHODS}")
         self.batch_method = batch_method
         self.pack_loss = pack_loss
+        self.run_id = run_id
         super().__init__(*args, **kwargs)
         # every micro-batch must reach the model whole (cu_seqlens, weights): never drop "unused" columns
         self.args.remove_unused_columns = False
@@ -153,6 +171,57 @@ class TrainerNoShuffle(transformers.Trainer):
 
     def _get_eval_sampler(self, eval_dataset):
         return EpochSampler(len(eval_dataset), len(eval_dataset), shuffle=False, seed=0)
+
+    # ---- checkpoints: complete only when marked, rotation of our own only ----------------------
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.run_id is None:
+            resumed = read_marker(resume_from_checkpoint) if isinstance(resume_from_checkpoint, (str, Path)) else None
+            self.run_id = (resumed or {}).get("run_id") or self._shared(new_run_id())
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _shared(self, value):
+        """Rank 0's value on every rank."""
+        if self.args.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            value = broadcast_object_list([value], from_process=0)[0]
+        return value
+
+    def _run_epoch(self, *args, **kwargs):
+        if self.state.global_step >= self.state.max_steps:  # resumed at the last step: nothing left to train
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            mark_in_progress(folder)  # saved again (a resumed run): it must not look complete half-way
+        # transformers' rotation deletes any checkpoint-* folder in output_dir: ours runs after the marker
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's files (ZeRO partitions, RNG states) are on disk
+        if self.args.should_save:
+            write_marker(folder, kind="checkpoint", global_step=self.state.global_step,
+                         max_steps=self.state.max_steps, run_id=self.run_id)
+            rotate_own_checkpoints(run_dir, self.run_id, limit, keep=(self.state.best_model_checkpoint,))
+
+    def _finalize_training(self, trial, *args, **kwargs):
+        # transformers deletes every checkpoint-* but the best with save_total_limit=1: only ours here
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            out = super()._finalize_training(trial, *args, **kwargs)
+        finally:
+            self.args.save_total_limit = limit
+        best = self.state.best_model_checkpoint
+        if self.args.should_save and best is not None and limit == 1:
+            rotate_own_checkpoints(self._get_output_dir(trial=trial), self.run_id, 1, keep=(best,), keep_newest=False)
+        return out
 
     # ---- exact loss -----------------------------------------------------------------------------
 
