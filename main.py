@@ -53,9 +53,11 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
+import checkpoints as ckpt
 import dataset as ds_lib
+import train_setup
 from dataset import IGNORE_INDEX, DatasetFormatError, TokenizedData, make_collator, write_json_atomic
-from trainer import BATCH_METHODS, TrainerNoShuffle
+from trainer import BATCH_METHODS, TrainerNoShuffle, planned_steps
 
 logger = logging.getLogger("longsft.train")
 
@@ -68,7 +70,7 @@ LORA_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
     "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
 }
-SETTINGS_FILE = "train_settings.json"
+SETTINGS_FILE = ckpt.SETTINGS_FILE
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,57 +123,28 @@ class LoraArguments:
 ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
 
 
-def _read_config_file(path: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"config file {path}: not found")
-    text = p.read_text(encoding="utf-8")
-    try:
-        if p.suffix == ".json":
-            cfg = json.loads(text)
-        else:
-            import yaml
-            cfg = yaml.safe_load(text)
-    except Exception as e:  # yaml.YAMLError / json.JSONDecodeError
-        raise SystemExit(f"config file {path}: cannot parse ({e})") from e
-    if cfg is None:
-        return {}
-    if not isinstance(cfg, dict):
-        raise SystemExit(f"config file {path}: expected a mapping of flag names to values, got {type(cfg).__name__}")
-    return cfg
+def make_parser() -> HfArgumentParser:
+    """Exact flag names only: argparse would otherwise take --pack_los for --pack_loss."""
+    return HfArgumentParser(ARG_CLASSES, allow_abbrev=False)
 
 
 def split_config(argv: list[str]) -> tuple[dict, list[str]]:
-    """(settings of the leading YAML/JSON config file, or {}; the remaining command-line flags)."""
-    argv = list(argv)
-    if argv and not argv[0].startswith("-") and Path(argv[0]).suffix in (".yaml", ".yml", ".json"):
-        path = argv.pop(0)
-        config = _read_config_file(path)
-        known = {f.name for cls in ARG_CLASSES for f in dataclasses.fields(cls) if f.init}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise SystemExit(f"config file {path}: unknown settings {unknown}; use the names of main.py's "
-                             f"flags without the leading -- (python main.py --help lists them)")
-        return config, argv
-    return {}, argv
+    """(settings of the YAML/JSON config file given among argv, or {}; the remaining command-line flags)."""
+    return train_setup.split_config(argv, ARG_CLASSES, make_parser())
 
 
 def explicit_settings(argv: list[str]) -> list[str]:
     """Names of the settings the config file or the command line set (the rest are defaults)."""
-    config, flags = split_config(argv)
-    names = list(config)
-    for a in flags:
-        if a.startswith("--"):
-            name = a[2:].split("=")[0].replace("-", "_")
-            if name not in names:
-                names.append(name)
-    return names
+    return train_setup.explicit_settings(argv, ARG_CLASSES, make_parser())
 
 
-def parse_args(argv: list[str] | None = None):
-    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from [CONFIG.yaml|json] + flags."""
+def parse_args(argv: list[str] | None = None, check_start: bool = False):
+    """(ModelArguments, DataArguments, LoraArguments, TrainingArguments) from [CONFIG.yaml|json] + flags.
+
+    Every bad value is reported at once (SystemExit), before anything is built; with check_start also the
+    required flags, the input paths, the model folder and the output folder (what main() needs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(ARG_CLASSES)
+    parser = make_parser()
     config, flags = split_config(argv)
     if config:
         config = {k: ",".join(v) if k == "lora_target_modules" and isinstance(v, (list, tuple)) else v
@@ -179,7 +152,14 @@ def parse_args(argv: list[str] | None = None):
         parser.set_defaults(**config)
     ns, extra = parser.parse_known_args(flags)
     if extra:
-        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags)")
+        hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
+            else ""
+        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
+    problems = train_setup.setting_problems(ns)
+    if check_start:
+        problems += train_setup.start_problems(ns, BATCH_METHODS)
+    if problems:
+        raise SystemExit("main.py cannot start:\n  - " + "\n  - ".join(problems))
     explicit = set(explicit_settings(argv))
     _choose_precision(ns, explicit)
     if "per_device_eval_batch_size" not in explicit:  # a pack per device, not 8 packs concatenated
@@ -187,8 +167,11 @@ def parse_args(argv: list[str] | None = None):
     if "dataloader_pin_memory" not in explicit and not torch.cuda.is_available():
         ns.dataloader_pin_memory = False
     _setup_cpu_distributed(ns)
-    return tuple(cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
-                 for cls in ARG_CLASSES)
+    try:
+        return tuple(cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
+                     for cls in ARG_CLASSES)
+    except ValueError as e:  # TrainingArguments.__post_init__ checks combinations of settings
+        raise SystemExit(f"main.py cannot start: {e}") from e
 
 
 def _choose_precision(ns, explicit: set[str]) -> None:
@@ -221,22 +204,6 @@ def _setup_cpu_distributed(ns) -> None:
     if isinstance(acc, str):
         acc = json.loads(Path(acc).read_text(encoding="utf-8"))
     ns.accelerator_config = {**(acc or {}), "use_configured_state": True}
-
-
-def _resolve_resume(args: TrainingArguments) -> Optional[str]:
-    r = args.resume_from_checkpoint
-    if r is None or str(r).lower() in ("", "false", "no", "0", "none"):
-        return None
-    if str(r).lower() in ("true", "yes", "1", "latest"):
-        last = transformers.trainer_utils.get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) \
-            else None
-        if last is None:
-            raise SystemExit(f"--resume_from_checkpoint true: no checkpoint-* folder in {args.output_dir}; "
-                             f"start without it or pass a checkpoint path")
-        return last
-    if not os.path.isdir(r):
-        raise SystemExit(f"--resume_from_checkpoint {r}: no such folder")
-    return r
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,8 +384,12 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, mo
         except (DatasetFormatError, FileNotFoundError) as e:
             if role == "validation":
                 return problems, stats  # validation falls back to the plain sample reader
-            problems.append(f"{flag}: {e}. --batch_method {batch_method} reads the output of "
-                            f"`python sort_and_group.py --train_file {path}`: run it first")
+            msg = str(e).rstrip(".")
+            for prefix in (f"{path}: ", f"{Path(path)}: ", f"{Path(path).resolve()}: "):
+                msg = msg[len(prefix):] if msg.startswith(prefix) else msg  # the flag already names the folder
+            if "sort_and_group.py" not in msg:
+                msg += f"; run `python sort_and_group.py --train_file {path}` first"
+            problems.append(f"{flag}: {msg} (needed by --batch_method {batch_method})")
             return problems, stats
         p = ds.packs
         stats.update(group_size=int(ds.group_size), max_length_packing=int(ds.max_length))
@@ -475,21 +446,18 @@ def setup_logging(args: TrainingArguments) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def main(argv: list[str] | None = None, callbacks: list | None = None) -> TrainerNoShuffle:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> Optional[TrainerNoShuffle]:
+    """Train; returns the trainer (None when a resumed run had already finished: nothing was done)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    model_args, data_args, lora_args, args = parse_args(argv)
+    # every setting, the model folder and the output folder: one error naming each problem, before anything loads
+    model_args, data_args, lora_args, args = parse_args(argv, check_start=True)
     setup_logging(args)
-    missing = [f for f, v in (("--model_name_or_path", model_args.model_name_or_path),
-                              ("--train_file", data_args.train_file), ("--output_dir", args.output_dir)) if not v]
-    if missing:
-        raise SystemExit(f"main.py: {', '.join(missing)} required (python main.py --help)")
-    if data_args.batch_method not in BATCH_METHODS:
-        raise SystemExit(f"--batch_method {data_args.batch_method!r}: expected one of {', '.join(BATCH_METHODS)}")
-    if lora_args.save_merged_model and not lora_args.use_lora:
-        raise SystemExit("--save_merged_model needs --use_lora (a full fine-tune already saves the whole model)")
+    for key in train_setup.deepspeed_unknown_keys(args.deepspeed) if args.deepspeed else []:
+        logger.warning("--deepspeed %s: the installed deepspeed never reads the key %r (a typo?): it has no "
+                       "effect", args.deepspeed if isinstance(args.deepspeed, str) else "config", key)
     args.remove_unused_columns = False
     args.prediction_loss_only = True
-    resume = _resolve_resume(args)
+    resume_req = ckpt.resume_request(args.resume_from_checkpoint)
 
     # ---- model family, tokenizer, data checks (before the model is loaded: fail fast) ----
     model_type = read_model_type(model_args.model_name_or_path)
@@ -514,6 +482,20 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
         pad_id = tokenizer.eos_token_id
     collator = make_collator(data_args.batch_method, pad_id, data_args.pack_loss)
 
+    # ---- a resumed run: already finished (nothing to do), else its newest complete checkpoint ----
+    world = max(1, args.world_size)
+    steps = planned_steps(len(train_ds), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
+                          args.max_steps, args.num_train_epochs)
+    done = ckpt.finished_output(args.output_dir, steps) if resume_req else None
+    if done:
+        logger.info("%s already holds the final output of this run (step %s of %d, %s): nothing to do",
+                    args.output_dir, done.get("global_step"), steps, ckpt.MARKER)
+        return None
+    resume = ckpt.resolve_resume(args.output_dir, resume_req)
+    if resume and (ckpt.checkpoint_step(resume) or 0) >= steps:
+        logger.info("%s is at step %s of %d: nothing left to train; the final output is written from it",
+                    resume, ckpt.checkpoint_step(resume), steps)
+
     # ---- model ----
     dtype = torch.bfloat16 if (args.bf16 and args.deepspeed) else torch.float32
     model = load_model(model_args, model_type, dtype)
@@ -522,7 +504,6 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
     total, trainable = count_parameters(model)
 
     # ---- report the settings and the data (rank 0) ----
-    world = max(1, args.world_size)
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     unit = "packs" if data_args.batch_method == "pack" else "samples"
     logger.info("model %s (%s, %s), %s parameters, %s trainable (%.2f%%)", model_args.model_name_or_path,
@@ -549,8 +530,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
                              "parameters": total, "trainable_parameters": trainable},
                 "data_stats": stats,
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
+    before = ckpt.begin_output(args.output_dir) if args.should_save else set()
     if args.should_save:
-        os.makedirs(args.output_dir, exist_ok=True)
         write_json_atomic(Path(args.output_dir) / SETTINGS_FILE, settings)
     logger.info("settings written to %s", Path(args.output_dir) / SETTINGS_FILE)
 
@@ -569,7 +550,10 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Traine
         trainer.accelerator.wait_for_everyone()
         if args.should_save:
             save_merged(model_args, model_type, dtype, args.output_dir, tokenizer)
-        trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.wait_for_everyone()  # every rank's part of the final output is written
+    if args.should_save:
+        ckpt.finish_output(args.output_dir, before, kind="final", global_step=trainer.state.global_step,
+                           max_steps=trainer.state.max_steps, run_id=trainer.run_id)
     logger.info("saved the %s and its tokenizer to %s", "LoRA adapter" if lora_args.use_lora else "model",
                 args.output_dir)
     return trainer
