@@ -564,7 +564,10 @@ def print_report(report: dict, shown: list[str], out_dir: Path, elapsed: float) 
 def parse_args(dataclass_type, argv: list[str] | None):
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(dataclass_type).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(dataclass_type, allow_abbrev=False)  # exact flag names: no --prefix matching
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args
 
 

@@ -526,7 +526,10 @@ def over_length_problem(lengths: np.ndarray, args: Arguments, names: Optional[np
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    (args,) = HfArgumentParser(Arguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(Arguments, allow_abbrev=False)  # exact flag names: no --prefix matching
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     t0 = time.perf_counter()
     data_dir = Path(args.train_file)
     problems = check_arguments(args)

@@ -100,7 +100,10 @@ def load(model_dir: str):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(GenerateArguments, allow_abbrev=False)  # exact flag names: no --prefix matching
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(args.seed)
     model, tokenizer, model_type = load(args.model_dir)
     template = args.template

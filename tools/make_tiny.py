@@ -419,12 +419,14 @@ def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path 
 # ----------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # exact flag names: no --prefix matching
     sub = parser.add_subparsers(dest="what", required=True)
-    p = sub.add_parser("tokenizer", help="write a tiny tokenizer folder")
+    p = sub.add_parser("tokenizer", help="write a tiny tokenizer folder", allow_abbrev=False)
     p.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
     p.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
-    m = sub.add_parser("model", help="write a tiny random-weight model folder (with its tokenizer)")
+    m = sub.add_parser("model", help="write a tiny random-weight model folder (with its tokenizer)",
+                       allow_abbrev=False)
     m.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
     m.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: build a tiny one)")

@@ -81,7 +81,10 @@ def plot(curves: dict, out: Path, title: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    (args,) = HfArgumentParser(PlotArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(PlotArguments, allow_abbrev=False)  # exact flag names: no --prefix matching
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     run_dir = Path(args.run_dir)
     state = find_state(run_dir)
     curves = read_curves(state)
