@@ -13,23 +13,28 @@ What it does, by family (read from config.json `model_type`):
              tokenization_chatglm.ChatGLMTokenizer (ChatGLM2/3: a binary SentencePiece tokenizer.model).
   llama   -> copies packed_attention.py, modeling_llama.py; config.json auto_map: AutoModelForCausalLM ->
              modeling_llama.LlamaForCausalLM (config and tokenizer stay transformers' own).
+Every auto_map entry left in the JSON files it rewrites names one of our classes: entries naming other code
+(the folder's own .py files, another repository's) are dropped, so trust_remote_code runs only our files.
 Every file it replaces or rewrites is first copied to DIR/patch_backup/ (an existing backup is never
 overwritten: later ones get a numeric suffix). Running it again changes nothing and backs up nothing.
-Afterwards it resolves the classes through transformers' remote-code loader (no weights are loaded) to check.
+Afterwards it checks the result without running any code of the folder's own: the installed files must equal
+ours, and our config class reads config.json and our model class resolves (no weights are loaded).
+A folder without config.json, or with a config.json that is not valid JSON, is refused with one message.
 """
 from __future__ import annotations
 
 import ast
 import filecmp
+import importlib.util
 import json
+import os
 import shutil
 import sys
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PATCH_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(PATCH_DIR.parent))  # repository root: dataset.write_json_atomic
-from dataset import write_json_atomic  # noqa: E402
 
 BACKUP_DIR = "patch_backup"
 FAMILIES = {
@@ -56,9 +61,41 @@ class InstallArguments:
     verify: bool = field(default=True, metadata={"help": "Resolve the installed classes afterwards (no weights)."})
 
 
+class InstallError(ValueError):
+    """A model folder install.py cannot install into (the message names the folder and what is wrong)."""
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------
+def write_json_atomic(path: Path, obj) -> None:
+    """JSON through a temp file and a rename: a reader never sees half a file (patch/ imports nothing of ours)."""
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A JSON object from `path`, or InstallError naming the file and what is wrong with it."""
+    if not path.is_file():
+        raise InstallError(f"{path.parent}: no {path.name} in the folder: --model_dir must be a model folder "
+                           f"with {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise InstallError(f"{path}: not UTF-8 text ({e}); restore the model's {path.name}") from e
+    except json.JSONDecodeError as e:
+        raise InstallError(f"{path}: not valid JSON (line {e.lineno} column {e.colno}: {e.msg}); restore the "
+                           f"model's {path.name}") from e
+    if not isinstance(data, dict):
+        raise InstallError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
 def _backup(path: Path, model_dir: Path) -> Path:
     backup_dir = model_dir / BACKUP_DIR
     backup_dir.mkdir(exist_ok=True)
@@ -77,18 +114,19 @@ def _defined_classes(module_file: Path) -> set[str]:
 
 
 def _reference_ok(ref, available: dict[str, set[str]]) -> bool:
+    """Whether an auto_map value names only classes of our files (a list: [slow, fast] tokenizer, None allowed)."""
     refs = ref if isinstance(ref, list) else [ref]
     for r in refs:
         if r is None:
             continue
         module, _, cls = str(r).rpartition(".")
-        if module in available and cls not in available[module]:
+        if module not in available or cls not in available[module]:
             return False
-    return True
+    return any(r is not None for r in refs)
 
 
 def _update_json(path: Path, model_dir: Path, updates: dict, available: dict[str, set[str]], log: list[str]):
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, "its config files")
     old_map = dict(data.get("auto_map") or {})
     new_map = {k: v for k, v in old_map.items() if _reference_ok(v, available)}
     dropped = sorted(set(old_map) - set(new_map))
@@ -100,7 +138,7 @@ def _update_json(path: Path, model_dir: Path, updates: dict, available: dict[str
     data["auto_map"] = new_map
     write_json_atomic(path, data)
     log.append(f"updated   {path.name} auto_map (backup: {backup.relative_to(model_dir)})"
-               + (f"; dropped entries naming classes our files lack: {dropped}" if dropped else ""))
+               + (f"; dropped entries naming code that is not ours: {dropped}" if dropped else ""))
 
 
 def chatglm_tokenizer_class(model_dir: Path) -> str:
@@ -119,20 +157,20 @@ def chatglm_tokenizer_class(model_dir: Path) -> str:
 def install(model_dir: str | Path, verify: bool = True) -> list[str]:
     """Install into `model_dir`; returns the list of actions taken (also printed by main)."""
     model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise InstallError(f"--model_dir {model_dir}: no such folder")
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: --model_dir must be a model folder with config.json")
-    model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    model_type = read_json(config_path, "config.json (GLM-4 in the chatglm format, or Llama)").get("model_type")
     if model_type not in FAMILIES:
-        raise ValueError(f"{config_path}: model_type {model_type!r} is not supported; this installer handles "
-                         f"{sorted(FAMILIES)} (GLM-4 in the chatglm format, Llama)")
+        raise InstallError(f"{config_path}: model_type {model_type!r} is not supported; this installer handles "
+                           f"{sorted(FAMILIES)} (GLM-4 in the chatglm format, Llama)")
     spec = FAMILIES[model_type]
     missing = [name for name in spec["files"] if not (PATCH_DIR / name).is_file()]
     if missing:
-        raise FileNotFoundError(f"missing in {PATCH_DIR}: {missing} (incomplete checkout of patch/)")
+        raise InstallError(f"missing in {PATCH_DIR}: {missing} (incomplete checkout of patch/)")
     tok_config = model_dir / "tokenizer_config.json"
-    if spec["tokenizer_auto_map"] and not tok_config.is_file():
-        raise FileNotFoundError(f"{tok_config} not found: a chatglm-format folder needs its tokenizer files")
+    if spec["tokenizer_auto_map"]:
+        read_json(tok_config, "its tokenizer files (a chatglm-format folder needs tokenizer_config.json)")
 
     log: list[str] = []
     for name in spec["files"]:
@@ -155,19 +193,37 @@ def install(model_dir: str | Path, verify: bool = True) -> list[str]:
     return log
 
 
-def _verify(model_dir: Path, spec: dict) -> str:
-    from transformers import AutoConfig
-    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+def _load_ours(model_dir: Path, module: str, files: list[str]):
+    """Module `module` of model_dir after checking that every file of ours there equals ours byte for byte; loaded
+    in a package made for the folder (its __init__.py, if any, never runs), so relative imports reach only
+    those checked files."""
+    for name in files:
+        if not filecmp.cmp(model_dir / name, PATCH_DIR / name, shallow=False):
+            raise InstallError(f"{model_dir / name}: differs from {PATCH_DIR / name} after the install")
+    package = f"_longsft_installed_{uuid.uuid4().hex[:8]}"
+    spec = importlib.util.spec_from_file_location(package, model_dir / "__init__.py",
+                                                  submodule_search_locations=[str(model_dir)])
+    sys.modules[package] = importlib.util.module_from_spec(spec)
+    return importlib.import_module(f"{package}.{module}")
 
-    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=True)
-    cls = get_class_from_dynamic_module(spec["auto_map"]["AutoModelForCausalLM"], str(model_dir))
-    return f"verified  AutoModelForCausalLM -> {cls.__module__}.{cls.__name__} (config {type(config).__name__})"
+
+def _verify(model_dir: Path, spec: dict) -> str:
+    """Resolve the installed classes with our files only (no code of the folder's own runs, no weights load)."""
+    module, _, name = spec["auto_map"]["AutoModelForCausalLM"].rpartition(".")
+    cls = getattr(_load_ours(model_dir, module, spec["files"]), name)
+    config = cls.config_class.from_pretrained(model_dir)
+    if not isinstance(config, cls.config_class):
+        raise InstallError(f"{model_dir / 'config.json'}: read as {type(config).__name__}, not {cls.config_class}")
+    return f"verified  AutoModelForCausalLM -> {module}.{cls.__name__} (config {type(config).__name__})"
 
 
 def main(argv: list[str] | None = None) -> list[str]:
     from transformers import HfArgumentParser
 
-    (args,) = HfArgumentParser(InstallArguments).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(InstallArguments, allow_abbrev=False)  # exact flag names: no --prefix matching
+    args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     log = install(args.model_dir, verify=args.verify)
     print(f"patch/install.py -> {args.model_dir}")
     for line in log:
@@ -176,4 +232,7 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InstallError as e:
+        sys.exit(f"error: {e}")

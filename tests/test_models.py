@@ -576,6 +576,46 @@ def test_install_rejects_unknown_family(tmp_path):
         patch_install.install(tmp_path)
 
 
+def test_install_runs_no_code_of_the_folder(tmp_path):
+    """A folder whose auto_map names its own code: install.py never imports it, and every entry left is ours."""
+    ours, _ = make_llama()
+    model_dir = tmp_path / "llama"
+    ours.save_pretrained(model_dir)
+    sentinel = tmp_path / "their_code_ran"
+    (model_dir / "their_config.py").write_text(f"open({str(sentinel)!r}, 'w').write('ran')\n"
+                                               "from transformers import LlamaConfig as TheirConfig\n")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "their_config.TheirConfig", "AutoModel": "other/repo--modeling.M"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    log = patch_install.main(["--model_dir", str(model_dir)])
+    assert not sentinel.exists(), log
+    assert json.loads((model_dir / "config.json").read_text())["auto_map"] == {
+        "AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"}
+    assert any("dropped" in line and "AutoConfig" in line for line in log)
+    assert log[-1].startswith("verified  AutoModelForCausalLM -> modeling_llama.LlamaForCausalLM")
+
+
+def test_install_bad_folders_one_message_and_patch_is_a_leaf(tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "none").mkdir()
+    with pytest.raises(patch_install.InstallError, match=r"none: no config.json in the folder"):
+        patch_install.install(tmp_path / "none")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text('{"model_type": "llama",')
+    with pytest.raises(patch_install.InstallError, match=r"config.json: not valid JSON \(line 1"):
+        patch_install.install(bad)
+    # patch/ copied alone (no repository around it) still runs and reports the problem as one line
+    alone = shutil.copytree(patch_install.PATCH_DIR, tmp_path / "alone" / "patch",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    out = subprocess.run([sys.executable, str(alone / "install.py"), "--model_dir", str(bad)], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith(f"error: {bad / 'config.json'}: not valid JSON")
+
+
 def test_package_exports():
     import patch
 
