@@ -8,7 +8,8 @@ The usual run (8 GPUs, DeepSpeed ZeRO-3, packed batches, LongAlign's per-sequenc
         --per_device_train_batch_size 1 --gradient_accumulation_steps 1 --learning_rate 1e-5 \\
         --num_train_epochs 4 --logging_steps 1 --save_strategy epoch
 
-A config file (YAML or JSON, keys = the flag names) as the first argument; flags after it override it:
+A config file (YAML or JSON, keys = the flag names; anywhere among the arguments, suffix in any case); flags
+override it. Flag names must be exact (no argparse prefix matching):
 
     # sft.yaml:  model_name_or_path: /models/glm-4-9b
     #            train_file: data/glm4/longwriter
@@ -32,7 +33,10 @@ checks the data against the model and tokenizer (and fails once, naming every pr
 trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each
 optimizer step, on any number of ranks), optionally with LoRA, and saves the model (or adapter) with
 its tokenizer to --output_dir, plus `train_settings.json` with every setting of the run.
---resume_from_checkpoint PATH|true continues a run with the same data order.
+--resume_from_checkpoint PATH|true continues a run with the same data order (true: the newest complete
+checkpoint; a run that already finished is left as it is). Before anything loads, every setting, the model
+folder and the output folder are checked (train_setup.py), and one error names every problem; a new run writes
+only into a new or empty --output_dir or one holding an earlier run's outputs (checkpoints.py).
 """
 
 from __future__ import annotations
