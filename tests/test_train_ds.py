@@ -70,12 +70,26 @@ def test_zero3_resume_logs_the_same_losses(tmp_path, llama_dir):  # noqa: F811
     data = write_task(tmp_path / "data", llama_dir, "llama3", n=24, max_length=64)
     # --loss_chunk_size 5: the ranks make different numbers of lm_head calls per step; from step 2 on (ZeRO-3
     # prefetches along the recorded trace) that hung before causal_lm_loss evened out the counts.
+    # the DeepSpeed config has a top-level typo deepspeed would ignore silently: main.py names it
+    ds_config = json.loads((ROOT / "ds_config" / "stage3.json").read_text())
+    ds_config["steps_per_prnt"] = 10
+    (tmp_path / "ds.json").write_text(json.dumps(ds_config))
     common = ["--batch_method", "pack", "--pack_loss", "--per_device_train_batch_size", 1, "--max_steps", 3,
-              "--learning_rate", 1e-3, "--deepspeed", ROOT / "ds_config" / "stage3.json", "--loss_chunk_size", 5]
-    full, _ = launch_two_ranks(llama_dir, data, tmp_path / "full", *common, "--save_strategy", "steps",
-                               "--save_steps", 1)
+              "--learning_rate", 1e-3, "--deepspeed", tmp_path / "ds.json", "--loss_chunk_size", 5]
+    full, log = launch_two_ranks(llama_dir, data, tmp_path / "full", *common, "--save_strategy", "steps",
+                                 "--save_steps", 1)
+    assert "never reads the key 'steps_per_prnt'" in log
+    # every checkpoint was marked complete after both ranks wrote their ZeRO partitions
+    for step in (1, 2, 3):
+        marker = json.loads((tmp_path / "full" / f"checkpoint-{step}" / "save_complete.json").read_text())
+        assert marker["complete"] and marker["global_step"] == step
+        assert len(list((tmp_path / "full" / f"checkpoint-{step}").glob("global_step*/*optim_states.pt"))) == 2
     (tmp_path / "cut").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-1", tmp_path / "cut" / "checkpoint-1")
-    resumed, _ = launch_two_ranks(llama_dir, data, tmp_path / "cut", *common, "--resume_from_checkpoint", "true")
+    # a save of step 2 cut short by a kill: skipped by the resume
+    (tmp_path / "cut" / "checkpoint-2").mkdir()
+    shutil.copy(tmp_path / "full" / "checkpoint-2" / "config.json", tmp_path / "cut" / "checkpoint-2")
+    resumed, log = launch_two_ranks(llama_dir, data, tmp_path / "cut", *common, "--resume_from_checkpoint", "true")
+    assert "skipping checkpoint-2" in log
     assert len(full) == 3 and len(resumed) == 3  # the resumed state keeps the history of step 1
     assert max(abs(a - b) for a, b in zip(full, resumed)) < 1e-6
