@@ -3,16 +3,18 @@
     from checkpoints import choose_checkpoint, write_marker, rotate_own_checkpoints
     path, skipped = choose_checkpoint("runs/x")   # newest complete checkpoint-N, and why newer ones were skipped
 
-A folder main.py saves (`OUTPUT_DIR/checkpoint-N` during training, `OUTPUT_DIR` itself at the end) is complete
-once it holds `save_complete.json`, written last: after every rank wrote its files (the trainer waits for all
-ranks first) and through a temp file and a rename, so a kill at any moment leaves either no marker or a whole
-one. The marker names the run (`run_id`, kept by a resumed run), the step and, in OUTPUT_DIR, the entries the
-runs wrote there (`outputs`). From it:
+A folder main.py saves (`OUTPUT_DIR/checkpoint-N` during training, `OUTPUT_DIR` itself at the end) holds
+`save_complete.json`: written with "complete": false before the save starts and rewritten "complete": true
+last, after every rank wrote its files (the trainer waits for all ranks first); both through a temp file and a
+rename, so a kill at any moment leaves a folder that is either visibly incomplete or whole. The marker names
+the run (`run_id`, kept by a resumed run), the step and, in OUTPUT_DIR, the entries the runs wrote there
+(`outputs`). From it:
 
   - `--resume_from_checkpoint true` takes the newest checkpoint-N with a marker (`choose_checkpoint`); newer
     folders without one (a save cut short, or another program's checkpoint) are skipped and named.
   - `--save_total_limit` deletes only checkpoints whose marker has this run's run_id (`rotate_own_checkpoints`):
-    never a checkpoint-* folder another run or the user put in OUTPUT_DIR.
+    never a checkpoint-* folder another run or the user put in OUTPUT_DIR; and a resumed run is refused when
+    it could save into such a folder (`others_ahead`).
   - a run resumed after it finished (OUTPUT_DIR's marker is complete at the planned last step) does nothing.
   - a new run (not a resume) starts only in a new or empty OUTPUT_DIR, or one holding nothing but an earlier
     main.py run's outputs and no checkpoints (`output_dir_problems`); OUTPUT_DIR is never the model folder.
@@ -35,6 +37,7 @@ MARKER = "save_complete.json"
 SETTINGS_FILE = "train_settings.json"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # a file being written through a rename (another rank's)
 logger = logging.getLogger("longsft.train")
 
 
@@ -63,20 +66,27 @@ def write_marker(folder: str | os.PathLike, **info) -> Path:
     return path
 
 
-def read_marker(folder: str | os.PathLike) -> Optional[dict]:
-    """The marker of a complete save, or None (no marker, unreadable, or marked in progress)."""
+def read_raw_marker(folder: str | os.PathLike) -> Optional[dict]:
+    """The marker as written (complete or in progress), or None."""
     try:
         m = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return m if isinstance(m, dict) and m.get("complete") is True else None
+    return m if isinstance(m, dict) else None
+
+
+def read_marker(folder: str | os.PathLike) -> Optional[dict]:
+    """The marker of a complete save, or None (no marker, unreadable, or marked in progress)."""
+    m = read_raw_marker(folder)
+    return m if m and m.get("complete") is True else None
 
 
 def mark_in_progress(folder: str | os.PathLike, **info) -> None:
-    """The save into `folder` starts again: until write_marker, it does not look complete (keeps `outputs`)."""
-    old = read_marker(folder) or {}
-    if (Path(folder) / MARKER).exists() or old:
-        _write_json_atomic(Path(folder) / MARKER, {**old, **info, "complete": False})
+    """A save into `folder` starts: until write_marker, it does not look complete. The marker names the run
+    (`info`), so a save cut short is still known as ours; an earlier marker's fields (`outputs`) are kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(folder / MARKER, {**(read_raw_marker(folder) or {}), **info, "complete": False})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,8 +106,11 @@ def checkpoint_problem(folder: str | os.PathLike) -> Optional[str]:
     """Why `folder` is not a complete checkpoint of main.py, or None."""
     folder = Path(folder)
     has_state = (folder / TRAINER_STATE).is_file()
-    if read_marker(folder) is not None:
+    marker = read_raw_marker(folder)
+    if marker is not None and marker.get("complete") is True:
         return None if has_state else f"{MARKER} present but no {TRAINER_STATE} (files were removed from it)"
+    if marker is not None:
+        return f"incomplete: its save was interrupted ({MARKER} marks it in progress)"
     if not has_state:
         return f"incomplete: no {TRAINER_STATE} and no {MARKER} (its save was interrupted)"
     return (f"no {MARKER}: its save was interrupted or another program wrote it (pass its path to "
@@ -120,6 +133,19 @@ def checkpoint_step(folder: str | os.PathLike) -> Optional[int]:
         return int(json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def others_ahead(output_dir: str | os.PathLike, after: int, upto: int, run_id: Optional[str]) -> list[str]:
+    """Checkpoints in (after, upto] that a run `run_id` resumed at step `after` could save into but that are not
+    its own: another run's complete ones, or whole-looking ones without a marker (another program's)."""
+    found = []
+    for step, path in list_checkpoints(output_dir):
+        if after < step <= upto:
+            m = read_raw_marker(path)
+            if (m is not None and m.get("run_id") != run_id and m.get("complete") is True) or \
+                    (m is None and (path / TRAINER_STATE).is_file()):
+                found.append(path.name)
+    return found
 
 
 def rotate_own_checkpoints(output_dir: str | os.PathLike, run_id: str, limit: Optional[int],
@@ -189,7 +215,7 @@ def output_dir_problems(output_dir: str, model_dir: Optional[str], resume: bool)
         return [f"{flag}: a file, not a folder"]
     if resume or not out.is_dir():
         return []
-    entries = sorted(p.name for p in out.iterdir())
+    entries = sorted(p.name for p in out.iterdir() if not TEMP_RE.match(p.name))
     if not entries:
         return []
     ckpts = [p.name for _, p in list_checkpoints(out)]
@@ -221,26 +247,33 @@ def resume_request(value) -> Optional[str]:
     return str(value)
 
 
-def resolve_resume(output_dir: str, request: Optional[str]) -> Optional[str]:
-    """The checkpoint to resume from: the newest complete one for "latest" (those skipped are logged)."""
+def resolve_resume(output_dir: str, request: Optional[str], steps: int) -> Optional[str]:
+    """The checkpoint to resume from: the newest complete one for "latest" (those skipped are logged). Refused
+    when the run, continued up to `steps`, could save into a checkpoint-N folder in output_dir that is not its own."""
     if request is None:
         return None
     if request != "latest":
-        problem = checkpoint_problem(request)
-        if problem and not (Path(request) / TRAINER_STATE).is_file():
+        path, problem = Path(request), checkpoint_problem(request)
+        if problem and (read_raw_marker(path) is not None or not (path / TRAINER_STATE).is_file()):
             raise SystemExit(f"--resume_from_checkpoint {request}: {problem}")
         if problem:
             logger.warning("--resume_from_checkpoint %s: %s", request, problem)
-        return request
-    path, skipped = choose_checkpoint(output_dir)
-    for name, why in skipped:
-        logger.warning("resume: skipping %s: %s", name, why)
-    if path is None:
-        why = "".join(f"\n  - {name}: {reason}" for name, reason in skipped)
-        raise SystemExit(f"--resume_from_checkpoint true: no complete checkpoint-* folder in {output_dir}{why}\n"
-                         f"start without --resume_from_checkpoint or pass a checkpoint path")
-    logger.info("resuming from %s (step %s)%s", path, checkpoint_step(path),
-                f"; skipped {len(skipped)} newer incomplete one(s)" if skipped else "")
+    else:
+        path, skipped = choose_checkpoint(output_dir)
+        for name, why in skipped:
+            logger.warning("resume: skipping %s: %s", name, why)
+        if path is None:
+            why = "".join(f"\n  - {name}: {reason}" for name, reason in skipped)
+            raise SystemExit(f"--resume_from_checkpoint true: no complete checkpoint-* folder in {output_dir}{why}\n"
+                             f"start without --resume_from_checkpoint or pass a checkpoint path")
+        logger.info("resuming from %s (step %s)%s", path, checkpoint_step(path),
+                    f"; skipped {len(skipped)} newer incomplete one(s)" if skipped else "")
+    step = checkpoint_step(path) or 0
+    ahead = others_ahead(output_dir, step, steps, (read_raw_marker(path) or {}).get("run_id"))
+    if ahead:
+        raise SystemExit(f"--output_dir {output_dir}: {', '.join(ahead)} belong to another run or program, and "
+                         f"this run (from step {step} to {steps}) could save into them: move them out of "
+                         f"--output_dir (main.py never writes over another run's checkpoint)")
     return str(path)
 
 

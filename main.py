@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
         logger.info("%s already holds the final output of this run (step %s of %d, %s): nothing to do",
                     args.output_dir, done.get("global_step"), steps, ckpt.MARKER)
         return None
-    resume = ckpt.resolve_resume(args.output_dir, resume_req)
+    resume = ckpt.resolve_resume(args.output_dir, resume_req, steps)
     if resume and (ckpt.checkpoint_step(resume) or 0) >= steps:
         logger.info("%s is at step %s of %d: nothing left to train; the final output is written from it",
                     resume, ckpt.checkpoint_step(resume), steps)

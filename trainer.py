@@ -197,8 +197,8 @@ class TrainerNoShuffle(transformers.Trainer):
     def _save_checkpoint(self, model, trial):
         run_dir = Path(self._get_output_dir(trial=trial))
         folder = run_dir / f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save:
-            mark_in_progress(folder)  # saved again (a resumed run): it must not look complete half-way
+        if self.args.should_save:  # until every rank is done, the folder is ours but not complete
+            mark_in_progress(folder, kind="checkpoint", global_step=self.state.global_step, run_id=self.run_id)
         # transformers' rotation deletes any checkpoint-* folder in output_dir: ours runs after the marker
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:

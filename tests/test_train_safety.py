@@ -89,8 +89,9 @@ def test_a_save_cut_short_never_looks_complete(tmp_path, llama_dir, data8):  # n
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
     four = tmp_path / "o" / "checkpoint-4"
-    assert (four / "config.json").is_file() and not (four / ckpt.MARKER).exists()
-    assert "interrupted" in ckpt.checkpoint_problem(four)
+    marker = json.loads((four / ckpt.MARKER).read_text())  # ours (the run's id), and visibly not complete
+    assert (four / "config.json").is_file() and marker["complete"] is False and marker["run_id"] == trainer.run_id
+    assert ckpt.read_marker(four) is None and "interrupted" in ckpt.checkpoint_problem(four)
     chosen, skipped = ckpt.choose_checkpoint(tmp_path / "o")
     assert chosen.name == "checkpoint-2" and [name for name, _ in skipped] == ["checkpoint-4"]
 
@@ -169,6 +170,19 @@ def test_save_total_limit_rotates_only_this_runs_checkpoints(tmp_path, llama_dir
     run(llama_dir, data8, out, *common, "--resume_from_checkpoint", "true")
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-0", "checkpoint-1", "checkpoint-5"]
     assert {name: tree_digest(out / name) for name in mine} == mine
+
+
+def test_resume_never_saves_into_another_runs_checkpoint(tmp_path, llama_dir, data8):  # noqa: F811
+    common = [*NAIVE, "--max_steps", 5, "--save_strategy", "steps", "--save_steps", 2]
+    out, other = tmp_path / "out", tmp_path / "other"
+    run(llama_dir, data8, out, *common, callbacks=[StopAt(2)])
+    run(llama_dir, data8, other, *common, callbacks=[StopAt(4)])
+    shutil.copytree(other / "checkpoint-4", out / "checkpoint-4")  # another program's: no marker
+    (out / "checkpoint-4" / ckpt.MARKER).unlink()
+    before = tree_digest(out / "checkpoint-4")
+    with pytest.raises(SystemExit, match="checkpoint-4 belong to another run or program"):
+        run(llama_dir, data8, out, *common, "--resume_from_checkpoint", "true")
+    assert tree_digest(out / "checkpoint-4") == before
 
 
 # ----------------------------------------------------------------------------------------------
