@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from chat_inputs import InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks, \
     parse_record, plan_order
-from dataset import IGNORE_INDEX, META_FILE, TokenizedWriter
+from storage import IGNORE_INDEX, META_FILE, TokenizedWriter
 
 try:  # optional: a faster JSON reader for JSONL lines (same results, see _parse)
     import orjson

@@ -63,7 +63,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from dataset import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, ARRAY_FILES, DatasetFormatError, TokenizedData,
+from storage import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, ARRAY_FILES, DatasetFormatError, TokenizedData,
                      TokenizedWriter, write_packs)
 
 
