@@ -4,7 +4,7 @@
     python patch/install.py --model_dir /models/Llama-3.1-8B      # Llama (model_type "llama")
     # tiny CPU run: python tools/make_tiny.py ... then python patch/install.py --model_dir <that folder>
 
-What it does, by family (read from config.json `model_type`):
+What it does, by family (patch/families.py: config.json `model_type`, and for chatglm the tokenizer files):
   chatglm -> copies packed_attention.py, configuration_chatglm.py, modeling_chatglm.py, tokenization_chatglm.py;
              config.json auto_map: AutoConfig -> configuration_chatglm.ChatGLMConfig, AutoModel and
              AutoModelForCausalLM -> modeling_chatglm.ChatGLMForConditionalGeneration (other entries that name a
@@ -36,23 +36,12 @@ from pathlib import Path
 
 PATCH_DIR = Path(__file__).resolve().parent
 
+try:  # imported as patch.install
+    from . import families
+except ImportError:  # run as `python patch/install.py`: patch/ is sys.path[0]; nothing from the root is imported
+    import families
+
 BACKUP_DIR = "patch_backup"
-FAMILIES = {
-    "chatglm": {
-        "files": ["packed_attention.py", "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py"],
-        "auto_map": {
-            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
-            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
-            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
-        },
-        "tokenizer_auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]},
-    },
-    "llama": {
-        "files": ["packed_attention.py", "modeling_llama.py"],
-        "auto_map": {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"},
-        "tokenizer_auto_map": None,
-    },
-}
 
 
 @dataclass
@@ -141,17 +130,23 @@ def _update_json(path: Path, model_dir: Path, updates: dict, available: dict[str
                + (f"; dropped entries naming code that is not ours: {dropped}" if dropped else ""))
 
 
-def chatglm_tokenizer_class(model_dir: Path) -> str:
-    """ChatGLM4Tokenizer when DIR/tokenizer.model is GLM-4's text file (`<base64> <rank>` lines), else
-    ChatGLMTokenizer (ChatGLM2/3's binary SentencePiece model)."""
-    path = model_dir / "tokenizer.model"
-    if not path.is_file():
-        return "ChatGLM4Tokenizer"
-    with open(path, "rb") as f:
-        first = f.readline(4096).split()
-    is_ranks = len(first) == 2 and first[1].isdigit() and all(
-        chr(c).isalnum() or chr(c) in "+/=" for c in first[0])
-    return "ChatGLM4Tokenizer" if is_ranks else "ChatGLMTokenizer"
+def install_spec(model_dir: Path, model_type) -> tuple[str, families.Install]:
+    """(family names, what to install) for the folder: by config.json model_type, and when the families of that
+    model_type install different things (chatglm: GLM-4 vs ChatGLM2/3 tokenizers), by the tokenizer files."""
+    candidates = families.of_model_type(model_type) if model_type else []
+    if not candidates:
+        raise InstallError(f"{model_dir / 'config.json'}: model_type {model_type!r} is not supported; this installer "
+                           f"handles {families.model_types()} ("
+                           + "; ".join(f.title for f in families.FAMILIES.values()) + ")")
+    if all(f.install == candidates[0].install for f in candidates):
+        return "/".join(f.name for f in candidates), candidates[0].install
+    read_json(model_dir / "tokenizer_config.json", f"its tokenizer files (a {model_type} folder needs "
+              f"tokenizer_config.json)")  # a broken file: say so, rather than "cannot tell the family"
+    fam = families.detect_folder(model_dir)
+    if fam is None or fam not in candidates:
+        raise InstallError(f"{model_dir}: cannot tell which {model_type} family this is, and they install different "
+                           f"tokenizer code: {families.why_undetected(families.folder_reader(model_dir))}")
+    return fam.name, fam.install
 
 
 def install(model_dir: str | Path, verify: bool = True) -> list[str]:
@@ -161,19 +156,16 @@ def install(model_dir: str | Path, verify: bool = True) -> list[str]:
         raise InstallError(f"--model_dir {model_dir}: no such folder")
     config_path = model_dir / "config.json"
     model_type = read_json(config_path, "config.json (GLM-4 in the chatglm format, or Llama)").get("model_type")
-    if model_type not in FAMILIES:
-        raise InstallError(f"{config_path}: model_type {model_type!r} is not supported; this installer handles "
-                           f"{sorted(FAMILIES)} (GLM-4 in the chatglm format, Llama)")
-    spec = FAMILIES[model_type]
-    missing = [name for name in spec["files"] if not (PATCH_DIR / name).is_file()]
+    family_names, spec = install_spec(model_dir, model_type)
+    missing = [name for name in spec.files if not (PATCH_DIR / name).is_file()]
     if missing:
         raise InstallError(f"missing in {PATCH_DIR}: {missing} (incomplete checkout of patch/)")
     tok_config = model_dir / "tokenizer_config.json"
-    if spec["tokenizer_auto_map"]:
-        read_json(tok_config, "its tokenizer files (a chatglm-format folder needs tokenizer_config.json)")
+    if spec.tokenizer_auto_map:
+        read_json(tok_config, f"its tokenizer files (a {family_names} folder needs tokenizer_config.json)")
 
     log: list[str] = []
-    for name in spec["files"]:
+    for name in spec.files:
         src, dst = PATCH_DIR / name, model_dir / name
         if dst.exists() and filecmp.cmp(src, dst, shallow=False):
             log.append(f"unchanged {name}")
@@ -182,11 +174,10 @@ def install(model_dir: str | Path, verify: bool = True) -> list[str]:
         shutil.copyfile(src, dst)
         log.append(f"copied    {name}{note}")
 
-    available = {Path(n).stem: _defined_classes(PATCH_DIR / n) for n in spec["files"]}
-    _update_json(config_path, model_dir, spec["auto_map"], available, log)
-    if spec["tokenizer_auto_map"]:
-        tok_map = {"AutoTokenizer": [f"tokenization_chatglm.{chatglm_tokenizer_class(model_dir)}", None]} \
-            if model_type == "chatglm" else spec["tokenizer_auto_map"]
+    available = {Path(n).stem: _defined_classes(PATCH_DIR / n) for n in spec.files}
+    _update_json(config_path, model_dir, spec.auto_map, available, log)
+    if spec.tokenizer_auto_map:
+        tok_map = spec.tokenizer_auto_map
         _update_json(tok_config, model_dir, tok_map, available, log)
     if verify:
         log.append(_verify(model_dir, spec))
@@ -207,10 +198,10 @@ def _load_ours(model_dir: Path, module: str, files: list[str]):
     return importlib.import_module(f"{package}.{module}")
 
 
-def _verify(model_dir: Path, spec: dict) -> str:
+def _verify(model_dir: Path, spec: families.Install) -> str:
     """Resolve the installed classes with our files only (no code of the folder's own runs, no weights load)."""
-    module, _, name = spec["auto_map"]["AutoModelForCausalLM"].rpartition(".")
-    cls = getattr(_load_ours(model_dir, module, spec["files"]), name)
+    module, _, name = spec.auto_map["AutoModelForCausalLM"].rpartition(".")
+    cls = getattr(_load_ours(model_dir, module, spec.files), name)
     config = cls.config_class.from_pretrained(model_dir)
     if not isinstance(config, cls.config_class):
         raise InstallError(f"{model_dir / 'config.json'}: read as {type(config).__name__}, not {cls.config_class}")

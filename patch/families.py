@@ -1,0 +1,371 @@
+"""The one registry of model families and chat templates: everything the toolkit knows about each model it trains.
+
+Pure data and small helpers: the standard library only (no torch, no transformers, nothing from the repository
+root), so `patch/install.py` reads it as its sibling from inside any checkout, and the root modules import it
+as `patch.families`. Class names are "module.Class" strings; this module never imports them.
+
+    from patch import families
+    fam = families.detect_folder("/models/glm-4-9b")   # -> FAMILIES["glm4"] (config.json + tokenizer files)
+    fam.default_template, fam.templates                # "glm4", ("glm4",)
+    families.template("longwriter").impl               # "templates_llama.LongWriterFormat" (a root module)
+    families.pad_rule(fam, "glm4")                     # ("pad", "<|endoftext|>")
+
+A family (`Family`) is one kind of model folder: the config.json `model_type`s it covers, the patched model
+class in patch/, how its tokenizer loads, its templates (default first), LoRA targets, pad-id rule, and how a
+folder is recognised (`Detect`: the tokenizer files tell families of one model_type apart: GLM-4's
+`tokenizer.model` is tiktoken text, ChatGLM2/3's a binary SentencePiece model; Llama-3 tokenizers declare
+`<|begin_of_text|>`, Llama-2's `<s>`). A template (`Template`) is one chat format; its `impl` names the
+chat_data.ChatFormat subclass in a root module that implements it, or None while it is only registered.
+
+Registering a template: write the ChatFormat subclass (class attribute `name` = the template name) in a root
+module, set `impl="module.Class"` in its TEMPLATES entry (or add the entry), and list the name in the `templates`
+of every family whose tokenizer can express it (the default first). `python pre_tokenize.py --template NAME`,
+tools/generate.py and the tests then find it; nothing else lists templates.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+PATCH_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Template:
+    """One chat format. `stop_tokens`: generation stops on these (token texts; ones the tokenizer lacks are left
+    out); `pad`: a pad-id rule that replaces the family's for data in this template (see `resolve_pad`)."""
+    name: str
+    impl: Optional[str]  # "module.Class" (repository root) implementing chat_data.ChatFormat; None: not yet
+    help: str
+    stop_tokens: tuple[str, ...]
+    pad: Optional[tuple[str, ...]] = None
+
+
+@dataclass(frozen=True)
+class Detect:
+    """How a folder is recognised as the family, among the families of its config.json model_type (all of them
+    when there is no config.json, e.g. a tokenizer-only folder). Every condition that is set must hold.
+
+    kinds: the tokenizer files, one of: "tiktoken" (tokenizer.model is a tiktoken ranks text file),
+        "sentencepiece" (tokenizer.model is anything else: a SentencePiece model), "tokenizers" (tokenizer.json).
+    markers: token texts the tokenizer must declare (tokenizer_config.json added_tokens_decoder /
+        additional_special_tokens / bos, eos, pad, unk tokens / chat_template, tokenizer.json added_tokens), or
+        that appear in one of `marker_files` (read as text, skipped when it is a copy of our own patch/ file).
+    tokenizer_class: the tokenizer_config.json tokenizer_class or its AutoTokenizer auto_map class name."""
+    kinds: tuple[str, ...]
+    markers: tuple[str, ...] = ()
+    marker_files: tuple[str, ...] = ()
+    tokenizer_class: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class Install:
+    """What patch/install.py does for the family: files copied from patch/, config.json auto_map entries, and the
+    tokenizer_config.json auto_map (None: the tokenizer stays transformers' own)."""
+    files: tuple[str, ...]
+    auto_map: dict
+    tokenizer_auto_map: Optional[dict] = None
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. `tokenizer`: our tokenizer class in patch/ ("module.Class"), loaded without running the
+    folder's code; None: transformers' fast tokenizer from tokenizer.json. The folder's own tokenizer code runs
+    only with --trust_remote_code. `pad`: the pad-id rule (`resolve_pad`). `remote_code`: the hub folders ship
+    modeling/tokenizer code (auto_map), so tiny stand-ins get it too (patch/install.py)."""
+    name: str
+    title: str
+    model_types: tuple[str, ...]
+    model_class: str  # "module.Class" in patch/
+    config_class: Optional[str]  # "module.Class" in patch/; None: transformers' own config class
+    tokenizer: Optional[str]
+    tokenizer_files: tuple[str, ...]  # what `tokenizer` reads from the folder
+    templates: tuple[str, ...]  # default first
+    lora_targets: tuple[str, ...]
+    pad: tuple[str, ...]
+    detect: Detect
+    install: Install
+    remote_code: bool = False
+    front_end: Optional[str] = None  # the family's own pre-tokenization script, if it has one
+
+    @property
+    def default_template(self) -> str:
+        return self.templates[0]
+
+    @property
+    def stop_tokens(self) -> tuple[str, ...]:
+        """What generation stops on for the family's models (its default template's stop tokens)."""
+        return TEMPLATES[self.default_template].stop_tokens
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Templates
+# ---------------------------------------------------------------------------------------------------------------
+
+GLM_STOPS = ("<|endoftext|>", "<|user|>", "<|observation|>")
+TEMPLATES: dict[str, Template] = {t.name: t for t in (
+    Template("glm4", "templates_glm.GLM4Format",
+             "GLM-4: [gMASK]<sop>, then <|role|> + metadata line + content per message, <|endoftext|> last",
+             GLM_STOPS),
+    Template("chatglm3", None,
+             "ChatGLM3: [gMASK] sop, then <|role|> + metadata line + content per message, </s> last",
+             ("</s>", "<|user|>", "<|observation|>")),
+    Template("chatglm2", None,
+             "ChatGLM2 / LongAlign: '[Round N]\\n\\n问：{q}\\n\\n答：{a}' rounds after [gMASK] sop, </s> last",
+             ("</s>",)),
+    Template("longwriter", "templates_llama.LongWriterFormat",
+             "LongWriter-llama3.1: <|begin_of_text|>, [INST]{q}[/INST]{a} turns, one <|end_of_text|> last",
+             ("<|end_of_text|>",), pad=("<|finetune_right_pad_id|>", "pad", "eos")),
+    Template("llama3", "templates_llama.Llama3Format",
+             "Llama-3.1 instruct: <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> per message",
+             ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")),
+    Template("llama2", None,
+             "LongAlign Llama-2: <s>, '[INST]{q}[/INST]{a}' rounds joined by blank lines, </s> last",
+             ("</s>",)),
+)}
+
+# ---------------------------------------------------------------------------------------------------------------
+# Families (detection tries them in this order: the more specific first within a model_type)
+# ---------------------------------------------------------------------------------------------------------------
+
+_CHATGLM_FILES = ("packed_attention.py", "configuration_chatglm.py", "modeling_chatglm.py", "tokenization_chatglm.py")
+_CHATGLM_AUTO_MAP = {
+    "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+    "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+}
+_CHATGLM_LORA = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
+_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LLAMA_INSTALL = Install(("packed_attention.py", "modeling_llama.py"),
+                         {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"})
+_CHATGLM_SP = "tokenization_chatglm.ChatGLMTokenizer"
+
+
+def _chatglm(name: str, title: str, tokenizer: str, templates: tuple[str, ...], pad: tuple[str, ...],
+             detect: Detect, front_end: Optional[str] = None) -> Family:
+    return Family(name, title, ("chatglm",), "modeling_chatglm.ChatGLMForConditionalGeneration",
+                  "configuration_chatglm.ChatGLMConfig", tokenizer, ("tokenizer.model",), templates, _CHATGLM_LORA,
+                  pad, detect, Install(_CHATGLM_FILES, _CHATGLM_AUTO_MAP, {"AutoTokenizer": [tokenizer, None]}),
+                  remote_code=True, front_end=front_end)
+
+
+def _llama(name: str, title: str, templates: tuple[str, ...], pad: tuple[str, ...], detect: Detect,
+           front_end: Optional[str] = None) -> Family:
+    return Family(name, title, ("llama",), "modeling_llama.LlamaForCausalLM", None, None, ("tokenizer.json",),
+                  templates, _LLAMA_LORA, pad, detect, _LLAMA_INSTALL, front_end=front_end)
+
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (
+    _chatglm("glm4", "GLM-4-9B (glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b; chatglm format)",
+             "tokenization_chatglm.ChatGLM4Tokenizer", ("glm4",), ("pad", "<|endoftext|>"),
+             Detect(kinds=("tiktoken",)), front_end="pre_tokenize_glm4.py"),
+    _chatglm("chatglm3", "ChatGLM3-6B (chatglm3-6b, LongAlign-6B-64k)", _CHATGLM_SP, ("chatglm3", "chatglm2"),
+             ("pad", "<unk>", "eos"),
+             Detect(kinds=("sentencepiece",), markers=("<|user|>",), tokenizer_class="ChatGLMTokenizer",
+                    marker_files=("tokenization_chatglm.py", "patch_backup/tokenization_chatglm.py"))),
+    _chatglm("chatglm2", "ChatGLM2-6B (chatglm2-6b; LongAlign, LL-BaiYang)", _CHATGLM_SP, ("chatglm2",),
+             ("pad", "<unk>", "eos"), Detect(kinds=("sentencepiece",), tokenizer_class="ChatGLMTokenizer")),
+    _llama("llama3", "Llama-3.1 (Llama-3.1-8B base or instruct, LongWriter-llama3.1-8b)", ("longwriter", "llama3"),
+           ("pad", "<|finetune_right_pad_id|>", "eos"),
+           Detect(kinds=("tokenizers",), markers=("<|begin_of_text|>",)), front_end="pre_tokenize_llama3.py"),
+    _llama("llama2", "Llama-2 (Llama-2-7b/13b, LongAlign-7B/13B-64k)", ("llama2",), ("pad", "<unk>", "eos"),
+           Detect(kinds=("tokenizers", "sentencepiece"), markers=("<s>", "</s>"))),
+)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Lookups
+# ---------------------------------------------------------------------------------------------------------------
+
+class RegistryError(ValueError):
+    """An unknown family or template name, or a folder whose family cannot be told."""
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise RegistryError(f"unknown model family {name!r}; the families are {', '.join(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def template(name: str) -> Template:
+    if name not in TEMPLATES:
+        raise RegistryError(f"unknown template {name!r}; available: {', '.join(implemented_templates())}")
+    return TEMPLATES[name]
+
+
+def implemented_templates() -> list[str]:
+    """Template names that have an implementation, in registry order."""
+    return [t.name for t in TEMPLATES.values() if t.impl]
+
+
+def of_model_type(model_type: Optional[str]) -> list[Family]:
+    """The families a config.json model_type covers, in detection order (all of them for None)."""
+    return [f for f in FAMILIES.values() if model_type is None or model_type in f.model_types]
+
+
+def model_types() -> list[str]:
+    return sorted({t for f in FAMILIES.values() for t in f.model_types})
+
+
+def model_class_of(model_type: str) -> Optional[str]:
+    """The patch/ model class ("module.Class") for a model_type: one class serves all of its families."""
+    classes = {f.model_class for f in of_model_type(model_type)}
+    if len(classes) > 1:  # a registry mistake, caught by the tests
+        raise RegistryError(f"model_type {model_type!r}: families disagree on the model class: {sorted(classes)}")
+    return classes.pop() if classes and model_type is not None else None
+
+
+def config_class_of(model_type: str) -> Optional[str]:
+    return next((f.config_class for f in of_model_type(model_type) if model_type is not None), None)
+
+
+def pad_rule(fam: Family, template_name: Optional[str] = None) -> tuple[str, ...]:
+    """The pad-id rule for data of `fam` in template `template_name`: the template's own rule, else the family's."""
+    t = TEMPLATES.get(template_name or fam.default_template)
+    return t.pad if t is not None and t.pad else fam.pad
+
+
+def resolve_pad(rule: tuple[str, ...], lookup: Callable[[str], Optional[int]]) -> Optional[int]:
+    """The first source of `rule` that gives an id. Sources: "pad" (the tokenizer's pad token), "eos" (its eos
+    token), or a token text (that token's id). `lookup(source)` returns the id or None."""
+    for source in rule:
+        i = lookup(source)
+        if i is not None:
+            return int(i)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Detection: which family a folder is, from config.json and the tokenizer files (no code runs, nothing loads)
+# ---------------------------------------------------------------------------------------------------------------
+
+Reader = Callable[[str], Optional[bytes]]  # file name in the folder -> its bytes, or None when absent
+_TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
+_SKIP_MARKER_FILE = "class ChatGLM4Tokenizer"  # our own tokenization_chatglm.py (and GLM-4's) holds every marker
+
+
+def folder_reader(path: str | Path) -> Reader:
+    root = Path(path)
+
+    def read(name: str) -> Optional[bytes]:
+        p = root / name
+        return p.read_bytes() if p.is_file() else None
+
+    return read
+
+
+def _json(read: Reader, name: str) -> dict:
+    raw = read(name)
+    if raw is None:
+        return {}
+    try:
+        obj = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _added_tokens(raw: Optional[bytes]) -> list[str]:
+    """Contents of tokenizer.json's added_tokens, without parsing the (large) vocabulary after it."""
+    if raw is None:
+        return []
+    text = raw.decode("utf-8", errors="replace")
+    key = text.find('"added_tokens"')
+    try:
+        if key >= 0:
+            items, _ = json.JSONDecoder().raw_decode(text, text.index("[", key))
+        else:
+            items = json.loads(text).get("added_tokens", [])
+    except (ValueError, AttributeError):
+        return []
+    return [t.get("content") for t in items if isinstance(t, dict) and isinstance(t.get("content"), str)]
+
+
+@dataclass
+class TokenizerFacts:
+    """What a folder's files say: config.json model_type, tokenizer file kinds, declared tokens, class names."""
+    model_type: Optional[str]
+    kinds: set = field(default_factory=set)
+    tokens: set = field(default_factory=set)
+    classes: set = field(default_factory=set)
+    read: Optional[Reader] = None
+
+    def describe(self) -> str:
+        kinds = ", ".join(sorted(self.kinds)) or "none found"
+        return (f"config.json model_type {self.model_type!r}; tokenizer files: {kinds}; tokenizer class "
+                f"{', '.join(sorted(self.classes)) or 'not named'}")
+
+
+def tokenizer_facts(read: Reader) -> TokenizerFacts:
+    config = _json(read, "config.json")
+    facts = TokenizerFacts(config.get("model_type") if config else None, read=read)
+    model = read("tokenizer.model")
+    if model is not None:
+        facts.kinds.add("tiktoken" if _TIKTOKEN_LINE.match(model[:512]) else "sentencepiece")
+    tok_json = read("tokenizer.json")
+    if tok_json is not None:
+        facts.kinds.add("tokenizers")
+        facts.tokens.update(_added_tokens(tok_json))
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        cfg = _json(read, name)
+        for entry in (cfg.get("added_tokens_decoder") or {}).values():
+            if isinstance(entry, dict) and isinstance(entry.get("content"), str):
+                facts.tokens.add(entry["content"])
+        values = list(cfg.get("additional_special_tokens") or [])
+        values += [cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")]
+        for v in values:
+            v = v.get("content") if isinstance(v, dict) else v
+            if isinstance(v, str):
+                facts.tokens.add(v)
+        if isinstance(cfg.get("tokenizer_class"), str):
+            facts.classes.add(cfg["tokenizer_class"])
+        auto = (cfg.get("auto_map") or {}).get("AutoTokenizer")
+        for ref in auto if isinstance(auto, list) else [auto]:
+            if isinstance(ref, str):
+                facts.classes.add(ref.rsplit(".", 1)[-1])
+    return facts
+
+
+def matches(fam: Family, facts: TokenizerFacts) -> bool:
+    d = fam.detect
+    if not facts.kinds & set(d.kinds):
+        return False
+    if d.tokenizer_class and d.tokenizer_class not in facts.classes:
+        return False
+    for marker in d.markers:
+        if marker in facts.tokens:
+            continue
+        texts = [facts.read(f) if facts.read else None for f in d.marker_files]
+        texts = [t.decode("utf-8", errors="replace") for t in texts if t is not None]
+        if not any(marker in t and _SKIP_MARKER_FILE not in t for t in texts):
+            return False
+    return True
+
+
+def detect(read: Reader) -> Optional[Family]:
+    """The family of the folder `read` reads, or None when no family matches (see `describe_folder`)."""
+    facts = tokenizer_facts(read)
+    return next((f for f in of_model_type(facts.model_type) if matches(f, facts)), None)
+
+
+def detect_folder(path: str | Path) -> Optional[Family]:
+    return detect(folder_reader(path))
+
+
+def why_undetected(read: Reader) -> str:
+    """A sentence saying why `detect` found no family, naming what each candidate needs."""
+    facts = tokenizer_facts(read)
+    candidates = of_model_type(facts.model_type)
+    if not candidates:
+        return (f"{facts.describe()}: no family covers this model_type (supported: {', '.join(model_types())})")
+    needs = []
+    for f in candidates:
+        d = f.detect
+        need = " or ".join(d.kinds) + (f" declaring {', '.join(d.markers)}" if d.markers else "") \
+            + (f" with tokenizer class {d.tokenizer_class}" if d.tokenizer_class else "")
+        needs.append(f"{f.name}: {need}")
+    return f"{facts.describe()}: matches no family ({'; '.join(needs)})"
