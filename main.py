@@ -21,14 +21,15 @@ override it. Flag names must be exact (no argparse prefix matching):
 Tiny CPU run (single process, fp32, about a minute), on a model and data built offline:
 
     python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3
-    python pre_tokenize_llama3.py --model_name_or_path /tmp/tiny-llama3 --input data/sample.jsonl \
+    python pre_tokenize.py --model_name_or_path /tmp/tiny-llama3 --input data/sample.jsonl \
         --output_dir /tmp/tiny-tok --max_length 4096
     python sort_and_group.py --train_file /tmp/tiny-tok --max_length 4096 --group_size 1
     python main.py --model_name_or_path /tmp/tiny-llama3 --train_file /tmp/tiny-tok --batch_method pack \
         --pack_loss --output_dir /tmp/tiny-run --max_steps 5 --logging_steps 1 --per_device_train_batch_size 1
 
-What it does: picks the model class from config.json's `model_type` (llama -> patch.modeling_llama,
-chatglm -> patch.modeling_chatglm; code inside the model folder runs only with --trust_remote_code),
+What it does: tells the folder's model family from config.json's `model_type` and its tokenizer files
+(patch/families.py: glm4, chatglm3, chatglm2 -> patch.modeling_chatglm; llama3, llama2 -> patch.modeling_llama;
+code inside the model folder runs only with --trust_remote_code), loads its tokenizer as pre_tokenize.py does,
 checks the data against the model and tokenizer (and fails once, naming every problem and its fix),
 trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each
 optimizer step, on any number of ranks), optionally with LoRA, and saves the model (or adapter) with
@@ -59,21 +60,17 @@ from transformers import HfArgumentParser, TrainingArguments
 
 import checkpoints as ckpt
 import dataset as ds_lib
+import models
 import train_setup
+from chat_inputs import InputError
 from dataset import IGNORE_INDEX, DatasetFormatError, TokenizedData, make_collator, write_json_atomic
+from patch import families
+from patch.families import Family
+from templates import pad_token_id
 from trainer import BATCH_METHODS, TrainerNoShuffle, planned_steps
 
 logger = logging.getLogger("longsft.train")
 
-# model_type in config.json -> (module in patch/, model class, data family written by pre_tokenize_*)
-MODEL_CLASSES = {
-    "llama": ("patch.modeling_llama", "LlamaForCausalLM", "llama3"),
-    "chatglm": ("patch.modeling_chatglm", "ChatGLMForConditionalGeneration", "glm4"),
-}
-LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "chatglm": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
-}
 SETTINGS_FILE = ckpt.SETTINGS_FILE
 
 
@@ -84,8 +81,8 @@ SETTINGS_FILE = ckpt.SETTINGS_FILE
 @dataclass
 class ModelArguments:
     model_name_or_path: Optional[str] = field(
-        default=None, metadata={"help": "Model folder (config.json model_type llama or chatglm, weights, "
-                                        "tokenizer)."})
+        default=None, metadata={"help": "Model folder (config.json model_type " + " or ".join(families.model_types())
+                                        + ", weights, tokenizer)."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Run the model folder's own modeling/tokenizer code (auto_map) instead of "
                                          "patch/. The exact loss needs a forward() with weights/num_items_in_batch."})
@@ -97,7 +94,7 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     train_file: Optional[str] = field(
-        default=None, metadata={"help": "Tokenized dataset folder (pre_tokenize_*.py; + sort_and_group.py for "
+        default=None, metadata={"help": "Tokenized dataset folder (pre_tokenize.py; + sort_and_group.py for "
                                         "sort/pack)."})
     validation_file: Optional[str] = field(
         default=None, metadata={"help": "Tokenized validation folder; evaluated with --eval_strategy, and at the end."})
@@ -117,9 +114,8 @@ class LoraArguments:
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: Optional[str] = field(
-        default=None, metadata={"help": "Comma-separated module names; default per family: llama "
-                                        + ",".join(LORA_TARGETS["llama"]) + "; chatglm "
-                                        + ",".join(LORA_TARGETS["chatglm"]) + "."})
+        default=None, metadata={"help": "Comma-separated module names; default per family: " + "; ".join(
+            f"{f.name} {','.join(f.lora_targets)}" for f in families.FAMILIES.values()) + "."})
     save_merged_model: bool = field(
         default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
 
@@ -214,39 +210,32 @@ def _setup_cpu_distributed(ns) -> None:
 # Model and tokenizer
 # ----------------------------------------------------------------------------------------------
 
+def _or_exit(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except InputError as e:
+        raise SystemExit(str(e)) from e
+
+
 def read_model_type(model_dir: str) -> str:
     """config.json's model_type, from a local folder or the hub cache (the path's name plays no part)."""
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        try:
-            path = Path(transformers.utils.cached_file(model_dir, "config.json"))
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"--model_name_or_path {model_dir}: no config.json ({e}); pass a model folder "
-                             f"(tools/make_tiny.py model builds a tiny one)") from e
-    return json.loads(path.read_text(encoding="utf-8")).get("model_type", "")
+    return _or_exit(models.read_model_type, model_dir)
 
 
 def model_class(model_type: str):
-    if model_type not in MODEL_CLASSES:
-        raise SystemExit(f"config.json model_type {model_type!r} is not supported: expected one of "
-                         f"{sorted(MODEL_CLASSES)} (or pass --trust_remote_code to use the folder's own code)")
-    module, name, _ = MODEL_CLASSES[model_type]
-    import importlib
-    return getattr(importlib.import_module(module), name)
+    return _or_exit(models.model_class, model_type)
 
 
-def load_tokenizer(model_dir: str, model_type: str, trust_remote_code: bool = False):
-    """The model folder's tokenizer, loaded as pre_tokenize_* loads it (GLM-4: patch/'s class, no folder code)."""
-    from chat_data import InputError
+def model_family(model_dir: str, trust_remote_code: bool = False) -> Optional[Family]:
+    """The registry family of the model folder; None only with --trust_remote_code (the folder's own code)."""
+    return models.family_of(model_dir) if trust_remote_code else _or_exit(models.require_family, model_dir)
 
-    if model_type == "chatglm":
-        from pre_tokenize_glm4 import load_tokenizer as load
-    else:
-        from pre_tokenize_llama3 import load_tokenizer as load
-    try:
-        return load(model_dir, trust_remote_code=trust_remote_code)
-    except InputError as e:
-        raise SystemExit(str(e)) from e
+
+def load_tokenizer(model_dir: str, family: Optional[Family | str], trust_remote_code: bool = False):
+    """The model folder's tokenizer, loaded as pre_tokenize.py loads it (GLM-4: patch/'s class, no folder code)."""
+    if family is None:  # a folder no family covers, with --trust_remote_code
+        return transformers.AutoTokenizer.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    return _or_exit(models.load_tokenizer, model_dir, family, trust_remote_code=trust_remote_code)
 
 
 def copy_remote_code(src_dir: str, dst_dir: str) -> list[str]:
@@ -302,14 +291,15 @@ def count_parameters(model) -> tuple[int, int]:
     return total, trainable
 
 
-def apply_lora(model, lora_args: LoraArguments, model_type: str, gradient_checkpointing: bool):
+def apply_lora(model, lora_args: LoraArguments, family: Optional[Family], gradient_checkpointing: bool):
     from peft import LoraConfig, get_peft_model
 
     targets = lora_args.lora_target_modules
-    targets = [t.strip() for t in targets.split(",") if t.strip()] if targets else LORA_TARGETS.get(model_type)
+    targets = [t.strip() for t in targets.split(",") if t.strip()] if targets else \
+        list(family.lora_targets) if family else None
     if not targets:
-        raise SystemExit(f"--use_lora: no default target modules for model_type {model_type!r}; "
-                         f"pass --lora_target_modules")
+        raise SystemExit("--use_lora: no default target modules for a model no family of patch/families.py "
+                         "covers; pass --lora_target_modules")
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     absent = [t for t in targets if t not in present]
     if absent:
@@ -325,9 +315,6 @@ def apply_lora(model, lora_args: LoraArguments, model_type: str, gradient_checkp
 # ----------------------------------------------------------------------------------------------
 # Data: datasets, checks and statistics
 # ----------------------------------------------------------------------------------------------
-
-FAMILY_OF = {t: fam for t, (_, _, fam) in MODEL_CLASSES.items()}
-
 
 def target_stats(data: TokenizedData, chunk_tokens: int = 1 << 26) -> dict:
     """Targets (labels != -100 after each sample's first token) and samples without any, read in chunks."""
@@ -349,7 +336,8 @@ def target_stats(data: TokenizedData, chunk_tokens: int = 1 << 26) -> dict:
     return {"targets": targets, "samples_without_targets": no_target}
 
 
-def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, model_type: str) -> tuple[list, dict]:
+def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, family: Optional[Family],
+               model_dir: str = "MODEL") -> tuple[list, dict]:
     """(problems, statistics) of one dataset folder against the model and its tokenizer."""
     flag = f"--{role}_file {path}"
     problems, stats = [], {}
@@ -373,11 +361,11 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, mo
         problems.append(f"{flag}: tokenized with a {tok_meta['vocab_size']}-token tokenizer "
                         f"({tok_meta.get('name_or_path')}), the model's has {len(tokenizer)}: re-run pre_tokenize "
                         f"with --model_name_or_path pointing at this model")
-    family = meta.get("model_family")
-    want = FAMILY_OF.get(model_type)
-    if family and want and family != want:
-        problems.append(f"{flag}: data made for model family {family!r}, the model is {model_type!r} ({want!r}); "
-                        f"use pre_tokenize_{want}.py")
+    made_for = meta.get("model_family")
+    if made_for and family and made_for != family.name:
+        problems.append(f"{flag}: data made for model family {made_for!r}, the model is {family.name!r} "
+                        f"({family.title}); re-run `python pre_tokenize.py --model_name_or_path {model_dir}`"
+                        + (f" (or {family.front_end})" if family.front_end else ""))
     stats.update(target_stats(data))
     if stats["targets"] == 0:
         problems.append(f"{flag}: no supervised tokens (every label is -100); check the template/roles of the input "
@@ -467,7 +455,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     model_type = read_model_type(model_args.model_name_or_path)
     if not model_args.trust_remote_code:
         model_class(model_type)  # unsupported model_type -> one clear error
-    tokenizer = load_tokenizer(model_args.model_name_or_path, model_type, model_args.trust_remote_code)
+    family = model_family(model_args.model_name_or_path, model_args.trust_remote_code)
+    tokenizer = load_tokenizer(model_args.model_name_or_path, family, model_args.trust_remote_code)
     config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True) \
         if model_args.trust_remote_code else model_class(model_type).config_class.from_pretrained(
             model_args.model_name_or_path)
@@ -475,13 +464,16 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     problems, stats = [], {}
     for role, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
         if path:
-            p, stats[role] = check_data(path, role, data_args.batch_method, rows, tokenizer, model_type)
+            p, stats[role] = check_data(path, role, data_args.batch_method, rows, tokenizer, family,
+                                        model_args.model_name_or_path)
             problems += p
     if problems:
         raise SystemExit("the training data cannot be used:\n  - " + "\n  - ".join(problems))
     train_ds, eval_ds = build_datasets(data_args)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else \
-        (TokenizedData(data_args.train_file).meta.get("tokenizer") or {}).get("pad_token_id")
+    train_meta = TokenizedData(data_args.train_file).meta
+    pad_id = pad_token_id(tokenizer, family, train_meta.get("template")) if family else tokenizer.pad_token_id
+    if pad_id is None:  # no family rule (--trust_remote_code on an unknown folder): what the data recorded, or eos
+        pad_id = (train_meta.get("tokenizer") or {}).get("pad_token_id")
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
     collator = make_collator(data_args.batch_method, pad_id, data_args.pack_loss)
@@ -504,7 +496,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     dtype = torch.bfloat16 if (args.bf16 and args.deepspeed) else torch.float32
     model = load_model(model_args, model_type, dtype)
     if lora_args.use_lora:
-        model = apply_lora(model, lora_args, model_type, args.gradient_checkpointing)
+        model = apply_lora(model, lora_args, family, args.gradient_checkpointing)
     total, trainable = count_parameters(model)
 
     # ---- report the settings and the data (rank 0) ----
@@ -529,7 +521,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     logger.info("settings given: %s", ", ".join(f"{k}={every[k]}" for k in explicit_settings(argv) if k in every))
     settings = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                 "lora": dataclasses.asdict(lora_args), "training": json.loads(args.to_json_string()),
-                "resolved": {"model_type": model_type, "dtype": str(dtype), "world_size": world,
+                "resolved": {"model_type": model_type, "model_family": family.name if family else None,
+                             "dtype": str(dtype), "world_size": world,
                              "global_batch": global_batch, "resume_from_checkpoint": resume,
                              "parameters": total, "trainable_parameters": trainable},
                 "data_stats": stats,

@@ -9,25 +9,22 @@
     python pre_tokenize_glm4.py --model_name_or_path THUDM/glm-4-9b --input general.jsonl LongWriter-6k.jsonl \\
         --output_dir data/glm4/longwriter --max_length 32768 --num_proc 32
 
-Format (REFERENCE 1): `[gMASK]<sop>` then per message `<|role|>` + encode(metadata + "\\n") + encode(content),
-then `<|endoftext|>`. Each assistant reply is supervised from its metadata line through the token after it
-(the next role token, or the final `<|endoftext|>`), so the model learns to stop. Content is always plain text.
-
-The tokenizer is our `patch/tokenization_chatglm.py` ChatGLM4Tokenizer reading the folder's `tokenizer.model`,
-so the folder's own tokenizer code never runs unless you pass --trust_remote_code. Inputs, formats, the
-report and the output layout: see chat_data.py and dataset.py.
+LongWriter's entry point, kept with its flags and defaults: the same as
+`python pre_tokenize.py --template glm4 ...` (family glm4, whatever the folder), with --output_dir defaulting to
+data/glm4/longwriter. The format (template `glm4`, REFERENCE 1) is in templates_glm.py; the tokenizer is our
+`patch/tokenization_chatglm.py` ChatGLM4Tokenizer reading the folder's `tokenizer.model`, so the folder's own
+tokenizer code never runs unless you pass --trust_remote_code. Inputs, the report and the output layout: see
+chat_data.py and storage.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import numpy as np
+from chat_data import PretokenizeArguments, cli, parse_args
+from templates import pretokenize
 
-from chat_data import ChatFormat, InputError, Message, PlainEncoder, PretokenizeArguments, check_plain_encoding, \
-    cli, parse_args, run, special_token_ids, token_array
-from patch.tokenization_chatglm import ChatGLM4Tokenizer
+FAMILY = "glm4"
 
 
 @dataclass
@@ -35,148 +32,8 @@ class Arguments(PretokenizeArguments):
     output_dir: str = field(default="data/glm4/longwriter", metadata={"help": "Dataset folder to write."})
 
 
-# ----------------------------------------------------------------------------------------------
-# Tokenizer
-# ----------------------------------------------------------------------------------------------
-
-def load_tokenizer(model_name_or_path: str, trust_remote_code: bool = False):
-    path = Path(model_name_or_path)
-    if trust_remote_code:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_name_or_path, trust_remote_code=True)
-    if path.exists() and not (path / "tokenizer.model").is_file():
-        raise InputError(f"--model_name_or_path {path}: no tokenizer.model (the GLM-4 tiktoken ranks file). "
-                         f"Pass a GLM-4 folder such as a THUDM/glm-4-9b download.")
-    return ChatGLM4Tokenizer.from_pretrained(model_name_or_path)
-
-
-# ----------------------------------------------------------------------------------------------
-# Chat format
-# ----------------------------------------------------------------------------------------------
-
-class GLM4Format(ChatFormat):
-    name = "glm4"
-    roles = frozenset({"system", "user", "assistant", "observation"})
-    prefix_len = 2  # [gMASK] <sop>, kept by --truncate left
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.problems: list[str] = []
-        self.plain = PlainEncoder(tokenizer)
-        names = ["[gMASK]", "<sop>", "<|endoftext|>"] + [f"<|{r}|>" for r in sorted(self.roles)]
-        ids = special_token_ids(tokenizer, names, self.problems, "needed by the GLM-4 chat format")
-        check_plain_encoding(self.plain, ids, self.problems)
-        if self.problems:
-            return
-        self.eos = ids["<|endoftext|>"]
-        self.stop_token_ids = [self.eos, ids["<|user|>"], ids["<|observation|>"]]
-        # template tokens as int32 arrays, the parts `assemble` returns besides the encoded texts
-        self.prefix = token_array(ids["[gMASK]"], ids["<sop>"])
-        self.role_token = {r: token_array(ids[f"<|{r}|>"]) for r in self.roles}
-        self.eos_token = token_array(self.eos)
-        self.newline = self.plain(["\n"])[0]
-        self._setup_batch(ids)
-
-    def pieces(self, messages: list[Message]) -> list[str]:
-        # contents, then the metadata lines that are not the plain "\n" (GLM-4 tool calls)
-        return [m.content for m in messages] + [f"{m.metadata}\n" for m in messages if m.metadata]
-
-    def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
-        meta_lines = iter(encoded[len(messages):])
-        parts, train = [self.prefix], [False]
-        after_reply = False  # the token after a supervised reply (next role token or the eos) is supervised too
-        for m, content in zip(messages, encoded):
-            # <|role|>, then the metadata line and the content: supervised together for a reply
-            parts += (self.role_token[m.role], next(meta_lines) if m.metadata else self.newline, content)
-            train += (after_reply, m.train, m.train)
-            after_reply = m.train
-        parts.append(self.eos_token)
-        train.append(after_reply)
-        return parts, train
-
-    # ---- the fast path: a whole work unit in one tiktoken call -----------------------------------------------
-    # The unit is written out as one text with the template's special tokens in it, plus a separator special
-    # token between a metadata line and its content, and tiktoken is allowed to match exactly those. tiktoken
-    # encodes the text between two allowed special tokens on its own (its regex runs on that slice), so every
-    # metadata line and content gets the ids `assemble` would give it. Labels come from the positions of the
-    # role/eos tokens (a reply is supervised from after its role token through the next role or eos token).
-    # A content that contains the text of one of these special tokens would turn it into a special token; the
-    # counts of those ids then differ from the template's, and the unit goes through pieces/assemble instead.
-
-    def _setup_batch(self, ids: dict[str, int]) -> None:
-        self.batch_ready = False
-        encoding = getattr(self.tokenizer, "tokenizer", None)
-        specials = dict(getattr(encoding, "_special_tokens", None) or {})
-        if self.plain.kind != "tiktoken" or any(specials.get(t) != i for t, i in ids.items()):
-            return  # not our tiktoken-based tokenizer
-        used = list(ids)  # the template's special tokens: prefix, eos, role tokens
-        spare = [t for t in sorted(specials, key=specials.get) if t not in ids]
-        if not spare or not _cannot_overlap(list(specials)):
-            return
-        self.sep_text = spare[0]
-        self.prefix_text, self.eos_text = "[gMASK]<sop>", "<|endoftext|>"
-        self.role_text = {r: f"<|{r}|>" for r in self.roles}
-        self.allowed = frozenset(used + [self.sep_text])
-        # token kind by id: 1 role or eos (a label boundary), 2 separator, 3 [gMASK] (a sample start), 4 <sop>
-        self.kind = np.zeros(encoding.max_token_value + 1, np.uint8)
-        self.kind[[ids[f"<|{r}|>"] for r in self.roles] + [self.eos]] = 1
-        self.kind[[specials[self.sep_text], ids["[gMASK]"], ids["<sop>"]]] = (2, 3, 4)
-        self.batch_ready = True
-
-    def encode_batch(self, conversations: list[list[Message]]) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-        """Many conversations -> (ids int32[T], supervised bool[T], length of each int64[K]), exactly as `encode`
-        each; None when the fast path cannot be used for them."""
-        if not self.batch_ready:
-            return None
-        text, boundary_train, sizes = [], [False], []  # per role/eos token: is what follows it supervised
-        role_text, newline_sep = self.role_text, "\n" + self.sep_text
-        for messages in conversations:
-            text.append(self.prefix_text)
-            for m in messages:
-                text += (role_text[m.role], m.metadata, newline_sep, m.content)
-                boundary_train.append(m.train)
-            text.append(self.eos_text)
-            boundary_train.append(False)
-            sizes.append(len(messages))
-        encode = self.tokenizer.tokenizer.encode_to_numpy
-        flat = encode("".join(text), allowed_special=self.allowed, disallowed_special=()).view(np.int32)  # [T + seps]
-        kind = self.kind[flat]  # [T + seps]
-        counts = np.bincount(kind, minlength=5)
-        n, n_messages = len(conversations), len(boundary_train) - 1 - len(conversations)
-        if counts[1] != n_messages + n or counts[2] != n_messages or counts[3] != n or counts[4] != n:
-            return None  # special-token text inside some content: use pieces/assemble
-        before = np.zeros(len(flat) + 1, np.int32)  # [T + seps + 1] role/eos tokens strictly before each token
-        np.cumsum(kind == 1, out=before[1:])
-        supervised = np.array(boundary_train, dtype=bool)[before[:-1]]  # [T + seps]
-        keep = kind != 2
-        sample_tokens = np.diff(np.flatnonzero(kind == 3), append=len(flat)) - np.array(sizes)  # minus separators
-        return flat[keep], supervised[keep], sample_tokens
-
-
-def _cannot_overlap(specials: list[str]) -> bool:
-    """True when no special-token text is inside another one or overlaps the start of another one with its end:
-    then every special token written between texts is found where it was written, whatever the texts hold."""
-    for a in specials:
-        for b in specials:
-            if a != b and a in b:
-                return False
-            if any(b.startswith(a[k:]) for k in range(1, len(a))):
-                return False
-    return True
-
-
-# ----------------------------------------------------------------------------------------------
-# Main
-# ----------------------------------------------------------------------------------------------
-
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(Arguments, argv)
-    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
-    chat_format = GLM4Format(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else getattr(chat_format, "eos", None)
-    return run(args, chat_format, template="glm4", model_family="glm4", pad_token_id=pad,
-               problems=chat_format.problems)
+    return pretokenize(parse_args(Arguments, argv), family=FAMILY)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,15 @@
 """Stage 2: sorted-batching order and near-perfect packs for a tokenized dataset, nothing lost.
 
-Reads the folder pre_tokenize_glm4.py / pre_tokenize_llama3.py wrote and adds DIR/packs/ to it (layout in
-dataset.py's docstring); `dataset.LMPackDataset(DIR)` and `dataset.LMSortDataset(DIR)` read the result.
+Reads the folder pre_tokenize.py (or its front ends pre_tokenize_glm4.py / pre_tokenize_llama3.py) wrote and
+adds DIR/packs/ to it (layout in storage.py's docstring; no torch is imported); `dataset.LMPackDataset(DIR)`
+and `dataset.LMSortDataset(DIR)` read the result.
 
     python sort_and_group.py --train_file data/glm4/longwriter                       # defaults below
     python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8 \\
         --pack_algorithm bfd --seed 42 --over_length error
     # a tiny CPU run on the bundled sample
     python tools/make_tiny.py tokenizer --family glm4 --out /tmp/tiny-glm4
-    python pre_tokenize_glm4.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
+    python pre_tokenize.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
         --output_dir /tmp/glm4-sample --max_length 8192
     python sort_and_group.py --train_file /tmp/glm4-sample --max_length 8192 --group_size 2
     # data prepared by the upstream LongWriter/LongAlign scripts (inputs.npy, labels.npy): converted in place
@@ -43,8 +44,9 @@ Upstream layout (LongAlign / LongWriter pre_tokenize: dense inputs.npy + labels.
 It is converted in place first, without re-tokenizing. Row length rule: 1 + the last position whose token is
 not the pad id OR whose label is supervised (!= -100), so a final EOS equal to the pad id (GLM tokenizers where
 pad == eos) is kept because it is supervised; all-padding rows are dropped and counted. Pad id: --pad_token_id,
-else the pad token of --model_name_or_path (tokenizer_config.json / tokenizer.json / config.json), else the
-most common last-column token of rows whose last label is -100. Upstream LongWriter padded GLM-4 data with
+else the pad token of --model_name_or_path (tokenizer_config.json / tokenizer.json / config.json; when it declares
+none, the pad-id rule of its model family in patch/families.py, e.g. Llama-3.1: <|finetune_right_pad_id|>), else
+the most common last-column token of rows whose last label is -100. Upstream LongWriter padded GLM-4 data with
 [MASK] while the tokenizer's pad is <|endoftext|>; a pad id the rows do not end with is refused with the fix.
 """
 
@@ -63,6 +65,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from patch import families
 from storage import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, ARRAY_FILES, DatasetFormatError, TokenizedData,
                      TokenizedWriter, write_packs)
 
@@ -77,7 +80,7 @@ class SortAndGroupError(ValueError):
 
 @dataclass
 class Arguments:
-    train_file: str = field(metadata={"help": "Dataset folder written by pre_tokenize_*.py (or the upstream "
+    train_file: str = field(metadata={"help": "Dataset folder written by pre_tokenize.py (or the upstream "
                                               "layout with inputs.npy / labels.npy, converted in place)."})
     max_length: int = field(default=32768, metadata={"help": "Tokens per pack (and longest sample allowed)."})
     group_size: int = field(default=8, metadata={"help": "Packs (sorted batching: samples) trained in one step, "
@@ -324,7 +327,8 @@ def sorted_batching_order(lengths: np.ndarray, group_size: int, seed: int, shuff
 # ----------------------------------------------------------------------------------------------
 
 def model_pad_token_id(path: str) -> Optional[int]:
-    """The pad id a local model/tokenizer folder declares, from its JSON files (no tokenizer code runs)."""
+    """The pad id a local model/tokenizer folder declares, from its JSON files (no tokenizer code runs); when it
+    declares none, its family's pad-id rule (patch/families.py) on the token ids those files list."""
     root = Path(path)
     if not root.is_dir():
         raise SortAndGroupError(f"--model_name_or_path {path}: no such local folder (nothing is downloaded); "
@@ -334,18 +338,41 @@ def model_pad_token_id(path: str) -> Optional[int]:
         p = root / name
         return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else {}
 
-    pad = load("tokenizer_config.json").get("pad_token")
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    if isinstance(pad, str):
-        for tid, tok in load("tokenizer_config.json").get("added_tokens_decoder", {}).items():
-            if tok.get("content") == pad:
+    tok_config, config = load("tokenizer_config.json"), load("config.json")
+
+    def token_id(text) -> Optional[int]:
+        text = text.get("content") if isinstance(text, dict) else text
+        if not isinstance(text, str):
+            return None
+        for tid, tok in tok_config.get("added_tokens_decoder", {}).items():
+            if tok.get("content") == text:
                 return int(tid)
         for tok in load("tokenizer.json").get("added_tokens", []):
-            if tok.get("content") == pad:
+            if tok.get("content") == text:
                 return int(tok["id"])
-    pid = load("config.json").get("pad_token_id")
-    pid = pid[0] if isinstance(pid, list) and pid else pid
-    return int(pid) if isinstance(pid, int) else None
+        return None
+
+    def config_id(key) -> Optional[int]:
+        pid = config.get(key)
+        pid = pid[0] if isinstance(pid, list) and pid else pid
+        return int(pid) if isinstance(pid, int) else None
+
+    pad = token_id(tok_config.get("pad_token"))
+    if pad is None:
+        pad = config_id("pad_token_id")
+    fam = families.detect_folder(root) if pad is None else None
+    if fam is not None:
+
+        def lookup(source: str) -> Optional[int]:
+            if source == "pad":
+                return None  # declares none (above)
+            if source == "eos":
+                eos = token_id(tok_config.get("eos_token"))
+                return eos if eos is not None else config_id("eos_token_id")
+            return token_id(source)
+
+        pad = families.resolve_pad(families.pad_rule(fam), lookup)
+    return pad
 
 
 def inspect_legacy(data_dir: Path, args: Arguments) -> dict:

@@ -127,24 +127,19 @@ def format_texts(records: list[dict], chat_format) -> list[list[str]]:
     return [chat_format.pieces(chat_data.parse_record(r)[1]) for r in records]
 
 
+TEMPLATE = {"glm4": "glm4", "llama3": "llama3"}  # the template each family's rows measure
+
+
 def chat_format_for(family: str, tokenizer):
-    if family == "glm4":
-        from pre_tokenize_glm4 import GLM4Format
+    from templates import chat_format
 
-        return GLM4Format(tokenizer)
-    from pre_tokenize_llama3 import Llama3Format
-
-    return Llama3Format(tokenizer)
+    return chat_format(TEMPLATE[family], tokenizer)
 
 
 def load_tokenizer(family: str, path: str):
-    if family == "glm4":
-        from patch.tokenization_chatglm import ChatGLM4Tokenizer
+    from models import load_tokenizer as load
 
-        return ChatGLM4Tokenizer.from_pretrained(path)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
+    return load(path, family)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +215,7 @@ def child(spec: dict) -> dict:
         main = pre_tokenize_glm4.main if family == "glm4" else pre_tokenize_llama3.main
         argv = ["--model_name_or_path", path, "--input", spec["src"], "--output_dir", spec["out"],
                 "--num_proc", str(num_proc), "--max_length", str(spec["max_length"])]
-        argv += ["--template", "llama3"] if family == "llama3" else []
+        argv += ["--template", TEMPLATE[family]] if family == "llama3" else []
         wall0, cpu0 = time.perf_counter(), _cpu()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             rep = main(argv)

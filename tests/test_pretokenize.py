@@ -1,4 +1,5 @@
-"""pre_tokenize_glm4.py / pre_tokenize_llama3.py / chat_data.py end to end on tiny tokenizers."""
+"""pre_tokenize.py, its front ends pre_tokenize_glm4.py / pre_tokenize_llama3.py, the templates and chat_data.py end
+to end on tiny tokenizers."""
 import json
 import os
 from pathlib import Path
@@ -9,8 +10,12 @@ from transformers import AutoTokenizer
 
 import chat_data
 import dataset
+import models
+import pre_tokenize
 import pre_tokenize_glm4
 import pre_tokenize_llama3
+import templates
+import templates_glm
 from chat_data import InputError
 from dataset import IGNORE_INDEX, LMDataset, TokenizedData
 
@@ -386,7 +391,7 @@ def random_conversations(rng, fragments, n):
 def test_glm4_one_call_batch_equals_per_conversation_encoding(glm4_tokenizer_dir):
     import random
 
-    fmt = pre_tokenize_glm4.GLM4Format(pre_tokenize_glm4.load_tokenizer(str(glm4_tokenizer_dir)))
+    fmt = templates_glm.GLM4Format(models.load_tokenizer(str(glm4_tokenizer_dir), "glm4"))
     assert fmt.batch_ready
     rng = random.Random(0)
     for trial in range(400):
@@ -413,12 +418,12 @@ def test_glm4_one_call_path_writes_the_same_dataset(tmp_path, glm4_tokenizer_dir
                                                 {"role": "assistant", "content": "ok"}]}] * 5
     src = write_jsonl(tmp_path / "in.jsonl", records)
     calls = []
-    real = pre_tokenize_glm4.GLM4Format.encode_batch
-    monkeypatch.setattr(pre_tokenize_glm4.GLM4Format, "encode_batch",
+    real = templates_glm.GLM4Format.encode_batch
+    monkeypatch.setattr(templates_glm.GLM4Format, "encode_batch",
                         lambda self, convs: calls.append(real(self, convs)) or calls[-1])
     fast = run_glm(glm4_tokenizer_dir, [src], tmp_path / "fast", "--max_length", "64", "--truncate", "left")
     assert calls and all(c is not None for c in calls)  # every unit went through the one-call path
-    monkeypatch.setattr(pre_tokenize_glm4.GLM4Format, "encode_batch", lambda self, convs: None)
+    monkeypatch.setattr(templates_glm.GLM4Format, "encode_batch", lambda self, convs: None)
     slow = run_glm(glm4_tokenizer_dir, [src], tmp_path / "slow", "--max_length", "64", "--truncate", "left")
     assert fast == slow and dir_bytes(tmp_path / "fast") == dir_bytes(tmp_path / "slow")
 

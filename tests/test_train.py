@@ -16,14 +16,12 @@ import main as train_main
 import sort_and_group
 from dataset import (IGNORE_INDEX, LMDataset, PackCollator, PaddedCollator, TokenizedWriter, count_targets,
                      make_collator)
+from patch import families
 from tools.make_tiny import make_tiny_model
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: a tiny model per family and a learnable synthetic dataset
 # ----------------------------------------------------------------------------------------------
-
-FAMILY_OF_MODEL = {"llama3": "llama", "glm4": "chatglm"}
-
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, llama3_tokenizer_dir):
@@ -39,7 +37,7 @@ def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int =
                group: bool = True, max_length: int = 96) -> Path:
     """A learnable task: a random prompt (not supervised), then a reply that counts up from the prompt's last
     token. Written with TokenizedWriter (meta like pre_tokenize_*), then sort_and_group.py (packs + sort order)."""
-    tok = train_main.load_tokenizer(str(model_dir), FAMILY_OF_MODEL[family])
+    tok = train_main.load_tokenizer(str(model_dir), family)
     rng = np.random.default_rng(seed)
     top = 200 if max_token is None else max_token
     meta = {"model_family": family, "template": family, "max_length": max_length,
@@ -167,8 +165,11 @@ def test_batch_method_trains_and_loss_falls(tmp_path, request, family, batch_met
     assert settings["data"]["batch_method"] == batch_method and settings["resolved"]["world_size"] == 1
     model_type = train_main.read_model_type(str(out))
     model = train_main.model_class(model_type).from_pretrained(out)  # the saved folder reloads as it was
-    tok = train_main.load_tokenizer(str(out), model_type)
-    assert len(tok) == len(train_main.load_tokenizer(str(model_dir), model_type))
+    fam = train_main.model_family(str(out))
+    assert fam.name == family == train_main.model_family(str(model_dir)).name  # the saved folder: same family
+    assert settings["resolved"]["model_family"] == family
+    tok = train_main.load_tokenizer(str(out), fam)
+    assert len(tok) == len(train_main.load_tokenizer(str(model_dir), fam))
     sample = LMDataset(data)[0]
     with torch.no_grad():
         loss = model(input_ids=sample["input_ids"][None], labels=sample["labels"][None]).loss
@@ -226,7 +227,7 @@ def test_lora_trains_saves_adapter_and_merged_model(tmp_path, llama_dir):
     curve = losses(trainer)
     assert np.mean(curve[-3:]) < np.mean(curve[:2]) - 0.3, curve  # adapters only: slower than a full fine-tune
     cfg = json.loads((out / "adapter_config.json").read_text())
-    assert set(cfg["target_modules"]) == set(train_main.LORA_TARGETS["llama"]) and cfg["r"] == 4
+    assert set(cfg["target_modules"]) == set(families.family("llama3").lora_targets) and cfg["r"] == 4
     assert (out / "adapter_model.safetensors").is_file() and not (out / "model.safetensors").exists()
     settings = json.loads((out / train_main.SETTINGS_FILE).read_text())["resolved"]
     assert 0 < settings["trainable_parameters"] < settings["parameters"] / 2

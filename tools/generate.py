@@ -3,12 +3,12 @@
     python tools/generate.py --model_dir output/glm4/longwriter --prompt "Write a 5000-word story about tea."
     python tools/generate.py --model_dir quickstart_out/run --max_new_tokens 32        # tiny CPU check
 
-The prompt is built with the same chat format pre_tokenize_* trained on (the format objects of
-pre_tokenize_glm4.py / pre_tokenize_llama3.py): the tokens of a user message followed by an assistant reply,
-cut where the first supervised token would be, so inference and training prompts agree token for token.
-Template: --template, else the `template` in the training data's meta.json (--data), else the family's
-default (GLM-4: glm4, Llama: longwriter). The model class comes from config.json's model_type through
-main.py (patch/), never from code inside the folder. A folder holding only a LoRA adapter
+The prompt is built with the same chat format pre-tokenization trained on (templates.chat_format, the
+registry's template): the tokens of a user message followed by an assistant reply, cut where the first
+supervised token would be, so inference and training prompts agree token for token. Template: --template, else
+the `template` in the training data's meta.json (--data), else the model family's default (patch/families.py:
+glm4 -> glm4, llama3 -> longwriter, ...). Generation stops on the template's stop tokens. The model class comes
+from config.json's model_type through the registry (patch/), never from code inside the folder. A folder holding only a LoRA adapter
 (adapter_config.json) is loaded on top of its base model. Greedy decoding unless --do_sample.
 """
 
@@ -28,9 +28,11 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
+import models  # noqa: E402
+from chat_inputs import InputError  # noqa: E402
 from dataset import IGNORE_INDEX, write_json_atomic  # noqa: E402
-
-DEFAULT_TEMPLATE = {"chatglm": "glm4", "llama": "longwriter"}
+from patch.families import implemented_templates  # noqa: E402
+from templates import chat_format, pad_token_id  # noqa: E402
 
 
 @dataclass
@@ -39,8 +41,8 @@ class GenerateArguments:
     prompt: str = field(default="Write a short story about a lighthouse keeper.",
                         metadata={"help": "The user message."})
     system: Optional[str] = field(default=None, metadata={"help": "Optional system message."})
-    template: Optional[str] = field(default=None, metadata={"help": "glm4 | longwriter | llama3 (default: see "
-                                                                    "the module docstring)."})
+    template: Optional[str] = field(default=None, metadata={"help": " | ".join(implemented_templates())
+                                                                    + " (default: see the module docstring)."})
     data: Optional[str] = field(default=None, metadata={"help": "Training data folder; its meta.json names the "
                                                                 "template."})
     max_new_tokens: int = field(default=128, metadata={"help": "Most tokens to generate."})
@@ -52,17 +54,11 @@ class GenerateArguments:
 
 
 def chat_format_for(template: str, tokenizer):
-    """The chat format object pre_tokenize_* used for `template`."""
-    if template == "glm4":
-        from pre_tokenize_glm4 import GLM4Format
-
-        fmt = GLM4Format(tokenizer)
-    else:
-        from pre_tokenize_llama3 import FORMATS
-
-        if template not in FORMATS:
-            raise SystemExit(f"--template {template}: expected glm4 or one of {sorted(FORMATS)}")
-        fmt = FORMATS[template](tokenizer)
+    """The chat format object pre-tokenization used for `template`."""
+    try:
+        fmt = chat_format(template, tokenizer)
+    except InputError as e:
+        raise SystemExit(str(e)) from e
     if fmt.problems:
         raise SystemExit(f"the tokenizer cannot express the {template} template: " + "; ".join(fmt.problems))
     return fmt
@@ -80,23 +76,25 @@ def prompt_ids(fmt, prompt: str, system: Optional[str]) -> list[int]:
 
 
 def load(model_dir: str):
-    """(model, tokenizer, model_type); a LoRA adapter folder is applied to its base model."""
-    from main import load_tokenizer, model_class, read_model_type
-
+    """(model, tokenizer, family); a LoRA adapter folder is applied to its base model."""
     adapter_cfg = Path(model_dir) / "adapter_config.json"
     base_dir = model_dir
     if adapter_cfg.is_file() and not (Path(model_dir) / "config.json").is_file():
         base_dir = json.loads(adapter_cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
-    model_type = read_model_type(base_dir)
     tok_dir = model_dir if any((Path(model_dir) / f).is_file() for f in
                                ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")) else base_dir
-    tokenizer = load_tokenizer(tok_dir, model_type)
-    model = model_class(model_type).from_pretrained(base_dir, dtype=torch.float32)
+    try:
+        cls = models.model_class(models.read_model_type(base_dir))
+        family = models.require_family(tok_dir, "--model_dir")
+        tokenizer = models.load_tokenizer(tok_dir, family)
+    except InputError as e:
+        raise SystemExit(str(e)) from e
+    model = cls.from_pretrained(base_dir, dtype=torch.float32)
     if base_dir != model_dir:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, model_dir)
-    return model.eval(), tokenizer, model_type
+    return model.eval(), tokenizer, family
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -105,17 +103,18 @@ def main(argv: list[str] | None = None) -> dict:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     torch.manual_seed(args.seed)
-    model, tokenizer, model_type = load(args.model_dir)
+    model, tokenizer, family = load(args.model_dir)
     template = args.template
     if template is None and args.data and (Path(args.data) / "meta.json").is_file():
         template = json.loads((Path(args.data) / "meta.json").read_text(encoding="utf-8")).get("template")
-    template = template or DEFAULT_TEMPLATE.get(model_type, "longwriter")
+    template = template or family.default_template
     fmt = chat_format_for(template, tokenizer)
     ids = prompt_ids(fmt, args.prompt, args.system)
 
     t0 = time.time()
     input_ids = torch.tensor([[int(i) for i in ids]], dtype=torch.long)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else fmt.stop_token_ids[0]
+    pad = pad_token_id(tokenizer, family, template)
+    pad = fmt.stop_token_ids[0] if pad is None else pad
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from patch import families  # noqa: E402
 from patch import tokenization_chatglm as glm_tok  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
@@ -297,15 +298,30 @@ def make_llama2_tokenizer(out_dir: str | Path, vocab_size: int = 1000, corpus: I
 TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokenizer,
                       "chatglm2": lambda out: make_chatglm_tokenizer(out, version=2),
                       "chatglm3": lambda out: make_chatglm_tokenizer(out, version=3),
-                      "llama2": make_llama2_tokenizer}
+                      "llama2": make_llama2_tokenizer}  # family -> tiny tokenizer
+assert set(TOKENIZER_BUILDERS) <= set(families.FAMILIES), "tiny builders for families patch/families.py lacks"
 
 
 # ----------------------------------------------------------------------------------------------
 # Tiny models (random weights) with their tokenizer, loadable like the real folders
 # ----------------------------------------------------------------------------------------------
 
-GLM4_STOP_TOKENS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 SP_CHATGLM_VERSIONS = {"chatglm2": 2, "chatglm3": 3}
+
+
+def glm4_tiny_config(tok, stops: list[int], pad: int) -> dict:
+    """GLM-4 config.json fields at tiny sizes; eos = the family's stop tokens (as glm-4-9b-chat's list)."""
+    return dict(padded_vocab_size=-(-len(tok) // 64) * 64, num_layers=2, hidden_size=64, ffn_hidden_size=128,
+                kv_channels=16, num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2,
+                seq_length=131072, rope_ratio=1.0, eos_token_id=stops, pad_token_id=pad)
+
+
+def llama3_tiny_config(tok, pad: int) -> dict:
+    """Llama-3.1 config.json fields at tiny sizes (GQA, RoPE base 500000); pad = the family's pad id."""
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
+                rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad)
 
 
 def chatglm_sp_tiny_config(tok, version: int) -> dict:
@@ -334,76 +350,56 @@ def _drop_config_keys(path: Path, keys: list[str]) -> None:
     _write_json(path, {k: v for k, v in data.items() if k not in keys})
 
 
-def _load_tiny_tokenizer(family: str, tokenizer_dir: Path):
+def tiny_config(family: str, tok) -> dict:
+    """The tiny config.json fields of `family` for its tokenizer `tok`."""
+    from templates import pad_token_id
+
+    fam = families.family(family)
     if family == "glm4":
-        return glm_tok.ChatGLM4Tokenizer.from_pretrained(str(tokenizer_dir))
+        return glm4_tiny_config(tok, [tok.convert_tokens_to_ids(t) for t in fam.stop_tokens], pad_token_id(tok, fam))
+    if family == "llama3":
+        return llama3_tiny_config(tok, pad_token_id(tok, fam))
     if family in SP_CHATGLM_VERSIONS:
-        return glm_tok.ChatGLMTokenizer.from_pretrained(str(tokenizer_dir))
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        return chatglm_sp_tiny_config(tok, SP_CHATGLM_VERSIONS[family])
+    return llama2_tiny_config(tok)
 
 
 def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
                     **overrides) -> Path:
     """A tiny random-weight model folder for `family` (glm4, llama3, chatglm2, chatglm3, llama2): config.json,
-    model.safetensors,
-    generation_config.json and the tokenizer files of `tokenizer_dir` (built into out_dir when None).
+    model.safetensors, generation_config.json and the tokenizer files of `tokenizer_dir` (built into out_dir when None).
 
     Shapes: 2 layers, hidden 64, 4 query heads of 16 dims sharing 2 key/value heads (GQA), MLP 128 (llama2:
     4 key/value heads, MLP 172, `llama2_tiny_config`; chatglm2/3: `chatglm_sp_tiny_config`); the vocabulary and
     special ids come from the tokenizer (chatglm formats: embedding rows padded to a multiple of 64, like the
     real padded_vocab_size). `overrides` replace config fields (e.g. num_hidden_layers=1 / num_layers=1).
     chatglm-format folders (glm4, chatglm2, chatglm3) also get the remote-code files and auto_map
-    (patch/install.py), as the hub folders have them; main.py and pre_tokenize_glm4.py never run them unless
-    given --trust_remote_code."""
+    (patch/install.py), as the hub folders have them; main.py and pre_tokenize.py never run them unless given
+    --trust_remote_code. The model class, tokenizer loading and pad rule come from patch/families.py."""
     import torch
 
     if family not in TOKENIZER_BUILDERS:
         raise ValueError(f"family {family!r}: expected one of {sorted(TOKENIZER_BUILDERS)}")
+    from models import load_tokenizer, model_class
+
+    fam = families.family(family)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_dir is None:
         tokenizer_dir = TOKENIZER_BUILDERS[family](out)
     tokenizer_dir = Path(tokenizer_dir)
-    tok = _load_tiny_tokenizer(family, tokenizer_dir)
+    tok = load_tokenizer(str(tokenizer_dir), fam)  # as main.py and pre_tokenize.py load it
     torch.manual_seed(seed)
-    if family in ("llama3", "llama2"):
-        from transformers import LlamaConfig
-        from patch.modeling_llama import LlamaForCausalLM
-
-        if family == "llama3":
-            pad = tok.convert_tokens_to_ids("<|finetune_right_pad_id|>")
-            cfg = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=131072,
-                       rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=pad)
-        else:
-            cfg = llama2_tiny_config(tok)
-        cfg.update(overrides)
-        model = LlamaForCausalLM(LlamaConfig(**cfg))
-    elif family in SP_CHATGLM_VERSIONS:
-        from patch.configuration_chatglm import ChatGLMConfig
-        from patch.modeling_chatglm import ChatGLMForConditionalGeneration
-
-        cfg = chatglm_sp_tiny_config(tok, SP_CHATGLM_VERSIONS[family])
-        cfg.update(overrides)
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig(**cfg))
-    else:
-        from patch.configuration_chatglm import ChatGLMConfig
-        from patch.modeling_chatglm import ChatGLMForConditionalGeneration
-
-        stops = [tok.convert_tokens_to_ids(t) for t in GLM4_STOP_TOKENS]
-        cfg = dict(padded_vocab_size=-(-len(tok) // 64) * 64, num_layers=2, hidden_size=64, ffn_hidden_size=128,
-                   kv_channels=16, num_attention_heads=4, multi_query_attention=True, multi_query_group_num=2,
-                   seq_length=131072, rope_ratio=1.0, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-        cfg.update(overrides)
-        model = ChatGLMForConditionalGeneration(ChatGLMConfig(**cfg))
+    cls = model_class(fam.model_types[0])
+    cfg = tiny_config(family, tok)
+    cfg.update(overrides)
+    model = cls(cls.config_class(**cfg))
     model.save_pretrained(out)
     if tokenizer_dir.resolve() != out.resolve():
         for f in tokenizer_dir.iterdir():
             if f.is_file():
                 shutil.copyfile(f, out / f.name)
-    if family == "glm4" or family in SP_CHATGLM_VERSIONS:
+    if fam.remote_code:  # the hub folders of the family ship modeling/tokenizer code: so does the tiny one
         from patch.install import BACKUP_DIR, install
         had_backup = (out / BACKUP_DIR).exists()
         install(out, verify=False)

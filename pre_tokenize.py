@@ -1,0 +1,55 @@
+"""Pre-tokenize chat data for any supported model into a tokenized dataset folder: one entry for every template.
+
+    # tiny CPU run on the bundled sample (the template defaults from the folder's family: glm4 here)
+    python tools/make_tiny.py tokenizer --family glm4 --out /tmp/tiny-glm4
+    python pre_tokenize.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
+        --output_dir /tmp/glm4-sample --max_length 8192
+
+    # real runs
+    python pre_tokenize.py --model_name_or_path THUDM/glm-4-9b --input general.jsonl LongWriter-6k.jsonl \\
+        --output_dir data/glm4/longwriter --num_proc 32                                   # template glm4
+    python pre_tokenize.py --model_name_or_path meta-llama/Llama-3.1-8B --template llama3 --input chat.jsonl \\
+        --output_dir data/llama3/chat --max_length 32768
+
+The model family comes from the folder (patch/families.py: config.json `model_type` and the tokenizer files;
+a tokenizer-only folder works too), `--template` defaults to the family's first template:
+
+    family     templates (default first)   tokenizer
+    glm4       glm4                         patch/ ChatGLM4Tokenizer (tiktoken tokenizer.model)
+    chatglm3   chatglm3, chatglm2           patch/ ChatGLMTokenizer (SentencePiece tokenizer.model)
+    chatglm2   chatglm2                     patch/ ChatGLMTokenizer
+    llama3     longwriter, llama3           transformers' fast tokenizer (tokenizer.json)
+    llama2     llama2                       transformers' fast tokenizer
+
+(the chatglm3, chatglm2 and llama2 templates are registered, not implemented yet: asking for one is an error
+that lists the available templates). The folder's own tokenizer code runs only with --trust_remote_code.
+Flags, inputs, skip reasons, the report, atomic output and `--num_proc` (byte-identical output for any count)
+are chat_data.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
+meta.json records `model_family` and `template`; main.py checks them against the model it trains.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from chat_data import PretokenizeArguments, cli, parse_args
+from patch.families import implemented_templates
+from templates import pretokenize
+
+
+@dataclass
+class Arguments(PretokenizeArguments):
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "Dataset folder to write (replaced atomically); default data/<family>/<template>."})
+    template: Optional[str] = field(default=None, metadata={
+        "help": f"Chat template: {', '.join(implemented_templates())}; default: the model family's default "
+                f"(pre_tokenize.py docstring)."})
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return pretokenize(parse_args(Arguments, argv))
+
+
+if __name__ == "__main__":
+    cli(main)
