@@ -132,12 +132,15 @@ def token_array(*ids: int) -> np.ndarray:
 
 
 class ChatFormat:
-    """How a conversation becomes tokens; each script defines one. Subclasses set `name`, `roles` (allowed
-    message roles), `prefix_len` (leading tokens --truncate left keeps), `tokenizer`, `plain` (a PlainEncoder),
-    `stop_token_ids`, and implement `pieces` (the texts to tokenize, plain) and `assemble` (the token arrays of
-    those pieces -> the conversation as a list of int32 token arrays, its *parts*, and for each part whether it
-    is supervised). Batching the pieces of many records into one tokenizer call and joining the parts is the
-    driver's job; `encode` does one conversation. A format may also define `encode_batch(conversations)` ->
+    """How a conversation becomes tokens; each template defines one (templates_*.py, registered in
+    patch/families.py). Subclasses set `name` (the template name), `roles` (allowed message roles), `prefix_len`
+    (leading tokens --truncate left keeps), `tokenizer`, `plain` (a PlainEncoder), `stop_token_ids`, and
+    implement `pieces` (the texts to tokenize, plain) and `assemble` (the token arrays of those pieces -> the
+    conversation as a list of int32 token arrays, its *parts*, and for each part whether it is supervised).
+    `assemble` may also return a third item, `relabel` {part index: token id}: every token of that (supervised)
+    part gets that id as its label instead of its own id (LongWriter: EOS as the label after a reply).
+    Batching the pieces of many records into one tokenizer call and joining the parts is the driver's job;
+    `encode` does one conversation. A format may also define `encode_batch(conversations)` ->
     (ids, supervised, lengths) or None: the driver then tries it first for a whole work unit (GLM-4 does)."""
 
     name: str
@@ -152,8 +155,9 @@ class ChatFormat:
 
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) int32 arrays of one conversation, labels IGNORE_INDEX where not supervised."""
-        ids, supervised, _ = join_parts(*self.assemble(messages, self.plain(self.pieces(messages))))
-        return ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
+        parts, train, *relabel = self.assemble(messages, self.plain(self.pieces(messages)))
+        ids, supervised, part_len = join_parts(parts, train)
+        return ids, part_labels(ids, supervised, part_len, relabel[0] if relabel else None)
 
 
 def join_parts(parts: list[np.ndarray], train: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -161,6 +165,18 @@ def join_parts(parts: list[np.ndarray], train: list[bool]) -> tuple[np.ndarray, 
     lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
     ids = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     return ids, np.repeat(np.array(train, dtype=bool), lengths), lengths
+
+
+def part_labels(ids: np.ndarray, supervised: np.ndarray, part_len: np.ndarray,
+                relabel: dict[int, int] | None) -> np.ndarray:
+    """Labels int32[T]: the id where supervised, IGNORE_INDEX elsewhere, and `relabel`'s id on the tokens of the
+    parts it names (part index -> label id; see ChatFormat)."""
+    labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
+    if relabel:
+        starts = np.cumsum(part_len) - part_len
+        for j, label in relabel.items():
+            labels[starts[j]:starts[j] + part_len[j]] = label
+    return labels
 
 
 def special_token_ids(tokenizer, names: list[str], problems: list[str], why: str) -> dict[str, int]:
@@ -300,21 +316,24 @@ def _encode_parts(todo: list, chat_format, problems: list):
         problems += [(k, "error", error) for k, *_ in items]
         items = []
 
-    parts, train, first_part, rows = [], [], [], []  # rows: (k, fmt) of each assembled sample
+    parts, train, first_part, rows, relabel = [], [], [], [], {}  # rows: (k, fmt) of each assembled sample
     for k, fmt, messages, start, n in items:
         try:
-            p, t = chat_format.assemble(messages, encoded[start:start + n])
+            p, t, *r = chat_format.assemble(messages, encoded[start:start + n])
         except Exception:
             problems.append((k, "error", traceback.format_exc()))
             continue
+        if r and r[0]:
+            relabel.update({len(parts) + j: label for j, label in r[0].items()})
         first_part.append(len(parts))
         parts += p
         train += t
         rows.append((k, fmt))
     ids, supervised, part_len = join_parts(parts, train)
+    labels = part_labels(ids, supervised, part_len, relabel)
     lengths = np.add.reduceat(part_len, first_part) if rows else np.zeros(0, np.int64)
     n_sup = np.add.reduceat(np.where(train, part_len, 0), first_part) if rows else np.zeros(0, np.int64)
-    return ids, supervised, lengths, n_sup, rows
+    return ids, supervised, labels, lengths, n_sup, rows
 
 
 def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) -> ChunkResult:
@@ -339,10 +358,11 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
             todo = []
     if joined is not None:
         ids, supervised, lengths = joined
+        labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
         rows = [(k, fmt) for k, fmt, _ in todo]
         n_sup = np.add.reduceat(supervised, np.cumsum(lengths) - lengths, dtype=np.int64)
     else:
-        ids, supervised, lengths, n_sup, rows = _encode_parts(todo, chat_format, problems)
+        ids, supervised, labels, lengths, n_sup, rows = _encode_parts(todo, chat_format, problems)
 
     truncated = 0
     over = np.flatnonzero(lengths > max_length)
@@ -365,7 +385,7 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
             problems.append(problem)
             keep_token[a:a + n] = False
             keep_row[i] = False
-        ids, supervised = ids[keep_token], supervised[keep_token]
+        ids, supervised, labels = ids[keep_token], supervised[keep_token], labels[keep_token]
         lengths, n_sup = lengths[keep_row], n_sup[keep_row]
         rows = [row for row, keep in zip(rows, keep_row.tolist()) if keep]
 
@@ -374,7 +394,6 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
     formats: dict[str, int] = {}
     for _, fmt in rows:
         formats[fmt] = formats.get(fmt, 0) + 1
-    labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
     return ChunkResult(ids, labels, lengths, n_sup, kept, truncated, formats, sorted(problems, key=lambda p: p[0]))
 
 

@@ -6,8 +6,13 @@
     ids, labels = fmt.encode([Message("user", "Hi"), Message("assistant", "Hello", train=True)])
 
 - `longwriter` (what LongWriter-llama3.1-8b was trained with, from the base model): `<|begin_of_text|>` once,
-  then `<<SYS>>\n{system}\n<</SYS>>\n\n` for a system message, `[INST]{query}[/INST]` for a user message, and
-  `{reply}<|end_of_text|>` for an assistant message; each reply and its `<|end_of_text|>` are supervised.
+  then `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n` for a system message, `[INST]{query}[/INST]` for a user message and
+  `{reply}` for an assistant message, all concatenated, and ONE `<|end_of_text|>` appended at the very end.
+  Each reply is supervised, and `<|end_of_text|>` is the *label* at the position right after it (the first token
+  of the next piece, or the final `<|end_of_text|>`): the model learns to stop after every reply while its
+  multi-turn history has no EOS in it, as the inference prompt `[INST]q1[/INST]r1[INST]q2[/INST]` has none
+  (REFERENCE 5, "LongWriter-llama3.1 multi-turn"). When a supervised reply follows directly, its own first token
+  keeps its label; an empty reply has no tokens, so the label goes to the next token there is.
 - `llama3`: the official instruct format, `<|begin_of_text|>` then per message
   `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`; replies supervised through `<|eot_id|>`.
 Content is always plain text: "<|eot_id|>" typed inside a message is not the special token. Special-token ids are
@@ -75,16 +80,23 @@ class LongWriterFormat(_LlamaBase):
                 texts.append(m.content)
         return texts
 
-    def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
-        parts, train = [self.bos], [False]
+    def assemble(self, messages: list[Message], encoded: list[np.ndarray]):
+        parts, train, relabel = [self.bos], [False], {}
+        eos_next = False  # a supervised reply ended: the next token's label is <|end_of_text|>
         for m, piece in zip(messages, encoded):
-            if m.role == "assistant":  # the reply and its <|end_of_text|>
-                parts += (piece, self.end)
-                train += (m.train, m.train)
+            reply = m.role == "assistant" and m.train
+            if eos_next and len(piece) and not reply:  # split off the piece's first token, labelled EOS
+                relabel[len(parts)] = self.eos_id
+                parts += (piece[:1], piece[1:])
+                train += (True, False)
             else:
                 parts.append(piece)
-                train.append(False)
-        return parts, train
+                train.append(reply)
+            if len(piece):
+                eos_next = reply
+        parts.append(self.end)  # one <|end_of_text|> at the very end; supervised right after a reply
+        train.append(eos_next)
+        return parts, train, relabel
 
 
 class Llama3Format(_LlamaBase):

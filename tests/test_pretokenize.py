@@ -139,19 +139,85 @@ def test_longwriter_format_and_labels(tmp_path, llama3_tokenizer_dir, llama):
     run_llama(llama3_tokenizer_dir, [write_jsonl(tmp_path / "in.jsonl", [MULTI])], tmp_path / "out", "longwriter")
     ds = LMDataset(tmp_path / "out")
     ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    # no <|end_of_text|> between turns (the history reads as the inference prompt does), one at the very end
     assert llama.decode(ids) == (
         "<|begin_of_text|><<SYS>>\nYou are concise.\n<</SYS>>\n\n[INST]What is 2+2? " + SPECIAL_TEXT + "[/INST]"
-        "It is 4. " + SPECIAL_TEXT + "<|end_of_text|>[INST]And 3+3?[/INST]Six.<|end_of_text|>[INST]Say nothing.[/INST]"
-        "<|end_of_text|>[INST]用中文回答：天空是什么颜色？[/INST]天空是蓝色的。<|end_of_text|>"
-        "[INST]A trailing question stays unsupervised.[/INST]")
+        "It is 4. " + SPECIAL_TEXT + "[INST]And 3+3?[/INST]Six.[INST]Say nothing.[/INST]"
+        "[INST]用中文回答：天空是什么颜色？[/INST]天空是蓝色的。"
+        "[INST]A trailing question stays unsupervised.[/INST]<|end_of_text|>")
+    # each supervised reply, then <|end_of_text|> as the label of the token after it (the next [INST])
     assert [llama.decode(s) for s in spans(labels)] == ["It is 4. " + SPECIAL_TEXT + "<|end_of_text|>",
                                                         "天空是蓝色的。<|end_of_text|>"]
     bos, end = llama.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
-    assert ids.tolist().count(bos) == 1 and ids.tolist().count(end) == 4  # content text stays plain
+    assert ids.tolist().count(bos) == 1 and ids.tolist().count(end) == 1  # content text stays plain
+    relabelled = np.flatnonzero((labels != IGNORE_INDEX) & (labels != ids)).tolist()
+    assert len(relabelled) == 2 and all(labels[i] == end for i in relabelled)
+    assert all(llama.decode(ids[i:]).startswith("[INST]") for i in relabelled)
+    assert labels[-1] == IGNORE_INDEX  # the final eos follows an unsupervised user turn
     meta = TokenizedData(tmp_path / "out").meta
     assert meta["template"] == "longwriter"
     assert meta["tokenizer"]["pad_token_id"] == llama.convert_tokens_to_ids("<|finetune_right_pad_id|>")
     assert meta["stop_token_ids"] == [end]
+
+
+def longwriter_reference(tok, messages):
+    """REFERENCE 5 "LongWriter-llama3.1 multi-turn", written out directly: BOS, every piece tokenized on its own
+    and concatenated, one EOS appended; a supervised reply's tokens are labelled, and EOS is the label of the
+    position right after it, unless a supervised reply starts there (its own token keeps its label)."""
+    bos, eos = tok.convert_tokens_to_ids(["<|begin_of_text|>", "<|end_of_text|>"])
+    ids, labels, eos_at = [bos], [IGNORE_INDEX], []
+    for m in messages:
+        text = {"system": f"<<SYS>>\n{m.content}\n<</SYS>>\n\n", "user": f"[INST]{m.content}[/INST]"}.get(m.role,
+                                                                                                         m.content)
+        piece = tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        supervised = m.role == "assistant" and m.train
+        ids += piece
+        labels += piece if supervised else [IGNORE_INDEX] * len(piece)
+        if supervised:
+            eos_at.append(len(ids))
+    ids.append(eos)
+    labels.append(IGNORE_INDEX)
+    for end in eos_at:
+        if labels[end] == IGNORE_INDEX or end == len(ids) - 1:
+            labels[end] = eos
+    return ids, labels
+
+
+def test_longwriter_multi_turn_follows_upstream_rule(tmp_path, llama3_tokenizer_dir, llama):
+    from chat_inputs import parse_record
+
+    records = [json.loads(line) for line in (ROOT / "data" / "sample.jsonl").read_text().splitlines()]
+    records += [MULTI, GOOD, LONG,
+                {"messages": [{"role": "user", "content": "two replies"}, {"role": "assistant", "content": "one"},
+                              {"role": "assistant", "content": "two"}, {"role": "assistant", "content": "x",
+                                                                        "loss": False}]},
+                {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "q"},
+                              {"role": "assistant", "content": "a"}, {"role": "system", "content": "S2"},
+                              {"role": "user", "content": "q2"}, {"role": "assistant", "content": ""},
+                              {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]},
+                {"conversations": [{"from": "human", "value": "h1"}, {"from": "gpt", "value": "g1"},
+                                   {"from": "human", "value": "h2"}, {"from": "gpt", "value": "g2"}]}]
+    kept = []
+    for r in records:
+        try:
+            kept.append(parse_record(r)[1])
+        except chat_data.Skip:
+            continue
+    kept = [m for m in kept if all(x.role in ("system", "user", "assistant") for x in m)]
+    run_llama(llama3_tokenizer_dir, [write_jsonl(tmp_path / "in.jsonl", records)], tmp_path / "out", "longwriter",
+              "--max_length", "100000")
+    ds = LMDataset(tmp_path / "out")
+    assert len(ds) == len(kept) > 30
+    fmt = templates.chat_format("longwriter", models.load_tokenizer(str(llama3_tokenizer_dir), "llama3"))
+    multi = 0
+    for i, messages in enumerate(kept):
+        ids, labels = longwriter_reference(llama, messages)
+        assert ds[i]["input_ids"].tolist() == ids, i
+        assert ds[i]["labels"].tolist() == labels, i
+        one_ids, one_labels = fmt.encode(messages)  # one conversation (tools/generate.py's path): the same
+        assert one_ids.tolist() == ids and one_labels.tolist() == labels, i
+        multi += sum(m.role == "assistant" for m in messages) > 1
+    assert multi >= 8
 
 
 def test_sharegpt_alpaca_and_json_array(tmp_path, glm4_tokenizer_dir, glm):
