@@ -1,7 +1,8 @@
-"""Chat data -> tokenized dataset: everything `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` share.
+"""Chat data -> tokenized dataset: everything `pre_tokenize.py` (and its front ends `pre_tokenize_glm4.py`,
+`pre_tokenize_llama3.py`) runs, whatever the template.
 
-The two scripts differ only in a *chat format* object that turns a parsed conversation into
-(input_ids, labels); this module does the rest:
+Templates differ only in a *chat format* object (templates.py looks one up by name in patch/families.py) that
+turns a parsed conversation into (input_ids, labels); this module does the rest:
 
 1. Inputs: JSONL files or JSON arrays (detected by the first character, not the extension). Several files can be
    mixed with a per-file sample count, `--input general.jsonl LongAlign-10k.jsonl:5000` (a random subset of
@@ -21,7 +22,7 @@ The two scripts differ only in a *chat format* object that turns a parsed conver
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
 4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
-   `dataset.TokenizedWriter`, so an interrupted run leaves the previous output intact.
+   `storage.TokenizedWriter`, so an interrupted run leaves the previous output intact.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ SHOW_SKIPS = 5
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line (each script subclasses this to set its --output_dir default and add its own flags)
+# Command line (each entry subclasses this to set its --output_dir default and add its own flags)
 # ----------------------------------------------------------------------------------------------
 
 @dataclass
@@ -77,8 +78,8 @@ class PretokenizeArguments:
     strict: bool = field(default=False, metadata={"help": "Stop at the first invalid JSON / wrong schema / unknown "
                                                           "role line instead of skipping it."})
     trust_remote_code: bool = field(default=False, metadata={
-        "help": "Allow the tokenizer code shipped inside the model folder to run (never needed for GLM-4 and "
-                "Llama-3.1: their tokenizers are built in)."})
+        "help": "Allow the tokenizer code shipped inside the model folder to run (never needed for the families of "
+                "patch/families.py: their tokenizers load without it)."})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Chat data inputs: index JSONL / JSON-array files, pick and shuffle records, cut the plan into work units, and
 turn one record (messages, ShareGPT or Alpaca) into a list of `Message`s.
 
-Used by chat_data.py (the pre_tokenize_* driver; its docstring has the --input syntax and the record formats).
+Used by chat_data.py (the pre-tokenization driver; its docstring has the --input syntax and the record formats).
 A JSONL file is indexed as the byte offsets of its non-blank lines (the workers read the lines themselves through
 a memory map); a JSON array is parsed here element by element, keeping each element's line number for the skip
 report.

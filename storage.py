@@ -202,13 +202,13 @@ def read_meta(data_dir: str | os.PathLike) -> dict:
     """meta.json of a tokenized dataset, with a clear error when `data_dir` is not one."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DatasetFormatError(f"{data_dir}: no such folder. Pass the --output_dir of pre_tokenize_*.py.")
+        raise DatasetFormatError(f"{data_dir}: no such folder. Pass the --output_dir of pre_tokenize.py.")
     path = data_dir / META_FILE
     if not path.is_file():
         legacy = (data_dir / "inputs.npy").is_file()
         hint = ("it holds the upstream LongAlign/LongWriter layout (inputs.npy); convert it with "
                 "`python sort_and_group.py --train_file DIR` first" if legacy else
-                "run pre_tokenize_glm4.py or pre_tokenize_llama3.py with --output_dir pointing here")
+                "run pre_tokenize.py with --output_dir pointing here")
         raise DatasetFormatError(f"{data_dir}: not a tokenized dataset (no {META_FILE}); {hint}.")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))

@@ -2,6 +2,8 @@
 to end on tiny tokenizers."""
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,7 @@ import pre_tokenize_llama3
 import templates
 import templates_glm
 from chat_data import InputError
+from patch import families
 from dataset import IGNORE_INDEX, LMDataset, TokenizedData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -379,6 +382,72 @@ def test_problems_are_reported_together_before_any_work(tmp_path, glm4_tokenizer
     assert (keep / "notes.txt").read_text() == "mine"
 
 
+# ----------------------------------------------------------------------------------------------
+# pre_tokenize.py: every template from one entry, the same bytes as the front ends
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("template", ["glm4", "longwriter", "llama3"])
+def test_pre_tokenize_equals_the_front_ends(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir, template):
+    sample = ROOT / "data" / "sample.jsonl"
+    src = write_jsonl(tmp_path / "in.jsonl", [MULTI, TOOL, GOOD, LONG, BAD_LINES["invalid_json"]])
+    tok_dir = glm4_tokenizer_dir if template == "glm4" else llama3_tokenizer_dir
+    common = ["--model_name_or_path", str(tok_dir), "--input", str(sample), f"{src}:4", "--max_length", "2048",
+              "--truncate", "right", "--num_proc", "1"]
+    if template == "glm4":
+        front = pre_tokenize_glm4.main(common + ["--output_dir", str(tmp_path / "front")])
+    else:
+        front = pre_tokenize_llama3.main(common + ["--output_dir", str(tmp_path / "front"), "--template", template])
+    one = pre_tokenize.main(common + ["--output_dir", str(tmp_path / "one"), "--template", template])
+    assert one == front and dir_bytes(tmp_path / "one") == dir_bytes(tmp_path / "front")
+    meta = TokenizedData(tmp_path / "one").meta
+    assert meta["template"] == template and meta["model_family"] == ("glm4" if template == "glm4" else "llama3")
+
+
+def test_pre_tokenize_template_defaults_from_the_family(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir,
+                                                        monkeypatch):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD, MULTI])
+    monkeypatch.chdir(tmp_path)  # the default --output_dir is data/<family>/<template>, relative
+    for tok_dir, family, template in ((glm4_tokenizer_dir, "glm4", "glm4"),
+                                      (llama3_tokenizer_dir, "llama3", "longwriter")):
+        assert families.detect_folder(tok_dir).default_template == template
+        pre_tokenize.main(["--model_name_or_path", str(tok_dir), "--input", str(src), "--num_proc", "1"])
+        meta = TokenizedData(tmp_path / "data" / family / template).meta
+        assert (meta["model_family"], meta["template"]) == (family, template)
+    # a tiny model folder (config.json + tokenizer files) is told apart the same way
+    from tools.make_tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", "glm4", glm4_tokenizer_dir)
+    rep = pre_tokenize.main(["--model_name_or_path", str(model), "--input", str(src), "--num_proc", "1",
+                             "--output_dir", str(tmp_path / "m")])
+    assert TokenizedData(tmp_path / "m").meta["template"] == "glm4" and rep["samples_kept"] == 2
+
+
+def test_pre_tokenize_template_errors_list_the_available_ones(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir):
+    src = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+
+    def run(tok_dir, *extra):
+        return pre_tokenize.main(["--model_name_or_path", str(tok_dir), "--input", str(src), "--output_dir",
+                                  str(tmp_path / "out"), "--num_proc", "1", *extra])
+
+    listed = "available: glm4, longwriter, llama3"
+    with pytest.raises(InputError, match=f"--template nope: unknown template 'nope'; {listed}"):
+        run(glm4_tokenizer_dir, "--template", "nope")
+    for name in ("chatglm3", "chatglm2", "llama2"):  # registered, implemented later
+        with pytest.raises(InputError, match=f"--template {name}: registered .* but not implemented yet; {listed}"):
+            run(llama3_tokenizer_dir, "--template", name)
+    with pytest.raises(InputError, match="--template glm4: not a template of the llama3 family .*: longwriter, "
+                                         "llama3"):
+        run(llama3_tokenizer_dir, "--template", "glm4")
+    with pytest.raises(InputError, match="cannot tell its model family: .*tokenizer files: none found"):
+        run(tmp_path)
+    assert not (tmp_path / "out").exists()
+    # the CLI: one line on stderr and exit status 2, like every other user mistake
+    proc = subprocess.run([sys.executable, str(ROOT / "pre_tokenize.py"), "--model_name_or_path",
+                           str(llama3_tokenizer_dir), "--input", str(src), "--template", "chatglm3"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --template chatglm3") and listed in proc.stderr
+
+
 def test_default_output_dirs():
     g = chat_data.parse_args(pre_tokenize_glm4.Arguments, ["--model_name_or_path", "m", "--input", "x"])
     l = chat_data.parse_args(pre_tokenize_llama3.Arguments, ["--model_name_or_path", "m", "--input", "x"])
@@ -395,7 +464,7 @@ def dir_bytes(d):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script", ["glm4", "llama3"])
+@pytest.mark.parametrize("script", ["glm4", "llama3", "pre_tokenize:longwriter"])
 def test_num_proc_does_not_change_the_output(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir, script):
     records = [MULTI, TOOL, GOOD, LONG, BAD_LINES["invalid_json"]] * 60  # several chunks
     src = write_jsonl(tmp_path / "in.jsonl", records)
@@ -405,10 +474,14 @@ def test_num_proc_does_not_change_the_output(tmp_path, glm4_tokenizer_dir, llama
         if script == "glm4":
             pre_tokenize_glm4.main(["--model_name_or_path", str(glm4_tokenizer_dir), "--input", str(src),
                                     "--output_dir", str(out), "--num_proc", str(n), "--max_length", "256"])
-        else:
+        elif script == "llama3":
             pre_tokenize_llama3.main(["--model_name_or_path", str(llama3_tokenizer_dir), "--input", str(src),
                                       "--output_dir", str(out), "--num_proc", str(n), "--max_length", "256",
                                       "--template", "llama3"])
+        else:  # the one entry, the multi-turn relabelling path, truncation included
+            pre_tokenize.main(["--model_name_or_path", str(llama3_tokenizer_dir), "--input", str(src),
+                               "--output_dir", str(out), "--num_proc", str(n), "--max_length", "256",
+                               "--truncate", "left"])
         outs.append(dir_bytes(out))
     assert outs[0] == outs[1] and len(outs[0]) == 6
 
