@@ -32,7 +32,7 @@ import models  # noqa: E402
 from chat_inputs import InputError  # noqa: E402
 from dataset import IGNORE_INDEX, write_json_atomic  # noqa: E402
 from patch.families import implemented_templates  # noqa: E402
-from templates import chat_format, pad_token_id  # noqa: E402
+from templates import chat_format, check_template, pad_token_id  # noqa: E402
 
 
 @dataclass
@@ -53,10 +53,10 @@ class GenerateArguments:
     output: Optional[str] = field(default=None, metadata={"help": "Also write {prompt, reply, ...} to this JSON."})
 
 
-def chat_format_for(template: str, tokenizer):
-    """The chat format object pre-tokenization used for `template`."""
+def chat_format_for(template: str, tokenizer, family=None):
+    """The chat format object pre-tokenization used for `template` (checked to be one of `family`'s templates)."""
     try:
-        fmt = chat_format(template, tokenizer)
+        fmt = chat_format(check_template(family, template) if family else template, tokenizer)
     except InputError as e:
         raise SystemExit(str(e)) from e
     if fmt.problems:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
     if template is None and args.data and (Path(args.data) / "meta.json").is_file():
         template = json.loads((Path(args.data) / "meta.json").read_text(encoding="utf-8")).get("template")
     template = template or family.default_template
-    fmt = chat_format_for(template, tokenizer)
+    fmt = chat_format_for(template, tokenizer, family)
     ids = prompt_ids(fmt, args.prompt, args.system)
 
     t0 = time.time()
