@@ -37,7 +37,8 @@ def test_registry_is_consistent():
         assert fam.templates and set(fam.templates) <= set(families.TEMPLATES), fam.name
         listed |= set(fam.templates)
         assert fam.lora_targets and fam.pad and fam.stop_tokens == families.TEMPLATES[fam.default_template].stop_tokens
-        assert fam.model_class.startswith("modeling_") and all((ROOT / "patch" / f).is_file() for f in fam.install.files)
+        assert fam.model_class.startswith("modeling_")
+        assert all((ROOT / "patch" / f).is_file() for f in fam.install.files)
         assert fam.install.auto_map["AutoModelForCausalLM"] == fam.model_class
         if fam.tokenizer:  # our own class in patch/, installed as the folder's AutoTokenizer
             assert fam.install.tokenizer_auto_map == {"AutoTokenizer": [fam.tokenizer, None]}
@@ -75,7 +76,8 @@ def test_patch_stays_a_leaf():
     code = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', {root!r})]; "
             "sys.path.insert(0, {patch!r}); import families, install; "
             "assert install.families is families; "
-            "print(sorted(m for m in ('torch', 'transformers', 'dataset', 'storage', 'chat_data') if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'transformers', 'dataset', 'storage', 'chat_data') "
+            "if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), patch=str(ROOT / "patch"))],
                           capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr

@@ -8,8 +8,8 @@ registry's template): the tokens of a user message followed by an assistant repl
 supervised token would be, so inference and training prompts agree token for token. Template: --template, else
 the `template` in the training data's meta.json (--data), else the model family's default (patch/families.py:
 glm4 -> glm4, llama3 -> longwriter, ...). Generation stops on the template's stop tokens. The model class comes
-from config.json's model_type through the registry (patch/), never from code inside the folder. A folder holding only a LoRA adapter
-(adapter_config.json) is loaded on top of its base model. Greedy decoding unless --do_sample.
+from config.json's model_type through the registry (patch/), never from code inside the folder. A folder
+holding only a LoRA adapter (adapter_config.json) is loaded on top of its base model. Greedy decoding unless --do_sample.
 """
 
 from __future__ import annotations
