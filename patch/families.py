@@ -52,13 +52,19 @@ class Detect:
 
     kinds: the tokenizer files, one of: "tiktoken" (tokenizer.model is a tiktoken ranks text file),
         "sentencepiece" (tokenizer.model is anything else: a SentencePiece model), "tokenizers" (tokenizer.json).
-    markers: token texts the tokenizer must declare (tokenizer_config.json added_tokens_decoder /
-        additional_special_tokens / bos, eos, pad, unk tokens / chat_template, tokenizer.json added_tokens), or
-        that appear in one of `marker_files` (read as text, skipped when it is a copy of our own patch/ file).
-    tokenizer_class: the tokenizer_config.json tokenizer_class or its AutoTokenizer auto_map class name."""
+    markers: token texts the tokenizer must all declare (tokenizer_config.json / special_tokens_map.json
+        added_tokens_decoder, additional_special_tokens, extra_special_tokens, bos/eos/pad/unk tokens;
+        tokenizer.json added_tokens).
+    markers_any: at least one of these must be declared, or `template_text` be in a chat_template.
+    setting: (key, value): when tokenizer_config.json has `key`, it decides alone (value equal: this family).
+    tokenizer_class: the tokenizer_config.json tokenizer_class or its AutoTokenizer auto_map class name.
+    ChatGLM3 vs ChatGLM2 follows patch/tokenization_chatglm.py's own rule (detect_chatglm_version: chatglm_version,
+    else role tokens named, else a chat_template with `<|` tags), so the family and the tokenizer always agree."""
     kinds: tuple[str, ...]
     markers: tuple[str, ...] = ()
-    marker_files: tuple[str, ...] = ()
+    markers_any: tuple[str, ...] = ()
+    template_text: Optional[str] = None
+    setting: Optional[tuple] = None
     tokenizer_class: Optional[str] = None
 
 
@@ -143,6 +149,7 @@ _LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 _LLAMA_INSTALL = Install(("packed_attention.py", "modeling_llama.py"),
                          {"AutoModelForCausalLM": "modeling_llama.LlamaForCausalLM"})
 _CHATGLM_SP = "tokenization_chatglm.ChatGLMTokenizer"
+_CHATGLM3_ROLES = ("<|system|>", "<|user|>", "<|assistant|>", "<|observation|>")
 
 
 def _chatglm(name: str, title: str, tokenizer: str, templates: tuple[str, ...], pad: tuple[str, ...],
@@ -165,10 +172,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
              Detect(kinds=("tiktoken",)), front_end="pre_tokenize_glm4.py"),
     _chatglm("chatglm3", "ChatGLM3-6B (chatglm3-6b, LongAlign-6B-64k)", _CHATGLM_SP, ("chatglm3", "chatglm2"),
              ("pad", "<unk>", "eos"),
-             Detect(kinds=("sentencepiece",), markers=("<|user|>",), tokenizer_class="ChatGLMTokenizer",
-                    marker_files=("tokenization_chatglm.py", "patch_backup/tokenization_chatglm.py"))),
+             Detect(kinds=("sentencepiece",), markers_any=_CHATGLM3_ROLES, template_text="<|",
+                    setting=("chatglm_version", 3), tokenizer_class="ChatGLMTokenizer")),
     _chatglm("chatglm2", "ChatGLM2-6B (chatglm2-6b; LongAlign, LL-BaiYang)", _CHATGLM_SP, ("chatglm2",),
-             ("pad", "<unk>", "eos"), Detect(kinds=("sentencepiece",), tokenizer_class="ChatGLMTokenizer")),
+             ("pad", "<unk>", "eos"),
+             Detect(kinds=("sentencepiece",), setting=("chatglm_version", 2), tokenizer_class="ChatGLMTokenizer")),
     _llama("llama3", "Llama-3.1 (Llama-3.1-8B base or instruct, LongWriter-llama3.1-8b)", ("longwriter", "llama3"),
            ("pad", "<|finetune_right_pad_id|>", "eos"),
            Detect(kinds=("tokenizers",), markers=("<|begin_of_text|>",)), front_end="pre_tokenize_llama3.py"),
@@ -245,7 +253,6 @@ def resolve_pad(rule: tuple[str, ...], lookup: Callable[[str], Optional[int]]) -
 
 Reader = Callable[[str], Optional[bytes]]  # file name in the folder -> its bytes, or None when absent
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
-_SKIP_MARKER_FILE = "class ChatGLM4Tokenizer"  # our own tokenization_chatglm.py (and GLM-4's) holds every marker
 
 
 def folder_reader(path: str | Path) -> Reader:
@@ -287,12 +294,14 @@ def _added_tokens(raw: Optional[bytes]) -> list[str]:
 
 @dataclass
 class TokenizerFacts:
-    """What a folder's files say: config.json model_type, tokenizer file kinds, declared tokens, class names."""
+    """What a folder's files say: config.json model_type, tokenizer file kinds, declared tokens, class names,
+    chat templates and the other tokenizer_config.json settings."""
     model_type: Optional[str]
     kinds: set = field(default_factory=set)
     tokens: set = field(default_factory=set)
     classes: set = field(default_factory=set)
-    read: Optional[Reader] = None
+    chat_templates: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
 
     def describe(self) -> str:
         kinds = ", ".join(sorted(self.kinds)) or "none found"
@@ -302,7 +311,7 @@ class TokenizerFacts:
 
 def tokenizer_facts(read: Reader) -> TokenizerFacts:
     config = _json(read, "config.json")
-    facts = TokenizerFacts(config.get("model_type") if config else None, read=read)
+    facts = TokenizerFacts(config.get("model_type") if config else None)
     model = read("tokenizer.model")
     if model is not None:
         facts.kinds.add("tiktoken" if _TIKTOKEN_LINE.match(model[:512]) else "sentencepiece")
@@ -316,6 +325,8 @@ def tokenizer_facts(read: Reader) -> TokenizerFacts:
             if isinstance(entry, dict) and isinstance(entry.get("content"), str):
                 facts.tokens.add(entry["content"])
         values = list(cfg.get("additional_special_tokens") or [])
+        extra = cfg.get("extra_special_tokens") or []
+        values += list(extra.values() if isinstance(extra, dict) else extra)
         values += [cfg.get(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")]
         for v in values:
             v = v.get("content") if isinstance(v, dict) else v
@@ -323,6 +334,12 @@ def tokenizer_facts(read: Reader) -> TokenizerFacts:
                 facts.tokens.add(v)
         if isinstance(cfg.get("tokenizer_class"), str):
             facts.classes.add(cfg["tokenizer_class"])
+        templates = cfg.get("chat_template") or []
+        templates = templates.values() if isinstance(templates, dict) else [templates] if isinstance(templates, str) \
+            else [t.get("template") for t in templates if isinstance(t, dict)]
+        facts.chat_templates += [t for t in templates if isinstance(t, str)]
+        if name == "tokenizer_config.json":
+            facts.settings = cfg
         auto = (cfg.get("auto_map") or {}).get("AutoTokenizer")
         for ref in auto if isinstance(auto, list) else [auto]:
             if isinstance(ref, str):
@@ -336,13 +353,13 @@ def matches(fam: Family, facts: TokenizerFacts) -> bool:
         return False
     if d.tokenizer_class and d.tokenizer_class not in facts.classes:
         return False
-    for marker in d.markers:
-        if marker in facts.tokens:
-            continue
-        texts = [facts.read(f) if facts.read else None for f in d.marker_files]
-        texts = [t.decode("utf-8", errors="replace") for t in texts if t is not None]
-        if not any(marker in t and _SKIP_MARKER_FILE not in t for t in texts):
-            return False
+    if d.setting and d.setting[0] in facts.settings:
+        return str(facts.settings[d.setting[0]]) == str(d.setting[1])
+    if not all(m in facts.tokens for m in d.markers):
+        return False
+    if d.markers_any and not (facts.tokens & set(d.markers_any)
+                              or (d.template_text and any(d.template_text in t for t in facts.chat_templates))):
+        return False
     return True
 
 
@@ -366,6 +383,7 @@ def why_undetected(read: Reader) -> str:
     for f in candidates:
         d = f.detect
         need = " or ".join(d.kinds) + (f" declaring {', '.join(d.markers)}" if d.markers else "") \
+            + (f" declaring one of {', '.join(d.markers_any)}" if d.markers_any else "") \
             + (f" with tokenizer class {d.tokenizer_class}" if d.tokenizer_class else "")
         needs.append(f"{f.name}: {need}")
     return f"{facts.describe()}: matches no family ({'; '.join(needs)})"

@@ -112,11 +112,9 @@ def test_no_entry_script_imports_another():
 # ----------------------------------------------------------------------------------------------
 
 SP_MODEL = b"\n\x0b\n\x05<unk>\x15\x00\x00\x00\x00\x18\x02\n\x08\n\x03<s>"  # the start of a SentencePiece proto
-HUB_CHATGLM3_CODE = 'class ChatGLMTokenizer:\n    role_special_tokens = ["<|system|>", "<|user|>", "<|assistant|>"]\n'
-HUB_CHATGLM2_CODE = 'class ChatGLMTokenizer:\n    special_tokens = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]\n'
 
 
-def chatglm_folder(path: Path, declared: tuple = (), code: str | None = None, model_type: str = "chatglm") -> Path:
+def chatglm_folder(path: Path, declared: tuple = (), model_type: str = "chatglm", **config) -> Path:
     """A ChatGLM2/3-like folder: config.json, a binary tokenizer.model, a hub-like tokenizer_config.json."""
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps({"model_type": model_type}))
@@ -124,9 +122,8 @@ def chatglm_folder(path: Path, declared: tuple = (), code: str | None = None, mo
     (path / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "ChatGLMTokenizer", "remove_space": False, "padding_side": "left",
         "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]},
-        "added_tokens_decoder": {str(64789 + i): {"content": t, "special": True} for i, t in enumerate(declared)}}))
-    if code is not None:
-        (path / "tokenization_chatglm.py").write_text(code)
+        "added_tokens_decoder": {str(64789 + i): {"content": t, "special": True} for i, t in enumerate(declared)},
+        **config}))
     return path
 
 
@@ -141,26 +138,19 @@ def llama_folder(path: Path, added: list[str], model_type: str | None = "llama")
     return path
 
 
-def test_detection_tells_families_apart(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir):
-    detect = lambda p: getattr(families.detect_folder(p), "name", None)  # noqa: E731
-    assert detect(glm4_tokenizer_dir) == "glm4" and detect(llama3_tokenizer_dir) == "llama3"  # tokenizer-only
-    # ChatGLM3: role tokens declared (hub tokenizer_config.json), or in the folder's own hub code
-    assert detect(chatglm_folder(tmp_path / "c3", declared=("[MASK]", "[gMASK]", "<|user|>"))) == "chatglm3"
-    assert detect(chatglm_folder(tmp_path / "c3code", code=HUB_CHATGLM3_CODE)) == "chatglm3"
-    assert detect(chatglm_folder(tmp_path / "c2", declared=("[MASK]", "[gMASK]"), code=HUB_CHATGLM2_CODE)) \
-        == "chatglm2"
-    # after patch/install.py the folder's tokenization_chatglm.py is ours (every marker in it: not evidence);
-    # the hub's file kept in patch_backup/ still tells ChatGLM3 from ChatGLM2
-    ours = (ROOT / "patch" / "tokenization_chatglm.py").read_text()
-    assert detect(chatglm_folder(tmp_path / "c2ours", code=ours)) == "chatglm2"
-    c3 = chatglm_folder(tmp_path / "c3ours", code=ours)
-    (c3 / "patch_backup").mkdir()
-    (c3 / "patch_backup" / "tokenization_chatglm.py").write_text(HUB_CHATGLM3_CODE)
-    assert detect(c3) == "chatglm3"
+def detect(path):
+    return getattr(families.detect_folder(path), "name", None)
+
+
+def test_detection_tells_families_apart(tmp_path, glm4_tokenizer_dir, llama3_tokenizer_dir, chatglm2_tokenizer_dir,
+                                        chatglm3_tokenizer_dir, llama2_tokenizer_dir):
+    # the tiny hub-like folders of tools/make_tiny.py (tokenizer only: no config.json)
+    assert [detect(d) for d in (glm4_tokenizer_dir, llama3_tokenizer_dir, chatglm2_tokenizer_dir,
+                                chatglm3_tokenizer_dir, llama2_tokenizer_dir)] == [
+        "glm4", "llama3", "chatglm2", "chatglm3", "llama2"]
     # Llama-2: <s> </s> declared, no <|begin_of_text|>; Llama-3 model folder; neither; other model types
     assert detect(llama_folder(tmp_path / "l2", ["<unk>", "<s>", "</s>"])) == "llama2"
     assert detect(llama_folder(tmp_path / "l3", ["<|begin_of_text|>", "<|end_of_text|>"])) == "llama3"
-    assert detect(llama_folder(tmp_path / "l2tok", ["<unk>", "<s>", "</s>"], model_type=None)) == "llama2"
     odd = llama_folder(tmp_path / "odd", ["<|im_start|>"])
     assert detect(odd) is None
     why = families.why_undetected(families.folder_reader(odd))
@@ -172,15 +162,52 @@ def test_detection_tells_families_apart(tmp_path, glm4_tokenizer_dir, llama3_tok
     assert detect(tmp_path / "l3") == "llama3"
 
 
+CHATGLM_VARIANTS = {  # tokenizer_config.json variants -> the family they are
+    "roles declared (chatglm3-6b hub)": (dict(declared=("[gMASK]", "sop", "<|user|>", "<|assistant|>")), "chatglm3"),
+    "a chat_template with <|role|> tags": (dict(chat_template="[gMASK]sop<|{{ m['role'] }}|>"), "chatglm3"),
+    "role tokens as additional_special_tokens": (dict(additional_special_tokens=["<|observation|>"]), "chatglm3"),
+    "chatglm_version 3 (saved by ChatGLMTokenizer)": (dict(chatglm_version=3), "chatglm3"),
+    "chatglm_version 2 wins over declared roles": (dict(declared=("<|user|>",), chatglm_version=2), "chatglm2"),
+    "nothing named (chatglm2-6b hub)": (dict(declared=("[gMASK]", "sop")), "chatglm2"),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(CHATGLM_VARIANTS))
+def test_chatglm3_vs_chatglm2_agrees_with_the_tokenizer(tmp_path, chatglm2_tokenizer_dir, variant):
+    """The family the registry detects is the version patch/tokenization_chatglm.py's ChatGLMTokenizer builds."""
+    from patch.tokenization_chatglm import ChatGLMTokenizer
+
+    kwargs, want = CHATGLM_VARIANTS[variant]
+    declared = kwargs.pop("declared", ())
+    folder = chatglm_folder(tmp_path / "c", declared=declared, **kwargs)
+    shutil.copy(chatglm2_tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")  # a real SentencePiece file
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    if declared:  # at the ids the tokenizer gives them
+        import sentencepiece as spm
+
+        n = spm.SentencePieceProcessor(model_file=str(folder / "tokenizer.model")).get_piece_size()
+        names = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop") + ("<|system|>", "<|user|>", "<|assistant|>",
+                                                                   "<|observation|>")
+        cfg["added_tokens_decoder"] = {str(n + names.index(t)): {"content": t, "special": True} for t in declared}
+        (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert detect(folder) == want
+    try:
+        version = ChatGLMTokenizer.from_pretrained(str(folder)).chatglm_version
+    except ValueError:  # the tokenizer refuses a config that names role tokens ChatGLM2 does not have
+        assert want == "chatglm2" and cfg.get("chatglm_version") == 2
+    else:
+        assert f"chatglm{version}" == want
+
+
 def test_install_picks_the_tokenizer_of_the_chatglm_family(tmp_path):
     for name, declared in (("c3", ("<|user|>",)), ("c2", ())):
-        folder = chatglm_folder(tmp_path / name, declared=declared, code=HUB_CHATGLM3_CODE if declared else
-                                HUB_CHATGLM2_CODE)
+        folder = chatglm_folder(tmp_path / name, declared=declared)
+        (folder / "tokenization_chatglm.py").write_text("class ChatGLMTokenizer: pass  # the hub's file\n")
         patch_install.install(folder, verify=False)
         tok_map = json.loads((folder / "tokenizer_config.json").read_text())["auto_map"]
         assert tok_map["AutoTokenizer"] == ["tokenization_chatglm.ChatGLMTokenizer", None]
         assert (folder / "patch_backup" / "tokenization_chatglm.py").read_text().startswith("class ChatGLMTokenizer")
-        assert families.detect_folder(folder).name == {"c3": "chatglm3", "c2": "chatglm2"}[name]  # still told apart
+        assert detect(folder) == {"c3": "chatglm3", "c2": "chatglm2"}[name]  # still told apart afterwards
     odd = chatglm_folder(tmp_path / "odd")
     (odd / "tokenizer_config.json").write_text("{}")  # a SentencePiece model no chatglm family claims
     with pytest.raises(ValueError, match="cannot tell which chatglm family"):
