@@ -229,7 +229,7 @@ def model_dir_problems(model: str) -> list[str]:
 def _input_file_problem(flag: str, path: str) -> Optional[str]:
     if Path(path).is_file():
         return (f"--{flag} {path} is a file; main.py trains on a tokenized dataset folder: run "
-                f"`python pre_tokenize_glm4.py` or `python pre_tokenize_llama3.py` --input {path} --output_dir DIR "
+                f"`python pre_tokenize.py --model_name_or_path MODEL --input {path} --output_dir DIR` "
                 f"(then `python sort_and_group.py --train_file DIR` for --batch_method sort/pack) and pass "
                 f"--{flag} DIR")
     return None
