@@ -22,7 +22,8 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
 4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
-   `storage.TokenizedWriter`, so an interrupted run leaves the previous output intact.
+   `storage.TokenizedWriter`, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves the previous output intact,
+   an --output_dir holding anything but one of our datasets is refused, and a symlinked one is written through.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ from tqdm.auto import tqdm
 
 from chat_inputs import InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks, \
     parse_record, plan_order
-from storage import IGNORE_INDEX, META_FILE, TokenizedWriter
+from atomic_dir import default_signals, describe_removed, signals_as_exit
+from storage import IGNORE_INDEX, DatasetFormatError, TokenizedWriter, dataset_replace_problem
 
 try:  # optional: a faster JSON reader for JSONL lines (same results, see _parse)
     import orjson
@@ -217,6 +219,11 @@ _WORKER: dict = {}
 
 def _init_worker(chat_format, max_length: int, truncate: str, sources: list[Source]) -> None:
     _WORKER.update(fmt=chat_format, max_length=max_length, truncate=truncate, sources=sources, maps={})
+
+
+def _init_pool_worker(*init) -> None:
+    default_signals()  # a forked worker has nothing to clean up: SIGTERM ends it as usual
+    _init_worker(*init)
 
 
 def _close_worker_files() -> None:
@@ -444,9 +451,10 @@ def _percentiles(x: np.ndarray) -> dict:
 
 
 def _check_output_dir(out: Path, sources: list[Source], problems: list[str]) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / META_FILE).is_file())):
-        problems.append(f"--output_dir {out}: exists and is not a tokenized dataset; refusing to replace it. "
-                        f"Pick a new folder or remove it yourself.")
+    problem = dataset_replace_problem(out)
+    if problem:
+        problems.append(f"--output_dir {out}: {problem}; refusing to replace it (replacing deletes everything in "
+                        f"it). Move those files elsewhere, or pick another --output_dir.")
     for src in sources:
         if out.resolve() in src.path.resolve().parents:
             problems.append(f"--output_dir {out} contains the input {src.path}; write the dataset elsewhere")
@@ -479,10 +487,13 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
     lengths, supervised, shown = [], [], []
     start = time.perf_counter()
 
-    with TokenizedWriter(out_dir, meta) as writer, \
+    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays
+    with signals_as_exit(), TokenizedWriter(out_dir, meta) as writer, \
             open(writer.tmp_dir / "skipped.jsonl", "w", encoding="utf-8") as skipped, \
             tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
                  dynamic_ncols=True) as bar:
+        if writer.swept:
+            print("note: " + describe_removed(writer.swept), flush=True)
 
         def handle(unit: np.ndarray, out: ChunkResult) -> None:
             writer.add_batch(out.input_ids, out.labels, out.lengths)
@@ -531,7 +542,7 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             else:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker process
                 ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                with ctx.Pool(num_proc - 1, initializer=_init_worker, initargs=init) as pool:
+                with ctx.Pool(num_proc - 1, initializer=_init_pool_worker, initargs=init) as pool:
                     _init_worker(*init)  # this process is the num_proc-th encoder
                     try:
                         for unit, out in _in_order(pool, units, num_proc):
@@ -557,7 +568,10 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                              f"the first skips:\n" + "\n".join(shown))
         writer.write_json("report.json", report)
         skipped.close()
-        writer.commit()
+        try:
+            writer.commit()
+        except DatasetFormatError as e:  # files appeared in --output_dir while this run worked
+            raise InputError(f"--output_dir {out_dir}: {e}") from None
 
     elapsed = time.perf_counter() - start
     print_report(report, shown, out_dir, elapsed)

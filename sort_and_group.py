@@ -18,6 +18,9 @@ and `dataset.LMSortDataset(DIR)` read the result.
 What it does, top to bottom:
 - Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the
   supervised target tokens of every sample (its first token excluded: nothing before it can predict it).
+- An existing DIR/packs/ must be ours alone (a user's file in it is an error, not a deletion). packs/ is
+  replaced atomically (a symlinked one is written through); SIGTERM cleans up like Ctrl-C, and temp folders of
+  killed runs are removed.
 - A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
   truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
 - Packing. `bfd` (default): best-fit decreasing over the whole dataset at once. Items of one length are placed
@@ -56,7 +59,6 @@ import io
 import json
 import sys
 import time
-import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
@@ -66,8 +68,9 @@ from tqdm import tqdm
 from transformers import HfArgumentParser
 
 from patch import families
-from storage import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, ARRAY_FILES, DatasetFormatError, TokenizedData,
-                     TokenizedWriter, write_packs)
+from atomic_dir import describe_removed, signals_as_exit, sweep_stale
+from storage import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, PACKS_DIR, ARRAY_FILES, DatasetFormatError, TokenizedData,
+                     TokenizedWriter, packs_replace_problem, write_packs)
 
 
 class SortAndGroupError(ValueError):
@@ -435,6 +438,9 @@ def inspect_legacy(data_dir: Path, args: Arguments) -> dict:
             "rows": rows, "width": width}
 
 
+CONVERT_STAGE = "longsft-convert"  # its work folder: DIR/.longsft-convert.tmp-HOST-PID-X (never renamed into place)
+
+
 def convert_legacy(data_dir: Path, legacy: dict, args: Arguments) -> None:
     """Write our format next to inputs.npy / labels.npy (meta.json last, so DIR is valid only when complete)."""
     kept = np.flatnonzero(legacy["lengths"] > 0)
@@ -442,17 +448,14 @@ def convert_legacy(data_dir: Path, legacy: dict, args: Arguments) -> None:
             "legacy": {"rows": legacy["rows"], "width": legacy["width"], "empty_rows": legacy["rows"] - kept.size,
                        "pad_token_id": legacy["pad_token_id"], "pad_source": legacy["pad_source"]},
             "tokenizer": {"name_or_path": args.model_name_or_path, "pad_token_id": legacy["pad_token_id"]}}
-    stage = data_dir / f".convert-{uuid.uuid4().hex[:8]}"
-    with TokenizedWriter(stage, meta=meta) as w:
+    with TokenizedWriter(data_dir / CONVERT_STAGE, meta=meta) as w:
         for i in tqdm(kept.tolist(), desc="convert upstream layout", disable=kept.size < 10000):
             n = int(legacy["lengths"][i])
             w.add(legacy["ids"][i, :n], legacy["labels"][i, :n])
-        w.commit()
-    for fn in [OFFSETS_FILE, *(f for f, _ in ARRAY_FILES.values()), META_FILE]:   # meta.json last
-        (stage / fn).replace(data_dir / fn)
-    for p in stage.iterdir():
-        p.unlink()
-    stage.rmdir()
+        stage = w.finish()
+        for fn in [OFFSETS_FILE, *(f for f, _ in ARRAY_FILES.values()), META_FILE]:   # meta.json last
+            (stage / fn).replace(data_dir / fn)
+    # leaving the block removes the emptied stage folder
 
 
 def count_targets(data: TokenizedData, lengths: np.ndarray, chunk_tokens: int = 1 << 24) -> np.ndarray:
@@ -557,6 +560,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     args, rest = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    with signals_as_exit():  # SIGTERM / SIGHUP clean up like Ctrl-C: no half-written packs/ temp folder stays
+        return run(args)
+
+
+def run(args: Arguments) -> dict:
     t0 = time.perf_counter()
     data_dir = Path(args.train_file)
     problems = check_arguments(args)
@@ -578,6 +586,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
             print("note: --pad_token_id / --model_name_or_path only apply to the upstream layout; not used here.")
         if raw_lengths.size == 0:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
+    packs_problem = packs_replace_problem(data_dir)
+    if packs_problem:
+        problems.append(f"{packs_problem}; sort_and_group.py replaces {PACKS_DIR}/ whole, so move those files out "
+                        f"of it (or remove {PACKS_DIR}/ yourself) and run again.")
     if not problems and legacy is not None:
         problem = over_length_problem(raw_lengths, args, np.flatnonzero(legacy["lengths"] > 0), "inputs.npy row")
         problems += [problem] if problem else []
@@ -591,6 +603,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SortAndGroupError("sort_and_group.py cannot run:\n  - " + "\n  - ".join(problems))
 
     # ---- nothing has been written so far; from here on the inputs are known to be usable
+    removed = sweep_stale(data_dir / PACKS_DIR) + sweep_stale(data_dir / CONVERT_STAGE)
+    if removed:
+        print("note: " + describe_removed(removed))
     if legacy is not None:
         convert_legacy(data_dir, legacy, args)
         data = TokenizedData(data_dir)

@@ -13,8 +13,14 @@ and every array is memory-mapped, so a training rank does not load the data into
     DIR/report.json      what pre-tokenization read, kept and skipped (and why)
     DIR/skipped.jsonl    one line per skipped input line: file, line, reason
 
-`sort_and_group.py --train_file DIR` adds DIR/packs/ (built in a hidden temp folder, renamed into place;
-re-running replaces it whole). Sample i enters it with its first min(length, max_length) tokens:
+Writing (TokenizedWriter, write_packs; the mechanics in atomic_dir.py): a new folder is built in a hidden sibling
+and put in place in one atomic step, so readers and crashes only ever see the old or the new complete folder; a
+folder is replaced only if it is provably ours (meta.json of our format, nothing but the files listed here: a
+user's NOTES.md inside makes it an error, never a deletion); a symlinked folder is written through; what killed
+runs left is removed by the next run. Readers read all files of one version.
+
+`sort_and_group.py --train_file DIR` adds DIR/packs/ (written like a dataset; re-running replaces it whole).
+Sample i enters it with its first min(length, max_length) tokens:
 
     DIR/packs/meta.json         settings (max_length, group_size, pack_algorithm, seed, over_length, cost model),
                                 counts, and the dataset's num_samples/num_tokens (a stale folder is refused)
@@ -42,11 +48,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+
+from atomic_dir import (FolderReader, recover_dir, replace_dir, replace_problem, sweep_stale, work_name,
+                        write_json_atomic)
 
 IGNORE_INDEX = -100
 FORMAT_NAME = "longsft-tokenized"
@@ -63,34 +71,27 @@ class DatasetFormatError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Atomic file and folder writes
+# Which folders may be replaced (atomic_dir.replace_problem): ours, holding nothing but our files
 # ----------------------------------------------------------------------------------------------
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write JSON to `path` through a temp file and a rename: readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+DATASET_NAMES = {META_FILE, OFFSETS_FILE, *(fn for fn, _ in ARRAY_FILES.values()), "report.json", "skipped.jsonl"}
 
 
-def replace_dir(tmp_dir: Path, out_dir: Path) -> None:
-    """Move a finished `tmp_dir` into place as `out_dir`, replacing an older one.
+def dataset_replace_problem(out_dir: str | os.PathLike) -> str | None:
+    """Why `out_dir` may not be replaced by a new dataset (None: missing, empty, or one of ours with only our files:
+    the dataset's files and its packs/)."""
+    return replace_problem(out_dir, "tokenized dataset", FORMAT_NAME, DATASET_NAMES,
+                           {PACKS_DIR: (PACKS_FORMAT, PACKS_NAMES)})
 
-    The old folder is renamed aside first and removed only after the new one is in place, so a
-    crash at any moment leaves either the old or the new dataset, never a half-written one."""
-    out_dir = Path(out_dir)
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out_dir, old)
-    os.replace(tmp_dir, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+
+def packs_replace_problem(data_dir: str | os.PathLike) -> str | None:
+    """Why DIR/packs may not be replaced by new packs (None: missing, empty, or ours with only our files)."""
+    return replace_problem(Path(data_dir) / PACKS_DIR, "packs folder", PACKS_FORMAT, PACKS_NAMES)
+
+
+def _refuse(problem: str) -> DatasetFormatError:
+    return DatasetFormatError(f"{problem}; refusing to replace it (that would delete everything in it). Move those "
+                              f"files elsewhere, or write to another folder.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,20 +107,26 @@ class TokenizedWriter:
             w.write_json("report.json", report)
             w.commit()            # without commit() (an exception, Ctrl-C) nothing replaces out_dir
 
-    Everything goes into a hidden sibling folder first; `commit()` writes meta.json last and renames
-    the folder into place, so an interrupted run leaves the previous output intact.
-    """
+    Everything goes into a hidden sibling folder first; `commit()` writes meta.json last and puts the folder in
+    place in one step (atomic_dir.replace_dir), so an interrupted run leaves the previous output intact. Only a
+    folder that is provably one of our datasets is replaced (DatasetFormatError otherwise, at the start and again
+    at commit); a symlinked out_dir is written through. Starting removes what dead runs left beside out_dir
+    (`swept`: the removed paths and sizes)."""
 
     def __init__(self, out_dir: str | os.PathLike, meta: dict | None = None):
-        self.out_dir = Path(out_dir)
+        self.out_dir = Path(os.path.realpath(out_dir))
+        problem = dataset_replace_problem(self.out_dir)
+        if problem:
+            raise _refuse(problem)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = self.out_dir.with_name(f".{self.out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.swept = sweep_stale(self.out_dir)
+        self.tmp_dir = work_name(self.out_dir)
         self.tmp_dir.mkdir()
         self.meta = dict(meta or {})
         self._files = {k: open(self.tmp_dir / fn, "wb") for k, (fn, _) in ARRAY_FILES.items()}
         self._offsets = [0]
         self._max_id = -1
-        self.committed = False
+        self.finished = self.committed = False
 
     def add(self, input_ids: Iterable[int], labels: Iterable[int]) -> None:
         ids, lab = np.asarray(input_ids), np.asarray(labels)
@@ -159,7 +166,11 @@ class TokenizedWriter:
     def num_samples(self) -> int:
         return len(self._offsets) - 1
 
-    def commit(self) -> Path:
+    def finish(self) -> Path:
+        """Close the arrays, write offsets.bin and meta.json (last) into the temp folder, now a complete dataset,
+        and return it; commit() then puts it in place (convert_legacy of sort_and_group moves its files instead)."""
+        if self.finished:
+            return self.tmp_dir
         for f in self._files.values():
             f.flush()
             os.fsync(f.fileno())
@@ -176,6 +187,14 @@ class TokenizedWriter:
             "offset_dtype": np.dtype(OFFSET_DTYPE).name,
         }
         write_json_atomic(self.tmp_dir / META_FILE, meta)
+        self.finished = True
+        return self.tmp_dir
+
+    def commit(self) -> Path:
+        self.finish()
+        problem = dataset_replace_problem(self.out_dir)  # again: a long run gives time to put files there
+        if problem:
+            raise _refuse(problem)
         replace_dir(self.tmp_dir, self.out_dir)
         self.committed = True
         return self.out_dir
@@ -198,58 +217,87 @@ class TokenizedWriter:
 # Reader
 # ----------------------------------------------------------------------------------------------
 
-def read_meta(data_dir: str | os.PathLike) -> dict:
+def _consistent(paths: list[Path], read):
+    """read(*folders) with a FolderReader per path (each inside the previous one), reopened up to twice when a
+    commit replaced one of the folders meanwhile, so the files read are all of one version."""
+    for attempt in range(3):
+        folders: list[FolderReader] = []
+        try:
+            for p in paths:
+                folders.append(FolderReader(p, parent=folders[-1] if folders else None))
+            return read(*folders)
+        except (DatasetFormatError, OSError):
+            if attempt == 2 or not any(f.changed() for f in folders):
+                raise
+        finally:
+            for f in folders:
+                f.close()
+
+
+def _memmap(folder: FolderReader, fn: str, dtype, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros(0, dtype=dtype)
+    with folder.open(fn) as f:
+        return np.memmap(f, dtype=dtype, mode="r", shape=(n,))
+
+
+def read_meta(data_dir: str | os.PathLike, folder: FolderReader | None = None) -> dict:
     """meta.json of a tokenized dataset, with a clear error when `data_dir` is not one."""
     data_dir = Path(data_dir)
-    if not data_dir.is_dir():
+    if folder is None:
+        return _consistent([data_dir], lambda f: read_meta(data_dir, f))
+    if not folder.exists():
         raise DatasetFormatError(f"{data_dir}: no such folder. Pass the --output_dir of pre_tokenize.py.")
     path = data_dir / META_FILE
-    if not path.is_file():
-        legacy = (data_dir / "inputs.npy").is_file()
+    if folder.size(META_FILE) is None:
+        legacy = folder.size("inputs.npy") is not None
         hint = ("it holds the upstream LongAlign/LongWriter layout (inputs.npy); convert it with "
                 "`python sort_and_group.py --train_file DIR` first" if legacy else
                 "run pre_tokenize.py with --output_dir pointing here")
         raise DatasetFormatError(f"{data_dir}: not a tokenized dataset (no {META_FILE}); {hint}.")
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+        meta = json.loads(folder.read_text(META_FILE))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DatasetFormatError(f"{path}: unreadable ({e}); re-run pre-tokenization.") from e
-    if meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or meta.get("version") != FORMAT_VERSION:
+        meta = meta if isinstance(meta, dict) else {}
         raise DatasetFormatError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}, "
                                  f"expected {FORMAT_NAME!r} version {FORMAT_VERSION}; re-run pre-tokenization.")
     return meta
 
 
 class TokenizedData:
-    """Memory-mapped arrays of one tokenized dataset, checked for consistency on open."""
+    """Memory-mapped arrays of one tokenized dataset, checked for consistency on open. Every file is read from
+    the same version of the folder (a commit that replaces it meanwhile makes it reopen); a folder that a crash
+    left missing is first recovered (atomic_dir.recover_dir)."""
 
-    def __init__(self, data_dir: str | os.PathLike):
+    def __init__(self, data_dir: str | os.PathLike, folder: FolderReader | None = None):
         self.data_dir = Path(data_dir)
-        self.meta = read_meta(self.data_dir)
+        if folder is not None:
+            self._read(folder)
+        else:
+            recover_dir(self.data_dir)
+            _consistent([self.data_dir], self._read)
+
+    def _read(self, folder: FolderReader) -> None:
+        self.meta = read_meta(self.data_dir, folder)
         n, t = int(self.meta["num_samples"]), int(self.meta["num_tokens"])
         problems = []
         sizes = {OFFSETS_FILE: (n + 1) * np.dtype(OFFSET_DTYPE).itemsize}
         sizes.update({fn: t * np.dtype(dt).itemsize for fn, dt in ARRAY_FILES.values()})
         for fn, want in sizes.items():
-            p = self.data_dir / fn
-            got = p.stat().st_size if p.is_file() else None
+            got = folder.size(fn)
             if got != want:
                 problems.append(f"{fn}: {'missing' if got is None else f'{got} bytes'}, expected {want} bytes")
         if problems:
             raise DatasetFormatError(f"{self.data_dir}: truncated or inconsistent dataset ("
                                      + "; ".join(problems) + "); re-run pre-tokenization.")
-        self.offsets = np.memmap(self.data_dir / OFFSETS_FILE, dtype=OFFSET_DTYPE, mode="r", shape=(n + 1,))
-        self.input_ids = self._map("input_ids", t)
-        self.labels = self._map("labels", t)
+        self.offsets = _memmap(folder, OFFSETS_FILE, OFFSET_DTYPE, n + 1)
+        self.input_ids = _memmap(folder, *ARRAY_FILES["input_ids"], t)
+        self.labels = _memmap(folder, *ARRAY_FILES["labels"], t)
         if n and (self.offsets[0] != 0 or self.offsets[-1] != t or np.any(np.diff(self.offsets) <= 0)):
             raise DatasetFormatError(f"{self.data_dir}/{OFFSETS_FILE}: offsets are not increasing from 0 to "
                                      f"{t}; the dataset is corrupt, re-run pre-tokenization.")
-
-    def _map(self, key: str, t: int) -> np.ndarray:
-        fn, dt = ARRAY_FILES[key]
-        if t == 0:
-            return np.zeros(0, dtype=dt)
-        return np.memmap(self.data_dir / fn, dtype=dt, mode="r", shape=(t,))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -280,13 +328,21 @@ PACK_FILES = {  # name -> (file, dtype); the lengths are in meta.json
     "sort_order": ("sort_order.bin", np.int64),      # [num_sorted_samples]
     "targets": ("targets.bin", np.int32),            # [num_samples]
 }
+PACKS_NAMES = {META_FILE, *(fn for fn, _ in PACK_FILES.values()), "report.json", "report.png"}
 
 
 def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict,
                 extra_files: dict[str, bytes] | None = None) -> Path:
-    """Write DIR/packs atomically: built in a hidden temp folder, meta.json last, then renamed into place."""
+    """Write DIR/packs atomically: built in a hidden temp folder, meta.json last, then put in place in one step.
+    Like TokenizedWriter: an existing packs/ must be ours with only our files, a symlinked one is written through,
+    and what dead runs left there is removed first."""
     data_dir = Path(data_dir)
-    tmp = data_dir / f".{PACKS_DIR}.tmp-{uuid.uuid4().hex[:8]}"
+    problem = packs_replace_problem(data_dir)
+    if problem:
+        raise _refuse(problem)
+    pdir = Path(os.path.realpath(data_dir / PACKS_DIR))
+    sweep_stale(pdir)
+    tmp = work_name(pdir)
     tmp.mkdir()
     try:
         for key, (fn, dt) in PACK_FILES.items():
@@ -296,7 +352,7 @@ def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta
         full = {**meta, "format": PACKS_FORMAT, "version": PACKS_VERSION,
                 **{f"num_{k}": int(np.asarray(arrays[k]).size) for k in PACK_FILES}}
         write_json_atomic(tmp / META_FILE, full)
-        replace_dir(tmp, data_dir / PACKS_DIR)
+        replace_dir(tmp, pdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -304,23 +360,30 @@ def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta
 
 
 class PackedData:
-    """A tokenized dataset plus its DIR/packs, memory-mapped and checked on open.
+    """A tokenized dataset plus its DIR/packs, memory-mapped and checked on open (both folders read as one
+    version, like TokenizedData).
 
     Sample i enters packs and the sorted order with its first `sample_lengths[i]` tokens
     (= min(length, max_length); `--over_length truncate` is the only way that cuts anything)."""
 
     def __init__(self, data_dir: str | os.PathLike):
-        self.data = TokenizedData(data_dir)
+        data_dir = Path(data_dir)
+        recover_dir(data_dir)
+        recover_dir(data_dir / PACKS_DIR)
+        _consistent([data_dir, data_dir / PACKS_DIR], self._read)
+
+    def _read(self, top: FolderReader, packs: FolderReader) -> None:
+        self.data = TokenizedData(top.path, top)
         self.data_dir = self.data.data_dir
         pdir = self.data_dir / PACKS_DIR
         fix = f"run `python sort_and_group.py --train_file {self.data_dir}`"
-        if not (pdir / META_FILE).is_file():
+        if packs.size(META_FILE) is None:
             raise DatasetFormatError(f"{self.data_dir}: no packs ({PACKS_DIR}/{META_FILE} missing); {fix} first.")
         try:
-            self.meta = json.loads((pdir / META_FILE).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
+            self.meta = json.loads(packs.read_text(META_FILE))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetFormatError(f"{pdir / META_FILE}: unreadable ({e}); {fix} again.") from e
-        m = self.meta
+        m = self.meta if isinstance(self.meta, dict) else {}
         if m.get("format") != PACKS_FORMAT or m.get("version") != PACKS_VERSION:
             raise DatasetFormatError(f"{pdir / META_FILE}: format {m.get('format')!r} version {m.get('version')!r}, "
                                      f"expected {PACKS_FORMAT!r} version {PACKS_VERSION}; {fix} again.")
@@ -332,13 +395,13 @@ class PackedData:
                                      f"{self.data.meta['num_samples']} / {self.data.meta['num_tokens']}); {fix} again.")
         problems, arrays = [], {}
         for key, (fn, dt) in PACK_FILES.items():
-            n, p = int(m[f"num_{key}"]), pdir / fn
-            got = p.stat().st_size if p.is_file() else None
+            n = int(m[f"num_{key}"])
+            got = packs.size(fn)
             if got != n * np.dtype(dt).itemsize:
                 problems.append(f"{fn}: {'missing' if got is None else f'{got} bytes'}, "
                                 f"expected {n * np.dtype(dt).itemsize} bytes")
             else:
-                arrays[key] = np.memmap(p, dtype=dt, mode="r", shape=(n,)) if n else np.zeros(0, dt)
+                arrays[key] = _memmap(packs, fn, dt, n)
         if problems:
             raise DatasetFormatError(f"{pdir}: truncated or inconsistent packs ({'; '.join(problems)}); {fix} again.")
         self.pack_offsets, self.pack_samples = arrays["pack_offsets"], arrays["pack_samples"]
