@@ -23,8 +23,8 @@ import torch
 
 from storage import (ARRAY_FILES, FORMAT_NAME, FORMAT_VERSION, IGNORE_INDEX, META_FILE, OFFSET_DTYPE,  # noqa: F401
                      OFFSETS_FILE, PACK_FILES, PACKS_DIR, PACKS_FORMAT, PACKS_VERSION, TOKEN_DTYPE,
-                     DatasetFormatError, PackedData, TokenizedData, TokenizedWriter, read_meta, replace_dir,
-                     write_json_atomic, write_packs)
+                     DatasetFormatError, PackedData, TokenizedData, TokenizedWriter, check_token_ids, read_meta,
+                     replace_dir, write_json_atomic, write_packs)
 
 # ----------------------------------------------------------------------------------------------
 # Datasets (torch) over the numpy readers

@@ -353,9 +353,7 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, fa
     if len(data) == 0:
         problems.append(f"{flag}: the dataset is empty; check the pre-tokenization report.json in it")
         return problems, stats
-    if int(meta["max_token_id"]) >= rows:
-        problems.append(f"{flag}: token id {meta['max_token_id']} >= the model's {rows} embedding rows; the data "
-                        f"was tokenized for another model: re-run pre_tokenize with this model's tokenizer")
+    problems += [f"{flag}: {p}" for p in ds_lib.check_token_ids(data, rows, f"the model's {rows} embedding rows")]
     tok_meta = meta.get("tokenizer") or {}
     if tok_meta.get("vocab_size") is not None and int(tok_meta["vocab_size"]) != len(tokenizer):
         problems.append(f"{flag}: tokenized with a {tok_meta['vocab_size']}-token tokenizer "

@@ -18,9 +18,10 @@ and `dataset.LMSortDataset(DIR)` read the result.
 What it does, top to bottom:
 - Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the
   supervised target tokens of every sample (its first token excluded: nothing before it can predict it).
-- An existing DIR/packs/ must be ours alone (a user's file in it is an error, not a deletion). packs/ is
-  replaced atomically (a symlinked one is written through); SIGTERM cleans up like Ctrl-C, and temp folders of
-  killed runs are removed.
+- The token ids themselves are checked first (storage.check_token_ids: no negative id, none past the vocabulary
+  of the tokenizer meta.json names, meta.json's max_token_id true), and an existing DIR/packs/ must be ours
+  alone (a user's file in it is an error, not a deletion). packs/ is replaced atomically (a symlinked one is
+  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed.
 - A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
   truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
 - Packing. `bfd` (default): best-fit decreasing over the whole dataset at once. Items of one length are placed
@@ -70,7 +71,7 @@ from transformers import HfArgumentParser
 from patch import families
 from atomic_dir import describe_removed, signals_as_exit, sweep_stale
 from storage import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, PACKS_DIR, ARRAY_FILES, DatasetFormatError, TokenizedData,
-                     TokenizedWriter, packs_replace_problem, write_packs)
+                     TokenizedWriter, check_token_ids, packs_replace_problem, write_packs)
 
 
 class SortAndGroupError(ValueError):
@@ -586,6 +587,8 @@ def run(args: Arguments) -> dict:
             print("note: --pad_token_id / --model_name_or_path only apply to the upstream layout; not used here.")
         if raw_lengths.size == 0:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
+        vocab = (data.meta.get("tokenizer") or {}).get("vocab_size")
+        problems += check_token_ids(data, vocab, f"the {vocab} tokens of the tokenizer it was made with (meta.json)")
     packs_problem = packs_replace_problem(data_dir)
     if packs_problem:
         problems.append(f"{packs_problem}; sort_and_group.py replaces {PACKS_DIR}/ whole, so move those files out "

@@ -17,7 +17,7 @@ Writing (TokenizedWriter, write_packs; the mechanics in atomic_dir.py): a new fo
 and put in place in one atomic step, so readers and crashes only ever see the old or the new complete folder; a
 folder is replaced only if it is provably ours (meta.json of our format, nothing but the files listed here: a
 user's NOTES.md inside makes it an error, never a deletion); a symlinked folder is written through; what killed
-runs left is removed by the next run. Readers read all files of one version.
+runs left is removed by the next run. Readers read all files of one version (check_token_ids reads the ids).
 
 `sort_and_group.py --train_file DIR` adds DIR/packs/ (written like a dataset; re-running replaces it whole).
 Sample i enters it with its first min(length, max_length) tokens:
@@ -313,6 +313,54 @@ class TokenizedData:
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.labels[a:b]
+
+
+def check_token_ids(data: TokenizedData, limit: int | None = None, limit_name: str = "the vocabulary",
+                    chunk_tokens: int = 1 << 24) -> list[str]:
+    """Problems with the ids stored in a dataset, read from the arrays themselves (chunked min / max over the
+    memory maps, nothing copied whole): an input id that is negative or >= `limit` (the model's embedding rows, or
+    the size of the tokenizer the data was made with; None: only negative ids), a label that is neither -100 nor
+    such an id, and a meta.json max_token_id that the data does not bear out. Each names the file, the first bad
+    value, its position and sample, and how many there are."""
+    t, problems = int(data.meta["num_tokens"]), []
+    first: dict[str, tuple[int, int, int]] = {}  # file -> (position, value, count) of the out-of-range values
+    lo_all, hi_all = int(np.iinfo(TOKEN_DTYPE).max), -1
+
+    def note(fn: str, start: int, values: np.ndarray, bad: np.ndarray) -> None:
+        where = np.flatnonzero(bad)
+        pos, value, count = first.get(fn, (start + int(where[0]), int(values[where[0]]), 0))
+        first[fn] = (pos, value, count + where.size)
+
+    def outside(v: np.ndarray) -> np.ndarray:  # not a token id below limit
+        return (v < 0) | (v >= limit) if limit is not None else v < 0
+
+    for a in range(0, t, chunk_tokens):
+        ids = np.asarray(data.input_ids[a:a + chunk_tokens])
+        lo, hi = int(ids.min()), int(ids.max())
+        lo_all, hi_all = min(lo_all, lo), max(hi_all, hi)
+        if lo < 0 or (limit is not None and hi >= limit):
+            note("input_ids.bin", a, ids, outside(ids))
+        lab = np.asarray(data.labels[a:a + chunk_tokens])
+        lo, hi = int(lab.min()), int(lab.max())
+        if lo < 0 or (limit is not None and hi >= limit):  # -100 is nearly always there: look closer
+            bad = outside(lab) & (lab != IGNORE_INDEX)
+            if bad.any():
+                note("labels.bin", a, lab, bad)
+    offsets = np.asarray(data.offsets)
+    allowed = f"in the range [0, {limit}) of {limit_name}" if limit is not None else "a token id (>= 0)"
+    fix = ("the data was made for another model or changed after pre-tokenization: re-run pre-tokenization with "
+           "this model's tokenizer")
+    for fn, (pos, value, count) in first.items():
+        i = int(np.searchsorted(offsets, pos, side="right")) - 1
+        what = f"token id {value}" if fn == "input_ids.bin" else f"label {value}"
+        rule = f"is not {allowed}" if fn == "input_ids.bin" else f"is neither -100 nor {allowed}"
+        problems.append(f"{data.data_dir / fn}: {what} at position {pos:,} (sample {i}, its token {pos - offsets[i]})"
+                        f" {rule} ({count:,} such values; the ids span [{lo_all}, {hi_all}]); {fix}")
+    claimed = data.meta.get("max_token_id")
+    if t and claimed is not None and int(claimed) != hi_all:
+        problems.append(f"{data.data_dir / META_FILE}: says max_token_id {claimed} but input_ids.bin holds ids up "
+                        f"to {hi_all}: the folder was changed after pre-tokenization; re-run pre-tokenization")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------

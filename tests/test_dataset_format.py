@@ -51,3 +51,39 @@ def test_errors_name_the_problem(tmp_path):
     with pytest.raises(ValueError):
         with TokenizedWriter(tmp_path / "bad") as w:
             w.add([1, 2], [1])
+
+
+def test_check_token_ids_reads_the_arrays_in_chunks(tmp_path):
+    out = tmp_path / "ds"
+    _write(out, [([1, 2, 3], [-100, 2, 3]), ([7, 8], [7, -100]), ([4, 5, 6], [4, 5, 6])])
+    data = TokenizedData(out)
+    assert dataset.check_token_ids(data, 9) == [] and dataset.check_token_ids(data) == []
+    ids = np.memmap(out / "input_ids.bin", dtype=np.int32, mode="r+")
+    ids[[4, 6, 7]] = [9, 12, 8]        # two ids past 9 rows, in different chunks; 8 is fine
+    ids.flush()
+    problems = dataset.check_token_ids(TokenizedData(out), 9, "the model's 9 embedding rows", chunk_tokens=3)
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{out / 'input_ids.bin'}: token id 9 at position 4 (sample 1, its token 1) is "
+                                  f"not in the range [0, 9) of the model's 9 embedding rows (2 such values; the ids "
+                                  f"span [1, 12])")
+    assert "max_token_id 8 but input_ids.bin holds ids up to 12" in problems[1]
+
+
+def test_main_check_data_reads_the_ids_not_meta_json(tmp_path, llama3_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    import main
+    from patch import families
+
+    tok = AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+    rows = len(tok)
+    out = tmp_path / "ds"
+    _write(out, [([1, 2, 3], [-100, 2, 3]), ([7, 8], [7, 8])], meta={
+        "model_family": "llama3", "tokenizer": {"vocab_size": rows}})
+    assert main.check_data(str(out), "train", "naive", rows, tok, families.family("llama3"))[0] == []
+    ids = np.memmap(out / "input_ids.bin", dtype=np.int32, mode="r+")
+    ids[3] = rows + 5                  # meta.json still says max_token_id 8
+    ids.flush()
+    problems, _ = main.check_data(str(out), "train", "naive", rows, tok, families.family("llama3"))
+    assert any(p.startswith(f"--train_file {out}: {out / 'input_ids.bin'}: token id {rows + 5} at position 3 "
+                            f"(sample 1, its token 0)") and f"embedding rows" in p for p in problems), problems

@@ -447,3 +447,37 @@ def test_cli_exits_with_the_message(tmp_path):
     assert out.returncode == 1 and "error: sort_and_group.py cannot run" in out.stderr
     assert "sample 3 (60 tokens)" in out.stderr and "--over_length skip" in out.stderr
     assert not (path / "packs").exists()
+
+
+def test_token_ids_are_checked_in_the_data_itself(tmp_path):
+    """meta.json's max_token_id is not trusted: the ids themselves are read (against the tokenizer's size when
+    meta.json names one), and every problem names the file, the value, its position and sample."""
+    path = tmp_path / "ds"
+    write_dataset(path, [5, 6, 7], meta={"tokenizer": {"vocab_size": 5000}})
+    ids = np.memmap(path / "input_ids.bin", dtype=np.int32, mode="r+")
+    ids[7] = 70000                      # sample 1, its token 2: past the vocabulary, meta.json says nothing
+    ids.flush()
+    with pytest.raises(sg.SortAndGroupError) as e:
+        run(path)
+    msg = str(e.value)
+    assert "input_ids.bin: token id 70000 at position 7 (sample 1, its token 2)" in msg
+    assert "[0, 5000) of the 5000 tokens of the tokenizer it was made with" in msg
+    assert "says max_token_id" in msg and "up to 70000" in msg and not (path / "packs").exists()
+
+    plain = tmp_path / "plain"          # no vocabulary known: negative ids, odd labels and the meta claim
+    write_dataset(plain, [4, 4])
+    ids = np.memmap(plain / "input_ids.bin", dtype=np.int32, mode="r+")
+    top = int(ids.max())
+    ids[5] = top + 1
+    ids[2] = -3
+    ids.flush()
+    lab = np.memmap(plain / "labels.bin", dtype=np.int32, mode="r+")
+    lab[6] = -7
+    lab.flush()
+    with pytest.raises(sg.SortAndGroupError) as e:
+        run(plain)
+    msg = str(e.value)
+    assert "token id -3 at position 2 (sample 0, its token 2) is not a token id" in msg
+    assert "labels.bin: label -7 at position 6 (sample 1, its token 2) is neither -100 nor" in msg
+    assert f"says max_token_id {top} but input_ids.bin holds ids up to {top + 1}" in msg
+    assert not (plain / "packs").exists()
