@@ -7,7 +7,10 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
 1. Inputs: JSONL files or JSON arrays (detected by the first character, not the extension). Several files can be
    mixed with a per-file sample count, `--input general.jsonl LongAlign-10k.jsonl:5000` (a random subset of
    5000 records of the second file, drawn with `--seed`); the mixed list is shuffled with `--seed`
-   (`--no_shuffle` keeps file order). Indexing and work units: chat_inputs.py.
+   (`--no_shuffle` keeps file order). A file given twice is refused unless every mention has a count (then its
+   records are drawn that many times on purpose). A UTF-8 BOM is allowed. Both formats are indexed without holding
+   the records in memory; JSONL is preferred for very large inputs (a bad line is skipped, not fatal). Indexing
+   and work units: chat_inputs.py.
 2. Records, format detected per record (parsed by chat_inputs.parse_record):
    - messages: {"messages": [{"role": "system"|"user"|"assistant"|"observation", "content": str | [parts],
      "metadata": str (optional, GLM-4), "loss": false | "loss_weight": 0 (optional opt-out)}]}
@@ -233,14 +236,11 @@ def _close_worker_files() -> None:
 
 
 def _payloads(unit: np.ndarray) -> list:
-    """The unit's records as stored: raw bytes of JSONL lines (read here, in the worker, through a memory map
-    of the file) or parsed JSON-array items."""
+    """The unit's records as stored: the raw bytes of JSONL lines or JSON-array elements, read here, in the
+    worker, through a memory map of the file."""
     sources, maps, out = _WORKER["sources"], _WORKER["maps"], []
     for s, r in unit.tolist():
         src = sources[s]
-        if src.kind == "json":
-            out.append(src.items[r])
-            continue
         if s not in maps:
             with open(src.path, "rb") as f:
                 maps[s] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
@@ -273,12 +273,8 @@ def _validate(obj, chat_format) -> tuple[str, list[Message]]:
     return fmt, messages
 
 
-def _parse(payload, chat_format) -> tuple[str, list[Message]]:
+def _parse(payload: bytes, chat_format) -> tuple[str, list[Message]]:
     """Decode and validate one record (raises Skip)."""
-    if isinstance(payload, Skip):  # found while indexing a JSON array
-        raise payload
-    if not isinstance(payload, bytes):  # a JSON-array item
-        return _validate(payload, chat_format)
     if orjson is not None:
         # orjson accepts only strictly valid JSON (no lone surrogates, NaN, BOM: those fail and take the json
         # path below) but reads integers over 64 bits as floats, which can only change a skip's message; so a

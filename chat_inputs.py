@@ -2,9 +2,12 @@
 turn one record (messages, ShareGPT or Alpaca) into a list of `Message`s.
 
 Used by chat_data.py (the pre-tokenization driver; its docstring has the --input syntax and the record formats).
-A JSONL file is indexed as the byte offsets of its non-blank lines (the workers read the lines themselves through
-a memory map); a JSON array is parsed here element by element, keeping each element's line number for the skip
-report.
+Both formats are indexed without holding the records: a JSONL file as the byte spans of its non-blank lines, a
+JSON array as the byte spans of its top-level elements (found by decoding the memory-mapped file a window at a
+time, each element once, so a syntax error stops the run before any work with its line and column); the workers
+read the records themselves through a memory map. Memory stays flat in the input size for both, but JSONL is
+the better format for very large inputs: a bad line is skipped and reported instead of stopping the run, and
+indexing it reads no record.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import mmap
 import re
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +23,8 @@ from typing import Any
 import numpy as np
 
 CHUNK_RECORDS, CHUNK_BYTES = 256, 4 << 20  # largest work unit sent to a worker
+JSON_WINDOW_BYTES = 4 << 20  # a JSON array is decoded this much at a time (more for a larger element)
+BOM = b"\xef\xbb\xbf"
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
 ZERO_WIDTH_CHARS = "\u200b\u200c\u200d\u2060\ufeff"
 ZERO_WIDTH = dict.fromkeys(map(ord, ZERO_WIDTH_CHARS))
@@ -50,9 +56,8 @@ class Source:
     count: int | None
     kind: str = "jsonl"  # jsonl | json
     lines: np.ndarray | None = None  # line number of each record (1-based)
-    starts: np.ndarray | None = None  # jsonl: byte offset of each record's line
+    starts: np.ndarray | None = None  # byte span of each record: its JSONL line or JSON-array element
     ends: np.ndarray | None = None
-    items: list | None = None  # json: the parsed records
     blank_lines: int = 0
 
     @property
@@ -70,13 +75,6 @@ def check_surrogates(obj) -> None:
             from None
 
 
-def _split_spec(spec: str) -> tuple[Path, int | None]:
-    m = re.fullmatch(r"(.+):(-?\d+)", spec)
-    if m and not Path(spec).exists():
-        return Path(m.group(1)), int(m.group(2))
-    return Path(spec), None
-
-
 def _index_jsonl(src: Source) -> None:
     """Byte ranges and line numbers of the non-blank lines, found through a memory map (no line is copied unless
     it starts with whitespace, when it may be blank)."""
@@ -84,7 +82,7 @@ def _index_jsonl(src: Source) -> None:
     size = src.path.stat().st_size
     if size:
         with open(src.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            find, pos, n = mm.find, 0, 0
+            find, pos, n = mm.find, len(BOM) if mm[:len(BOM)] == BOM else 0, 0  # a BOM is not part of line 1
             while pos < size:
                 end = find(b"\n", pos) + 1 or size
                 n += 1
@@ -99,31 +97,84 @@ def _index_jsonl(src: Source) -> None:
     src.starts, src.ends = np.asarray(starts, np.int64), np.asarray(ends, np.int64)
 
 
-def _index_json_array(src: Source, text: str) -> None:
-    """Parse a JSON array element by element, keeping each element's line number."""
-    dec, ws = json.JSONDecoder(), re.compile(r"\s*")
-    escapes = "\\ud" in text or "\\uD" in text
-    items, lines, line, last = [], [], 1, 0
-    i = ws.match(text).end() + 1  # past "["
+def _index_json_array(src: Source, mm) -> None:
+    """Byte spans and line numbers of a JSON array's top-level elements, read through the memory map `mm` a window
+    at a time: each element is decoded once (to find where it ends and that it is valid JSON) and dropped. An
+    element that does not fit in the rest of the window is decoded again in a window twice as large."""
+    dec, ws, size = json.JSONDecoder(), re.compile(r"\s*"), len(mm)
+    bom = len(BOM) if mm[:len(BOM)] == BOM else 0
+    starts, ends, lines = array("q"), array("q"), array("q")
+    w = {"text": "", "base": bom, "bytes": 0, "end": False, "ci": 0, "bi": bom}  # the window: text from byte base
+
+    def load(byte: int, want: int) -> str:
+        """Make the window the text from `byte` for about `want` bytes, cut at a character boundary."""
+        end = min(size, byte + want)
+        while end < size and mm[end] & 0xC0 == 0x80:  # a UTF-8 continuation byte: on to the next character start
+            end += 1
+        try:
+            text = mm[byte:end].decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"--input {src.spec}: not UTF-8 text (byte {byte + e.start}: {e.reason})") from None
+        w.update(text=text, base=byte, bytes=end - byte, end=end == size, ascii=text.isascii(), ci=0, bi=byte)
+        return text
+
+    def byte_of(j: int) -> int:
+        """File offset of character j of the window (j never decreases within a window)."""
+        if w["ascii"]:
+            return w["base"] + j
+        w["bi"] += len(w["text"][w["ci"]:j].encode("utf-8"))
+        w["ci"] = j
+        return w["bi"]
+
+    def fail(i: int, msg: str):
+        text, byte = w["text"], w["base"]
+        line_start = max(mm.rfind(b"\n", 0, byte) + 1, bom)
+        line = mm[:line_start].count(b"\n") + 1 + text.count("\n", 0, i)
+        nl = text.rfind("\n", 0, i)
+        col = i - nl if nl >= 0 else len(mm[line_start:byte].decode("utf-8", "replace")) + i + 1
+        raise InputError(f"{src.path}:{line}:{col}: invalid JSON array ({msg}); fix the file or convert it to JSONL, "
+                         f"where a bad line is skipped and reported instead")
+
+    lead = mm[:4096 + len(BOM)]
+    bracket = len(lead) - len(lead.lstrip(b"\xef\xbb\xbf \t\r\n"))  # where index_inputs saw the "["
+    text, i = load(bracket + 1, JSON_WINDOW_BYTES), 0
+    line, last = 1 + lead.count(b"\n", 0, bracket), 0  # line of character `last` of the window
+
+    def move(i: int, want: int = JSON_WINDOW_BYTES) -> str:
+        """Start the window at its character i (counting the lines passed)."""
+        nonlocal line, last
+        line += w["text"].count("\n", last, i)
+        last = 0
+        return load(byte_of(i), want)
+
     while True:
         i = ws.match(text, i).end()
-        if i < len(text) and text[i] == "]" and not items:
+        if i == len(text) and not w["end"]:  # the window ends in blank space: move it on
+            text, i = move(i), 0
+            continue
+        if i < len(text) and text[i] == "]" and not starts:
             break
         line += text.count("\n", last, i)
         last = i
         try:
-            obj, i = dec.raw_decode(text, i)
+            _, j = dec.raw_decode(text, i)
+            k = ws.match(text, j).end()  # a number cut by the window's end parses too: want the delimiter seen
+            cut = not w["end"] and (k == len(text) or text[k] not in ",]")
         except json.JSONDecodeError as e:
-            raise InputError(f"{src.path}:{e.lineno}:{e.colno}: invalid JSON array ({e.msg}); fix the file or "
-                             f"convert it to JSONL, where a bad line is skipped and reported instead") from e
-        if escapes:
-            try:
-                check_surrogates(obj)
-            except Skip as bad:
-                obj = bad  # reported as this record's skip reason
-        items.append(obj)
+            if w["end"]:
+                fail(e.pos, e.msg)
+            cut = True
+        if cut:  # the element may not fit: decode it again from its start, with twice the room it had
+            room = w["base"] + w["bytes"] - byte_of(i)
+            text, i = move(i, max(JSON_WINDOW_BYTES, 2 * room)), 0
+            continue
+        starts.append(byte_of(i))
+        ends.append(byte_of(j))
         lines.append(line)
-        i = ws.match(text, i).end()
+        i = ws.match(text, j).end()
+        while i == len(text) and not w["end"]:
+            text = move(i)
+            i = ws.match(text).end()
         if i < len(text) and text[i] == ",":
             i += 1
         elif i < len(text) and text[i] == "]":
@@ -131,39 +182,80 @@ def _index_json_array(src: Source, text: str) -> None:
         else:
             line += text.count("\n", last, i)
             raise InputError(f"{src.path}:{line}: invalid JSON array (expected ',' or ']'); fix the file")
-    src.items, src.lines = items, np.asarray(lines, np.int64)
+    rest = ws.match(text, i + 1).end()
+    while rest == len(text) and not w["end"]:
+        text = move(rest)
+        rest = ws.match(text).end()
+    if rest < len(text):
+        fail(rest, "more content after the closing ']', e.g. a second array; merge them or use JSONL")
+    src.starts, src.ends = np.frombuffer(starts, np.int64), np.frombuffer(ends, np.int64)
+    src.lines = np.frombuffer(lines, np.int64)
+
+
+def _split_spec(spec: str) -> tuple[Path, int | None, str | None]:
+    """(path, count, problem) of `FILE` or `FILE:COUNT` (a file whose own name ends in ':N' is taken whole)."""
+    m = re.fullmatch(r"(.+):(-?\d+)", spec)
+    if m and not Path(spec).exists():
+        return Path(m.group(1)), int(m.group(2)), None
+    path = Path(spec)
+    if not path.exists() and ":" in spec:
+        head, tail = spec.rsplit(":", 1)
+        if head and Path(head).exists():
+            return path, None, (f"{tail!r} after ':' is not a record count. FILE:COUNT takes a random COUNT "
+                                f"(a positive whole number) of FILE's records, e.g. {head}:5000; FILE alone takes all")
+    return path, None, None
 
 
 def index_inputs(specs: list[str], problems: list[str]) -> list[Source]:
-    sources = []
+    """Index every --input (FILE or FILE:COUNT); problems found are appended to `problems`. A file given more than
+    once is refused unless every mention has an explicit count (repeating records on purpose)."""
+    sources, seen = [], {}  # seen: (device, inode) -> the Sources of that file
     for spec in specs:
-        path, count = _split_spec(spec)
+        path, count, problem = _split_spec(spec)
         src = Source(spec, path, count)
+        if problem:
+            problems.append(f"--input {spec}: {problem}")
+            continue
+        if path.is_dir():
+            problems.append(f"--input {spec}: is a folder, not a file; pass the JSONL / JSON files in it "
+                            f"(e.g. {str(path).rstrip('/')}/*.jsonl), or FILE:COUNT for a random subset of one")
+            continue
         if not path.is_file():
-            problems.append(f"--input {spec}: no such file")
+            problems.append(f"--input {spec}: no such file (an input is FILE, or FILE:COUNT for a random subset)")
             continue
         if count is not None and count <= 0:
             problems.append(f"--input {spec}: the sample count must be a positive integer")
             continue
-        with open(path, "rb") as f:
-            head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-        try:
-            if head.startswith(b"["):
-                src.kind = "json"
-                _index_json_array(src, path.read_text(encoding="utf-8-sig"))
-            else:
-                _index_jsonl(src)
-        except InputError as e:
-            problems.append(str(e))
-            continue
-        except UnicodeDecodeError as e:
-            problems.append(f"--input {spec}: not UTF-8 text ({e})")
-            continue
+        st = path.stat()
+        same = seen.setdefault((st.st_dev, st.st_ino), [])
+        if same:  # indexed already: share the index
+            src.kind, src.lines, src.starts, src.ends = same[0].kind, same[0].lines, same[0].starts, same[0].ends
+            src.blank_lines = same[0].blank_lines
+        else:
+            with open(path, "rb") as f:
+                head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+            try:
+                if head.startswith(b"["):
+                    src.kind = "json"
+                    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                        _index_json_array(src, mm)
+                else:
+                    _index_jsonl(src)
+            except InputError as e:
+                problems.append(str(e))
+                continue
+        same.append(src)
         if src.num_records == 0:
             problems.append(f"--input {spec}: no records (empty file)")
         elif count is not None and count > src.num_records:
             problems.append(f"--input {spec}: asks for {count} records but the file has {src.num_records}")
         sources.append(src)
+    for same in seen.values():
+        if len(same) > 1 and any(s.count is None for s in same):
+            n, name = same[0].num_records, same[0].path
+            problems.append(f"--input {' '.join(s.spec for s in same)}: the same file {len(same)} times, so its "
+                            f"records would be used {len(same)} times; give it once, or repeat it on purpose with "
+                            f"a count on every mention (e.g. {name}:{n} {name}:{n} for all {n} records twice)")
     return sources
 
 
@@ -183,11 +275,10 @@ def plan_order(sources: list[Source], seed: int, shuffle: bool) -> np.ndarray:
 def iter_chunks(sources: list[Source], plan: np.ndarray, num_proc: int):
     """Cuts the plan into work units: [n, 2] int arrays of (source, record). Units aim at ~16 per process
     (so long-sample data still spreads over all processes), within [64 KB, 4 MB] of text and 256 records."""
-    sizes = np.array([1024 if src.kind == "json" else 0 for src in sources], dtype=np.int64)
     rec_bytes = np.empty(len(plan), dtype=np.int64)
     for k, src in enumerate(sources):
         sel = plan[:, 0] == k
-        rec_bytes[sel] = (src.ends - src.starts)[plan[sel, 1]] if src.kind == "jsonl" else sizes[k]
+        rec_bytes[sel] = (src.ends - src.starts)[plan[sel, 1]]
     target = int(np.clip(rec_bytes.sum() // (16 * num_proc), 64 << 10, CHUNK_BYTES))
     start, acc = 0, 0
     for i, nbytes in enumerate(rec_bytes.tolist()):

@@ -448,6 +448,99 @@ def test_pre_tokenize_template_errors_list_the_available_ones(tmp_path, glm4_tok
     assert proc.returncode == 2 and proc.stderr.startswith("error: --template chatglm3") and listed in proc.stderr
 
 
+# ----------------------------------------------------------------------------------------------
+# Inputs: mistakes named, a BOM, JSON arrays indexed like JSONL
+# ----------------------------------------------------------------------------------------------
+
+def test_input_mistakes_are_named(tmp_path, glm4_tokenizer_dir):
+    a = make_numbered(tmp_path / "a.jsonl", 3)
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "link.jsonl").symlink_to(a)
+    with pytest.raises(InputError) as e:
+        run_glm(glm4_tokenizer_dir, [tmp_path / "folder", f"{a}:abc", a, tmp_path / "link.jsonl"], tmp_path / "out")
+    msg = str(e.value)
+    assert f"--input {tmp_path / 'folder'}: is a folder, not a file; pass the JSONL / JSON files in it" in msg
+    assert f"--input {a}:abc: 'abc' after ':' is not a record count. FILE:COUNT takes a random COUNT" in msg
+    assert "no such file" not in msg
+    assert f"--input {a} {tmp_path / 'link.jsonl'}: the same file 2 times" in msg and f"{a}:3 {a}:3" in msg
+    assert not (tmp_path / "out").exists()
+    rep = run_glm(glm4_tokenizer_dir, [f"{a}:3", f"{tmp_path / 'link.jsonl'}:2"], tmp_path / "out")  # on purpose
+    assert rep["samples_kept"] == 5 and [f["selected"] for f in rep["inputs"]] == [3, 2]
+
+
+def test_a_bom_does_not_drop_the_first_jsonl_record(tmp_path, glm4_tokenizer_dir):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + write_jsonl(tmp_path / "x.jsonl", [GOOD, BAD_LINES["wrong_schema"], GOOD])
+                    .read_bytes())
+    rep = run_glm(glm4_tokenizer_dir, [src], tmp_path / "out")
+    assert rep["samples_kept"] == 2 and rep["skipped"]["wrong_schema"] == 1 and rep["skipped"]["invalid_json"] == 0
+    skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [s["line"] for s in skipped] == [2]
+    assert dir_bytes(tmp_path / "out")["input_ids.bin"] == (run_glm(glm4_tokenizer_dir, [tmp_path / "x.jsonl"],
+                                                                     tmp_path / "plain") and
+                                                             dir_bytes(tmp_path / "plain")["input_ids.bin"])
+
+
+def json_array_text(records):
+    """A pretty-printed JSON array (elements over several lines) and the line each element starts on."""
+    text, lines = "[\n", []
+    for k, r in enumerate(records):
+        lines.append(text.count("\n") + 1)
+        text += (r if isinstance(r, str) else json.dumps(r, ensure_ascii=False, indent=2)) + (
+            ",\n" if k + 1 < len(records) else "\n")
+    return text + "]\n", lines
+
+
+def test_json_array_gives_what_jsonl_gives(tmp_path, glm4_tokenizer_dir):
+    """Same records as JSONL and as a JSON array: the same samples and skips; the array's skips name the line each
+    element starts on; any process count gives the same bytes."""
+    lone = '{"messages": [{"role": "user", "content": "lone \\ud800"}, {"role": "assistant", "content": "x"}]}'
+    records = [MULTI, GOOD, BAD_LINES["wrong_schema"], lone, [1, 2], 12345, LONG, TOOL] * 40
+    text, lines = json_array_text(records)
+    arr = tmp_path / "in.json"
+    arr.write_text(text, encoding="utf-8")
+    jsonl = write_jsonl(tmp_path / "in.jsonl", records)
+    runs = {}
+    for name, src, n in (("jsonl", jsonl, 1), ("json", arr, 1), ("json2", arr, 2)):
+        rep = run_glm(glm4_tokenizer_dir, [src], tmp_path / name, "--max_length", "128", "--num_proc", str(n))
+        runs[name] = (rep, dir_bytes(tmp_path / name))
+    for name in ("json", "jsonl", "json2"):
+        assert runs[name][0]["skipped"] == {"invalid_json": 40, "wrong_schema": 120, "unknown_role": 0,
+                                            "too_long": 80, "nothing_to_supervise": 0}
+    for f in ("input_ids.bin", "labels.bin", "offsets.bin"):
+        assert runs["json"][1][f] == runs["jsonl"][1][f] == runs["json2"][1][f]
+    assert runs["json"][1] == runs["json2"][1]
+    skipped = [json.loads(x) for x in runs["json"][1]["skipped.jsonl"].decode().splitlines()]
+    by_line = [json.loads(x) for x in runs["jsonl"][1]["skipped.jsonl"].decode().splitlines()]
+    assert [(s["reason"], s["detail"]) for s in skipped] == [(s["reason"], s["detail"]) for s in by_line]
+    assert [s["line"] for s in skipped] == [lines[s["line"] - 1] for s in by_line]
+
+
+def test_json_array_index_holds_no_records(tmp_path, monkeypatch):
+    """Indexing a JSON array keeps byte spans only: its peak memory is a fraction of the file, not a multiple."""
+    import tracemalloc
+
+    import chat_inputs
+
+    rec = {"messages": [{"role": "user", "content": "question " * 20},
+                        {"role": "assistant", "content": "答案 answer " * 40}]}
+    arr = tmp_path / "big.json"
+    arr.write_text("[\n" + ",\n".join([json.dumps(rec, ensure_ascii=False)] * 12000) + "\n]\n", encoding="utf-8")
+    size = arr.stat().st_size
+    monkeypatch.setattr(chat_inputs, "JSON_WINDOW_BYTES", 1 << 18, raising=False)  # 256 KB windows, a 10 MB file
+    tracemalloc.start()
+    try:
+        problems = []
+        (src,) = chat_inputs.index_inputs([str(arr)], problems)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert problems == [] and src.num_records == 12000 and src.kind == "json"
+    assert peak < size / 3, (peak, size)
+    first = arr.read_bytes()[src.starts[0]:src.ends[0]]
+    assert json.loads(first) == rec and src.lines[:3].tolist() == [2, 3, 4]
+
+
 def test_default_output_dirs():
     g = chat_data.parse_args(pre_tokenize_glm4.Arguments, ["--model_name_or_path", "m", "--input", "x"])
     l = chat_data.parse_args(pre_tokenize_llama3.Arguments, ["--model_name_or_path", "m", "--input", "x"])
