@@ -36,7 +36,6 @@ import json
 import mmap
 import multiprocessing as mp
 import os
-import sys
 import time
 import traceback
 from collections import deque
@@ -49,6 +48,7 @@ from tqdm.auto import tqdm
 
 from chat_inputs import InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks, \
     parse_record, plan_order
+from errors import run_cli
 from atomic_dir import default_signals, describe_removed, signals_as_exit
 from storage import IGNORE_INDEX, DatasetFormatError, TokenizedWriter, dataset_replace_problem
 
@@ -602,9 +602,5 @@ def parse_args(dataclass_type, argv: list[str] | None):
 
 
 def cli(main: Callable[[list[str] | None], Any]) -> None:
-    """Run a script's main(); InputError becomes a one-paragraph message and exit status 2."""
-    try:
-        main(None)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """Run a pre-tokenization script's main(None): a user mistake is one `error:` message, exit status 2."""
+    run_cli(main, None)

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from errors import UserError
+
 CHUNK_RECORDS, CHUNK_BYTES = 256, 4 << 20  # largest work unit sent to a worker
 JSON_WINDOW_BYTES = 4 << 20  # a JSON array is decoded this much at a time (more for a larger element)
 BOM = b"\xef\xbb\xbf"
@@ -36,7 +38,7 @@ MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "
                  "tool": "observation"}
 
 
-class InputError(ValueError):
+class InputError(UserError):
     """Bad command line, inputs or tokenizer, found before any work starts (all problems in one message)."""
 
 

@@ -62,6 +62,7 @@ import checkpoints as ckpt
 import dataset as ds_lib
 import models
 import train_setup
+from errors import run_cli
 from chat_inputs import InputError
 from dataset import IGNORE_INDEX, DatasetFormatError, TokenizedData, make_collator, write_json_atomic
 from patch import families
@@ -579,5 +580,5 @@ def shutdown_distributed() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
     shutdown_distributed()

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,13 +67,14 @@ import numpy as np
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
+from errors import UserError, run_cli
 from patch import families
 from atomic_dir import describe_removed, signals_as_exit, sweep_stale
 from storage import (IGNORE_INDEX, META_FILE, OFFSETS_FILE, PACKS_DIR, ARRAY_FILES, DatasetFormatError, TokenizedData,
                      TokenizedWriter, check_token_ids, packs_replace_problem, write_packs)
 
 
-class SortAndGroupError(ValueError):
+class SortAndGroupError(UserError):
     """Settings or data that sort_and_group.py cannot use; the message lists every problem and its fix."""
 
 
@@ -695,7 +695,4 @@ def run(args: Arguments) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (SortAndGroupError, DatasetFormatError) as e:
-        sys.exit(f"error: {e}")
+    run_cli(main)

@@ -53,6 +53,7 @@ from typing import Any, Iterable
 
 import numpy as np
 
+from errors import UserError
 from atomic_dir import (FolderReader, recover_dir, replace_dir, replace_problem, sweep_stale, work_name,
                         write_json_atomic)
 
@@ -66,7 +67,7 @@ OFFSETS_FILE = "offsets.bin"
 META_FILE = "meta.json"
 
 
-class DatasetFormatError(ValueError):
+class DatasetFormatError(UserError):
     """A folder that is not a (complete, consistent) tokenized dataset."""
 
 

@@ -50,6 +50,9 @@ class InstallArguments:
     verify: bool = field(default=True, metadata={"help": "Resolve the installed classes afterwards (no weights)."})
 
 
+EXIT_USER_ERROR = 2  # the toolkit's exit status for a user mistake (errors.EXIT_USER_ERROR; patch/ imports no root module)
+
+
 class InstallError(ValueError):
     """A model folder install.py cannot install into (the message names the folder and what is wrong)."""
 
@@ -226,4 +229,5 @@ if __name__ == "__main__":
     try:
         main()
     except InstallError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

@@ -612,7 +612,7 @@ def test_install_bad_folders_one_message_and_patch_is_a_leaf(tmp_path):
                             ignore=shutil.ignore_patterns("__pycache__"))
     out = subprocess.run([sys.executable, str(alone / "install.py"), "--model_dir", str(bad)], capture_output=True,
                          text=True, cwd=tmp_path, timeout=120)
-    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.startswith(f"error: {bad / 'config.json'}: not valid JSON")
 
 

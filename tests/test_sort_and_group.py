@@ -444,7 +444,7 @@ def test_cli_exits_with_the_message(tmp_path):
     write_dataset(path, [30, 40, 50, 60])
     cmd = [sys.executable, str(ROOT / "sort_and_group.py"), "--train_file", str(path), "--max_length", "40"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert out.returncode == 1 and "error: sort_and_group.py cannot run" in out.stderr
+    assert out.returncode == 2 and "error: sort_and_group.py cannot run" in out.stderr
     assert "sample 3 (60 tokens)" in out.stderr and "--over_length skip" in out.stderr
     assert not (path / "packs").exists()
 

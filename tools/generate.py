@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
 import models  # noqa: E402
+from errors import run_cli  # noqa: E402
 from chat_inputs import InputError  # noqa: E402
 from dataset import IGNORE_INDEX, write_json_atomic  # noqa: E402
 from patch.families import implemented_templates  # noqa: E402
@@ -136,4 +137,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_cli(main, sys.argv[1:])

@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from errors import run_cli  # noqa: E402
 from patch import families  # noqa: E402
 from patch import tokenization_chatglm as glm_tok  # noqa: E402
 
@@ -438,4 +439,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)
