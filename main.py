@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of GLM-4 / Llama-3.1 on tokenized (and sorted/packed) long-output data.
+"""Supervised fine-tuning (GLM-4, Llama, GLM-Edge, Qwen, Mistral) on tokenized (and sorted/packed) long-output data.
 
 The usual run (8 GPUs, DeepSpeed ZeRO-3, packed batches, LongAlign's per-sequence loss):
 
@@ -29,6 +29,7 @@ Tiny CPU run (single process, fp32, about a minute), on a model and data built o
 
 What it does: tells the folder's model family from config.json's `model_type` and its tokenizer files
 (patch/families.py: glm4, chatglm3, chatglm2 -> patch.modeling_chatglm; llama3, llama2 -> patch.modeling_llama;
+glm, glm4_0414, qwen2, qwen3, mistral -> patch.modeling_native: transformers' own classes with the packed forward;
 code inside the model folder runs only with --trust_remote_code), loads its tokenizer as pre_tokenize.py does,
 checks the data against the model and tokenizer (and fails once, naming every problem and its fix),
 trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each

@@ -4,6 +4,8 @@
     fam = family_of("/models/glm-4-9b")             # Family "glm4", from config.json and the tokenizer files
     tok = load_tokenizer("/models/glm-4-9b", fam)   # patch/'s ChatGLM4Tokenizer: no code from the folder runs
     cls = model_class("chatglm")                    # patch.modeling_chatglm.ChatGLMForConditionalGeneration
+    model_class("qwen2")                            # patch.modeling_native.Qwen2ForCausalLM (transformers' own + packing)
+    stop_token_ids("/models/Qwen2.5-7B-Instruct", "qwen2")  # its generation_config.json eos_token_id list
 
 Tokenizers: a family with its own class in patch/ (GLM-4, ChatGLM2/3) loads it on the folder's tokenizer.model;
 the Llama families load transformers' fast tokenizer from tokenizer.json (`PreTrainedTokenizerFast`, which does
@@ -42,16 +44,26 @@ def file_reader(name_or_path: str) -> families.Reader:
     return read
 
 
-def family_of(name_or_path: str) -> Optional[Family]:
-    """The registry family of a model or tokenizer folder (or hub id), None when no family matches."""
-    return families.detect(file_reader(name_or_path))
+def _reader(name_or_path: str, config_from: Optional[str] = None) -> families.Reader:
+    """The folder's files, config.json taken from `config_from` when given (a LoRA adapter's base model)."""
+    read = file_reader(name_or_path)
+    if config_from is None:
+        return read
+    read_config = file_reader(config_from)
+    return lambda name: read_config(name) if name == "config.json" else read(name)
 
 
-def require_family(name_or_path: str, flag: str = "--model_name_or_path") -> Family:
-    fam = family_of(name_or_path)
+def family_of(name_or_path: str, config_from: Optional[str] = None) -> Optional[Family]:
+    """The registry family of a model or tokenizer folder (or hub id), None when no family matches.
+    `config_from`: the folder whose config.json gives the model_type (e.g. the base model of an adapter folder)."""
+    return families.detect(_reader(name_or_path, config_from))
+
+
+def require_family(name_or_path: str, flag: str = "--model_name_or_path", config_from: Optional[str] = None) -> Family:
+    fam = family_of(name_or_path, config_from)
     if fam is None:
         raise InputError(f"{flag} {name_or_path}: cannot tell its model family: "
-                         f"{families.why_undetected(file_reader(name_or_path))}")
+                         f"{families.why_undetected(_reader(name_or_path, config_from))}")
     return fam
 
 
@@ -76,13 +88,46 @@ def _import(module_class: str, package: str = "patch"):
     return getattr(importlib.import_module(f"{package}.{module}" if package else module), name, None)
 
 
+def native_class_name(model_type: str) -> Optional[str]:
+    """transformers' own *ForCausalLM class name for a model_type, None when transformers has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+
+
 def model_class(model_type: str):
-    """The patched model class for a config.json model_type (one class serves all of its families)."""
+    """The patched model class for a config.json model_type (one class serves all of its families): for the
+    transformers-native types, transformers' own class with the packed forward (patch/modeling_native.py)."""
     path = families.model_class_of(model_type)
     if path is None:
+        native = native_class_name(model_type) if model_type else None
+        hint = (f"; transformers implements it ({native}), but packed training is checked here only for the "
+                f"types above: add a family to patch/families.py (model_types, model_class built with "
+                f"patch/packed_attention.packed_causal_lm, template auto, LoRA targets) and its tests"
+                if native else " (or pass --trust_remote_code to use the folder's own code)")
         raise InputError(f"config.json model_type {model_type!r} is not supported: expected one of "
-                         f"{families.model_types()} (or pass --trust_remote_code to use the folder's own code)")
+                         f"{families.model_types()}{hint}")
     return _import(path)
+
+
+def generation_stop_ids(name_or_path: str) -> list[int]:
+    """The eos_token_id(s) of the folder's generation_config.json (else config.json), read at run time."""
+    read = file_reader(name_or_path)
+    for name in ("generation_config.json", "config.json"):
+        raw = read(name)
+        value = json.loads(raw).get("eos_token_id") if raw else None
+        if value is not None:
+            return [int(v) for v in (value if isinstance(value, list) else [value])]
+    return []
+
+
+def stop_token_ids(name_or_path: str, family: Union[Family, str], template_ids=()) -> list[int]:
+    """What generation stops on: the template's stop ids, then (families with generation_stops) the model folder's
+    generation_config.json eos ids; each once, in that order."""
+    ids = [int(i) for i in template_ids]
+    if as_family(family).generation_stops:
+        ids += [i for i in generation_stop_ids(name_or_path) if i not in ids]
+    return ids
 
 
 def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_code: bool = False):

@@ -11,8 +11,9 @@ as `patch.families`. Class names are "module.Class" strings; this module never i
     families.pad_rule(fam, "glm4")                     # ("pad", "<|endoftext|>")
 
 A family (`Family`) is one kind of model folder: the config.json `model_type`s it covers, the patched model
-class in patch/, how its tokenizer loads, its templates (default first), LoRA targets, pad-id rule, and how a
-folder is recognised (`Detect`: the tokenizer files tell families of one model_type apart: GLM-4's
+class in patch/ (for transformers-native types, transformers' own class with the packed forward mixed in:
+modeling_llama.py, modeling_native.py), how its tokenizer loads, its templates (default first), LoRA targets,
+pad-id rule, where generation's stop tokens come from, and how a folder is recognised (`Detect`: the tokenizer files tell families of one model_type apart: GLM-4's
 `tokenizer.model` is tiktoken text, ChatGLM2/3's a binary SentencePiece model; Llama-3 tokenizers declare
 `<|begin_of_text|>`, Llama-2's `<s>`). A template (`Template`) is one chat format; its `impl` names the
 chat_data.ChatFormat subclass in a root module that implements it, or None while it is only registered.
@@ -97,6 +98,7 @@ class Family:
     install: Install
     remote_code: bool = False
     front_end: Optional[str] = None  # the family's own pre-tokenization script, if it has one
+    generation_stops: bool = False  # generation also stops on the folder's generation_config.json eos_token_id(s)
 
     @property
     def default_template(self) -> str:
@@ -132,6 +134,9 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("llama2", None,
              "LongAlign Llama-2: <s>, '[INST]{q}[/INST]{a}' rounds joined by blank lines, </s> last",
              ("</s>",)),
+    Template("auto", None,
+             "the tokenizer's own chat template (tokenizer_config.json chat_template), as apply_chat_template "
+             "renders it; stop tokens: the folder's generation_config.json eos_token_id", ()),
 )}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,6 +171,19 @@ def _llama(name: str, title: str, templates: tuple[str, ...], pad: tuple[str, ..
                   templates, _LLAMA_LORA, pad, detect, _LLAMA_INSTALL, front_end=front_end)
 
 
+_GLM_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")  # every linear layer but lm_head
+
+
+def _native(name: str, title: str, model_type: str, cls: str, lora_targets: tuple[str, ...]) -> Family:
+    """A transformers-native model type: transformers' own class with the packed forward (patch/modeling_native.py),
+    transformers' fast tokenizer, the tokenizer's own chat template, stop ids from generation_config.json."""
+    model_class = f"modeling_native.{cls}"
+    return Family(name, title, (model_type,), model_class, None, None, ("tokenizer.json",), ("auto",), lora_targets,
+                  ("pad", "eos"), Detect(kinds=("tokenizers",)),
+                  Install(("packed_attention.py", "modeling_native.py"), {"AutoModelForCausalLM": model_class}),
+                  generation_stops=True)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     _chatglm("glm4", "GLM-4-9B (glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b; chatglm format)",
              "tokenization_chatglm.ChatGLM4Tokenizer", ("glm4",), ("pad", "<|endoftext|>"),
@@ -182,6 +200,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            Detect(kinds=("tokenizers",), markers=("<|begin_of_text|>",)), front_end="pre_tokenize_llama3.py"),
     _llama("llama2", "Llama-2 (Llama-2-7b/13b, LongAlign-7B/13B-64k)", ("llama2",), ("pad", "<unk>", "eos"),
            Detect(kinds=("tokenizers", "sentencepiece"), markers=("<s>", "</s>"))),
+    _native("glm", "GLM-Edge (glm-edge-1.5b-chat, glm-edge-4b-chat; transformers' GlmForCausalLM)", "glm",
+            "GlmForCausalLM", _GLM_LORA),
+    # model_type "glm4" is GLM-4-0414's; the family "glm4" is GLM-4-9B's chatglm format (model_type "chatglm")
+    _native("glm4_0414", "GLM-4-0414 (GLM-4-9B-0414, GLM-4-32B-0414, GLM-Z1; transformers' Glm4ForCausalLM)", "glm4",
+            "Glm4ForCausalLM", _GLM_LORA),
+    _native("qwen2", "Qwen2 / Qwen2.5 (Qwen2.5-7B, Qwen2.5-7B-Instruct, ...; transformers' Qwen2ForCausalLM)",
+            "qwen2", "Qwen2ForCausalLM", _LLAMA_LORA),
+    _native("qwen3", "Qwen3 dense (Qwen3-0.6B ... Qwen3-32B; transformers' Qwen3ForCausalLM)", "qwen3",
+            "Qwen3ForCausalLM", _LLAMA_LORA),
+    _native("mistral", "Mistral (Mistral-7B v0.1-v0.3 and Instruct; transformers' MistralForCausalLM)", "mistral",
+            "MistralForCausalLM", _LLAMA_LORA),
 )}
 
 

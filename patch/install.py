@@ -2,6 +2,7 @@
 
     python patch/install.py --model_dir /models/glm-4-9b          # GLM-4, chatglm format (model_type "chatglm")
     python patch/install.py --model_dir /models/Llama-3.1-8B      # Llama (model_type "llama")
+    python patch/install.py --model_dir /models/Qwen2.5-7B        # Qwen2 (also glm, glm4, qwen3, mistral)
     # tiny CPU run: python tools/make_tiny.py ... then python patch/install.py --model_dir <that folder>
 
 What it does, by family (patch/families.py: config.json `model_type`, and for chatglm the tokenizer files):
@@ -13,6 +14,9 @@ What it does, by family (patch/families.py: config.json `model_type`, and for ch
              tokenization_chatglm.ChatGLMTokenizer (ChatGLM2/3: a binary SentencePiece tokenizer.model).
   llama   -> copies packed_attention.py, modeling_llama.py; config.json auto_map: AutoModelForCausalLM ->
              modeling_llama.LlamaForCausalLM (config and tokenizer stay transformers' own).
+  glm, glm4, qwen2, qwen3, mistral -> copies packed_attention.py, modeling_native.py; config.json auto_map:
+             AutoModelForCausalLM -> modeling_native.<transformers' class name> (e.g. Qwen2ForCausalLM). Not needed
+             by main.py (it imports patch/ directly), only for other code loading the folder with trust_remote_code.
 Every auto_map entry left in the JSON files it rewrites names one of our classes: entries naming other code
 (the folder's own .py files, another repository's) are dropped, so trust_remote_code runs only our files.
 Every file it replaces or rewrites is first copied to DIR/patch_backup/ (an existing backup is never

@@ -1,4 +1,6 @@
 """Llama (Llama-2, Llama-3.x) for packed long-context SFT: a thin subclass of transformers' own LlamaForCausalLM.
+One instance of the generic packed path (packed_attention.PackedCausalLM; the other transformers-native models
+are in modeling_native.py); kept as its own file, with this class name, for folders it was installed into.
 
 What it changes against upstream transformers (everything else - weights, key names, RoPE variants, KV cache,
 generate() - is transformers' own code):
@@ -22,66 +24,14 @@ torch.tensor([0,2,5], dtype=torch.int32), labels=torch.tensor([[1,2,3,4,5]])).lo
 """
 from __future__ import annotations
 
-from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaForCausalLM as _UpstreamLlamaForCausalLM
 
-from .packed_attention import causal_lm_loss, force_packed_attention, prepare_packed_inputs
+from .packed_attention import PackedCausalLM, force_packed_attention
 
 
 @force_packed_attention
-class LlamaForCausalLM(_UpstreamLlamaForCausalLM):
-    def forward(
-        self,
-        input_ids=None,  # [B, T]
-        attention_mask=None,  # 1-D int cu_seqlens [n+1] (B == 1), 2-D [B, T] 0/1 padding, or None
-        position_ids=None,  # [B, T]; derived per sample from cu_seqlens when packed and None
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,  # [B, T] aligned with input_ids, -100 = not supervised
-        use_cache=None,
-        logits_to_keep=0,
-        weights=None,  # [B, T] float, aligned with labels (e.g. 1/N_i per supervised token of sample i)
-        pack_loss=False,  # use `weights` in the loss
-        num_items_in_batch=None,  # normaliser D (number or 0-d tensor); default: sum of the token weights
-        loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size or 1024
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        ref = input_ids if input_ids is not None else inputs_embeds
-        attention_mask, position_ids, packed_kwargs, cu_seqlens = prepare_packed_inputs(
-            attention_mask, position_ids, ref.shape[0], ref.shape[1], ref.device
-        )
-        if cu_seqlens is not None:
-            use_cache = False  # a pack is a training input; nothing to continue from
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            use_cache=use_cache,
-            **packed_kwargs,
-            **kwargs,
-        )
-        hidden_states = outputs.last_hidden_state  # [B, T, H]
-        loss = logits = None
-        if labels is not None:
-            loss = causal_lm_loss(
-                hidden_states, self.lm_head, labels, weights=weights, pack_loss=pack_loss,
-                num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
-                chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
-            )
-        else:
-            # an int keeps the last `logits_to_keep` positions (0 = all), a tensor selects positions; written out
-            # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
-            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = self.lm_head(hidden_states[:, keep, :])  # [B, T', V]
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+class LlamaForCausalLM(PackedCausalLM, _UpstreamLlamaForCausalLM):
+    """transformers' LlamaForCausalLM with packed batches and the chunked weighted loss (PackedCausalLM.forward)."""
 
 
 __all__ = ["LlamaForCausalLM"]

@@ -1,4 +1,5 @@
-"""Packed-sequence attention and a lean chunked cross-entropy, shared by modeling_llama.py and modeling_chatglm.py.
+"""Packed-sequence attention, a lean chunked cross-entropy and the packed causal-LM forward, shared by every model
+file of patch/ (modeling_llama.py, modeling_native.py, modeling_chatglm.py).
 
 A packed batch is one row of several samples laid end to end ([1, L] input_ids) with their boundaries given as
 `cu_seqlens = [0, e1, ..., L]` (int32) in the 1-D `attention_mask`, the format LongAlign/LongWriter use. This
@@ -10,9 +11,14 @@ module provides what both model files need for it:
 - `varlen_attention`: causal attention where each sample attends only to itself. The backend is chosen at run
   time and logged once: `flash_attn_varlen_func` (flash-attn installed, CUDA, fp16/bf16) -> PyTorch's
   `torch.nn.attention.varlen.varlen_attn` (CUDA, fp16/bf16) -> scaled-dot-product attention per sample
-  (CPU or anywhere). Grouped/multi-query heads are supported by every backend; dropout is always 0.
+  (CPU or anywhere). Grouped/multi-query heads and a sliding window (Mistral, Qwen's sliding layers: each query
+  sees its `window` latest tokens, itself included) are supported by every backend; dropout is always 0.
 - `packed_attention_forward`: the same thing as a transformers attention function, registered under the name
-  `ATTN_IMPLEMENTATION` (with a matching mask builder); unpacked inputs fall through to transformers' SDPA path.
+  `ATTN_IMPLEMENTATION` (with a matching mask builder); unpacked inputs fall through to transformers' SDPA path
+  (unpadded rows longer than a sliding window go through varlen_attention, one sample per row).
+- `PackedCausalLM`: the forward of a packed *ForCausalLM (packed inputs, chunked weighted loss), mixed into any
+  transformers causal LM whose attention goes through the attention interface (`packed_causal_lm(cls)`), so
+  transformers' own modeling code (weights, RoPE, norms, cache, generate) is used unchanged.
 - `causal_lm_loss`: sum_t w_t * CE_t / D over supervised targets (labels shifted inside, never across a sample
   boundary), computed `chunk_size` tokens at a time through the lm_head module under activation checkpointing,
   so fp32 logits for the whole pack exist neither in forward nor in backward.
@@ -122,13 +128,19 @@ def _torch_varlen():
     return getattr(module, "varlen_attn", None)
 
 
-def available_backends(device: torch.device, dtype: torch.dtype) -> list[str]:
-    """Backends usable for tensors on `device` with `dtype`, best first (the last one, sdpa, always works)."""
+def _torch_varlen_has_window(fn=None) -> bool:
+    fn = fn or _torch_varlen()
+    return fn is not None and "window_size" in inspect.signature(fn).parameters
+
+
+def available_backends(device: torch.device, dtype: torch.dtype, window: bool = False) -> list[str]:
+    """Backends usable for tensors on `device` with `dtype` (and a sliding window if `window`), best first (the
+    last one, sdpa, always works). torch's first varlen_attn (2.9) has no window: it is left out for windows."""
     out = []
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         if _flash_attn_available():
             out.append("flash_attn")
-        if _torch_varlen() is not None:
+        if _torch_varlen() is not None and (not window or _torch_varlen_has_window()):
             out.append("torch_varlen")
     out.append("sdpa")
     return out
@@ -139,19 +151,26 @@ def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def _attn_flash(q, k, v, cu, max_len, scale):
+def _attn_flash(q, k, v, cu, max_len, scale, window=None):
     from flash_attn import flash_attn_varlen_func
 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True)
+    extra = {} if window is None else {"window_size": (window - 1, 0)}  # (left, right) tokens besides itself
+    return flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, dropout_p=0.0, softmax_scale=scale, causal=True,
+                                  **extra)
 
 
-def _attn_torch_varlen(q, k, v, cu, max_len, scale, fn=None):
+def _attn_torch_varlen(q, k, v, cu, max_len, scale, fn=None, window=None):
     """torch's varlen_attn across its versions: the first (2.9) takes `is_causal` and no `scale`, later ones
-    `window_size`, `scale` and `enable_gqa` (read off the signature, whatever the version number). Without a `scale` argument q is pre-scaled (softmax(s q.k) = softmax(s0 (s/s0) q.k),
-    s0 = D**-0.5 the kernel's own); without `enable_gqa` the KV heads are repeated. `fn` defaults to torch's."""
+    `window_size`, `scale` and `enable_gqa` (read off the signature, whatever the version number). Without a
+    `scale` argument q is pre-scaled (softmax(s q.k) = softmax(s0 (s/s0) q.k), s0 = D**-0.5 the kernel's own);
+    without `enable_gqa` the KV heads are repeated; a sliding `window` needs `window_size`. `fn` defaults to
+    torch's."""
     fn = fn or _torch_varlen()
     params = inspect.signature(fn).parameters
+    if window is not None and "window_size" not in params:
+        raise ValueError(f"this torch's varlen_attn has no window_size: it cannot apply the sliding window of "
+                         f"{window} tokens; set PACKED_ATTN_BACKEND=flash_attn or sdpa")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     kwargs = {}
     if "scale" in params:
@@ -163,14 +182,14 @@ def _attn_torch_varlen(q, k, v, cu, max_len, scale, fn=None):
             kwargs["enable_gqa"] = True
         else:
             k, v = _repeat_kv(k, q.shape[1] // k.shape[1]), _repeat_kv(v, q.shape[1] // k.shape[1])
-    if "window_size" in params:  # newer torch: causal is window (-1, 0)
-        kwargs["window_size"] = (-1, 0)
+    if "window_size" in params:  # newer torch: causal is window (-1, 0), a sliding window (window - 1, 0)
+        kwargs["window_size"] = (-1 if window is None else window - 1, 0)
     else:  # older torch: explicit flag
         kwargs["is_causal"] = True
     return fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
-def _attn_sdpa_per_sample(q, k, v, cu, max_len, scale):
+def _attn_sdpa_per_sample(q, k, v, cu, max_len, scale, window=None):
     n_rep = q.shape[1] // k.shape[1]
     k, v = _repeat_kv(k, n_rep), _repeat_kv(v, n_rep)
     bounds = cu.tolist()
@@ -180,7 +199,12 @@ def _attn_sdpa_per_sample(q, k, v, cu, max_len, scale):
             continue
         # 4-D [1, H, L_i, D]: with 3-D inputs the CPU kernel falls back to the math path ([H, L_i, L_i] scores)
         qi, ki, vi = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-        oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)  # [1, H, L_i, D]
+        if window is not None and end - start > window:  # band: key j visible from query i when i-window < j <= i
+            i = torch.arange(end - start, device=q.device)
+            band = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)  # [L_i, L_i] bool
+            oi = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=band, scale=scale)
+        else:
+            oi = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale)  # [1, H, L_i, D]
         outs.append(oi[0].transpose(0, 1))  # [L_i, H, D]
     return torch.cat(outs, dim=0) if outs else q.new_zeros(q.shape)
 
@@ -188,40 +212,62 @@ def _attn_sdpa_per_sample(q, k, v, cu, max_len, scale):
 _BACKEND_FNS = {"flash_attn": _attn_flash, "torch_varlen": _attn_torch_varlen, "sdpa": _attn_sdpa_per_sample}
 
 
-def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float, backend: str | None = None):
+def varlen_attention(q, k, v, cu_seqlens, max_seqlen: int, scale: float, backend: str | None = None,
+                     window: int | None = None):
     """Causal attention within each packed sample.
 
     q: [T, H_q, D], k/v: [T, H_kv, D] (H_q a multiple of H_kv), cu_seqlens: int32 [n+1] on q's device.
-    Returns [T, H_q, D]. `backend` forces one of BACKENDS (else: env PACKED_ATTN_BACKEND, else the best available).
+    `window`: a sliding window (each query sees its `window` latest tokens, itself included; transformers'
+    `sliding_window`), None = full causal. Returns [T, H_q, D]. `backend` forces one of BACKENDS (else: env
+    PACKED_ATTN_BACKEND, else the best available).
     """
-    choice = backend or os.environ.get("PACKED_ATTN_BACKEND") or available_backends(q.device, q.dtype)[0]
+    window = int(window) if window is not None and int(window) < max_seqlen else None  # no sample reaches it
+    choice = backend or os.environ.get("PACKED_ATTN_BACKEND") or \
+        available_backends(q.device, q.dtype, window is not None)[0]
     if choice not in _BACKEND_FNS:
         raise ValueError(f"unknown packed attention backend {choice!r}; choose one of {BACKENDS}")
     _log_once(f"backend:{choice}", f"packed attention backend: {choice} ({q.device.type}, {q.dtype})")
-    return _BACKEND_FNS[choice](q, k, v, cu_seqlens, max_seqlen, scale)
+    extra = {} if window is None else {"window": window}
+    return _BACKEND_FNS[choice](q, k, v, cu_seqlens, max_seqlen, scale, **extra)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # transformers attention interface: registered under ATTN_IMPLEMENTATION
 # ---------------------------------------------------------------------------------------------------------------
-def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+UNSUPPORTED_EXTRAS = ("softcap", "s_aux", "sinks")  # attention kwargs some models pass; varlen_attention has none
+
+
+def packed_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             sliding_window=None, **kwargs):
     """transformers AttentionInterface function. query [B, H_q, T_q, D], key/value [B, H_kv, T_k, D].
 
-    With `cu_seq_lens_q` in kwargs (a packed batch, B == 1, no cache): varlen attention. Otherwise transformers'
-    own SDPA path with the mask transformers built (2-D padding, KV cache decoding, plain causal).
-    Returns (attn_output [B, T_q, H_q, D], None).
+    With `cu_seq_lens_q` in kwargs (a packed batch, B == 1, no cache): varlen attention, with the layer's
+    `sliding_window` if it has one. Without a mask, without a cache, rows longer than a sliding window: varlen
+    attention with one sample per row (the mask builder built no mask). Otherwise transformers' own SDPA path with
+    the mask transformers built (2-D padding, KV cache decoding, plain causal). Returns ([B, T_q, H_q, D], None).
     """
+    bad = [k for k in UNSUPPORTED_EXTRAS if kwargs.get(k) is not None]
+    if bad:
+        raise NotImplementedError(f"{type(module).__name__} passes {bad} to its attention; packed attention "
+                                  f"({ATTN_IMPLEMENTATION}) does not implement them")
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None and query.shape[2] == key.shape[2]:
+    b, _, t_q, _ = query.shape
+    window = int(sliding_window) if sliding_window is not None else None
+    unpacked_window = cu is None and attention_mask is None and window is not None and t_q == key.shape[2] > window
+    if (cu is not None or unpacked_window) and t_q == key.shape[2]:
         if dropout:
             _log_once("dropout", "packed attention ignores attention dropout (always 0)")
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-        q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
-        out = varlen_attention(q, k, v, cu, int(kwargs["max_length_q"]), scale)  # [T, H_q, D]
-        return out.unsqueeze(0), None
+        if cu is None:  # B rows of T_q tokens = B samples laid end to end
+            cu, max_len = torch.arange(0, b * t_q + 1, t_q, dtype=torch.int32, device=query.device), t_q
+        else:
+            max_len = int(kwargs["max_length_q"])
+        q, k, v = (t.transpose(1, 2).reshape(-1, t.shape[1], t.shape[3]) for t in (query, key, value))  # [B*T, H, D]
+        out = varlen_attention(q, k, v, cu, max_len, scale, window=window)  # [B*T, H_q, D]
+        return out.view(b, t_q, *out.shape[1:]), None
     _log_once("sdpa-unpacked", "unpacked batch: using transformers' SDPA attention")
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                  **kwargs)
+                                  sliding_window=sliding_window, **kwargs)
 
 
 def packed_attention_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
@@ -351,3 +397,87 @@ def _max_chunks_across_ranks(n_chunks: int, lm_head, device) -> int:
     count = torch.tensor([n_chunks], dtype=torch.long, device=device)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count.item())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The packed forward of a transformers *ForCausalLM (transformers' own modules below it)
+# ---------------------------------------------------------------------------------------------------------------
+class PackedCausalLM:
+    """Mixin for a transformers causal LM with `base_model` (the decoder) and an output embedding (lm_head):
+    `class XForCausalLM(PackedCausalLM, transformers.XForCausalLM)` (see `packed_causal_lm`). Only forward()
+    changes: packed inputs and the chunked weighted loss; the decoder, weights, RoPE, cache and generate() are
+    transformers' own. Batch interface (the same for every model of patch/):
+      attention_mask: 1-D int cu_seqlens [n+1] (input_ids [1, L]: n samples laid end to end), 2-D [B, T] 0/1
+        padding, or None; position_ids: [B, T], derived per sample from cu_seqlens when packed and None;
+      labels [B, T] (-100 = not supervised), weights [B, T], pack_loss, num_items_in_batch, loss_chunk_size:
+        loss = sum_t w_t * CE_t / D (causal_lm_loss); with labels given, `logits` is None."""
+
+    def forward(
+        self,
+        input_ids=None,  # [B, T]
+        attention_mask=None,  # 1-D int cu_seqlens [n+1] (B == 1), 2-D [B, T] 0/1 padding, or None
+        position_ids=None,  # [B, T]; derived per sample from cu_seqlens when packed and None
+        past_key_values=None,
+        inputs_embeds=None,  # [B, T, H]
+        labels=None,  # [B, T] aligned with input_ids, -100 = not supervised
+        use_cache=None,
+        logits_to_keep=0,
+        weights=None,  # [B, T] float, aligned with labels (e.g. 1/N_i per supervised token of sample i)
+        pack_loss=False,  # use `weights` in the loss
+        num_items_in_batch=None,  # normaliser D (number or 0-d tensor); default: sum of the token weights
+        loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size or 1024
+        **kwargs,
+    ):
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+
+        ref = input_ids if input_ids is not None else inputs_embeds
+        attention_mask, position_ids, packed_kwargs, cu_seqlens = prepare_packed_inputs(
+            attention_mask, position_ids, ref.shape[0], ref.shape[1], ref.device
+        )
+        if cu_seqlens is not None:
+            use_cache = False  # a pack is a training input; nothing to continue from
+        outputs = self.base_model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **packed_kwargs,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state  # [B, T, H]
+        lm_head = self.get_output_embeddings()  # [H] -> [V]
+        loss = logits = None
+        if labels is not None:
+            loss = causal_lm_loss(
+                hidden_states, lm_head, labels, weights=weights, pack_loss=pack_loss,
+                num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
+                chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
+            )
+        else:
+            # an int keeps the last `logits_to_keep` positions (0 = all), a tensor selects positions; written out
+            # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            logits = lm_head(hidden_states[:, keep, :])  # [B, T', V]
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+def packed_causal_lm(upstream_cls, module: str | None = None):
+    """`upstream_cls` (a transformers *ForCausalLM) with PackedCausalLM's forward and our attention, under the same
+    class name (so config.json's `architectures` names transformers' class and the saved folder loads in stock
+    transformers). Modeling files define their classes as `class X(PackedCausalLM, upstream)` directly; this builds
+    one at run time. Requires attention through the attention interface (`_supports_attention_backend`)."""
+    if not getattr(upstream_cls, "_supports_attention_backend", False):
+        raise ValueError(f"{upstream_cls.__name__} does not route attention through transformers' attention "
+                         f"interface: packed attention cannot be applied to it")
+    cls = type(upstream_cls.__name__, (PackedCausalLM, upstream_cls),
+               {"__module__": module or __name__, "__doc__": f"{upstream_cls.__name__} with packed batches "
+                                                           f"(patch/packed_attention.PackedCausalLM)."})
+    return force_packed_attention(cls)

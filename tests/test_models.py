@@ -20,6 +20,7 @@ from patch import packed_attention as PA
 from patch.configuration_chatglm import ChatGLMConfig
 from patch.modeling_chatglm import ChatGLMForConditionalGeneration
 from patch.modeling_llama import LlamaForCausalLM
+from tiny_native import NATIVE, maker
 
 VOCAB = 101
 TOL = 1e-5
@@ -114,7 +115,9 @@ def make_chatglm3(seed=0, **over):
     return make_glm(seed, config=tiny_hub_config(CHATGLM3_6B_CONFIG, **over))
 
 
-FAMILIES = {"llama": make_llama, "glm4": make_glm, "chatglm2": make_chatglm2, "chatglm3": make_chatglm3}
+FAMILIES = {"llama": make_llama, "glm4": make_glm, "chatglm2": make_chatglm2, "chatglm3": make_chatglm3,
+            # transformers' own classes with the packed forward (patch/modeling_native.py) vs the stock ones
+            **{f"hf_{kind}": maker(kind) for kind in NATIVE}}
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -641,7 +644,7 @@ def _zero3_check(port: int) -> None:
         "zero_allow_untested_optimizer": True}
     samples, labels, weights, cu = _pack([6, 11, 4])
     ids, lab, w = torch.cat(samples)[None], torch.cat(labels)[None], torch.cat(weights)[None]
-    for family in ("glm4", "llama"):  # chatglm2/3 run the same model code as glm4
+    for family in ("glm4", "llama", "hf_qwen3"):  # chatglm2/3 run glm4's model code; qwen3: tied embeddings
         ref, _ = FAMILIES[family]()
         ref.train()
         kw = dict(attention_mask=cu, labels=lab, weights=w, pack_loss=True, num_items_in_batch=3, loss_chunk_size=4)
@@ -674,4 +677,4 @@ def test_chunked_loss_under_deepspeed_zero3():
            f"import conftest, test_models; test_models._zero3_check({port})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "zero3 ok: glm4" in proc.stdout and "zero3 ok: llama" in proc.stdout
+    assert all(f"zero3 ok: {f}" in proc.stdout for f in ("glm4", "llama", "hf_qwen3")), proc.stdout

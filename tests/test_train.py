@@ -34,13 +34,14 @@ def glm_dir(tmp_path_factory, glm4_tokenizer_dir):
 
 
 def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int = 0, max_token: int | None = None,
-               group: bool = True, max_length: int = 96) -> Path:
+               group: bool = True, max_length: int = 96, template: str | None = None) -> Path:
     """A learnable task: a random prompt (not supervised), then a reply that counts up from the prompt's last
-    token. Written with TokenizedWriter (meta like pre_tokenize_*), then sort_and_group.py (packs + sort order)."""
+    token. Written with TokenizedWriter (meta like pre_tokenize_*), then sort_and_group.py (packs + sort order).
+    meta's template: `template`, else the family's name."""
     tok = train_main.load_tokenizer(str(model_dir), family)
     rng = np.random.default_rng(seed)
     top = 200 if max_token is None else max_token
-    meta = {"model_family": family, "template": family, "max_length": max_length,
+    meta = {"model_family": family, "template": template or family, "max_length": max_length,
             "tokenizer": {"name_or_path": str(model_dir), "class": type(tok).__name__, "vocab_size": len(tok),
                           "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
                           "bos_token_id": tok.bos_token_id}}

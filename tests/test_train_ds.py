@@ -2,7 +2,7 @@
 logged loss of one process accumulating the same packs, with DDP and with DeepSpeed ZeRO-3.
 
 And a 2-rank ZeRO-3 run resumed from a checkpoint logs the same per-step losses as the uninterrupted one.
-Run: python -m pytest -q tests/test_train_ds.py  (marked slow: four 2-process launches, ~2 minutes on 2 cores)
+Run: python -m pytest -q tests/test_train_ds.py  (marked slow: five 2-process launches, ~3 minutes on 2 cores)
 """
 import json
 import os
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from test_train import EXACT, llama_dir, losses, max_weight_diff, run, write_task  # noqa: F401 (fixture)
+from tools.make_tiny import make_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -45,17 +46,24 @@ def eval_losses(log_history) -> list[float]:
     return [h["eval_loss"] for h in log_history if "eval_loss" in h]
 
 
-# zero3 also runs the loss in chunks of 5 tokens (different lm_head call counts on the two ranks; see the resume test)
-@pytest.mark.parametrize("engine,pack_loss,per_device,chunk", [("ddp", True, 2, 1024), ("zero3", False, 1, 5)])
-def test_two_ranks_equal_one_rank_accumulating(tmp_path, llama_dir, engine, pack_loss, per_device, chunk):  # noqa: F811
-    data = write_task(tmp_path / "data", llama_dir, "llama3", n=24, max_length=64)
-    val = write_task(tmp_path / "val", llama_dir, "llama3", n=7, seed=1, max_length=64)
+# zero3 also runs the loss in chunks of 5 tokens (different lm_head call counts on the two ranks; see the resume test);
+# qwen3: transformers' own Qwen3ForCausalLM with the packed forward (patch/modeling_native.py), tied embeddings
+@pytest.mark.parametrize("engine,pack_loss,per_device,chunk,family", [
+    ("ddp", True, 2, 1024, "llama3"), ("zero3", False, 1, 5, "llama3"), ("zero3", True, 1, 5, "qwen3")])
+def test_two_ranks_equal_one_rank_accumulating(tmp_path, request, engine, pack_loss, per_device, chunk, family):
+    if family == "llama3":
+        model_dir = request.getfixturevalue("llama_dir")
+    else:
+        model_dir = make_tiny_model(tmp_path / "model", family, request.getfixturevalue("llama3_tokenizer_dir"))
+    template = None if family == "llama3" else "auto"
+    data = write_task(tmp_path / "data", model_dir, family, n=24, max_length=64, template=template)
+    val = write_task(tmp_path / "val", model_dir, family, n=7, seed=1, max_length=64, template=template)
     extra = EXACT + ["--batch_method", "pack", "--per_device_train_batch_size", per_device, "--validation_file", val,
                      "--loss_chunk_size", chunk]
     extra += ["--pack_loss"] if pack_loss else []
-    one = run(llama_dir, data, tmp_path / "one", *extra, "--gradient_accumulation_steps", 2)
+    one = run(model_dir, data, tmp_path / "one", *extra, "--gradient_accumulation_steps", 2)
     ds = ["--deepspeed", ROOT / "ds_config" / "stage3.json"] if engine == "zero3" else []
-    two, log = launch_two_ranks(llama_dir, data, tmp_path / "two", *extra, "--gradient_accumulation_steps", 1, *ds)
+    two, log = launch_two_ranks(model_dir, data, tmp_path / "two", *extra, "--gradient_accumulation_steps", 1, *ds)
     assert "2 rank(s)" in log
     assert max_weight_diff(tmp_path / "one", tmp_path / "two") < 1e-6
     assert len(two) == 1 and abs(two[0] - losses(one)[0]) < 1e-5  # the logged loss means the same

@@ -7,7 +7,8 @@ The prompt is built with the same chat format pre-tokenization trained on (templ
 registry's template): the tokens of a user message followed by an assistant reply, cut where the first
 supervised token would be, so inference and training prompts agree token for token. Template: --template, else
 the `template` in the training data's meta.json (--data), else the model family's default (patch/families.py:
-glm4 -> glm4, llama3 -> longwriter, ...). Generation stops on the template's stop tokens. The model class comes
+glm4 -> glm4, llama3 -> longwriter, qwen2 -> auto, ...). Generation stops on the template's stop tokens (and, for
+the families that say so, e.g. qwen2, on the model folder's generation_config.json eos ids). The model class comes
 from config.json's model_type through the registry (patch/), never from code inside the folder. A folder
 holding only a LoRA adapter (adapter_config.json) is loaded on top of its base model. Greedy decoding unless --do_sample.
 """
@@ -76,17 +77,23 @@ def prompt_ids(fmt, prompt: str, system: Optional[str]) -> list[int]:
     return ids[:first]
 
 
-def load(model_dir: str):
-    """(model, tokenizer, family); a LoRA adapter folder is applied to its base model."""
+def base_folder(model_dir: str) -> str:
+    """The folder holding the model's config (an adapter folder's base model, else the folder itself)."""
     adapter_cfg = Path(model_dir) / "adapter_config.json"
-    base_dir = model_dir
     if adapter_cfg.is_file() and not (Path(model_dir) / "config.json").is_file():
-        base_dir = json.loads(adapter_cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
+        return json.loads(adapter_cfg.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    return model_dir
+
+
+def load(model_dir: str):
+    """(model, tokenizer, family); a LoRA adapter folder is applied to its base model. transformers-native model
+    types load as transformers' own class with the packed forward (patch/modeling_native.py)."""
+    base_dir = base_folder(model_dir)
     tok_dir = model_dir if any((Path(model_dir) / f).is_file() for f in
                                ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")) else base_dir
     try:
         cls = models.model_class(models.read_model_type(base_dir))
-        family = models.require_family(tok_dir, "--model_dir")
+        family = models.require_family(tok_dir, "--model_dir", config_from=base_dir)  # an adapter: its base's type
         tokenizer = models.load_tokenizer(tok_dir, family)
     except InputError as e:
         raise SystemExit(str(e)) from e
@@ -114,14 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     input_ids = torch.tensor([[int(i) for i in ids]], dtype=torch.long)
+    stops = models.stop_token_ids(base_folder(args.model_dir), family, fmt.stop_token_ids)
     pad = pad_token_id(tokenizer, family, template)
-    pad = fmt.stop_token_ids[0] if pad is None else pad
+    pad = stops[0] if pad is None else pad
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              max_new_tokens=args.max_new_tokens, do_sample=args.do_sample,
                              temperature=args.temperature if args.do_sample else None,
                              top_p=args.top_p if args.do_sample else None,
-                             eos_token_id=list(fmt.stop_token_ids), pad_token_id=pad, use_cache=True)
+                             eos_token_id=stops, pad_token_id=pad, use_cache=True)
     new = out[0, len(ids):].tolist()
     reply = tokenizer.decode(new, skip_special_tokens=True).strip()
     raw = tokenizer.decode(new, skip_special_tokens=False)

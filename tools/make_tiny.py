@@ -5,6 +5,7 @@
     python tools/make_tiny.py model --family glm4 --out /tmp/tiny-glm4-model     # + tiny random weights
     python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3-model
     python tools/make_tiny.py model --family chatglm3 --out /tmp/tiny-chatglm3   # also chatglm2, llama2
+    python tools/make_tiny.py model --family qwen2 --out /tmp/tiny-qwen2   # also glm, glm4_0414, qwen3, mistral
 
 Tokenizers (a byte-level BPE trained in well under a second on a small built-in English/Chinese text):
 - `make_glm4_tokenizer(out_dir)`: the GLM-4 hub layout. `tokenizer.model` (tiktoken ranks: all 256 bytes +
@@ -20,6 +21,8 @@ SentencePiece tokenizers (sentencepiece's trainer, offline, on the same text; by
 - `make_llama2_tokenizer(out_dir)`: Llama-2's hub layout (`tokenizer.model`, `tokenizer.json`, tokenizer_config),
   `<unk>` 0, `<s>` 1, `</s>` 2. Loads with `AutoTokenizer.from_pretrained`.
 Special tokens get ids from len(regular vocab) upward, as in the real models, so nothing may hard-code ids.
+The transformers-native families (glm, glm4_0414, qwen2, qwen3, mistral) get the Llama-3.1 tiny tokenizer unless
+they have a builder of their own; their config.json fields are in NATIVE_TINY.
 """
 
 from __future__ import annotations
@@ -300,6 +303,9 @@ TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokeniz
                       "chatglm2": lambda out: make_chatglm_tokenizer(out, version=2),
                       "chatglm3": lambda out: make_chatglm_tokenizer(out, version=3),
                       "llama2": make_llama2_tokenizer}  # family -> tiny tokenizer
+NATIVE_FAMILIES = ("glm", "glm4_0414", "qwen2", "qwen3", "mistral")  # transformers' own classes (modeling_native)
+for _name in NATIVE_FAMILIES:  # until they have tokenizers of their own with chat templates: the Llama-3.1 one
+    TOKENIZER_BUILDERS.setdefault(_name, make_llama3_tokenizer)
 assert set(TOKENIZER_BUILDERS) <= set(families.FAMILIES), "tiny builders for families patch/families.py lacks"
 
 
@@ -346,6 +352,49 @@ def llama2_tiny_config(tok) -> dict:
                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.unk_token_id)
 
 
+# The real models' config.json fields that shape the math, at tiny sizes (2 layers, hidden 64, 4 query heads of
+# 16 dims sharing 2 key/value heads, MLP 128), and the token texts their generation_config.json stops on.
+NATIVE_TINY = {
+    # glm-edge-1.5b/4b-chat: half the head dims rotated (interleaved), q/k/v biases, fused gate_up_proj
+    "glm": dict(attention_bias=True, partial_rotary_factor=0.5, rope_theta=10000.0, max_position_embeddings=8192,
+                rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # GLM-4-9B-0414: the same plus post-attention / post-MLP norms (Glm4 class)
+    "glm4_0414": dict(attention_bias=True, partial_rotary_factor=0.5, rope_theta=10000.0,
+                      max_position_embeddings=32768, rms_norm_eps=1e-5, tie_word_embeddings=False),
+    # Qwen2.5-7B-Instruct: q/k/v biases (always on in Qwen2), RoPE base 1e6, no sliding layers, untied
+    "qwen2": dict(rope_theta=1000000.0, max_position_embeddings=32768, rms_norm_eps=1e-6, use_sliding_window=False,
+                  tie_word_embeddings=False),
+    # Qwen3-0.6B..4B: per-head q/k RMSNorm, head_dim set on its own, tied embeddings
+    "qwen3": dict(rope_theta=1000000.0, max_position_embeddings=40960, rms_norm_eps=1e-6, use_sliding_window=False,
+                  tie_word_embeddings=True),
+    # Mistral-7B-v0.1: a sliding window on every layer (4096 there; 32 here, so tiny packs' samples exceed it)
+    "mistral": dict(rope_theta=10000.0, max_position_embeddings=32768, rms_norm_eps=1e-5, sliding_window=32,
+                    tie_word_embeddings=False),
+}
+NATIVE_STOPS = {"glm": ("<|endoftext|>", "<|user|>", "<|observation|>"),
+                "glm4_0414": ("<|endoftext|>", "<|user|>", "<|observation|>"),
+                "qwen2": ("<|im_end|>", "<|endoftext|>"), "qwen3": ("<|im_end|>", "<|endoftext|>"),
+                "mistral": ("</s>",)}
+
+
+def native_stop_ids(family: str, tok) -> list[int]:
+    """generation_config.json's eos ids for a tiny folder: the real model's stop tokens the tokenizer has, else
+    the tokenizer's eos."""
+    vocab = tok.get_vocab()
+    ids = [vocab[t] for t in NATIVE_STOPS[family] if t in vocab]
+    return ids or [tok.eos_token_id]
+
+
+def native_tiny_config(family: str, tok, pad: int) -> dict:
+    """A native family's tiny config.json fields; eos = its stop ids (GLM: the list, as GLM's configs; Qwen,
+    Mistral: the first, the list going to generation_config.json)."""
+    stops = native_stop_ids(family, tok)
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=tok.bos_token_id,
+                eos_token_id=stops if family.startswith("glm") else stops[0], pad_token_id=pad,
+                **NATIVE_TINY[family])
+
+
 def _drop_config_keys(path: Path, keys: list[str]) -> None:
     data = json.loads(path.read_text(encoding="utf-8"))
     _write_json(path, {k: v for k, v in data.items() if k not in keys})
@@ -362,12 +411,15 @@ def tiny_config(family: str, tok) -> dict:
         return llama3_tiny_config(tok, pad_token_id(tok, fam))
     if family in SP_CHATGLM_VERSIONS:
         return chatglm_sp_tiny_config(tok, SP_CHATGLM_VERSIONS[family])
+    if family in NATIVE_TINY:
+        return native_tiny_config(family, tok, pad_token_id(tok, fam))
     return llama2_tiny_config(tok)
 
 
 def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
                     **overrides) -> Path:
-    """A tiny random-weight model folder for `family` (glm4, llama3, chatglm2, chatglm3, llama2): config.json,
+    """A tiny random-weight model folder for `family` (glm4, llama3, chatglm2, chatglm3, llama2, and the
+    transformers-native glm, glm4_0414, qwen2, qwen3, mistral: `native_tiny_config`): config.json,
     model.safetensors, generation_config.json and the tokenizer files of `tokenizer_dir` (built into out_dir when None).
 
     Shapes: 2 layers, hidden 64, 4 query heads of 16 dims sharing 2 key/value heads (GQA), MLP 128 (llama2:
@@ -395,6 +447,8 @@ def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path 
     cfg = tiny_config(family, tok)
     cfg.update(overrides)
     model = cls(cls.config_class(**cfg))
+    if family in NATIVE_TINY:  # generation_config.json stops on every stop token (as the hub folders' do)
+        model.generation_config.eos_token_id = native_stop_ids(family, tok)
     model.save_pretrained(out)
     if tokenizer_dir.resolve() != out.resolve():
         for f in tokenizer_dir.iterdir():
