@@ -126,8 +126,8 @@ def stop_token_ids(name_or_path: str, family: Union[Family, str], template_ids=(
     generation_config.json eos ids; each once, in that order."""
     ids = [int(i) for i in template_ids]
     if as_family(family).generation_stops:
-        ids += [i for i in generation_stop_ids(name_or_path) if i not in ids]
-    return ids
+        ids += generation_stop_ids(name_or_path)
+    return list(dict.fromkeys(ids))
 
 
 def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_code: bool = False):

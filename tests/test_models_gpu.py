@@ -1,5 +1,6 @@
 """CUDA checks for patch/ (skipped without a GPU): every available packed-attention backend against per-sample
-SDPA in bf16, packed vs unpacked gradients in bf16, and the chunked loss on GPU.
+SDPA in bf16 (with and without a sliding window), packed vs unpacked gradients in bf16 (Llama, GLM-4 and
+transformers' own GLM-Edge / Qwen3 / Mistral classes with the packed forward), and the chunked loss on GPU.
 
     python -m pytest -q tests/test_models_gpu.py
 """
@@ -27,9 +28,10 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("backend", _cuda_backends())
 @pytest.mark.parametrize("heads", [(8, 8), (8, 2), (8, 1)])  # MHA, GQA, MQA
-def test_backend_matches_per_sample_sdpa_bf16(backend, heads):
-    if backend not in PA.available_backends(CUDA, torch.bfloat16):
-        pytest.skip(f"{backend} not available here")
+@pytest.mark.parametrize("window", [None, 50])  # a sliding window (Mistral, Qwen's sliding layers)
+def test_backend_matches_per_sample_sdpa_bf16(backend, heads, window):
+    if backend not in PA.available_backends(CUDA, torch.bfloat16, window=window is not None):
+        pytest.skip(f"{backend} not available here" + (" with a sliding window" if window else ""))
     hq, hkv = heads
     torch.manual_seed(0)
     lengths = [1, 17, 128, 333, 64]
@@ -39,9 +41,9 @@ def test_backend_matches_per_sample_sdpa_bf16(backend, heads):
     k = torch.randn(total, hkv, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(total, hkv, 64, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
     grad = torch.randn(total, hq, 64, device=CUDA, dtype=torch.bfloat16)
-    out = PA.varlen_attention(q, k, v, cu, max(lengths), 64**-0.5, backend=backend)
+    out = PA.varlen_attention(q, k, v, cu, max(lengths), 64**-0.5, backend=backend, window=window)
     gq, gk, gv = torch.autograd.grad(out, (q, k, v), grad)
-    ref = PA.varlen_attention(q, k, v, cu, max(lengths), 64**-0.5, backend="sdpa")
+    ref = PA.varlen_attention(q, k, v, cu, max(lengths), 64**-0.5, backend="sdpa", window=window)
     rq, rk, rv = torch.autograd.grad(ref, (q, k, v), grad)
     assert out.shape == ref.shape == (total, hq, 64)
     assert (out.float() - ref.float()).abs().max().item() < 2e-2
@@ -50,6 +52,12 @@ def test_backend_matches_per_sample_sdpa_bf16(backend, heads):
 
 
 def _tiny(family):
+    if family.startswith("hf_"):  # transformers' own class + the packed forward (patch/modeling_native.py)
+        from tiny_native import OURS, native_config
+
+        kind = family[3:]
+        return OURS[kind](native_config(kind, vocab_size=512, hidden_size=256, intermediate_size=512, head_dim=64,
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=1))
     if family == "llama":
         from transformers import LlamaConfig
 
@@ -67,10 +75,10 @@ def _tiny(family):
     return ChatGLMForConditionalGeneration(cfg)
 
 
-@pytest.mark.parametrize("family", ["llama", "glm4"])
+@pytest.mark.parametrize("family", ["llama", "glm4", "hf_glm", "hf_qwen3", "hf_mistral"])  # mistral: window 6
 @pytest.mark.parametrize("backend", _cuda_backends() + ["sdpa"])
 def test_packed_vs_unpacked_grads_bf16(family, backend, monkeypatch):
-    if backend not in PA.available_backends(CUDA, torch.bfloat16):
+    if backend not in PA.available_backends(CUDA, torch.bfloat16, window=family == "hf_mistral"):
         pytest.skip(f"{backend} not available here")
     monkeypatch.setenv("PACKED_ATTN_BACKEND", backend)
     torch.manual_seed(0)

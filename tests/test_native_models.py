@@ -112,6 +112,9 @@ def test_sliding_window_models_packed_equal_stock_one_by_one(kind):
         assert rel_err(ours(rows).logits, stock(rows).logits) <= TOL
         full, _ = make_native(kind, sliding_window=None, use_sliding_window=False)
         assert rel_err(full(rows).logits, stock(rows).logits) > 1e-3  # the window mattered
+    # generation: an unpadded prompt longer than the window (prefill without a mask), then cached decoding
+    kw = dict(max_new_tokens=window + 2, do_sample=False, pad_token_id=97, eos_token_id=[])
+    assert ours.generate(rows, **kw).tolist() == stock.generate(rows, **kw).tolist()
 
 
 # ----------------------------------------------------------------------------------------------
