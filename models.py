@@ -4,7 +4,7 @@
     fam = family_of("/models/glm-4-9b")             # Family "glm4", from config.json and the tokenizer files
     tok = load_tokenizer("/models/glm-4-9b", fam)   # patch/'s ChatGLM4Tokenizer: no code from the folder runs
     cls = model_class("chatglm")                    # patch.modeling_chatglm.ChatGLMForConditionalGeneration
-    model_class("qwen2")                            # patch.modeling_native.Qwen2ForCausalLM (transformers' own + packing)
+    model_class("qwen2")                            # patch.modeling_native.Qwen2ForCausalLM (transformers' + packing)
     stop_token_ids("/models/Qwen2.5-7B-Instruct", "qwen2")  # its generation_config.json eos_token_id list
 
 Tokenizers: a family with its own class in patch/ (GLM-4, ChatGLM2/3) loads it on the folder's tokenizer.model;

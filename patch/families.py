@@ -13,10 +13,11 @@ as `patch.families`. Class names are "module.Class" strings; this module never i
 A family (`Family`) is one kind of model folder: the config.json `model_type`s it covers, the patched model
 class in patch/ (for transformers-native types, transformers' own class with the packed forward mixed in:
 modeling_llama.py, modeling_native.py), how its tokenizer loads, its templates (default first), LoRA targets,
-pad-id rule, where generation's stop tokens come from, and how a folder is recognised (`Detect`: the tokenizer files tell families of one model_type apart: GLM-4's
-`tokenizer.model` is tiktoken text, ChatGLM2/3's a binary SentencePiece model; Llama-3 tokenizers declare
-`<|begin_of_text|>`, Llama-2's `<s>`). A template (`Template`) is one chat format; its `impl` names the
-chat_data.ChatFormat subclass in a root module that implements it, or None while it is only registered.
+pad-id rule, where generation's stop tokens come from, and how a folder is recognised (`Detect`: the tokenizer
+files tell families of one model_type apart: GLM-4's `tokenizer.model` is tiktoken text, ChatGLM2/3's a binary
+SentencePiece model; Llama-3 tokenizers declare `<|begin_of_text|>`, Llama-2's `<s>`). A template (`Template`)
+is one chat format; its `impl` names the chat_data.ChatFormat subclass in a root module that implements it, or
+None while it is only registered.
 
 Registering a template: write the ChatFormat subclass (class attribute `name` = the template name) in a root
 module, set `impl="module.Class"` in its TEMPLATES entry (or add the entry), and list the name in the `templates`

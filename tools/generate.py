@@ -10,7 +10,8 @@ the `template` in the training data's meta.json (--data), else the model family'
 glm4 -> glm4, llama3 -> longwriter, qwen2 -> auto, ...). Generation stops on the template's stop tokens (and, for
 the families that say so, e.g. qwen2, on the model folder's generation_config.json eos ids). The model class comes
 from config.json's model_type through the registry (patch/), never from code inside the folder. A folder
-holding only a LoRA adapter (adapter_config.json) is loaded on top of its base model. Greedy decoding unless --do_sample.
+holding only a LoRA adapter (adapter_config.json) is loaded on top of its base model (whose config.json also
+tells the family). Greedy decoding unless --do_sample.
 """
 
 from __future__ import annotations
