@@ -157,7 +157,8 @@ def test_round_format_follows_the_rule(tmp_path, request, toks, template):
         if all(m.role in ("user", "assistant") for m in messages):
             kept.append(messages)
     ds = LMDataset(tmp_path / "out")
-    assert len(ds) == len(kept) == rep["samples_kept"] > 25 and rep["skipped"]["unknown_role"] == len(records) - len(kept)
+    assert len(ds) == len(kept) == rep["samples_kept"] > 25
+    assert rep["skipped"]["unknown_role"] == rep["skipped_total"] == len(records) - len(kept)  # the system prompts
     sp = sentencepiece(tok_dir)
     prefix = tok.convert_tokens_to_ids(["[gMASK]", "sop"] if template == "chatglm2" else ["<s>"])
     fmt = templates.chat_format(template, tok)
@@ -324,7 +325,8 @@ def test_num_proc_does_not_change_the_output(tmp_path, chatglm2_tokenizer_dir, c
             outs.append(dir_bytes(out))
         assert outs[0] == outs[1] and len(outs[0]) == 6, template
         rep = reports[0]
-        assert reports[1] == rep and rep["lines_read"] == len(records) * 40 == rep["samples_kept"] + rep["skipped_total"]
+        assert reports[1] == rep
+        assert rep["lines_read"] == len(records) * 40 == rep["samples_kept"] + rep["skipped_total"]
         # per copy: MULTI, GOOD, ALPACA and the long record (both cut) fit every format; chatglm3 also takes the system,
         # observation, metadata and non-alternating records; nobody the opted-out or the invalid line
         assert rep["samples_kept"] == 40 * (11 if template == "chatglm3" else 4) and rep["truncated"] == 80, template
