@@ -146,8 +146,9 @@ class ChatFormat:
     `assemble` may also return a third item, `relabel` {part index: token id}: every token of that (supervised)
     part gets that id as its label instead of its own id (LongWriter: EOS as the label after a reply).
     Batching the pieces of many records into one tokenizer call and joining the parts is the driver's job;
-    `encode` does one conversation. A format may also define `encode_batch(conversations)` ->
-    (ids, supervised, lengths) or None: the driver then tries it first for a whole work unit (GLM-4 does)."""
+    `encode` does one conversation; `tokenize` (default: `plain`) turns pieces into what `assemble` gets. A format
+    may also define `encode_batch(conversations)` -> (ids, supervised, lengths) or None: the driver then tries it
+    first for a whole work unit (GLM-4 does)."""
 
     name: str
     roles: frozenset
@@ -159,9 +160,14 @@ class ChatFormat:
     def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
         raise NotImplementedError
 
+    def tokenize(self, texts: list[str]) -> list:
+        """The texts of `pieces` -> what `assemble` gets for each: the plain token ids (int32 arrays) here; a format
+        that needs more (character offsets: templates_longalign.py) returns that instead."""
+        return self.plain(texts)
+
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) int32 arrays of one conversation, labels IGNORE_INDEX where not supervised."""
-        parts, train, *relabel = self.assemble(messages, self.plain(self.pieces(messages)))
+        parts, train, *relabel = self.assemble(messages, self.tokenize(self.pieces(messages)))
         ids, supervised, part_len = join_parts(parts, train)
         return ids, part_labels(ids, supervised, part_len, relabel[0] if relabel else None)
 
@@ -314,7 +320,7 @@ def _encode_parts(todo: list, chat_format, problems: list):
         items.append((k, fmt, messages, len(texts), len(pieces)))
         texts += pieces
     try:
-        encoded = chat_format.plain(texts)
+        encoded = chat_format.tokenize(texts)
     except Exception:
         error = traceback.format_exc()
         problems += [(k, "error", error) for k, *_ in items]

@@ -10,6 +10,8 @@
         --output_dir data/glm4/longwriter --num_proc 32                                   # template glm4
     python pre_tokenize.py --model_name_or_path meta-llama/Llama-3.1-8B --template llama3 --input chat.jsonl \\
         --output_dir data/llama3/chat --max_length 32768
+    python pre_tokenize.py --model_name_or_path THUDM/LongAlign-6B-64k-base --template chatglm2 \\
+        --input LongAlign-10k.jsonl sharegpt.jsonl --output_dir data/chatglm/10k --max_length 65536   # LongAlign
 
 The model family comes from the folder (patch/families.py: config.json `model_type` and the tokenizer files;
 a tokenizer-only folder works too), `--template` defaults to the family's first template:
@@ -21,8 +23,10 @@ a tokenizer-only folder works too), `--template` defaults to the family's first 
     llama3     longwriter, llama3           transformers' fast tokenizer (tokenizer.json)
     llama2     llama2                       transformers' fast tokenizer
 
-(the chatglm3, chatglm2 and llama2 templates are registered, not implemented yet: asking for one is an error
-that lists the available templates). The folder's own tokenizer code runs only with --trust_remote_code.
+(templates_glm.py: glm4, chatglm3; templates_llama.py: longwriter, llama3; templates_longalign.py: LongAlign's
+round formats chatglm2 and llama2, which take alternating user/assistant records and skip others with a reason).
+An unknown template, or one the family cannot express, is an error that lists the available templates. The
+folder's own tokenizer code runs only with --trust_remote_code.
 Flags, inputs, skip reasons, the report, atomic output and `--num_proc` (byte-identical output for any count)
 are chat_data.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
 meta.json records `model_family` and `template`; main.py checks them against the model it trains.

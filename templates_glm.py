@@ -1,15 +1,22 @@
-"""GLM chat templates (REFERENCE 1): `glm4` for GLM-4-9B (glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b).
+"""GLM chat templates (REFERENCE 1 and 5): `glm4` for GLM-4-9B (glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b) and
+`chatglm3` for ChatGLM3-6B (chatglm3-6b, LongAlign-6B-64k). ChatGLM2's round format is in templates_longalign.py.
 
     from models import load_tokenizer
     from templates import chat_format
-    fmt = chat_format("glm4", load_tokenizer("/tmp/tiny-glm4", "glm4"))   # GLM4Format
+    fmt = chat_format("glm4", load_tokenizer("/tmp/tiny-glm4", "glm4"))           # GLM4Format
+    fmt = chat_format("chatglm3", load_tokenizer("/tmp/tiny-chatglm3", "chatglm3"))  # ChatGLM3Format
     ids, labels = fmt.encode([Message("user", "Hi"), Message("assistant", "Hello", train=True)])
 
-`glm4`: `[gMASK]<sop>` then per message `<|role|>` + encode(metadata + "\n") + encode(content), then
-`<|endoftext|>`. Each assistant reply is supervised from its metadata line through the token after it (the next
-role token, or the final `<|endoftext|>`), so the model learns to stop. Content is always plain text. A work
-unit is encoded in one tiktoken call (`encode_batch`) when the tokenizer is our ChatGLM4Tokenizer.
-Registered in patch/families.py (TEMPLATES["glm4"].impl = "templates_glm.GLM4Format").
+Both are one format with other token texts (`GLMRoleFormat`): a prefix, then per message `<|role|>` +
+encode(metadata + "\n") + encode(content), then an end token.
+- `glm4`: prefix `[gMASK]<sop>`, end `<|endoftext|>` (tiktoken; content encoded with no special tokens).
+- `chatglm3`: prefix `[gMASK] sop`, end `</s>` (SentencePiece `sp_model.encode`, as chatglm3-6b's
+  build_single_message: its dummy prefix included, so "\n" is the pieces "▁" "<0x0A>").
+Each assistant reply is supervised from its metadata line through the token after it (the next role token, or
+the final end token), so the model learns to stop (upstream's `labels[start+3:end+3]`; ChatGLM3's own fine-tuning
+rule). Observation messages and metadata lines (tool calls) as GLM-4. Content is always plain text. GLM-4 encodes
+a work unit in one tiktoken call (`encode_batch`) when the tokenizer is our ChatGLM4Tokenizer.
+Registered in patch/families.py (TEMPLATES["glm4"].impl = "templates_glm.GLM4Format", TEMPLATES["chatglm3"]).
 """
 
 from __future__ import annotations
@@ -20,28 +27,33 @@ from chat_data import ChatFormat, Message, PlainEncoder, check_plain_encoding, s
 from patch.families import template as template_info
 
 
-class GLM4Format(ChatFormat):
-    name = "glm4"
+class GLMRoleFormat(ChatFormat):
+    """`prefix` tokens, then `<|role|>` + metadata line + content per message, then the `end` token."""
     roles = frozenset({"system", "user", "assistant", "observation"})
-    prefix_len = 2  # [gMASK] <sop>, kept by --truncate left
+    prefix_len = 2  # the two prefix tokens, kept by --truncate left
+    prefix_tokens: tuple[str, str]
+    end_token: str
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.problems: list[str] = []
         self.plain = PlainEncoder(tokenizer)
-        names = ["[gMASK]", "<sop>", "<|endoftext|>"] + [f"<|{r}|>" for r in sorted(self.roles)]
-        ids = special_token_ids(tokenizer, names, self.problems, "needed by the GLM-4 chat format")
+        names = [*self.prefix_tokens, self.end_token] + [f"<|{r}|>" for r in sorted(self.roles)]
+        ids = special_token_ids(tokenizer, names, self.problems, f"needed by the {self.name} chat format")
         check_plain_encoding(self.plain, ids, self.problems)
         if self.problems:
             return
-        self.eos = ids["<|endoftext|>"]
+        self.eos = ids[self.end_token]
         self.stop_token_ids = [ids[t] for t in template_info(self.name).stop_tokens]
         # template tokens as int32 arrays, the parts `assemble` returns besides the encoded texts
-        self.prefix = token_array(ids["[gMASK]"], ids["<sop>"])
+        self.prefix = token_array(*(ids[t] for t in self.prefix_tokens))
         self.role_token = {r: token_array(ids[f"<|{r}|>"]) for r in self.roles}
         self.eos_token = token_array(self.eos)
         self.newline = self.plain(["\n"])[0]
-        self._setup_batch(ids)
+        self.setup(ids)
+
+    def setup(self, ids: dict[str, int]) -> None:
+        """Hook for what a subclass builds once the special ids are known."""
 
     def pieces(self, messages: list[Message]) -> list[str]:
         # contents, then the metadata lines that are not the plain "\n" (GLM-4 tool calls)
@@ -50,7 +62,7 @@ class GLM4Format(ChatFormat):
     def assemble(self, messages: list[Message], encoded: list[np.ndarray]) -> tuple[list[np.ndarray], list[bool]]:
         meta_lines = iter(encoded[len(messages):])
         parts, train = [self.prefix], [False]
-        after_reply = False  # the token after a supervised reply (next role token or the eos) is supervised too
+        after_reply = False  # the token after a supervised reply (next role token or the end token) is supervised too
         for m, content in zip(messages, encoded):
             # <|role|>, then the metadata line and the content: supervised together for a reply
             parts += (self.role_token[m.role], next(meta_lines) if m.metadata else self.newline, content)
@@ -59,6 +71,21 @@ class GLM4Format(ChatFormat):
         parts.append(self.eos_token)
         train.append(after_reply)
         return parts, train
+
+
+class ChatGLM3Format(GLMRoleFormat):
+    name = "chatglm3"
+    prefix_tokens = ("[gMASK]", "sop")
+    end_token = "</s>"
+
+
+class GLM4Format(GLMRoleFormat):
+    name = "glm4"
+    prefix_tokens = ("[gMASK]", "<sop>")
+    end_token = "<|endoftext|>"
+
+    def setup(self, ids: dict[str, int]) -> None:
+        self._setup_batch(ids)
 
     # ---- the fast path: a whole work unit in one tiktoken call -----------------------------------------------
     # The unit is written out as one text with the template's special tokens in it, plus a separator special

@@ -1,7 +1,10 @@
-# Shared launcher of the four training scripts (glm4_longwriter.sh, llama3_longwriter.sh and their _lora
-# variants). It is sourced, not run: the calling script sets MODEL, DATA, OUTPUT, ... and the array
-# TRAIN_ARGS (its main.py hyper-parameters) first; extra command-line arguments of the calling script ("$@")
-# are appended last, so they override anything here:  bash scripts/glm4_longwriter.sh --max_steps 10
+# Shared launcher of the training scripts (glm4_longwriter.sh, llama3_longwriter.sh and their _lora variants;
+# LongAlign's chatglm_pack.sh, chatglm_sort.sh, llama_pack.sh, llama_sort.sh through _longalign.sh). It is
+# sourced, not run: the calling script sets MODEL, DATA, OUTPUT, ... and the array TRAIN_ARGS (its main.py
+# hyper-parameters) first, and optionally PACK_LENGTH (the data's --max_length, 32768 unless set) and
+# PRETOKENIZE_ARGS (extra pre-tokenization flags), which only the hints for missing data show. Extra
+# command-line arguments of the calling script ("$@") are appended last, so they override anything here:
+#   bash scripts/glm4_longwriter.sh --max_steps 10
 #
 # Launchers (LAUNCHER=deepspeed | torchrun):
 #   one node            deepspeed --num_gpus $NUM_GPUS main.py ...
@@ -28,6 +31,7 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_PORT=${MASTER_PORT:-29500}
 DRY_RUN=${DRY_RUN:-0}
 PYTHON=${PYTHON:-python3}
+PACK_LENGTH=${PACK_LENGTH:-32768}
 
 has_cuda() { "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
@@ -69,11 +73,11 @@ if [[ "$DRY_RUN" != 1 ]]; then
   [[ ${#problems[@]} -eq 0 ]] && group=$((NUM_GPUS * NUM_NODES * PER_DEVICE_BATCH * GRAD_ACC))
   if [[ ! -f "$DATA/meta.json" ]]; then
     problems+=("DATA=$DATA is not a tokenized dataset (no meta.json). Make it with
-      $PYTHON $PRETOKENIZE --model_name_or_path $MODEL --input YOUR.jsonl --output_dir $DATA
-      $PYTHON sort_and_group.py --train_file $DATA --max_length 32768 --group_size $group")
+      $PYTHON $PRETOKENIZE --model_name_or_path $MODEL --input YOUR.jsonl --output_dir $DATA${PRETOKENIZE_ARGS:+ $PRETOKENIZE_ARGS}
+      $PYTHON sort_and_group.py --train_file $DATA --max_length $PACK_LENGTH --group_size $group")
   elif [[ "$BATCH_METHOD" != naive && ! -d "$DATA/packs" ]]; then
     problems+=("DATA=$DATA has no packs/ (needed by --batch_method $BATCH_METHOD). Run
-      $PYTHON sort_and_group.py --train_file $DATA --max_length 32768 --group_size $group")
+      $PYTHON sort_and_group.py --train_file $DATA --max_length $PACK_LENGTH --group_size $group")
   fi
 fi
 if [[ ${#problems[@]} -gt 0 ]]; then

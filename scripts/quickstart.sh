@@ -3,15 +3,19 @@
 #
 #   bash scripts/install.sh && bash scripts/quickstart.sh
 #   FAMILY=glm4 bash scripts/quickstart.sh            # the GLM-4 path instead of Llama-3.1
+#   FAMILY=chatglm3 bash scripts/quickstart.sh        # LongAlign's models: chatglm3, chatglm2, llama2
 #   OUT=/tmp/qs EPOCHS=5 bash scripts/quickstart.sh   # another output folder, a longer run
 #
 # The same commands as a real run, scaled down:
 #   1. tools/make_tiny.py         a tiny random-weight model + tokenizer of the family (no download)
-#   2. pre_tokenize_<family>.py   data/sample.jsonl -> a tokenized dataset (report.json, skipped.jsonl)
+#   2. pre_tokenize_<family>.py   data/sample.jsonl -> a tokenized dataset (report.json, skipped.jsonl), in
+#                                 the family's default template (pre_tokenize.py for chatglm3/chatglm2/llama2;
+#                                 their round formats skip sample.jsonl's system-prompt records)
 #   3. sort_and_group.py          packs of MAX_LENGTH tokens for 2 ranks
-#   4. scripts/<family>_longwriter.sh   training through a real 2-process `deepspeed` launch, ZeRO-3
-#                                 (ds_config/stage3.json), gloo on the CPU (on a GPU box: 2 GPUs, NCCL),
-#                                 exact token-mean loss over each step
+#   4. the family's training script: scripts/<family>_longwriter.sh (glm4, llama3; exact token-mean loss over
+#                                 each step) or LongAlign's scripts/chatglm_pack.sh / llama_pack.sh (LongAlign's
+#                                 per-sequence loss, --pack_loss), through a real 2-process `deepspeed` launch,
+#                                 ZeRO-3 (ds_config/stage3.json), gloo on the CPU (on a GPU box: 2 GPUs, NCCL)
 #   5. tools/generate.py          reloads the saved model and generates a reply in the training chat format
 #   6. tools/plot_loss.py         the loss curve as a PNG
 # Everything goes to OUT (default quickstart_out/<family>, ignored by git); it is rebuilt on every run.
@@ -19,7 +23,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # ---- settings (environment overrides) ----------------------------------------------------------------------
-FAMILY=${FAMILY:-llama3}                 # llama3 | glm4
+FAMILY=${FAMILY:-llama3}                 # llama3 | glm4 | chatglm3 | chatglm2 | llama2
 OUT=${OUT:-quickstart_out/$FAMILY}
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 NUM_PROCS=${NUM_PROCS:-$(( GPUS == 1 ? 1 : 2 ))}   # deepspeed ranks: 2 CPU processes, or 2 GPUs where there are
@@ -29,10 +33,13 @@ LR=${LR:-2e-3}                           # a tiny random model learns at a much 
 PROMPT=${PROMPT:-Write a short story about a lighthouse keeper.}
 PYTHON=${PYTHON:-python3}
 
+# per family: the pre-tokenization entry and its template flags, the training script, its loss
 case "$FAMILY" in
-  llama3) TEMPLATE_ARGS=(--template longwriter) ;;
-  glm4) TEMPLATE_ARGS=() ;;
-  *) echo "[quickstart] FAMILY=$FAMILY: use llama3 or glm4" >&2; exit 2 ;;
+  llama3) PRETOKENIZE=(pre_tokenize_llama3.py --template longwriter); SCRIPT=llama3_longwriter; PACK_LOSS=0 ;;
+  glm4) PRETOKENIZE=(pre_tokenize_glm4.py); SCRIPT=glm4_longwriter; PACK_LOSS=0 ;;
+  chatglm3|chatglm2) PRETOKENIZE=(pre_tokenize.py); SCRIPT=chatglm_pack; PACK_LOSS=1 ;;
+  llama2) PRETOKENIZE=(pre_tokenize.py); SCRIPT=llama_pack; PACK_LOSS=1 ;;
+  *) echo "[quickstart] FAMILY=$FAMILY: use llama3, glm4, chatglm3, chatglm2 or llama2" >&2; exit 2 ;;
 esac
 if [[ -e "$OUT" && ! -f "$OUT/.quickstart" && -n "$(ls -A "$OUT" 2>/dev/null)" ]]; then
   echo "[quickstart] OUT=$OUT exists and was not made by the quickstart; choose another OUT" >&2
@@ -50,19 +57,19 @@ step "1/6 tiny $FAMILY model and tokenizer -> $OUT/model"
 "$PYTHON" tools/make_tiny.py model --family "$FAMILY" --out "$OUT/model"
 
 step "2/6 pre-tokenize data/sample.jsonl -> $OUT/data"
-"$PYTHON" "pre_tokenize_$FAMILY.py" --model_name_or_path "$OUT/model" --input data/sample.jsonl \
-  --output_dir "$OUT/data" --max_length "$MAX_LENGTH" --truncate right --num_proc 1 "${TEMPLATE_ARGS[@]}"
+"$PYTHON" "${PRETOKENIZE[@]}" --model_name_or_path "$OUT/model" --input data/sample.jsonl \
+  --output_dir "$OUT/data" --max_length "$MAX_LENGTH" --truncate right --num_proc 1
 
 step "3/6 sort and pack for $NUM_PROCS ranks"
 "$PYTHON" sort_and_group.py --train_file "$OUT/data" --max_length "$MAX_LENGTH" --group_size "$NUM_PROCS"
 
 where=CPU; [[ "$GPUS" -gt 0 ]] && where=GPU
-step "4/6 train: $NUM_PROCS-process deepspeed launch, ZeRO-3, $where (log: $OUT/train.log)"
+step "4/6 train: scripts/$SCRIPT.sh, $NUM_PROCS-process deepspeed launch, ZeRO-3, $where (log: $OUT/train.log)"
 PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 MODEL="$OUT/model" DATA="$OUT/data" OUTPUT="$OUT/run" NUM_GPUS="$NUM_PROCS" NUM_NODES=1 HOSTFILE= \
-  LAUNCHER=deepspeed MASTER_PORT="$PORT" DS_CONFIG=ds_config/stage3.json BATCH_METHOD=pack PACK_LOSS=0 \
+  LAUNCHER=deepspeed MASTER_PORT="$PORT" DS_CONFIG=ds_config/stage3.json BATCH_METHOD=pack PACK_LOSS="$PACK_LOSS" \
   EPOCHS="$EPOCHS" LR="$LR" WARMUP=0 BF16=0 GRAD_CKPT=1 SAVE_STEPS=1000000 REPORT_TO=none \
-  bash "scripts/${FAMILY}_longwriter.sh" --weight_decay 0 --save_total_limit 1 2>&1 | tee "$OUT/train.log"
+  GRAD_ACC=1 bash "scripts/$SCRIPT.sh" --weight_decay 0 --save_total_limit 1 2>&1 | tee "$OUT/train.log"
 # What DeepSpeed saved: one ZeRO partition per rank, and the stage, read back from the checkpoint itself.
 "$PYTHON" - "$OUT/run" <<'PY' | tee -a "$OUT/train.log"
 import glob, sys, torch

@@ -98,6 +98,93 @@ def test_launch_script_command(script):
         assert flag(cmd, "--deepspeed") == "ds_config/stage3.json"
 
 
+LONGALIGN_SCRIPTS = {"chatglm_pack": ("chatglm", "THUDM/LongAlign-6B-64k-base", "chatglm2"),
+                     "chatglm_sort": ("chatglm", "THUDM/LongAlign-6B-64k-base", "chatglm2"),
+                     "llama_pack": ("llama", "THUDM/LongAlign-7B-64k-base", "llama2"),
+                     "llama_sort": ("llama", "THUDM/LongAlign-7B-64k-base", "llama2")}
+
+
+@pytest.mark.parametrize("script", list(LONGALIGN_SCRIPTS))
+def test_longalign_script_command(script, tmp_path):
+    """LongAlign's recipe: 2 epochs, lr 2e-5 cosine, 3% warmup, adam beta2 0.95, no weight decay, ZeRO-3, bf16,
+    one item per GPU, accumulation 1 (pack, with the per-sequence loss) or 12 (sort)."""
+    kind, model, template = LONGALIGN_SCRIPTS[script]
+    method = script.split("_")[1]
+    acc = 1 if method == "pack" else 12
+    stdout, cmd = dry_run(script)
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"]
+    unit = "packs" if method == "pack" else "samples"
+    assert f"global batch = 8 GPUs x 1 node(s) x 1 per device x {acc} accumulation = {8 * acc} {unit}" in stdout
+    assert flag(cmd, "--model_name_or_path") == model and flag(cmd, "--train_file") == f"data/{kind}/10k"
+    assert flag(cmd, "--output_dir") == f"output/{kind}/{method}" and flag(cmd, "--batch_method") == method
+    assert flag(cmd, "--pack_loss") == ("True" if method == "pack" else "False")
+    assert flag(cmd, "--gradient_accumulation_steps") == str(acc) and flag(cmd, "--per_device_train_batch_size") == "1"
+    assert flag(cmd, "--num_train_epochs") == "2" and flag(cmd, "--learning_rate") == "2e-5"
+    assert flag(cmd, "--lr_scheduler_type") == "cosine" and flag(cmd, "--warmup_steps") == "0.03"
+    assert flag(cmd, "--adam_beta1") == "0.9" and flag(cmd, "--adam_beta2") == "0.95"
+    assert flag(cmd, "--weight_decay") == "0" and flag(cmd, "--deepspeed") == "ds_config/stage3.json"
+    assert flag(cmd, "--bf16") == "True" and flag(cmd, "--gradient_checkpointing") == "True"
+    assert flag(cmd, "--save_steps") == "200" and "--use_lora" not in cmd
+    assert cmd[-2:] == ["--max_steps", "7"]  # extra arguments go last, to main.py
+    # the same flags parse in main.py
+    import main as train_main
+
+    m, d, lora, args = train_main.parse_args(cmd[cmd.index("main.py") + 1:] + ["--bf16", "False"])
+    assert (args.adam_beta2, args.weight_decay, args.num_train_epochs, d.batch_method) == (0.95, 0.0, 2, method)
+    # missing data: the hint names pre_tokenize.py with the template and LongAlign's 64k length
+    env = {**os.environ, "NUM_GPUS": "8", "DATA": str(tmp_path / "missing")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / f"{script}.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert f"pre_tokenize.py --model_name_or_path {model} --input YOUR.jsonl --output_dir {tmp_path / 'missing'} " \
+           f"--template {template} --max_length 65536" in out.stderr, out.stderr
+    assert f"--max_length 65536 --group_size {8 * acc}" in out.stderr
+
+
+def test_chatglm2_alpaca_cpu_script(tmp_path):
+    """LL-BaiYang's route: the three commands it prints, and an error naming INPUT when it is missing."""
+    env = {**os.environ, "DRY_RUN": "1", "INPUT": "a.json b.json:5", "MODEL": "/m", "PER_DEVICE_BATCH": "2"}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "chatglm2_alpaca_cpu.sh"), "--max_steps", "3"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    cmds = [shlex.split(line[len("[alpaca-cpu] "):]) for line in out.stdout.splitlines()]
+    assert [c[1] for c in cmds] == ["pre_tokenize.py", "sort_and_group.py", "main.py"]
+    pre, group, train = cmds
+    assert flag(pre, "--template") == "chatglm2" and pre[pre.index("--input") + 1:pre.index("--input") + 3] == [
+        "a.json", "b.json:5"] and flag(pre, "--model_name_or_path") == "/m"
+    assert flag(group, "--group_size") == "2" and flag(group, "--train_file") == flag(pre, "--output_dir")
+    assert flag(train, "--use_cpu") == "True" and flag(train, "--batch_method") == "sort" and "--use_lora" not in train
+    assert flag(train, "--per_device_train_batch_size") == "2" and train[-2:] == ["--max_steps", "3"]
+    env = {**os.environ, "INPUT": ""}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "chatglm2_alpaca_cpu.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "INPUT is empty" in out.stderr
+
+
+@pytest.mark.slow
+def test_chatglm2_alpaca_cpu_run(tmp_path, chatglm2_tokenizer_dir):
+    """The script for real on a tiny ChatGLM2 model and a small Alpaca file: it trains on the CPU and saves."""
+    from tools.make_tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", "chatglm2", chatglm2_tokenizer_dir)
+    alpaca = [{"instruction": f"Count on from {n}.", "input": "" if n % 2 else "slowly",
+               "output": " ".join(str(n + k) for k in range(1, 10)), "history": [] if n % 3 else [["Hi", "Hello"]]}
+              for n in range(24)]
+    (tmp_path / "alpaca.json").write_text(json.dumps(alpaca, ensure_ascii=False, indent=1))
+    env = {**os.environ, "MODEL": str(model), "INPUT": str(tmp_path / "alpaca.json"), "DATA": str(tmp_path / "data"),
+           "OUTPUT": str(tmp_path / "out"), "LR": "1e-2", "WARMUP": "0", "NUM_PROC": "1", "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "chatglm2_alpaca_cpu.sh"), "--max_steps", "6",
+                          "--save_strategy", "no"], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    report = json.loads((tmp_path / "data" / "report.json").read_text())
+    assert report["samples_kept"] == 24 and report["formats"] == {"alpaca": 24}
+    assert json.loads((tmp_path / "data" / "meta.json").read_text())["template"] == "chatglm2"
+    history = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 def test_launch_script_overrides_and_multinode(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n")
@@ -124,6 +211,12 @@ def test_launch_script_overrides_and_multinode(tmp_path):
                                           "--master_addr", "10.0.0.1"]
 
 
+def test_quickstart_names_the_families():
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env={**os.environ, "FAMILY": "gpt2"},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "use llama3, glm4, chatglm3, chatglm2 or llama2" in out.stderr
+
+
 def test_launch_script_reports_every_problem(tmp_path):
     env = {**os.environ, "LAUNCHER": "mpirun", "GRAD_ACC": "two", "NUM_NODES": "2", "NUM_GPUS": "8",
            "DS_CONFIG": "ds_config/nope.json", "DATA": str(tmp_path / "missing")}
@@ -147,9 +240,12 @@ def _cuda_count() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_cuda_count() == 1, reason="the quickstart's 2-rank launch needs 2 GPUs on a GPU machine")
-def test_quickstart_end_to_end(tmp_path):
+@pytest.mark.parametrize("family", [None, "chatglm2"])  # the default (llama3); LongAlign's round format
+def test_quickstart_end_to_end(tmp_path, family):
     out_dir = tmp_path / "qs"
     env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable}
+    if family:
+        env["FAMILY"] = family
     run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     log = run.stdout + run.stderr
@@ -162,6 +258,9 @@ def test_quickstart_end_to_end(tmp_path):
     assert "ZeRO stage 3, 2 partitions, 2 rank files" in train_log
     settings = json.loads((out_dir / "run" / "train_settings.json").read_text())
     assert settings["data"]["batch_method"] == "pack"
+    assert settings["data"]["pack_loss"] == (family is not None)  # LongAlign's scripts: the per-sequence loss
+    meta = json.loads((out_dir / "data" / "meta.json").read_text())
+    assert (meta["model_family"], meta["template"]) == ((family, family) if family else ("llama3", "longwriter"))
 
     # the loss fell
     history = json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"]

@@ -177,6 +177,42 @@ def test_batch_method_trains_and_loss_falls(tmp_path, request, family, batch_met
     assert torch.isfinite(loss)
 
 
+CHAT = [{"messages": [{"role": "user", "content": f"Count on from {n}."},
+                      {"role": "assistant", "content": " ".join(str(n + k) for k in range(1, 13))},
+                      {"role": "user", "content": "And back?"},
+                      {"role": "assistant", "content": " ".join(str(n - k) for k in range(1, 9))}]}
+        for n in range(20, 44)]
+
+
+@pytest.mark.parametrize("family", ["chatglm2", "chatglm3", "llama2"])
+def test_chat_data_to_trained_model(tmp_path, request, family):
+    """LongAlign's families end to end: chat records -> pre_tokenize.py (the family's default template) ->
+    sort_and_group.py -> main.py, packed with the per-sequence loss; the loss falls and the model reloads."""
+    import pre_tokenize
+
+    model_dir = make_tiny_model(tmp_path / "model", family, request.getfixturevalue(f"{family}_tokenizer_dir"))
+    src = tmp_path / "chat.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in CHAT))
+    data = tmp_path / "data"
+    rep = pre_tokenize.main(["--model_name_or_path", str(model_dir), "--input", str(src), "--output_dir", str(data),
+                             "--num_proc", "1"])
+    assert rep["samples_kept"] == len(CHAT) and json.loads((data / "meta.json").read_text())["template"] == family
+    sort_and_group.main(["--train_file", str(data), "--max_length", "512", "--group_size", "2"])
+    trainer = run(model_dir, data, tmp_path / "out", "--batch_method", "pack", "--pack_loss",
+                  "--per_device_train_batch_size", 1, "--max_steps", 12, "--learning_rate", 1e-2, "--warmup_steps", 0)
+    curve = losses(trainer)
+    assert len(curve) == 12 and np.mean(curve[-3:]) < 0.8 * np.mean(curve[:2]), curve
+    out = tmp_path / "out"
+    fam = train_main.model_family(str(out))
+    assert fam.name == family and json.loads((out / train_main.SETTINGS_FILE).read_text())["resolved"][
+        "model_family"] == family
+    model = train_main.model_class(train_main.read_model_type(str(out))).from_pretrained(out)
+    sample = LMDataset(data)[0]
+    with torch.no_grad():
+        loss = model(input_ids=sample["input_ids"][None], labels=sample["labels"][None]).loss
+    assert torch.isfinite(loss) and loss.item() < curve[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # Exactness: one SGD step, packed vs padded, token mean and pack loss, accumulation included
 # ----------------------------------------------------------------------------------------------
