@@ -10,8 +10,10 @@ rename, so a kill at any moment leaves a folder that is either visibly incomplet
 the run (`run_id`, kept by a resumed run), the step and, in OUTPUT_DIR, the entries the runs wrote there
 (`outputs`). From it:
 
-  - `--resume_from_checkpoint true` takes the newest checkpoint-N with a marker (`choose_checkpoint`); newer
-    folders without one (a save cut short, or another program's checkpoint) are skipped and named.
+  - `--resume_from_checkpoint true` (or yes) takes the newest checkpoint-N with a marker (`choose_checkpoint`);
+    newer folders without one (a save cut short, or another program's checkpoint) are skipped and named.
+    `--resume_from_checkpoint N` (a number, as GLM-Edge's finetune.py takes it) is OUTPUT_DIR/checkpoint-N,
+    checked as a path given there is.
   - `--save_total_limit` deletes only checkpoints whose marker has this run's run_id (`rotate_own_checkpoints`):
     never a checkpoint-* folder another run or the user put in OUTPUT_DIR; and a resumed run is refused when
     it could save into such a folder (`others_ahead`).
@@ -236,12 +238,35 @@ def output_dir_problems(output_dir: str, model_dir: Optional[str], resume: bool)
 # main.py: resume, a finished run, the final output
 # ----------------------------------------------------------------------------------------------
 
-def resume_request(value) -> Optional[str]:
-    """--resume_from_checkpoint: None (a new run), "latest" (true) or the checkpoint folder given."""
+def checkpoint_number(value) -> Optional[int]:
+    """N when --resume_from_checkpoint is a checkpoint number (GLM-Edge's finetune.py: `600` = checkpoint-600)."""
+    v = str(value).strip() if value is not None else ""
+    return int(v) if v.isdigit() and int(v) > 0 else None
+
+
+def numbered_checkpoint_problem(output_dir: str, value) -> Optional[str]:
+    """Why --resume_from_checkpoint N names no checkpoint-N folder in output_dir, or None."""
+    n = checkpoint_number(value)
+    if n is None or (Path(output_dir) / f"checkpoint-{n}").is_dir():
+        return None
+    have = [p.name for _, p in list_checkpoints(output_dir)]
+    return (f"--resume_from_checkpoint {value}: no checkpoint-{n} folder in --output_dir {output_dir} ("
+            + (f"it has {', '.join(have[-5:])}" if have else "it has no checkpoint-* folders")
+            + "); give one of its checkpoint numbers, true for the newest complete one, or a checkpoint path")
+
+
+def resume_request(value, output_dir: Optional[str] = None) -> Optional[str]:
+    """--resume_from_checkpoint: None (a new run), "latest" (true / yes) or the checkpoint folder given: a path,
+    or a number N = output_dir/checkpoint-N (as GLM-Edge's finetune.py takes it; 0 = a new run)."""
     if value is None or str(value).lower() in ("", "false", "no", "0", "none"):
         return None
-    if str(value).lower() in ("true", "yes", "1", "latest"):
+    if str(value).lower() in ("true", "yes", "latest"):
         return "latest"
+    if checkpoint_number(value) is not None and output_dir is not None:
+        problem = numbered_checkpoint_problem(output_dir, value)
+        if problem:
+            raise SystemExit(problem)
+        return str(Path(output_dir) / f"checkpoint-{checkpoint_number(value)}")
     if not os.path.isdir(value):
         raise SystemExit(f"--resume_from_checkpoint {value}: no such folder")
     return str(value)

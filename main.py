@@ -35,8 +35,11 @@ checks the data against the model and tokenizer (and fails once, naming every pr
 trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each
 optimizer step, on any number of ranks), optionally with LoRA, and saves the model (or adapter) with
 its tokenizer to --output_dir, plus `train_settings.json` with every setting of the run.
---resume_from_checkpoint PATH|true continues a run with the same data order (true: the newest complete
-checkpoint; a run that already finished is left as it is). Before anything loads, every setting, the model
+--resume_from_checkpoint PATH|true|N continues a run with the same data order (true or yes: the newest complete
+checkpoint; N: OUTPUT_DIR/checkpoint-N; a run that already finished is left as it is). A config file in GLM-Edge's
+finetune.py layout (data_config / training_args / peft_config; train_setup.glm_edge_settings maps it) works too:
+
+    python main.py configs/lora.yaml --model_name_or_path THUDM/glm-edge-4b-chat --resume_from_checkpoint 600 Before anything loads, every setting, the model
 folder and the output folder are checked (train_setup.py), and one error names every problem; a new run writes
 only into a new or empty --output_dir or one holding an earlier run's outputs (checkpoints.py).
 """
@@ -147,7 +150,9 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
     required flags, the input paths, the model folder and the output folder (what main() needs)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = make_parser()
-    config, flags = split_config(argv)
+    config, flags, config_problems, notes = train_setup.read_settings(argv, ARG_CLASSES, parser)
+    for note in notes:
+        logger.warning("%s", note)
     if config:
         config = {k: ",".join(v) if k == "lora_target_modules" and isinstance(v, (list, tuple)) else v
                   for k, v in config.items()}
@@ -157,7 +162,7 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
         hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
             else ""
         raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
-    problems = train_setup.setting_problems(ns)
+    problems = config_problems + train_setup.setting_problems(ns)
     if check_start:
         problems += train_setup.start_problems(ns, BATCH_METHODS)
     if problems:
@@ -449,7 +454,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
                        "effect", args.deepspeed if isinstance(args.deepspeed, str) else "config", key)
     args.remove_unused_columns = False
     args.prediction_loss_only = True
-    resume_req = ckpt.resume_request(args.resume_from_checkpoint)
+    resume_req = ckpt.resume_request(args.resume_from_checkpoint, args.output_dir)
 
     # ---- model family, tokenizer, data checks (before the model is loaded: fail fast) ----
     model_type = read_model_type(model_args.model_name_or_path)

@@ -4,7 +4,9 @@
     config, flags = split_config(["--output_dir", "runs/x", "sft.YAML"], ARG_CLASSES, parser)
     problems = setting_problems(ns) + start_problems(ns)   # ns: main.py's parsed flags; [] when all is well
 
-- `split_config`: a YAML/JSON config file (keys = flag names) anywhere among the arguments, any suffix case.
+- `split_config`: a YAML/JSON config file (keys = flag names) anywhere among the arguments, any suffix case;
+  a config in GLM-Edge's finetune.py layout (data_config / training_args / peft_config sections) is mapped onto
+  main.py's flags by `glm_edge_settings` (its problems join the others through `read_settings`).
 - `setting_problems`: numbers that would crash or silently do nothing (batch sizes, accumulation steps, nothing
   to train, --loss_chunk_size 0, step intervals, LoRA sizes, rates), named with the flag to change.
 - `start_problems`: required flags, --train_file given a raw input file, the model folder (`model_dir_problems`:
@@ -24,7 +26,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from checkpoints import output_dir_problems
+from checkpoints import numbered_checkpoint_problem, output_dir_problems
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -66,30 +68,168 @@ def _is_config_token(argv: list[str], i: int, parser) -> bool:
     return action.nargs == "+" and Path(tok).is_file()  # a list flag would take it as an item otherwise
 
 
-def split_config(argv: list[str], arg_classes, parser=None) -> tuple[dict, list[str]]:
-    """(settings of the YAML/JSON config file among argv, or {}; the remaining command-line flags).
+def read_settings(argv: list[str], arg_classes, parser=None) -> tuple[dict, list[str], list[str], list[str]]:
+    """(settings of the YAML/JSON config file among argv, or {}; the remaining flags; problems; notes).
 
-    The file may come anywhere (not as the value of a flag), its suffix in any case (.yaml .yml .json)."""
+    The file may come anywhere (not as the value of a flag), its suffix in any case (.yaml .yml .json). A file in
+    GLM-Edge's layout is mapped by `glm_edge_settings`: what cannot be mapped is in problems, what is ignored in
+    notes."""
     argv = list(argv)
     found = [i for i in range(len(argv)) if _is_config_token(argv, i, parser)]
     if not found:
-        return {}, argv
+        return {}, argv, [], []
     if len(found) > 1:
         raise SystemExit(f"main.py: several config files given ({', '.join(argv[i] for i in found)}): "
                          f"give one; flags after or before it override it")
     path = argv.pop(found[0])
     config = read_config_file(path)
     known = {f.name for cls in arg_classes for f in dataclasses.fields(cls) if f.init}
+    problems, notes = [], []
+    if is_glm_edge_layout(config):
+        config, problems, notes = glm_edge_settings(config, path, known)
     unknown = sorted(set(config) - known)
     if unknown:
         raise SystemExit(f"config file {path}: unknown settings {unknown}; use the names of main.py's "
                          f"flags without the leading -- (python main.py --help lists them)")
-    return config, argv
+    return config, argv, problems, notes
+
+
+def split_config(argv: list[str], arg_classes, parser=None) -> tuple[dict, list[str]]:
+    """(settings of the YAML/JSON config file among argv, or {}; the remaining command-line flags)."""
+    config, flags, problems, _ = read_settings(argv, arg_classes, parser)
+    if problems:
+        raise SystemExit("main.py cannot start:\n  - " + "\n  - ".join(problems))
+    return config, flags
+
+
+# ----------------------------------------------------------------------------------------------
+# GLM-Edge's config layout (its finetune/configs/lora.yaml)
+# ----------------------------------------------------------------------------------------------
+
+GLM_EDGE_SECTIONS = ("data_config", "training_args", "peft_config")
+GLM_EDGE_IGNORED = {  # top-level keys of GLM-Edge's configs that main.py has no use for -> why
+    "max_input_length": "main.py trains on data pre_tokenize.py already cut: pass --max_length "
+                        "(max_input_length + max_output_length = {total}) to pre_tokenize.py",
+    "max_output_length": None,  # reported with max_input_length
+    "combine": "GLM-Edge's finetune.py option of its own data processing; pre_tokenize.py formats the data",
+    "freezeV": "the vision tower of GLM-Edge-V (main.py trains text models only)",
+    "swanlab": "use report_to (training_args) for a logger",
+}
+SEQ2SEQ_ONLY = ("predict_with_generate", "generation_config", "generation_max_length", "generation_num_beams",
+                "sortish_sampler")
+JSONL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
+
+
+def is_glm_edge_layout(config: dict) -> bool:
+    return any(k in config for k in GLM_EDGE_SECTIONS + ("max_input_length", "max_output_length"))
+
+
+def _data_file(setting: str, flag: str, value, where: str, problems: list[str], out: dict) -> None:
+    if value is None:
+        return
+    v = str(value)
+    if Path(v).is_file() or Path(v).suffix.lower() in JSONL_SUFFIXES:
+        problems.append(f"{where}: data_config.{setting} {v} is a raw chat file (GLM-Edge's finetune.py tokenizes "
+                        f"it at start); main.py trains on a pre-tokenized folder: run `python pre_tokenize.py "
+                        f"--model_name_or_path MODEL --input {v} --output_dir DIR` (then `python sort_and_group.py "
+                        f"--train_file DIR` for --batch_method sort/pack) and set data_config.{setting}: DIR")
+    else:
+        out[flag] = v
+
+
+def glm_edge_settings(config: dict, path: str, known: set[str]) -> tuple[dict, list[str], list[str]]:
+    """GLM-Edge's finetune.py config layout -> (main.py settings, problems, notes).
+
+        GLM-Edge key                          main.py setting
+        data_config.train_file                train_file (a pre_tokenize.py folder; a raw file is a problem)
+        data_config.val_file                  validation_file (the same)
+        data_config.test_file                 ignored, noted (main.py evaluates on validation_file only)
+        data_config.num_proc                  ignored, noted (pre_tokenize.py --num_proc tokenizes)
+        max_input_length, max_output_length   ignored, noted (pre_tokenize.py --max_length, their sum)
+        combine, freezeV, swanlab             ignored, noted
+        training_args.NAME                    NAME (a TrainingArguments flag); generation keys of
+                                              Seq2SeqTrainingArguments ignored, noted; others a problem
+        peft_config.peft_type LORA            use_lora: true (another peft_type is a problem)
+        peft_config.task_type CAUSAL_LM       - (another task_type is a problem)
+        peft_config.r, lora_alpha, lora_dropout   lora_r, lora_alpha, lora_dropout
+        peft_config.target_modules            lora_target_modules (a list or a comma-separated string)
+        any other top-level key               itself (main.py's flag names, as in a plain config file)
+
+    A key that is not in the table and not a main.py flag is a problem too."""
+    where = f"config file {path} (GLM-Edge layout)"
+    out, problems, notes = {}, [], []
+
+    def section(name):
+        v = config.get(name) or {}
+        if not isinstance(v, dict):
+            problems.append(f"{where}: {name} must be a mapping, got {type(v).__name__}")
+            return {}
+        return v
+
+    data = section("data_config")
+    _data_file("train_file", "train_file", data.get("train_file"), where, problems, out)
+    _data_file("val_file", "validation_file", data.get("val_file"), where, problems, out)
+    if data.get("test_file") is not None:
+        notes.append(f"{where}: data_config.test_file {data['test_file']} ignored: main.py evaluates the loss on "
+                     f"val_file only (tools/generate.py generates from a trained model)")
+    if data.get("num_proc") is not None:
+        notes.append(f"{where}: data_config.num_proc ignored: the tokenizing processes are pre_tokenize.py's "
+                     f"--num_proc")
+    for k in sorted(set(data) - {"train_file", "val_file", "test_file", "num_proc"}):
+        problems.append(f"{where}: data_config.{k}: unknown (GLM-Edge's data_config has train_file, val_file, "
+                        f"test_file, num_proc)")
+
+    for k, why in GLM_EDGE_IGNORED.items():
+        if k in config and why:
+            total = (config.get("max_input_length") or 0) + (config.get("max_output_length") or 0)
+            notes.append(f"{where}: {k} ignored: " + why.format(total=total))
+    if "max_output_length" in config and "max_input_length" not in config:
+        notes.append(f"{where}: max_output_length ignored: " + GLM_EDGE_IGNORED["max_input_length"].format(
+            total=config["max_output_length"]))
+
+    for k, v in section("training_args").items():
+        if k in SEQ2SEQ_ONLY:
+            notes.append(f"{where}: training_args.{k} ignored: main.py evaluates the loss, it does not generate")
+        elif k in known:
+            out[k] = v
+        else:
+            problems.append(f"{where}: training_args.{k}: not a TrainingArguments setting "
+                            f"(python main.py --help lists them)")
+
+    peft = section("peft_config")
+    if peft:
+        ptype = str(peft.get("peft_type", "LORA")).upper()
+        if ptype != "LORA":
+            problems.append(f"{where}: peft_config.peft_type {peft.get('peft_type')}: main.py trains LORA "
+                            f"adapters only (or all weights: leave peft_config out)")
+        else:
+            out["use_lora"] = True
+        task = str(peft.get("task_type", "CAUSAL_LM")).upper()
+        if task != "CAUSAL_LM":
+            problems.append(f"{where}: peft_config.task_type {peft.get('task_type')}: main.py trains causal LMs "
+                            f"(CAUSAL_LM)")
+        for src, dst in (("r", "lora_r"), ("lora_alpha", "lora_alpha"), ("lora_dropout", "lora_dropout"),
+                         ("target_modules", "lora_target_modules")):
+            if peft.get(src) is not None:
+                out[dst] = peft[src]
+        for k in sorted(set(peft) - {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout",
+                                     "target_modules"}):
+            problems.append(f"{where}: peft_config.{k}: not supported (main.py's LoRA takes r, lora_alpha, "
+                            f"lora_dropout, target_modules)")
+
+    for k, v in config.items():
+        if k in GLM_EDGE_SECTIONS or k in GLM_EDGE_IGNORED:
+            continue
+        if k in known:
+            out[k] = v
+        else:
+            problems.append(f"{where}: {k}: neither a GLM-Edge config key nor a main.py setting")
+    return out, problems, notes
 
 
 def explicit_settings(argv: list[str], arg_classes, parser=None) -> list[str]:
     """Names of the settings the config file or the command line set (the rest are defaults)."""
-    config, flags = split_config(argv, arg_classes, parser)
+    config, flags, _, _ = read_settings(argv, arg_classes, parser)
     names = list(config)
     for a in flags:
         if a.startswith("--"):
@@ -252,6 +392,8 @@ def start_problems(ns, batch_methods) -> list[str]:
         resume = ns.resume_from_checkpoint is not None and str(ns.resume_from_checkpoint).lower() not in (
             "", "false", "no", "0", "none")
         p += output_dir_problems(ns.output_dir, ns.model_name_or_path, resume)
+        if resume and (problem := numbered_checkpoint_problem(ns.output_dir, ns.resume_from_checkpoint)):
+            p.append(problem)
     return p
 
 
