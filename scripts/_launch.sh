@@ -1,5 +1,5 @@
 # Shared launcher of the training scripts (glm4_longwriter.sh, llama3_longwriter.sh and their _lora variants;
-# LongAlign's chatglm_pack.sh, chatglm_sort.sh, llama_pack.sh, llama_sort.sh through _longalign.sh). It is
+# LongAlign's chatglm_pack.sh, chatglm_sort.sh, llama_pack.sh, llama_sort.sh through _longalign.sh; sft.sh). It is
 # sourced, not run: the calling script sets MODEL, DATA, OUTPUT, ... and the array TRAIN_ARGS (its main.py
 # hyper-parameters) first, and optionally PACK_LENGTH (the data's --max_length, 32768 unless set) and
 # PRETOKENIZE_ARGS (extra pre-tokenization flags), which only the hints for missing data show. Extra
