@@ -66,3 +66,19 @@ def llama2_tokenizer_dir(tmp_path_factory) -> Path:
     from tools.make_tiny import make_llama2_tokenizer
 
     return make_llama2_tokenizer(tmp_path_factory.mktemp("llama2_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer_dir(tmp_path_factory):
+    """kind -> a tiny tokenizer folder with that model's chat template (tools/make_tiny.py CHAT_TOKENIZERS: glm,
+    glm4, qwen2, qwen2_marked, qwen3, mistral, llama3), each built once per session."""
+    from tools.make_tiny import make_chat_template_tokenizer
+
+    built = {}
+
+    def get(kind: str) -> Path:
+        if kind not in built:
+            built[kind] = make_chat_template_tokenizer(tmp_path_factory.mktemp(f"chat_{kind}"), kind)
+        return built[kind]
+
+    return get

@@ -6,6 +6,7 @@
     python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3-model
     python tools/make_tiny.py model --family chatglm3 --out /tmp/tiny-chatglm3   # also chatglm2, llama2
     python tools/make_tiny.py model --family qwen2 --out /tmp/tiny-qwen2   # also glm, glm4_0414, qwen3, mistral
+    python tools/make_tiny.py chat-tokenizer --kind qwen2 --out /tmp/tiny-qwen2     # chat templates: see below
 
 Tokenizers (a byte-level BPE trained in well under a second on a small built-in English/Chinese text):
 - `make_glm4_tokenizer(out_dir)`: the GLM-4 hub layout. `tokenizer.model` (tiktoken ranks: all 256 bytes +
@@ -20,9 +21,13 @@ SentencePiece tokenizers (sentencepiece's trainer, offline, on the same text; by
   `tokenizer.model`, the hub's tokenizer_config.json fields, patch/tokenization_chatglm.py -> ChatGLMTokenizer).
 - `make_llama2_tokenizer(out_dir)`: Llama-2's hub layout (`tokenizer.model`, `tokenizer.json`, tokenizer_config),
   `<unk>` 0, `<s>` 1, `</s>` 2. Loads with `AutoTokenizer.from_pretrained`.
-Special tokens get ids from len(regular vocab) upward, as in the real models, so nothing may hard-code ids.
-The transformers-native families (glm, glm4_0414, qwen2, qwen3, mistral) get the Llama-3.1 tiny tokenizer unless
-they have a builder of their own; their config.json fields are in NATIVE_TINY.
+Tokenizers with the chat templates of transformers-native models, for template `auto` (tiny_chat_templates.py):
+- `make_chat_template_tokenizer(out_dir, kind)`, kind in CHAT_TOKENIZERS: glm (GLM-Edge), glm4 (GLM-4-0414),
+  qwen2 (Qwen2.5-Instruct; qwen2_marked: its template with {% generation %} marks), qwen3, mistral (v0.3),
+  llama3 (Llama-3.1-Instruct with custom tools): a fast tokenizer with the model's special and added tokens.
+Special tokens get ids from len(regular vocab) upward, as in the real models (Mistral's: from 0), so nothing may
+hard-code ids. The transformers-native families (glm, glm4_0414, qwen2, qwen3, mistral) get the Llama-3.1 tiny
+tokenizer unless they have a builder of their own; their config.json fields are in NATIVE_TINY.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -41,6 +47,7 @@ if str(ROOT) not in sys.path:
 from errors import run_cli  # noqa: E402
 from patch import families  # noqa: E402
 from patch import tokenization_chatglm as glm_tok  # noqa: E402
+from tools import tiny_chat_templates as chat_templates  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # A small training text for the BPE merges (English, Chinese, digits, code-ish punctuation)
@@ -61,8 +68,9 @@ Numbers: 1 12 123 2024 3.14159 100% $42 #7 @user <tag> [note] {key: value} (a, b
 """
 
 
-def _train_byte_bpe(vocab_size: int, corpus: Iterable[str] | None = None):
-    """A `tokenizers` byte-level BPE (Llama-3 regex) trained on `corpus` (default CORPUS): 256 bytes + merges."""
+def _train_byte_bpe(vocab_size: int, corpus: Iterable[str] | None = None, special_tokens: Iterable[str] = ()):
+    """A `tokenizers` byte-level BPE (Llama-3 regex) trained on `corpus` (default CORPUS): 256 bytes + merges
+    (after `special_tokens`, which then get the first ids, as Mistral's do)."""
     from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE(ignore_merges=True))
@@ -71,7 +79,7 @@ def _train_byte_bpe(vocab_size: int, corpus: Iterable[str] | None = None):
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False, min_frequency=2)
+                                  show_progress=False, min_frequency=2, special_tokens=list(special_tokens))
     tok.train_from_iterator([CORPUS] * 4 if corpus is None else corpus, trainer=trainer)
     return tok
 
@@ -299,6 +307,95 @@ def make_llama2_tokenizer(out_dir: str | Path, vocab_size: int = 1000, corpus: I
     return out
 
 
+# ----------------------------------------------------------------------------------------------
+# Tokenizers with the chat templates of transformers-native models (template `auto`): GLM-Edge, GLM-4-0414,
+# Qwen2.5, Qwen3, Mistral, Llama-3.1-Instruct with tools (templates: tools/tiny_chat_templates.py)
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChatTokenizer:
+    """A tiny fast tokenizer (`tokenizer.json`, byte-level BPE) with a model's special tokens and chat template.
+    `specials`: special tokens (special=True), after the regular vocabulary, or before it with `specials_first`
+    (Mistral); `added`: added tokens that are not special (Qwen's <tool_call>, <think>); `bos_prefix`: what the
+    tokenizer.json post-processor puts in front of `tokenizer(text)` (apply_chat_template never adds it);
+    `template_file`: the template goes to chat_template.jinja (the newer hub layout) instead of tokenizer_config."""
+    title: str
+    template: str
+    specials: tuple[str, ...]
+    eos: str
+    pad: str | None = None
+    bos: str | None = None
+    unk: str | None = None
+    added: tuple[str, ...] = ()
+    specials_first: bool = False
+    bos_prefix: tuple[str, ...] = ()
+    template_file: bool = False
+
+
+_GLM_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>")
+_QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+_QWEN_ADDED = ("<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+               "<|repo_name|>", "<|file_sep|>")
+_MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[TOOL_CALLS]", "[AVAILABLE_TOOLS]",
+                     "[/AVAILABLE_TOOLS]", "[TOOL_RESULTS]", "[/TOOL_RESULTS]") + tuple(f"[control_{i}]"
+                                                                                       for i in range(8, 16))
+CHAT_TOKENIZERS = {
+    "glm": ChatTokenizer("GLM-Edge (glm-edge-*-chat)", chat_templates.GLM_EDGE, _GLM_SPECIALS, "<|endoftext|>",
+                         pad="<|endoftext|>"),
+    "glm4": ChatTokenizer("GLM-4-0414 (GLM-4-9B-0414, GLM-Z1)", chat_templates.GLM4_0414, _GLM_SPECIALS,
+                          "<|endoftext|>", pad="<|endoftext|>", bos_prefix=("[gMASK]", "<sop>"), template_file=True),
+    "qwen2": ChatTokenizer("Qwen2.5-Instruct", chat_templates.QWEN2, _QWEN_SPECIALS, "<|im_end|>",
+                           pad="<|endoftext|>", added=_QWEN_ADDED),
+    "qwen2_marked": ChatTokenizer("Qwen2.5-Instruct, template with {% generation %} marks",
+                                  chat_templates.QWEN2_MARKED, _QWEN_SPECIALS, "<|im_end|>", pad="<|endoftext|>",
+                                  added=_QWEN_ADDED),
+    "qwen3": ChatTokenizer("Qwen3", chat_templates.QWEN3, _QWEN_SPECIALS, "<|im_end|>", pad="<|endoftext|>",
+                           added=_QWEN_ADDED + ("<tool_response>", "</tool_response>", "<think>", "</think>"),
+                           template_file=True),
+    "mistral": ChatTokenizer("Mistral-7B-Instruct-v0.3", chat_templates.MISTRAL, _MISTRAL_SPECIALS, "</s>",
+                             bos="<s>", unk="<unk>", specials_first=True, bos_prefix=("<s>",)),
+    "llama3": ChatTokenizer("Llama-3.1-8B-Instruct (custom tools, ipython role)", chat_templates.LLAMA31,
+                            tuple(llama31_special_tokens()), "<|eot_id|>", bos="<|begin_of_text|>",
+                            bos_prefix=("<|begin_of_text|>",)),
+}
+
+
+def make_chat_template_tokenizer(out_dir: str | Path, kind: str, vocab_size: int = 800,
+                                 corpus: Iterable[str] | None = None) -> Path:
+    """A tiny tokenizer folder of `kind` (CHAT_TOKENIZERS: glm, glm4, qwen2, qwen2_marked, qwen3, mistral, llama3):
+    `tokenizer.json` and `tokenizer_config.json` (bos/eos/pad/unk as the model's, its chat template, or
+    chat_template.jinja). Loads with `PreTrainedTokenizerFast.from_pretrained` (models.load_tokenizer)."""
+    from tokenizers import AddedToken, decoders, processors
+
+    if kind not in CHAT_TOKENIZERS:
+        raise ValueError(f"kind {kind!r}: expected one of {', '.join(CHAT_TOKENIZERS)}")
+    spec = CHAT_TOKENIZERS[kind]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tk = _train_byte_bpe(vocab_size, corpus, spec.specials if spec.specials_first else ())
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in spec.specials])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t in spec.added])
+    if spec.bos_prefix:
+        tk.post_processor = processors.TemplateProcessing(
+            single=" ".join(spec.bos_prefix) + " $A", pair=" ".join(spec.bos_prefix) + " $A $B:1",
+            special_tokens=[(t, tk.token_to_id(t)) for t in spec.bos_prefix])
+    tk.save(str(out / "tokenizer.json"))
+    config = {"bos_token": spec.bos, "eos_token": spec.eos, "pad_token": spec.pad, "unk_token": spec.unk,
+              "clean_up_tokenization_spaces": False, "model_max_length": 131072,
+              "tokenizer_class": "PreTrainedTokenizerFast"}
+    if spec.template_file:
+        (out / "chat_template.jinja").write_text(spec.template, encoding="utf-8")
+    else:
+        config["chat_template"] = spec.template
+    _write_json(out / "tokenizer_config.json", {k: v for k, v in config.items() if v is not None})
+    return out
+
+
 TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokenizer,
                       "chatglm2": lambda out: make_chatglm_tokenizer(out, version=2),
                       "chatglm3": lambda out: make_chatglm_tokenizer(out, version=3),
@@ -476,6 +573,10 @@ def main(argv: list[str] | None = None) -> Path:
     p = sub.add_parser("tokenizer", help="write a tiny tokenizer folder", allow_abbrev=False)
     p.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
     p.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    c = sub.add_parser("chat-tokenizer", help="write a tiny tokenizer with a model's chat template (template auto)",
+                       allow_abbrev=False)
+    c.add_argument("--kind", choices=list(CHAT_TOKENIZERS), required=True)
+    c.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
     m = sub.add_parser("model", help="write a tiny random-weight model folder (with its tokenizer)",
                        allow_abbrev=False)
     m.add_argument("--family", choices=sorted(TOKENIZER_BUILDERS), required=True)
@@ -483,6 +584,10 @@ def main(argv: list[str] | None = None) -> Path:
     m.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: build a tiny one)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
+    if args.what == "chat-tokenizer":
+        out = make_chat_template_tokenizer(args.out, args.kind)
+        print(f"wrote {args.kind} ({CHAT_TOKENIZERS[args.kind].title}) tokenizer to {out}")
+        return out
     if args.what == "model":
         out = make_tiny_model(args.out, args.family, args.tokenizer, seed=args.seed)
         print(f"wrote tiny {args.family} model to {out}")
