@@ -19,9 +19,11 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    - Alpaca:   {"instruction": str, "input": str, "output": str, "system": str, "history": [[q, a], ...]}
    Only assistant replies are supervised; a reply opts out with `"loss": false` or `"loss_weight": 0`.
    Zero-width characters are removed from replies; empty replies are not supervised. Nothing is dropped,
-   merged or reordered. `tools` fields are not rendered.
+   merged or reordered. `tools` fields are rendered only by template auto (templates_auto.py reads the records
+   itself: tool calls, tool results, tools, reasoning).
 3. Every selected record ends up either in the dataset or in DIR/skipped.jsonl with file, line and one reason:
-   invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise.
+   invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise (template auto
+   adds template_error and template_rewrites_history).
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
 4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
@@ -148,7 +150,9 @@ class ChatFormat:
     Batching the pieces of many records into one tokenizer call and joining the parts is the driver's job;
     `encode` does one conversation; `tokenize` (default: `plain`) turns pieces into what `assemble` gets. A format
     may also define `encode_batch(conversations)` -> (ids, supervised, lengths) or None: the driver then tries it
-    first for a whole work unit (GLM-4 does)."""
+    first for a whole work unit (GLM-4 does); a fourth item, a Skip or None per conversation, skips records (their
+    samples left out). `parse_record(obj)` replaces chat_inputs.parse_record and `skip_reasons` adds report
+    reasons (template auto has both)."""
 
     name: str
     roles: frozenset
@@ -268,7 +272,7 @@ def _load_json(payload: bytes):
 
 
 def _validate(obj, chat_format) -> tuple[str, list[Message]]:
-    fmt, messages = parse_record(obj)
+    fmt, messages = getattr(chat_format, "parse_record", parse_record)(obj)  # a format may read records its own way
     roles, train = chat_format.roles, False
     for m in messages:
         if m.role not in roles:
@@ -367,10 +371,14 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
             problems += [(k, "error", error) for k, *_ in todo]
             todo = []
     if joined is not None:
-        ids, supervised, lengths = joined
+        ids, supervised, lengths, *skips = joined  # skips: per conversation, None (encoded) or a Skip
+        if skips:
+            problems += [(k, s.reason, s.detail) for (k, *_), s in zip(todo, skips[0]) if s is not None]
+            todo = [t for t, s in zip(todo, skips[0]) if s is None]
         labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
         rows = [(k, fmt) for k, fmt, _ in todo]
-        n_sup = np.add.reduceat(supervised, np.cumsum(lengths) - lengths, dtype=np.int64)
+        n_sup = np.add.reduceat(supervised, np.cumsum(lengths) - lengths, dtype=np.int64) if rows \
+            else np.zeros(0, np.int64)
     else:
         ids, supervised, labels, lengths, n_sup, rows = _encode_parts(todo, chat_format, problems)
 
@@ -482,7 +490,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
     meta = {"model_family": model_family, "template": template, "max_length": args.max_length,
             "truncate": args.truncate, "seed": args.seed, "shuffle": args.shuffle, "inputs": list(args.input),
             "tokenizer": token_info(tok, pad_token_id), "stop_token_ids": chat_format.stop_token_ids}
-    counts = {"kept": 0, "truncated": 0, **{r: 0 for r in SKIP_REASONS}}
+    reasons = SKIP_REASONS + tuple(getattr(chat_format, "skip_reasons", ()))  # and the format's own
+    counts = {"kept": 0, "truncated": 0, **{r: 0 for r in reasons}}
     per_file = [{"file": src.spec, "format": src.kind, "records": src.num_records, "blank_lines": src.blank_lines,
                  "selected": 0, "kept": 0, "skipped": 0} for src in sources]
     formats: dict[str, int] = {}
@@ -556,10 +565,10 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
 
         lengths_a = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         sup_a = np.concatenate(supervised) if supervised else np.zeros(0, np.int64)
-        n_skipped = sum(counts[r] for r in SKIP_REASONS)
+        n_skipped = sum(counts[r] for r in reasons)
         report = {
             "lines_read": len(plan), "samples_kept": counts["kept"], "truncated": counts["truncated"],
-            "skipped_total": n_skipped, "skipped": {r: counts[r] for r in SKIP_REASONS},
+            "skipped_total": n_skipped, "skipped": {r: counts[r] for r in reasons},
             "formats": dict(sorted(formats.items())), "tokens": int(lengths_a.sum()),
             "supervised_tokens": int(sup_a.sum()), "length_percentiles": _percentiles(lengths_a),
             "supervised_percentiles": _percentiles(sup_a), "inputs": per_file,

@@ -12,6 +12,8 @@
         --output_dir data/llama3/chat --max_length 32768
     python pre_tokenize.py --model_name_or_path THUDM/LongAlign-6B-64k-base --template chatglm2 \\
         --input LongAlign-10k.jsonl sharegpt.jsonl --output_dir data/chatglm/10k --max_length 65536   # LongAlign
+    python pre_tokenize.py --model_name_or_path meta-llama/Llama-3.1-8B-Instruct --template auto \\
+        --input glaive_toolcall_en_demo.json --output_dir data/llama3/tools     # the tokenizer's chat template
 
 The model family comes from the folder (patch/families.py: config.json `model_type` and the tokenizer files;
 a tokenizer-only folder works too), `--template` defaults to the family's first template:
@@ -20,13 +22,17 @@ a tokenizer-only folder works too), `--template` defaults to the family's first 
     glm4       glm4                         patch/ ChatGLM4Tokenizer (tiktoken tokenizer.model)
     chatglm3   chatglm3, chatglm2           patch/ ChatGLMTokenizer (SentencePiece tokenizer.model)
     chatglm2   chatglm2                     patch/ ChatGLMTokenizer
-    llama3     longwriter, llama3           transformers' fast tokenizer (tokenizer.json)
-    llama2     llama2                       transformers' fast tokenizer
+    llama3     longwriter, llama3, auto     transformers' fast tokenizer (tokenizer.json)
+    llama2     llama2, auto                 transformers' fast tokenizer
+    glm, glm4_0414, qwen2, qwen3, mistral
+               auto                         transformers' fast tokenizer (transformers-native model types)
 
 (templates_glm.py: glm4, chatglm3; templates_llama.py: longwriter, llama3; templates_longalign.py: LongAlign's
-round formats chatglm2 and llama2, which take alternating user/assistant records and skip others with a reason).
-An unknown template, or one the family cannot express, is an error that lists the available templates. The
-folder's own tokenizer code runs only with --trust_remote_code.
+round formats chatglm2 and llama2, which take alternating user/assistant records and skip others with a reason;
+templates_auto.py: auto, the folder's own chat template as apply_chat_template renders it, tools and tool calls
+included, `--rewritten_replies` for templates such as Qwen3's that rewrite earlier turns; a folder without a chat
+template is an error naming --template). An unknown template, or one the family cannot express, is an error that
+lists the available templates. The folder's own tokenizer code runs only with --trust_remote_code.
 Flags, inputs, skip reasons, the report, atomic output and `--num_proc` (byte-identical output for any count)
 are chat_data.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
 meta.json records `model_family` and `template`; main.py checks them against the model it trains.
@@ -35,7 +41,7 @@ meta.json records `model_family` and `template`; main.py checks them against the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from chat_data import PretokenizeArguments, cli, parse_args
 from patch.families import implemented_templates
@@ -49,6 +55,10 @@ class Arguments(PretokenizeArguments):
     template: Optional[str] = field(default=None, metadata={
         "help": f"Chat template: {', '.join(implemented_templates())}; default: the model family's default "
                 f"(pre_tokenize.py docstring)."})
+    rewritten_replies: Literal["skip", "unsupervised"] = field(default="skip", metadata={
+        "help": "Template auto: a reply the chat template writes differently once later messages follow (Qwen3 "
+                "drops past reasoning, Mistral moves the system prompt): skip the record (reason "
+                "template_rewrites_history), or leave those replies unsupervised and train the others."})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -79,5 +79,7 @@ def pretokenize(args: PretokenizeArguments, family: Optional[str] = None) -> dic
         args.output_dir = f"data/{fam.name}/{name}"
     tokenizer = load_tokenizer(args.model_name_or_path, fam, args.trust_remote_code)
     fmt = chat_format(name, tokenizer)
+    if hasattr(fmt, "configure"):  # a template's own settings (auto: --rewritten_replies)
+        fmt.configure(args)
     pad = pad_token_id(tokenizer, fam, name) if not fmt.problems else None
     return run(args, fmt, template=name, model_family=fam.name, pad_token_id=pad, problems=fmt.problems)

@@ -135,9 +135,10 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
     Template("llama2", "templates_longalign.Llama2Format",
              "LongAlign Llama-2: <s>, '[INST]{q}[/INST]{a}' rounds joined by blank lines, </s> last",
              ("</s>",)),
-    Template("auto", None,
-             "the tokenizer's own chat template (tokenizer_config.json chat_template), as apply_chat_template "
-             "renders it; stop tokens: the folder's generation_config.json eos_token_id", ()),
+    Template("auto", "templates_auto.AutoFormat",
+             "the tokenizer's own chat template (tokenizer_config.json chat_template / chat_template.jinja), as "
+             "apply_chat_template renders it (tools, tool calls, system prompts); a tokenizer.json tokenizer; stop "
+             "tokens: the folder's generation_config.json eos_token_id", ()),
 )}
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,10 +197,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _chatglm("chatglm2", "ChatGLM2-6B (chatglm2-6b; LongAlign, LL-BaiYang)", _CHATGLM_SP, ("chatglm2",),
              ("pad", "<unk>", "eos"),
              Detect(kinds=("sentencepiece",), setting=("chatglm_version", 2), tokenizer_class="ChatGLMTokenizer")),
-    _llama("llama3", "Llama-3.1 (Llama-3.1-8B base or instruct, LongWriter-llama3.1-8b)", ("longwriter", "llama3"),
+    _llama("llama3", "Llama-3.1 (Llama-3.1-8B base or instruct, LongWriter-llama3.1-8b)",
+           ("longwriter", "llama3", "auto"),
            ("pad", "<|finetune_right_pad_id|>", "eos"),
            Detect(kinds=("tokenizers",), markers=("<|begin_of_text|>",)), front_end="pre_tokenize_llama3.py"),
-    _llama("llama2", "Llama-2 (Llama-2-7b/13b, LongAlign-7B/13B-64k)", ("llama2",), ("pad", "<unk>", "eos"),
+    _llama("llama2", "Llama-2 (Llama-2-7b/13b, LongAlign-7B/13B-64k)", ("llama2", "auto"), ("pad", "<unk>", "eos"),
            Detect(kinds=("tokenizers", "sentencepiece"), markers=("<s>", "</s>"))),
     _native("glm", "GLM-Edge (glm-edge-1.5b-chat, glm-edge-4b-chat; transformers' GlmForCausalLM)", "glm",
             "GlmForCausalLM", _GLM_LORA),

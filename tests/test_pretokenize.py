@@ -430,7 +430,7 @@ def test_pre_tokenize_template_errors_list_the_available_ones(tmp_path, glm4_tok
         return pre_tokenize.main(["--model_name_or_path", str(tok_dir), "--input", str(src), "--output_dir",
                                   str(tmp_path / "out"), "--num_proc", "1", *extra])
 
-    listed = "available: glm4, chatglm3, chatglm2, longwriter, llama3, llama2"
+    listed = "available: glm4, chatglm3, chatglm2, longwriter, llama3, llama2, auto"
     with pytest.raises(InputError, match=f"--template nope: unknown template 'nope'; {listed}"):
         run(glm4_tokenizer_dir, "--template", "nope")
     only_registered = families.Template("later", None, "a format not written yet", ("</s>",))
@@ -440,7 +440,7 @@ def test_pre_tokenize_template_errors_list_the_available_ones(tmp_path, glm4_tok
     monkeypatch.delitem(families.TEMPLATES, "later")
     for name in ("glm4", "chatglm3", "chatglm2", "llama2"):
         with pytest.raises(InputError, match=f"--template {name}: not a template of the llama3 family .*: "
-                                             "longwriter, llama3"):
+                                             "longwriter, llama3, auto"):
             run(llama3_tokenizer_dir, "--template", name)
     with pytest.raises(InputError, match="cannot tell its model family: .*tokenizer files: none found"):
         run(tmp_path)

@@ -32,7 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_registry_is_consistent():
     assert list(families.FAMILIES) == ["glm4", "chatglm3", "chatglm2", "llama3", "llama2", "glm", "glm4_0414", "qwen2",
                                       "qwen3", "mistral"]
-    assert families.implemented_templates() == ["glm4", "chatglm3", "chatglm2", "longwriter", "llama3", "llama2"]
+    assert families.implemented_templates() == ["glm4", "chatglm3", "chatglm2", "longwriter", "llama3", "llama2",
+                                                "auto"]
     listed = set()
     for fam in families.FAMILIES.values():
         assert fam.templates and set(fam.templates) <= set(families.TEMPLATES), fam.name
