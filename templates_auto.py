@@ -323,9 +323,10 @@ class AutoFormat(_RecordReader, ChatFormat):
             self.templates = {False: tokenizer.get_chat_template(None, None),
                               True: tokenizer.get_chat_template(None, [])}
         except ValueError as e:
-            self.problems.append(f"{where} has no chat template (no chat_template in tokenizer_config.json, no "
-                                 f"chat_template.jinja): {str(e).splitlines()[0]} Give a model folder that has one, "
-                                 f"or pick another --template (the family's own)")
+            why = "has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)" \
+                if tokenizer.chat_template is None else f"has no usable chat template: {str(e).splitlines()[0]}"
+            self.problems.append(f"{where} {why}; give a model folder that has one, or pick another --template "
+                                 f"(the family's own)")
             return
         self.marked = {k: bool(_GENERATION_TAG.search(t)) for k, t in self.templates.items()}
         self.template_kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes

@@ -236,6 +236,14 @@ def test_generation_blocks_decide_when_the_template_has_them(fmt):
     ids, supervised, _ = encode(f, record)
     assert ids.tolist() == reference(f, record)
     assert runs(f.tokenizer, ids, supervised) == HAND_CHECKED["qwen2_marked"][1:]  # the opted-out reply is not
+    # blocks that do not pair with the assistant messages (here: none for a tool call) cannot be told apart
+    tok = PreTrainedTokenizerFast.from_pretrained(f.tokenizer.name_or_path)
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and not m.tool_calls %}{% generation %}"
+                         "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    partial = AutoFormat(tok)
+    assert partial.marked[False] and encode(partial, {"messages": TOOL_CHAT[1:3]})[2] is None
+    _, _, skip = encode(partial, {"messages": TOOL_CHAT[1:]})
+    assert skip.reason == "template_error" and "2 {% generation %} blocks for 3 assistant messages" in skip.detail
 
 
 @pytest.mark.parametrize("kind", ["glm", "qwen2", "llama3"])
@@ -325,8 +333,9 @@ def write_jsonl(path, records):
 
 def test_a_folder_without_a_chat_template_is_named(tmp_path, llama2_tokenizer_dir, glm4_tokenizer_dir):
     src = write_jsonl(tmp_path / "in.jsonl", [{"messages": TOOL_CHAT[1:3]}])
-    with pytest.raises(InputError, match="--template auto: the tokenizer of .* has no chat template .*pick another "
-                                         "--template"):
+    with pytest.raises(InputError, match=r"--template auto: the tokenizer of .* has no chat template \(no "
+                                         r"chat_template in tokenizer_config.json, no chat_template.jinja\); give a "
+                                         r"model folder that has one, or pick another --template"):
         pre_tokenize.main(["--model_name_or_path", str(llama2_tokenizer_dir), "--template", "auto", "--input",
                            str(src), "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
     with pytest.raises(InputError, match="--template auto: not a template of the glm4 family"):
