@@ -440,3 +440,21 @@ def test_byte_positions_agree_with_the_offsets(fmt, chat_tokenizer_dir, tmp_path
     ids, supervised, _ = encode(nfc, decomposed)
     assert ids.tolist() == reference(nfc, decomposed)
     assert runs(nfc.tokenizer, ids, supervised) == ["résumé ok<|im_end|>"]
+
+
+@pytest.mark.parametrize("family", ["glm", "qwen2"])
+def test_native_model_folders_default_to_auto(tmp_path, family):
+    """A tiny transformers-native model folder (tools/make_tiny.py: its model's tokenizer and chat template):
+    pre_tokenize.py finds the family from config.json and defaults to template auto; stop ids start with the
+    folder's generation_config.json eos ids."""
+    from tools.make_tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", family)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": TOOL_CHAT[1:3]}, GLAIVE])
+    rep = pre_tokenize.main(["--model_name_or_path", str(model), "--input", str(src), "--output_dir",
+                             str(tmp_path / "out"), "--num_proc", "1"])
+    meta = TokenizedData(tmp_path / "out").meta
+    assert rep["samples_kept"] == 2 and meta["template"] == "auto" and meta["model_family"] == family
+    stops = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
+    stops = stops if isinstance(stops, list) else [stops]
+    assert meta["stop_token_ids"][:len(stops)] == stops

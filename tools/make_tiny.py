@@ -26,8 +26,9 @@ Tokenizers with the chat templates of transformers-native models, for template `
   qwen2 (Qwen2.5-Instruct; qwen2_marked: its template with {% generation %} marks), qwen3, mistral (v0.3),
   llama3 (Llama-3.1-Instruct with custom tools): a fast tokenizer with the model's special and added tokens.
 Special tokens get ids from len(regular vocab) upward, as in the real models (Mistral's: from 0), so nothing may
-hard-code ids. The transformers-native families (glm, glm4_0414, qwen2, qwen3, mistral) get the Llama-3.1 tiny
-tokenizer unless they have a builder of their own; their config.json fields are in NATIVE_TINY.
+hard-code ids. The transformers-native families (glm, glm4_0414, qwen2, qwen3, mistral) get these (glm, glm4,
+qwen2, qwen3, mistral: CHAT_KIND_OF_FAMILY) when no tokenizer folder is given; their config.json fields are in
+NATIVE_TINY.
 """
 
 from __future__ import annotations
@@ -401,8 +402,10 @@ TOKENIZER_BUILDERS = {"glm4": make_glm4_tokenizer, "llama3": make_llama3_tokeniz
                       "chatglm3": lambda out: make_chatglm_tokenizer(out, version=3),
                       "llama2": make_llama2_tokenizer}  # family -> tiny tokenizer
 NATIVE_FAMILIES = ("glm", "glm4_0414", "qwen2", "qwen3", "mistral")  # transformers' own classes (modeling_native)
-for _name in NATIVE_FAMILIES:  # until they have tokenizers of their own with chat templates: the Llama-3.1 one
-    TOKENIZER_BUILDERS.setdefault(_name, make_llama3_tokenizer)
+CHAT_KIND_OF_FAMILY = {"glm": "glm", "glm4_0414": "glm4", "qwen2": "qwen2", "qwen3": "qwen3", "mistral": "mistral"}
+for _name in NATIVE_FAMILIES:  # each with its model's tokenizer and chat template (template auto)
+    TOKENIZER_BUILDERS.setdefault(_name, lambda out, kind=CHAT_KIND_OF_FAMILY[_name]: make_chat_template_tokenizer(
+        out, kind))
 assert set(TOKENIZER_BUILDERS) <= set(families.FAMILIES), "tiny builders for families patch/families.py lacks"
 
 
