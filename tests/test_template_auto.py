@@ -62,6 +62,7 @@ def fmt(chat_tokenizer_dir):
         if kind not in made:
             tok = PreTrainedTokenizerFast.from_pretrained(chat_tokenizer_dir(kind))
             made[kind] = templates.chat_format("auto", tok)
+            made[kind].kind = kind  # for appends_eos
             assert made[kind].problems == []
         return made[kind]
 
@@ -96,7 +97,7 @@ def runs(tok, ids, supervised) -> list[str]:
 
 def appends_eos(f: AutoFormat) -> bool:
     """GLM's templates end a reply with the next role token: a final reply gets the eos appended."""
-    return f.tokenizer.name_or_path.rstrip("/").split("/")[-1].startswith(("chat_glm0", "chat_glm40"))
+    return getattr(f, "kind", None) in ("glm", "glm4")
 
 
 # ----------------------------------------------------------------------------------------------
