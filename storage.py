@@ -349,8 +349,8 @@ def check_token_ids(data: TokenizedData, limit: int | None = None, limit_name: s
                 note("labels.bin", a, lab, bad)
     offsets = np.asarray(data.offsets)
     allowed = f"in the range [0, {limit}) of {limit_name}" if limit is not None else "a token id (>= 0)"
-    fix = ("the data was made for another model or changed after pre-tokenization: re-run pre-tokenization with "
-           "this model's tokenizer")
+    fix = ("the data was made for another model or changed after pre-tokenization: re-run pre_tokenize.py with "
+           "--model_name_or_path pointing at this model")
     for fn, (pos, value, count) in first.items():
         i = int(np.searchsorted(offsets, pos, side="right")) - 1
         what = f"token id {value}" if fn == "input_ids.bin" else f"label {value}"
@@ -360,7 +360,7 @@ def check_token_ids(data: TokenizedData, limit: int | None = None, limit_name: s
     claimed = data.meta.get("max_token_id")
     if t and claimed is not None and int(claimed) != hi_all:
         problems.append(f"{data.data_dir / META_FILE}: says max_token_id {claimed} but input_ids.bin holds ids up "
-                        f"to {hi_all}: the folder was changed after pre-tokenization; re-run pre-tokenization")
+                        f"to {hi_all}: the folder was changed after pre-tokenization; re-run pre_tokenize.py")
     return problems
 
 
