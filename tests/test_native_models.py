@@ -247,3 +247,38 @@ def test_resume_logs_the_same_losses(tmp_path, native_dirs):
     again = losses(run(model_dir, data, tmp_path / "cut", *common, "--resume_from_checkpoint", "true"))
     assert len(first) == 3 and len(again) == 5
     np.testing.assert_allclose(again, full, rtol=0, atol=1e-6)
+
+
+def test_generate_cli_end_to_end(tmp_path):
+    """tools/generate.py on a fresh tiny qwen2 folder with its own chat tokenizer: the prompt is the template's
+    (auto, the family's default) inference prompt token for token, the reply is the greedy continuation decoded,
+    and generation stops on an id that only the folder's generation_config.json names."""
+    model_dir = make_tiny_model(tmp_path / "qwen2", "qwen2")
+    prompt, system = "Write a haiku about the sea.", "Be brief."
+    argv = ["--model_dir", str(model_dir), "--prompt", prompt, "--system", system, "--max_new_tokens", 8]
+    first = generate.main([str(a) for a in argv + ["--output", tmp_path / "reply.json"]])
+    assert first == json.loads((tmp_path / "reply.json").read_text())
+    assert first["template"] == "auto" and first["new_tokens"] >= 3
+
+    model, tok, fam = generate.load(str(model_dir))
+    chat = [{"role": "system", "content": system}, {"role": "user", "content": prompt}]
+    expected = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=False)
+    ids = [int(i) for i in generate.prompt_ids(generate.chat_format_for("auto", tok, fam), prompt, system)]
+    assert ids == [int(i) for i in expected] and first["prompt_tokens"] == len(ids)
+    stops = models.stop_token_ids(str(model_dir), fam, generate.chat_format_for("auto", tok, fam).stop_token_ids)
+    saved = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    assert set(saved if isinstance(saved, list) else [saved]) <= set(stops)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, eos_token_id=stops, pad_token_id=stops[0])
+    new = out[0, len(ids):].tolist()
+    assert len(new) == first["new_tokens"] and first["reply"] == tok.decode(new, skip_special_tokens=True).strip()
+    assert first["reply_raw"] == tok.decode(new, skip_special_tokens=False)
+
+    # a new stop id only in generation_config.json (the first token that is new at position k >= 1): k + 1 tokens
+    k = next(i for i in range(1, len(new)) if new[i] not in new[:i])
+    config = json.loads((model_dir / "generation_config.json").read_text())
+    config["eos_token_id"] = [*(saved if isinstance(saved, list) else [saved]), new[k]]
+    (model_dir / "generation_config.json").write_text(json.dumps(config))
+    cut = generate.main([str(a) for a in argv])
+    assert cut["new_tokens"] == k + 1 and cut["reply_raw"] == tok.decode(new[:k + 1], skip_special_tokens=False)

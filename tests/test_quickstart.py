@@ -1,6 +1,6 @@
 """The DeepSpeed configs, the launch scripts' command lines, and scripts/quickstart.sh end to end.
 
-    python -m pytest -q tests/test_quickstart.py              # ~2 min on 2 CPU cores (the quickstart is slow)
+    python -m pytest -q tests/test_quickstart.py              # ~3 min on 2 CPU cores (the quickstart is slow)
     python -m pytest -q tests/test_quickstart.py -m "not slow"  # configs and scripts only, seconds
 """
 
@@ -214,7 +214,38 @@ def test_launch_script_overrides_and_multinode(tmp_path):
 def test_quickstart_names_the_families():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env={**os.environ, "FAMILY": "gpt2"},
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "use llama3, glm4, chatglm3, chatglm2 or llama2" in out.stderr
+    assert out.returncode == 2
+    assert "use llama3, glm4, chatglm3, chatglm2, llama2, glm, glm4_0414, qwen2, qwen3 or mistral" in out.stderr
+
+
+def test_quickstart_dry_run_native_family(tmp_path):
+    """FAMILY=qwen2 DRY_RUN=1: the six steps' commands (the launch printed by scripts/sft.sh itself, training the
+    packed data of step 3 without preparing it again), nothing run, OUT untouched."""
+    out_dir = tmp_path / "qs"
+    env = {**os.environ, "FAMILY": "qwen2", "DRY_RUN": "1", "OUT": str(out_dir), "PYTHON": sys.executable}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert not out_dir.exists()
+    cmds = [shlex.split(line[len("[quickstart] $ "):]) for line in out.stdout.splitlines()
+            if line.startswith("[quickstart] $ ")]
+    assert [c[1] for c in cmds] == ["tools/make_tiny.py", "pre_tokenize.py", "sort_and_group.py", "tools/generate.py",
+                                    "tools/plot_loss.py"]
+    tiny, pre, group, gen, _ = cmds
+    assert tiny[2:] == ["model", "--family", "qwen2", "--out", str(out_dir / "model")]
+    assert flag(pre, "--template") == "auto" and flag(pre, "--model_name_or_path") == str(out_dir / "model")
+    assert flag(pre, "--output_dir") == str(out_dir / "data") == flag(group, "--train_file")
+    ranks = "1" if _cuda_count() == 1 else "2"  # the quickstart's NUM_PROCS
+    assert flag(group, "--group_size") == ranks
+    assert "4/6 train: scripts/sft.sh" in out.stdout and "[sft] " not in out.stdout  # PREPARE=0: data is ready
+    (launch,) = [shlex.split(line[len("[launch] "):]) for line in out.stdout.splitlines()
+                 if line.startswith("[launch] ") and " main.py " in line]
+    assert launch[:3] == ["deepspeed", "--num_gpus", ranks]
+    assert flag(launch, "--model_name_or_path") == str(out_dir / "model")
+    assert flag(launch, "--train_file") == str(out_dir / "data") and flag(launch, "--output_dir") == str(out_dir / "run")
+    assert flag(launch, "--batch_method") == "pack" and flag(launch, "--pack_loss") == "False"
+    assert flag(launch, "--deepspeed") == "ds_config/stage3.json" and flag(launch, "--weight_decay") == "0"
+    assert flag(gen, "--model_dir") == str(out_dir / "run") and flag(gen, "--data") == str(out_dir / "data")
 
 
 def test_launch_script_reports_every_problem(tmp_path):
@@ -240,7 +271,8 @@ def _cuda_count() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_cuda_count() == 1, reason="the quickstart's 2-rank launch needs 2 GPUs on a GPU machine")
-@pytest.mark.parametrize("family", [None, "chatglm2"])  # the default (llama3); LongAlign's round format
+# the default (llama3); LongAlign's round format; a transformers-native class with template auto (scripts/sft.sh)
+@pytest.mark.parametrize("family", [None, "chatglm2", "qwen2"])
 def test_quickstart_end_to_end(tmp_path, family):
     out_dir = tmp_path / "qs"
     env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable}
@@ -258,9 +290,10 @@ def test_quickstart_end_to_end(tmp_path, family):
     assert "ZeRO stage 3, 2 partitions, 2 rank files" in train_log
     settings = json.loads((out_dir / "run" / "train_settings.json").read_text())
     assert settings["data"]["batch_method"] == "pack"
-    assert settings["data"]["pack_loss"] == (family is not None)  # LongAlign's scripts: the per-sequence loss
+    assert settings["data"]["pack_loss"] == (family == "chatglm2")  # LongAlign's scripts: the per-sequence loss
     meta = json.loads((out_dir / "data" / "meta.json").read_text())
-    assert (meta["model_family"], meta["template"]) == ((family, family) if family else ("llama3", "longwriter"))
+    template = {None: "longwriter", "chatglm2": "chatglm2", "qwen2": "auto"}[family]
+    assert (meta["model_family"], meta["template"]) == (family or "llama3", template)
 
     # the loss fell
     history = json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"]

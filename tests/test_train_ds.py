@@ -2,7 +2,7 @@
 logged loss of one process accumulating the same packs, with DDP and with DeepSpeed ZeRO-3.
 
 And a 2-rank ZeRO-3 run resumed from a checkpoint logs the same per-step losses as the uninterrupted one.
-Run: python -m pytest -q tests/test_train_ds.py  (marked slow: five 2-process launches, ~3 minutes on 2 cores)
+Run: python -m pytest -q tests/test_train_ds.py  (marked slow: seven 2-process launches, ~3-4 minutes on 2 cores)
 """
 import json
 import os
@@ -47,9 +47,11 @@ def eval_losses(log_history) -> list[float]:
 
 
 # zero3 also runs the loss in chunks of 5 tokens (different lm_head call counts on the two ranks; see the resume test);
-# qwen3: transformers' own Qwen3ForCausalLM with the packed forward (patch/modeling_native.py), tied embeddings
+# transformers' own classes with the packed forward (patch/modeling_native.py): qwen3 (tied embeddings), glm
+# (GLM-Edge: partial interleaved RoPE, fused gate_up_proj), mistral (a 32-token sliding window under 64-token samples)
 @pytest.mark.parametrize("engine,pack_loss,per_device,chunk,family", [
-    ("ddp", True, 2, 1024, "llama3"), ("zero3", False, 1, 5, "llama3"), ("zero3", True, 1, 5, "qwen3")])
+    ("ddp", True, 2, 1024, "llama3"), ("zero3", False, 1, 5, "llama3"), ("zero3", True, 1, 5, "qwen3"),
+    ("zero3", False, 1, 5, "glm"), ("ddp", True, 2, 1024, "mistral")])
 def test_two_ranks_equal_one_rank_accumulating(tmp_path, request, engine, pack_loss, per_device, chunk, family):
     if family == "llama3":
         model_dir = request.getfixturevalue("llama_dir")
