@@ -33,7 +33,9 @@ import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
+
+from atomic_dir import write_json_atomic
 
 MARKER = "save_complete.json"
 SETTINGS_FILE = "train_settings.json"
@@ -51,20 +53,10 @@ def new_run_id() -> str:
 # The completion marker
 # ----------------------------------------------------------------------------------------------
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_marker(folder: str | os.PathLike, **info) -> Path:
     """Mark `folder` complete (call it when everything else in it is written, on one process)."""
     path = Path(folder) / MARKER
-    _write_json_atomic(path, {"complete": True, **info})
+    write_json_atomic(path, {"complete": True, **info})
     return path
 
 
@@ -88,7 +80,7 @@ def mark_in_progress(folder: str | os.PathLike, **info) -> None:
     (`info`), so a save cut short is still known as ours; an earlier marker's fields (`outputs`) are kept."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(folder / MARKER, {**(read_raw_marker(folder) or {}), **info, "complete": False})
+    write_json_atomic(folder / MARKER, {**(read_raw_marker(folder) or {}), **info, "complete": False})
 
 
 # ----------------------------------------------------------------------------------------------

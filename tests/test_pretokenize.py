@@ -1,7 +1,6 @@
 """pre_tokenize.py, its front ends pre_tokenize_glm4.py / pre_tokenize_llama3.py, the templates and chat_data.py end
 to end on tiny tokenizers."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import templates_glm
 from chat_data import InputError
 from patch import families
 from dataset import IGNORE_INDEX, LMDataset, TokenizedData
+from records import supervised_runs as spans, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECIAL_TEXT = "see <|user|> <|eot_id|> <|end_of_text|> [INST] <|endoftext|> [gMASK]"
@@ -43,24 +43,6 @@ TOOL = {"messages": [
     {"role": "observation", "content": '{"temp": 21}'},
     {"role": "assistant", "content": "It is 21 degrees.", "loss_weight": 1},
 ]}
-
-
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                            for r in records), encoding="utf-8")
-    return path
-
-
-def spans(labels):
-    """Contiguous runs of supervised labels."""
-    out, cur = [], []
-    for x in labels.tolist() + [IGNORE_INDEX]:
-        if x != IGNORE_INDEX:
-            cur.append(x)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out
 
 
 @pytest.fixture(scope="module")

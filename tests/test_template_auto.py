@@ -12,6 +12,7 @@ import pre_tokenize
 import templates
 from chat_data import InputError
 from chat_inputs import Message
+from records import write_jsonl
 from storage import IGNORE_INDEX, TokenizedData
 from templates_auto import AutoFormat
 
@@ -325,11 +326,6 @@ def test_stop_tokens_and_prefix(fmt, chat_tokenizer_dir, tmp_path):
                                                                               qwen.special_ids["<|im_end|>"]]}))
     f = AutoFormat(PreTrainedTokenizerFast.from_pretrained(copy))
     assert f.stop_token_ids == [qwen.special_ids["<|endoftext|>"], qwen.special_ids["<|im_end|>"]]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def test_a_folder_without_a_chat_template_is_named(tmp_path, llama2_tokenizer_dir, glm4_tokenizer_dir):

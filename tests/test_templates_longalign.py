@@ -18,6 +18,7 @@ import pre_tokenize
 import templates
 from chat_data import InputError
 from dataset import IGNORE_INDEX, LMDataset, TokenizedData
+from records import supervised_runs as runs, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "see </s> <s> <unk> [gMASK] sop <|user|> [INST] [Round 1] 答："  # special-token / template text
@@ -52,24 +53,6 @@ SKIPS = [  # (record, reason, words of the detail), one per way a record does no
      "too_long", "tokens > --max_length 128"),
 ]
 ROUND_TEMPLATES = {"chatglm2": ("chatglm2_tokenizer_dir", "chatglm2"), "llama2": ("llama2_tokenizer_dir", "llama2")}
-
-
-def write_jsonl(path, records):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n"
-                            for r in records), encoding="utf-8")
-    return path
-
-
-def runs(labels):
-    """Contiguous runs of supervised labels."""
-    out, cur = [], []
-    for x in labels.tolist() + [IGNORE_INDEX]:
-        if x != IGNORE_INDEX:
-            cur.append(x)
-        elif cur:
-            out.append(cur)
-            cur = []
-    return out
 
 
 def pretok(tok_dir, inputs, out, *extra):
