@@ -48,10 +48,12 @@ def eval_losses(log_history) -> list[float]:
 
 # zero3 also runs the loss in chunks of 5 tokens (different lm_head call counts on the two ranks; see the resume test);
 # transformers' own classes with the packed forward (patch/modeling_native.py): qwen3 (tied embeddings), glm
-# (GLM-Edge: partial interleaved RoPE, fused gate_up_proj), mistral (a 32-token sliding window under 64-token samples)
+# (GLM-Edge: partial interleaved RoPE, fused gate_up_proj), mistral (a 32-token sliding window under 64-token samples),
+# qwen2 (q/k/v biases), glm4_0414 (GLM-4-0414: extra post-attention/post-MLP norms)
 @pytest.mark.parametrize("engine,pack_loss,per_device,chunk,family", [
     ("ddp", True, 2, 1024, "llama3"), ("zero3", False, 1, 5, "llama3"), ("zero3", True, 1, 5, "qwen3"),
-    ("zero3", False, 1, 5, "glm"), ("ddp", True, 2, 1024, "mistral")])
+    ("zero3", False, 1, 5, "glm"), ("ddp", True, 2, 1024, "mistral"), ("ddp", False, 2, 1024, "qwen2"),
+    ("zero3", True, 1, 5, "glm4_0414")])
 def test_two_ranks_equal_one_rank_accumulating(tmp_path, request, engine, pack_loss, per_device, chunk, family):
     if family == "llama3":
         model_dir = request.getfixturevalue("llama_dir")
