@@ -105,6 +105,26 @@ def _byte_to_char() -> dict[int, str]:
     return table
 
 
+def _role_message(tok, role: str, metadata: str, message: str, model: str) -> list[int]:
+    """[<|role|>] + encode(metadata + "\\n") + encode(message) of a GLM-4 / ChatGLM3 tokenizer (content: plain text)."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}; {model} roles are {', '.join(ROLES)}")
+    return [tok.special_tokens[f"<|{role}|>"]] + tok.encode_plain(f"{metadata}\n") + tok.encode_plain(message)
+
+
+def _save_vocab_file(vocab_file: str, save_directory: str, filename_prefix: str | None, write) -> tuple[str]:
+    """save_vocabulary of both tokenizers: a byte-identical copy of the loaded file, else `write(out)` rebuilds it."""
+    if not os.path.isdir(save_directory):
+        raise ValueError(f"save_vocabulary: {save_directory} is not a folder")
+    name = (f"{filename_prefix}-" if filename_prefix else "") + VOCAB_FILES_NAMES["vocab_file"]
+    out = os.path.join(save_directory, name)
+    if os.path.isfile(vocab_file) and os.path.abspath(vocab_file) != os.path.abspath(out):
+        shutil.copyfile(vocab_file, out)
+    elif not os.path.isfile(out):
+        write(out)
+    return (out,)
+
+
 class ChatGLM4Tokenizer(PreTrainedTokenizer):
     """GLM-4 tokenizer over tiktoken. Token strings are byte-level (`Ġ`-style) renderings of the token bytes,
     so `get_vocab()` is one-to-one; `decode` returns the exact UTF-8 text."""
@@ -217,10 +237,7 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
 
     def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
         """[<|role|>] + encode(metadata + "\\n") + encode(message); content is always plain text."""
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; GLM-4 roles are {', '.join(ROLES)}")
-        return ([self.special_tokens[f"<|{role}|>"]] + self.encode_plain(f"{metadata}\n")
-                + self.encode_plain(message))
+        return _role_message(self, role, metadata, message, "GLM-4")
 
     # ---- transformers' slow-tokenizer hooks -----------------------------------------------------
     def _tokenize(self, text: str, **kwargs) -> list[str]:
@@ -264,15 +281,8 @@ class ChatGLM4Tokenizer(PreTrainedTokenizer):
         return self.clean_up_tokenization(text) if clean else text
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        if not os.path.isdir(save_directory):
-            raise ValueError(f"save_vocabulary: {save_directory} is not a folder")
-        out = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "")
-                           + VOCAB_FILES_NAMES["vocab_file"])
-        if os.path.isfile(self.vocab_file) and os.path.abspath(self.vocab_file) != os.path.abspath(out):
-            shutil.copyfile(self.vocab_file, out)  # byte-identical copy of the original file
-        elif not os.path.isfile(out):
-            write_ranks(self.mergeable_ranks, out)
-        return (out,)
+        return _save_vocab_file(self.vocab_file, save_directory, filename_prefix,
+                                lambda out: write_ranks(self.mergeable_ranks, out))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,9 +481,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         """ChatGLM3: [<|role|>] + encode(metadata + "\\n") + encode(message); content is always plain text."""
         if self.chatglm_version != 3:
             raise ValueError("ChatGLM2 has no role tokens; build_single_message is ChatGLM3's (chatglm_version=3)")
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}; ChatGLM3 roles are {', '.join(ROLES)}")
-        return [self.special_tokens[f"<|{role}|>"]] + self.encode_plain(f"{metadata}\n") + self.encode_plain(message)
+        return _role_message(self, role, metadata, message, "ChatGLM3")
 
     # ---- transformers' slow-tokenizer hooks -----------------------------------------------------
     def tokenize(self, text: str, **kwargs) -> list[str]:
@@ -544,13 +552,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return self.clean_up_tokenization(text) if clean else text
 
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
-        if not os.path.isdir(save_directory):
-            raise ValueError(f"save_vocabulary: {save_directory} is not a folder")
-        out = os.path.join(save_directory, (f"{filename_prefix}-" if filename_prefix else "")
-                           + VOCAB_FILES_NAMES["vocab_file"])
-        if os.path.isfile(self.vocab_file) and os.path.abspath(self.vocab_file) != os.path.abspath(out):
-            shutil.copyfile(self.vocab_file, out)  # byte-identical copy of the original file
-        elif not os.path.isfile(out):
+        def write(out: str) -> None:
             with open(out, "wb") as f:
                 f.write(self.sp_model.serialized_model_proto())
-        return (out,)
+
+        return _save_vocab_file(self.vocab_file, save_directory, filename_prefix, write)
