@@ -252,7 +252,10 @@ def count_targets(batch: dict[str, torch.Tensor]) -> tuple[int, int]:
     """(prediction targets, samples with at least one target) of a collated batch.
 
     Relies on the collators' convention (no sample's first token is labelled), so every label != -100
-    is one target of the shifted causal loss."""
+    is one target of the shifted causal loss. A sequence-parallel shard (sequence_parallel.py) carries the
+    counts it adds to the step's normaliser as num_targets / num_sequences."""
+    if "num_targets" in batch:
+        return int(batch["num_targets"]), int(batch["num_sequences"])
     target = batch["labels"] != IGNORE_INDEX
     tokens = int(target.sum())
     mask = batch.get("attention_mask")

@@ -65,6 +65,7 @@ from transformers import HfArgumentParser, TrainingArguments
 import checkpoints as ckpt
 import dataset as ds_lib
 import models
+import sequence_parallel as sp_lib
 import train_setup
 from errors import run_cli
 from chat_inputs import InputError
@@ -110,6 +111,10 @@ class DataArguments:
     pack_loss: bool = field(
         default=False, metadata={"help": "LongAlign loss: every sequence of the optimizer step weighs the same "
                                          "(mean over sequences of their token-mean CE). Default: token mean."})
+    sequence_parallel_size: int = field(
+        default=1, metadata={"help": "Ranks that share each pack (DeepSpeed Ulysses; needs --batch_method pack and "
+                                     "--deepspeed): each holds 1/N of its tokens; data-parallel size = ranks / N. "
+                                     "N must divide the attention heads (sequence_parallel.py)."})
 
 
 @dataclass
@@ -162,7 +167,8 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
         hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
             else ""
         raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
-    problems = config_problems + train_setup.setting_problems(ns)
+    problems = config_problems + train_setup.setting_problems(ns) + sp_lib.setting_problems(
+        ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), ns.batch_method, ns.deepspeed)
     if check_start:
         problems += train_setup.start_problems(ns, BATCH_METHODS)
     if problems:
@@ -455,6 +461,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     args.remove_unused_columns = False
     args.prediction_loss_only = True
     resume_req = ckpt.resume_request(args.resume_from_checkpoint, args.output_dir)
+    world = max(1, args.world_size)
+    layout = sp_lib.SPLayout.of(world, args.process_index, data_args.sequence_parallel_size)
+    if layout.size > 1:  # before the model loads: ZeRO-3's Init reads the batch sizes of the DeepSpeed config
+        sp_lib.configure_deepspeed(args.hf_deepspeed_config, layout, args.per_device_train_batch_size,
+                                   args.gradient_accumulation_steps)
 
     # ---- model family, tokenizer, data checks (before the model is loaded: fail fast) ----
     model_type = read_model_type(model_args.model_name_or_path)
@@ -466,7 +477,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
         if model_args.trust_remote_code else model_class(model_type).config_class.from_pretrained(
             model_args.model_name_or_path)
     rows = vocab_rows(config)
-    problems, stats = [], {}
+    problems, stats = sp_lib.head_problems(config, layout.size), {}
     for role, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
         if path:
             p, stats[role] = check_data(path, role, data_args.batch_method, rows, tokenizer, family,
@@ -481,12 +492,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
         pad_id = (train_meta.get("tokenizer") or {}).get("pad_token_id")
     if pad_id is None:
         pad_id = tokenizer.eos_token_id
-    collator = make_collator(data_args.batch_method, pad_id, data_args.pack_loss)
+    collator = make_collator(data_args.batch_method, pad_id, data_args.pack_loss) if layout.size == 1 else \
+        sp_lib.SequenceParallelCollator(layout.size, layout.rank, pad_id, data_args.pack_loss)
 
     # ---- a resumed run: already finished (nothing to do), else its newest complete checkpoint ----
-    world = max(1, args.world_size)
-    steps = planned_steps(len(train_ds), world, args.per_device_train_batch_size, args.gradient_accumulation_steps,
-                          args.max_steps, args.num_train_epochs)
+    steps = planned_steps(len(train_ds), layout.dp_size, args.per_device_train_batch_size,
+                          args.gradient_accumulation_steps, args.max_steps, args.num_train_epochs)
     done = ckpt.finished_output(args.output_dir, steps) if resume_req else None
     if done:
         logger.info("%s already holds the final output of this run (step %s of %d, %s): nothing to do",
@@ -499,22 +510,32 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
 
     # ---- model ----
     dtype = torch.bfloat16 if (args.bf16 and args.deepspeed) else torch.float32
+    transformers.set_seed(args.seed)  # LoRA's initial weights (and anything the model initialises) from --seed
     model = load_model(model_args, model_type, dtype)
     if lora_args.use_lora:
         model = apply_lora(model, lora_args, family, args.gradient_checkpointing)
     total, trainable = count_parameters(model)
+    divisor = None
+    if layout.size > 1:
+        sp_lib.enable_ulysses(model, layout)
+        divisor = sp_lib.gradient_divisor(args.hf_deepspeed_config.config, world, layout.size)
 
     # ---- report the settings and the data (rank 0) ----
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * layout.dp_size
     unit = "packs" if data_args.batch_method == "pack" else "samples"
     logger.info("model %s (%s, %s), %s parameters, %s trainable (%.2f%%)", model_args.model_name_or_path,
                 model_type, str(dtype).replace("torch.", ""), f"{total:,}", f"{trainable:,}",
                 100.0 * trainable / max(total, 1))
     logger.info("batch_method %s, loss %s; %d rank(s) x %d %s x %d accumulation steps = %d %s per optimizer step",
                 data_args.batch_method, "per-sequence mean (pack_loss)" if data_args.pack_loss else "token mean",
-                world, args.per_device_train_batch_size, unit, args.gradient_accumulation_steps, global_batch, unit)
+                layout.dp_size, args.per_device_train_batch_size, unit, args.gradient_accumulation_steps,
+                global_batch, unit)
+    if layout.size > 1:
+        logger.info("sequence parallelism: %d ranks = %d data-parallel group(s) x %d ranks sharing each pack "
+                    "(DeepSpeed Ulysses around %s; each rank holds 1/%d of a pack's tokens)", world, layout.dp_size,
+                    layout.size, "packed_varlen", layout.size)
     group = stats["train"].get("group_size")
-    step_items = world * args.per_device_train_batch_size
+    step_items = layout.dp_size * args.per_device_train_batch_size
     if group and step_items % group:
         logger.info("note: sort_and_group.py balanced the data for --group_size %d, this run takes %d %s per "
                     "micro-step across ranks: balance is less good, the loss is unaffected", group, step_items, unit)
@@ -527,7 +548,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     settings = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                 "lora": dataclasses.asdict(lora_args), "training": json.loads(args.to_json_string()),
                 "resolved": {"model_type": model_type, "model_family": family.name if family else None,
-                             "dtype": str(dtype), "world_size": world,
+                             "dtype": str(dtype), "world_size": world, "data_parallel_size": layout.dp_size,
+                             "sequence_parallel_size": layout.size,
                              "global_batch": global_batch, "resume_from_checkpoint": resume,
                              "parameters": total, "trainable_parameters": trainable},
                 "data_stats": stats,
@@ -540,7 +562,8 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     # ---- train ----
     trainer = TrainerNoShuffle(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                                data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-                               batch_method=data_args.batch_method, pack_loss=data_args.pack_loss)
+                               batch_method=data_args.batch_method, pack_loss=data_args.pack_loss,
+                               sequence_parallel=layout, gradient_divisor=divisor)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     if args.should_save and not lora_args.use_lora:

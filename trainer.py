@@ -29,6 +29,11 @@ whatever the number of ranks, accumulation steps and per-device batch. The logge
 all-rank mean of the per-rank sums, i.e. that same quantity, so it means the same on any GPU count.
 Evaluation uses the same definitions summed over the whole validation set.
 
+Sequence parallelism (`sequence_parallel=SPLayout`, sequence_parallel.py): N ranks share each pack. The data is
+padded and ordered for the world / N data-parallel groups (each group's batch repeated N times so accelerate's
+sharding gives it to all N ranks), only SP rank 0 adds a pack's counts to D, and the loss scale follows what
+DeepSpeed divides the gradients by (sequence_parallel.gradient_divisor); the logged loss means the same as without.
+
 Checkpoints. A checkpoint-N folder gets `save_complete.json` (checkpoints.py) only after every rank wrote
 its files, so a save cut short never looks complete; `--save_total_limit` deletes only the checkpoints of
 this run (its run_id, kept across resumes), never other checkpoint-* folders in --output_dir. A run resumed
@@ -46,6 +51,7 @@ from torch.utils.data import Dataset, Sampler
 
 from checkpoints import mark_in_progress, new_run_id, read_marker, rotate_own_checkpoints, write_marker
 from dataset import IGNORE_INDEX, count_targets
+from sequence_parallel import PACK_COUNT_KEYS, SPLayout, sp_order
 
 BATCH_METHODS = ("naive", "sort", "pack")
 
@@ -86,17 +92,21 @@ class PaddedToMultiple(Dataset):
 
 
 class EpochSampler(Sampler):
-    """Indices 0..num_real-1 in order (sort, pack) or shuffled with seed + epoch (naive), then the padding items."""
+    """Indices 0..num_real-1 in order (sort, pack) or shuffled with seed + epoch (naive), then the padding items.
+    With `sequence_parallel` (and the per-device batch size), every data-parallel rank's batch comes
+    sequence_parallel.size times in a row (sequence_parallel.sp_order)."""
 
-    def __init__(self, num_real: int, num_items: int, shuffle: bool, seed: int):
+    def __init__(self, num_real: int, num_items: int, shuffle: bool, seed: int,
+                 sequence_parallel: SPLayout | None = None, per_device: int = 1):
         self.num_real, self.num_items, self.shuffle, self.seed = num_real, num_items, shuffle, seed
+        self.sequence_parallel, self.per_device = sequence_parallel, per_device
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
     def __len__(self) -> int:
-        return self.num_items
+        return self.num_items * (self.sequence_parallel.size if self.sequence_parallel else 1)
 
     def __iter__(self):
         if self.shuffle:
@@ -104,7 +114,9 @@ class EpochSampler(Sampler):
             order = torch.randperm(self.num_real, generator=g).tolist()
         else:
             order = list(range(self.num_real))
-        return iter(order + list(range(self.num_real, self.num_items)))
+        order += list(range(self.num_real, self.num_items))
+        sp = self.sequence_parallel
+        return iter(sp_order(order, sp.dp_size, sp.size, self.per_device) if sp and sp.size > 1 else order)
 
 
 def planned_steps(num_items: int, world_size: int, per_device: int, grad_acc: int, max_steps: int,
@@ -123,19 +135,22 @@ class TrainerNoShuffle(transformers.Trainer):
     """transformers.Trainer with the data order and the exact step loss described in the module docstring.
 
     Extra keyword arguments: batch_method ("naive" | "sort" | "pack"), pack_loss (bool), run_id (the run
-    the checkpoints belong to; default: the resumed checkpoint's, else a new one). The model's forward must
-    accept labels, weights, pack_loss and num_items_in_batch (patch/modeling_*.py do)."""
+    the checkpoints belong to; default: the resumed checkpoint's, else a new one), sequence_parallel (an SPLayout
+    with size > 1, after sequence_parallel.enable_ulysses; its collator is SequenceParallelCollator). The model's
+    forward must accept labels (or shift_labels), weights, pack_loss and num_items_in_batch (patch/ models do)."""
 
     # compute_loss returns a loss already normalized over the whole optimizer step
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, batch_method: str = "pack", pack_loss: bool = False, run_id: str | None = None,
-                 **kwargs):
+                 sequence_parallel: SPLayout | None = None, gradient_divisor: int | None = None, **kwargs):
         if batch_method not in BATCH_METHODS:
             raise ValueError(f"batch_method {batch_method!r}: expected one of {BATCH_METHODS}")
         self.batch_method = batch_method
         self.pack_loss = pack_loss
         self.run_id = run_id
+        self.sequence_parallel = sequence_parallel if sequence_parallel and sequence_parallel.size > 1 else None
+        self.gradient_divisor = gradient_divisor  # what DeepSpeed divides summed gradients by (SP); default world
         super().__init__(*args, **kwargs)
         # every micro-batch must reach the model whole (cu_seqlens, weights): never drop "unused" columns
         self.args.remove_unused_columns = False
@@ -143,10 +158,17 @@ class TrainerNoShuffle(transformers.Trainer):
 
     # ---- data -----------------------------------------------------------------------------------
 
+    def _data_parallel_size(self) -> int:
+        """Ranks that read different batches: all of them, or one per sequence-parallel group."""
+        return self.sequence_parallel.dp_size if self.sequence_parallel else max(1, self.args.world_size)
+
     def _pad_for_ranks(self, dataset: Dataset, per_device: int) -> Dataset:
         if dataset is None or isinstance(dataset, PaddedToMultiple):
             return dataset
-        return PaddedToMultiple(dataset, max(1, self.args.world_size) * per_device)
+        return PaddedToMultiple(dataset, self._data_parallel_size() * per_device)
+
+    def get_total_train_batch_size(self, args) -> int:
+        return self._train_batch_size * args.gradient_accumulation_steps * self._data_parallel_size()
 
     def get_train_dataloader(self):
         self.train_dataset = self._pad_for_ranks(self.train_dataset, self._train_batch_size)
@@ -156,7 +178,8 @@ class TrainerNoShuffle(transformers.Trainer):
         ds = train_dataset if train_dataset is not None else self.train_dataset
         num_real = ds.num_real if isinstance(ds, PaddedToMultiple) else len(ds)
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return EpochSampler(num_real, len(ds), shuffle=self.batch_method == "naive", seed=seed)
+        return EpochSampler(num_real, len(ds), shuffle=self.batch_method == "naive", seed=seed,
+                            sequence_parallel=self.sequence_parallel, per_device=self._train_batch_size)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if eval_dataset is None or isinstance(eval_dataset, str):
@@ -170,7 +193,8 @@ class TrainerNoShuffle(transformers.Trainer):
         return super().get_eval_dataloader(self._pad_for_ranks(eval_dataset, self.args.eval_batch_size))
 
     def _get_eval_sampler(self, eval_dataset):
-        return EpochSampler(len(eval_dataset), len(eval_dataset), shuffle=False, seed=0)
+        return EpochSampler(len(eval_dataset), len(eval_dataset), shuffle=False, seed=0,
+                            sequence_parallel=self.sequence_parallel, per_device=self.args.eval_batch_size)
 
     # ---- checkpoints: complete only when marked, rotation of our own only ----------------------
 
@@ -227,7 +251,7 @@ class TrainerNoShuffle(transformers.Trainer):
 
     def _get_num_items_in_batch(self, batch_samples, device):
         """D of the whole optimizer step: targets (or samples with targets, with --pack_loss), all ranks."""
-        if not batch_samples or "labels" not in batch_samples[0]:
+        if not batch_samples or not {"labels", "shift_labels"} & set(batch_samples[0]):
             return None
         counts = [count_targets(b) for b in batch_samples]
         n = sum(s if self.pack_loss else t for t, s in counts)
@@ -237,7 +261,7 @@ class TrainerNoShuffle(transformers.Trainer):
         return n.clamp(min=1)
 
     def _model_inputs(self, inputs: dict, num_items_in_batch) -> dict:
-        inputs = dict(inputs)
+        inputs = {k: v for k, v in inputs.items() if k not in PACK_COUNT_KEYS}
         if not self.pack_loss:
             inputs.pop("weights", None)
         else:
@@ -251,8 +275,14 @@ class TrainerNoShuffle(transformers.Trainer):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if num_items_in_batch is not None:
             # DDP / DeepSpeed average gradients over ranks; the loss is a share of an all-rank sum
-            loss = loss * self.accelerator.num_processes
+            loss = loss * (self.gradient_divisor or self.accelerator.num_processes)
         return (loss, outputs) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        divisor = self.gradient_divisor or self.accelerator.num_processes
+        # logged: the mean over ranks of what they return, i.e. (all-rank sum / D) when scaled by the rank count
+        return loss * (self.accelerator.num_processes / divisor) if num_items_in_batch is not None else loss
 
     # ---- exact evaluation loss ------------------------------------------------------------------
 

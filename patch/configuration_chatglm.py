@@ -3,7 +3,8 @@ LongWriter-glm4-9b). Reads their config.json as it is; defaults are glm-4-9b-cha
 
 Differences from upstream's file: `seq_length` is informational only (RoPE is computed for any position, so
 it never needs editing); `loss_chunk_size` (tokens per chunk of the chunked loss) is new; generic names used by
-transformers (`num_hidden_layers`, `vocab_size`) map onto the chatglm names. Supported transformers: >= 5.0.
+transformers (`num_hidden_layers`, `vocab_size`, `head_dim`, `num_key_value_heads`; DeepSpeed's Ulysses sequence
+parallelism reads the last two) map onto the chatglm names. Supported transformers: >= 5.0.
 
 Tiny check: python -c "from patch.configuration_chatglm import ChatGLMConfig; print(ChatGLMConfig(num_layers=2))"
 """
@@ -13,7 +14,19 @@ from transformers import PretrainedConfig
 class ChatGLMConfig(PretrainedConfig):
     model_type = "chatglm"
     keys_to_ignore_at_inference = ["past_key_values"]
-    attribute_map = {"num_hidden_layers": "num_layers", "vocab_size": "padded_vocab_size"}
+    attribute_map = {"num_hidden_layers": "num_layers", "vocab_size": "padded_vocab_size", "head_dim": "kv_channels"}
+
+    @property
+    def num_key_value_heads(self) -> int:
+        """Key/value heads: multi_query_group_num with multi_query_attention, else num_attention_heads."""
+        return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+    @num_key_value_heads.setter
+    def num_key_value_heads(self, value: int) -> None:  # a config.json written by other tools may carry it
+        if self.multi_query_attention:
+            self.multi_query_group_num = int(value)
+        elif int(value) != self.num_attention_heads:
+            raise ValueError(f"num_key_value_heads {value} needs multi_query_attention: true (multi_query_group_num)")
 
     def __init__(
         self,

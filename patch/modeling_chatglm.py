@@ -241,7 +241,9 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         for layer in self.encoder.layers:
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
-            hidden_states = layer(hidden_states, rotary=rotary, attention_mask=mask,
+            # position_ids reach the attention function as transformers' layers pass them (sequence parallelism
+            # gathers them across ranks there)
+            hidden_states = layer(hidden_states, rotary=rotary, attention_mask=mask, position_ids=position_ids,
                                   past_key_values=past_key_values, **packed_kwargs, **kwargs)
         if self.encoder.final_layernorm is not None:
             hidden_states = self.encoder.final_layernorm(hidden_states)
@@ -281,7 +283,8 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         labels=None,  # [B, T] aligned with input_ids, -100 = not supervised
         use_cache=None,
         logits_to_keep=0,
-        weights=None,  # [B, T] float aligned with labels
+        weights=None,  # [B, T] float aligned with labels (with shift_labels: aligned with shift_labels)
+        shift_labels=None,  # [B, T] targets already shifted (a sequence-parallel shard); instead of labels
         pack_loss=False,  # use `weights` in the loss
         num_items_in_batch=None,  # normaliser D; default sum of the token weights
         loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size
@@ -299,9 +302,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state  # [B, T, H]
         lm_head = self.transformer.output_layer
         loss = logits = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(hidden_states, lm_head, labels, weights=weights, pack_loss=pack_loss,
                                   num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
+                                  shift_labels=shift_labels,
                                   chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None))
         else:
             if isinstance(logits_to_keep, int) and logits_to_keep > 0:

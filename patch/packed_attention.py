@@ -343,7 +343,7 @@ def _chunk_loss(hidden, target, coef, lm_head):
 
 
 def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=False, num_items_in_batch=None,
-                   cu_seqlens=None, chunk_size=None):
+                   cu_seqlens=None, chunk_size=None, shift_labels=None):
     """Weighted next-token cross-entropy: loss = sum_t w_t * CE_t / D.
 
     hidden_states [B, T, H] (after the final norm), lm_head: module [N, H] -> [N, V] (called as a module so hooks
@@ -352,11 +352,18 @@ def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=Fa
     None, else 1. D = num_items_in_batch if given (the trainer's constant for a whole optimizer step), else sum w_t.
     Only supervised positions go through lm_head, `chunk_size` rows at a time, each chunk under activation
     checkpointing (its logits are recomputed in backward), so at most one chunk of logits exists at any time.
+    `shift_labels` [B, T] (instead of labels): the target of every position, already shifted over the whole pack,
+    with `weights` aligned with it: what one rank's shard of a sequence-parallel pack carries (its last target
+    is the first token of the next rank's shard).
     """
     hid = hidden_states.shape[-1]
-    targets, shifted_w = shift_targets(labels.to(hidden_states.device),
-                                       weights.to(hidden_states.device) if (pack_loss and weights is not None)
-                                       else None, cu_seqlens)
+    use_w = pack_loss and weights is not None
+    if shift_labels is not None:
+        targets = shift_labels.to(hidden_states.device).reshape(-1)  # [B*T]
+        shifted_w = weights.to(hidden_states.device).reshape(-1) if use_w else None
+    else:
+        targets, shifted_w = shift_targets(labels.to(hidden_states.device),
+                                           weights.to(hidden_states.device) if use_w else None, cu_seqlens)
     rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [N] supervised positions
     flat = hidden_states.reshape(-1, hid)  # [B*T, H]
     if rows.numel() == 0:  # nothing supervised: a zero loss that still touches every trainable weight
@@ -410,7 +417,9 @@ class PackedCausalLM:
       attention_mask: 1-D int cu_seqlens [n+1] (input_ids [1, L]: n samples laid end to end), 2-D [B, T] 0/1
         padding, or None; position_ids: [B, T], derived per sample from cu_seqlens when packed and None;
       labels [B, T] (-100 = not supervised), weights [B, T], pack_loss, num_items_in_batch, loss_chunk_size:
-        loss = sum_t w_t * CE_t / D (causal_lm_loss); with labels given, `logits` is None."""
+        loss = sum_t w_t * CE_t / D (causal_lm_loss); with labels given, `logits` is None;
+      shift_labels [B, T] instead of labels: targets already shifted, for one rank's shard of a sequence-parallel
+        pack, whose boundaries then come as kwargs cu_seq_lens_q/k, max_length_q/k (the whole pack's)."""
 
     def forward(
         self,
@@ -423,6 +432,7 @@ class PackedCausalLM:
         use_cache=None,
         logits_to_keep=0,
         weights=None,  # [B, T] float, aligned with labels (e.g. 1/N_i per supervised token of sample i)
+        shift_labels=None,  # [B, T] targets already shifted (a sequence-parallel shard; weights aligned with them)
         pack_loss=False,  # use `weights` in the loss
         num_items_in_batch=None,  # normaliser D (number or 0-d tensor); default: sum of the token weights
         loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size or 1024
@@ -449,10 +459,10 @@ class PackedCausalLM:
         hidden_states = outputs.last_hidden_state  # [B, T, H]
         lm_head = self.get_output_embeddings()  # [H] -> [V]
         loss = logits = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
             loss = causal_lm_loss(
                 hidden_states, lm_head, labels, weights=weights, pack_loss=pack_loss,
-                num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
+                num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens, shift_labels=shift_labels,
                 chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
             )
         else:

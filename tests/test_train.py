@@ -34,10 +34,12 @@ def glm_dir(tmp_path_factory, glm4_tokenizer_dir):
 
 
 def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int = 0, max_token: int | None = None,
-               group: bool = True, max_length: int = 96, template: str | None = None) -> Path:
+               group: bool = True, max_length: int = 96, template: str | None = None,
+               shapes: list[tuple[int, int]] | None = None) -> Path:
     """A learnable task: a random prompt (not supervised), then a reply that counts up from the prompt's last
     token. Written with TokenizedWriter (meta like pre_tokenize_*), then sort_and_group.py (packs + sort order).
-    meta's template: `template`, else the family's name."""
+    meta's template: `template`, else the family's name. `shapes`: the (prompt, reply) lengths of every sample
+    (instead of n random ones)."""
     tok = train_main.load_tokenizer(str(model_dir), family)
     rng = np.random.default_rng(seed)
     top = 200 if max_token is None else max_token
@@ -46,8 +48,8 @@ def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int =
                           "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
                           "bos_token_id": tok.bos_token_id}}
     with TokenizedWriter(out, meta) as w:
-        for _ in range(n):
-            p, r = int(rng.integers(3, 12)), int(rng.integers(4, 30))
+        for i in range(n if shapes is None else len(shapes)):
+            p, r = (int(rng.integers(3, 12)), int(rng.integers(4, 30))) if shapes is None else shapes[i]
             prompt = rng.integers(20, 100, size=p).tolist()
             reply = [(prompt[-1] + k) % 100 + 20 for k in range(1, r + 1)]
             if max_token is not None:

@@ -28,7 +28,12 @@ def _free_port() -> int:
 
 
 def launch_two_ranks(model_dir, data, out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+    return launch_ranks(2, model_dir, data, out, *extra)
+
+
+def launch_ranks(nproc: int, model_dir, data, out, *extra):
+    """main.py on `nproc` real processes (torchrun, gloo on CPU); (logged losses, rank 0's output)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), str(ROOT / "main.py"),
            "--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
            "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
