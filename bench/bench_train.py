@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     import pre_tokenize_llama3
     import sort_and_group
     from dataset import LMPackDataset, LMSortDataset, TokenizedData
-    from main import target_stats
+    from train_data import target_stats
     from tools.make_tiny import make_tiny_model
 
     work = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="bench_train_"))
