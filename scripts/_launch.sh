@@ -5,6 +5,12 @@
 # PRETOKENIZE_ARGS (extra pre-tokenization flags), which only the hints for missing data show. Extra
 # command-line arguments of the calling script ("$@") are appended last, so they override anything here:
 #   bash scripts/glm4_longwriter.sh --max_steps 10
+# Sequence parallelism: SP_SIZE ranks share each pack (the calling script passes --sequence_parallel_size
+# "$SP_SIZE" to main.py; sequence_parallel.py); it needs BATCH_METHOD=pack, NUM_GPUS x NUM_NODES a multiple of
+# SP_SIZE, and makes the data-parallel size (NUM_GPUS x NUM_NODES) / SP_SIZE:
+#   SP_SIZE=4 NUM_GPUS=8 bash scripts/glm4_longwriter.sh          # 2 groups of 4 GPUs, each group shares a pack
+# LAUNCH_CHECK_ONLY=1 (set by scripts/sft.sh before it prepares the data): run the settings checks, skip the
+# data checks, and return to the caller (GROUP_SIZE then holds sort_and_group's --group_size).
 #
 # Launchers (LAUNCHER=deepspeed | torchrun):
 #   one node            deepspeed --num_gpus $NUM_GPUS main.py ...
@@ -32,6 +38,8 @@ MASTER_PORT=${MASTER_PORT:-29500}
 DRY_RUN=${DRY_RUN:-0}
 PYTHON=${PYTHON:-python3}
 PACK_LENGTH=${PACK_LENGTH:-32768}
+SP_SIZE=${SP_SIZE:-1}
+LAUNCH_CHECK_ONLY=${LAUNCH_CHECK_ONLY:-0}
 
 has_cuda() { "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
@@ -68,22 +76,38 @@ if [[ "$NUM_NODES" =~ ^[0-9]+$ && "$NUM_NODES" -gt 1 ]]; then
 fi
 [[ -z "$HOSTFILE" || -f "$HOSTFILE" ]] || problems+=("HOSTFILE=$HOSTFILE: no such file")
 [[ -f "$DS_CONFIG" ]] || problems+=("DS_CONFIG=$DS_CONFIG: no such file (see ds_config/)")
-if [[ "$DRY_RUN" != 1 ]]; then
-  group=8   # sort_and_group --group_size: packs (or samples) per optimizer step
-  [[ ${#problems[@]} -eq 0 ]] && group=$((NUM_GPUS * NUM_NODES * PER_DEVICE_BATCH * GRAD_ACC))
+# sequence parallelism (sequence_parallel.py): SP_SIZE ranks share each pack; main.py checks the model's heads
+if [[ ! "$SP_SIZE" =~ ^[1-9][0-9]*$ ]]; then
+  problems+=("SP_SIZE=$SP_SIZE: must be a whole number >= 1 (ranks sharing each pack; 1 = no sequence parallelism)")
+elif [[ "$SP_SIZE" -gt 1 ]]; then
+  if [[ "$NUM_GPUS" =~ ^[0-9]+$ && "$NUM_NODES" =~ ^[0-9]+$ ]] && (( (NUM_GPUS * NUM_NODES) % SP_SIZE )); then
+    problems+=("SP_SIZE=$SP_SIZE: NUM_GPUS x NUM_NODES = $NUM_GPUS x $NUM_NODES = $((NUM_GPUS * NUM_NODES)) processes must be a multiple of it (data-parallel size = processes / SP_SIZE)")
+  fi
+  if [[ "$BATCH_METHOD" != pack ]]; then
+    hint=""
+    [[ "$0" == *_sort.sh ]] && hint="; $(basename "$0") is the sorted-batch recipe, $(basename "${0%_sort.sh}")_pack.sh the packed one"
+    problems+=("SP_SIZE=$SP_SIZE needs BATCH_METHOD=pack (the ranks of a group share one pack), not BATCH_METHOD=$BATCH_METHOD$hint")
+  fi
+fi
+GROUP_SIZE=8   # sort_and_group --group_size: packs (or samples) per optimizer step
+[[ ${#problems[@]} -eq 0 ]] && GROUP_SIZE=$((NUM_GPUS * NUM_NODES / SP_SIZE * PER_DEVICE_BATCH * GRAD_ACC))
+if [[ "$DRY_RUN" != 1 && "$LAUNCH_CHECK_ONLY" != 1 ]]; then
   if [[ ! -f "$DATA/meta.json" ]]; then
     problems+=("DATA=$DATA is not a tokenized dataset (no meta.json). Make it with
       $PYTHON $PRETOKENIZE --model_name_or_path $MODEL --input YOUR.jsonl --output_dir $DATA${PRETOKENIZE_ARGS:+ $PRETOKENIZE_ARGS}
-      $PYTHON sort_and_group.py --train_file $DATA --max_length $PACK_LENGTH --group_size $group")
+      $PYTHON sort_and_group.py --train_file $DATA --max_length $PACK_LENGTH --group_size $GROUP_SIZE")
   elif [[ "$BATCH_METHOD" != naive && ! -d "$DATA/packs" ]]; then
     problems+=("DATA=$DATA has no packs/ (needed by --batch_method $BATCH_METHOD). Run
-      $PYTHON sort_and_group.py --train_file $DATA --max_length $PACK_LENGTH --group_size $group")
+      $PYTHON sort_and_group.py --train_file $DATA --max_length $PACK_LENGTH --group_size $GROUP_SIZE")
   fi
 fi
 if [[ ${#problems[@]} -gt 0 ]]; then
   echo "[launch] cannot start, fix these settings at the top of $0 or in the environment:" >&2
   for p in "${problems[@]}"; do echo "  - $p" >&2; done
   exit 2
+fi
+if [[ "$LAUNCH_CHECK_ONLY" == 1 ]]; then
+  return 0
 fi
 
 # No CUDA: main.py runs the processes on the CPU itself (gloo; DeepSpeed's CPU accelerator). Only tiny models.
@@ -108,8 +132,12 @@ CMD+=(main.py "${TRAIN_ARGS[@]}" "$@")
 # ---- effective global batch ------------------------------------------------------------------------------
 unit=samples
 [[ "$BATCH_METHOD" == pack ]] && unit=packs
-GLOBAL_BATCH=$((NUM_GPUS * NUM_NODES * PER_DEVICE_BATCH * GRAD_ACC))
-echo "[launch] global batch = $NUM_GPUS GPUs x $NUM_NODES node(s) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
+GLOBAL_BATCH=$((NUM_GPUS * NUM_NODES / SP_SIZE * PER_DEVICE_BATCH * GRAD_ACC))
+if [[ "$SP_SIZE" -gt 1 ]]; then
+  echo "[launch] global batch = $NUM_GPUS GPUs x $NUM_NODES node(s) / SP_SIZE $SP_SIZE (ranks sharing each pack) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
+else
+  echo "[launch] global batch = $NUM_GPUS GPUs x $NUM_NODES node(s) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
+fi
 echo "[launch] model $MODEL | data $DATA | output $OUTPUT | deepspeed config $DS_CONFIG"
 echo "[launch] $(printf '%q ' "${CMD[@]}")"
 if [[ "$DRY_RUN" == 1 ]]; then

@@ -13,6 +13,8 @@ MASTER_ADDR=${MASTER_ADDR:-}                    # multi-node: node 0's address
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-ds_config/stage3.json}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}         # packs (pack) or samples (sort) per GPU per micro-step
+SP_SIZE=${SP_SIZE:-1}                           # ranks sharing each pack (sequence parallelism): the
+                                                # _pack scripts only; data-parallel size = GPUs x nodes / SP_SIZE
 LR=${LR:-2e-5}
 EPOCHS=${EPOCHS:-2}
 BF16=${BF16:-1}
@@ -27,7 +29,7 @@ PRETOKENIZE_ARGS="--template $TEMPLATE --max_length $PACK_LENGTH"
 TRAIN_ARGS=(
   --model_name_or_path "$MODEL" --train_file "$DATA" --output_dir "$OUTPUT"
   --batch_method "$BATCH_METHOD" --pack_loss "$([[ $PACK_LOSS == 1 ]] && echo True || echo False)"
-  --deepspeed "$DS_CONFIG"
+  --deepspeed "$DS_CONFIG" --sequence_parallel_size "$SP_SIZE"
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --per_device_eval_batch_size 1
   --gradient_accumulation_steps "$GRAD_ACC"
   --num_train_epochs "$EPOCHS" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps "$WARMUP"

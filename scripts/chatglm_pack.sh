@@ -8,6 +8,7 @@
 #
 #   bash scripts/chatglm_pack.sh                                    # one node, all its GPUs
 #   NUM_GPUS=4 OUTPUT=output/try bash scripts/chatglm_pack.sh --max_steps 20    # extra flags go to main.py
+#   SP_SIZE=2 bash scripts/chatglm_pack.sh        # sequence parallelism: 2 GPUs share each pack (half its tokens each)
 #   HOSTFILE=hostfile bash scripts/chatglm_pack.sh                  # several nodes (deepspeed over ssh)
 #   LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash scripts/chatglm_pack.sh   # on node 0, and
 #     the same with NODE_RANK=1 on node 1 (no ssh needed); DRY_RUN=1 only prints the command.
@@ -17,7 +18,7 @@
 #   python pre_tokenize.py --model_name_or_path THUDM/LongAlign-6B-64k-base --template chatglm2 \
 #       --input LongAlign-10k.jsonl sharegpt.jsonl --output_dir data/chatglm/10k --max_length 65536
 #   python sort_and_group.py --train_file data/chatglm/10k --max_length 65536 --group_size 8
-#   (--group_size: the global batch, GPUs x 1; 8 for 8 GPUs)
+#   (--group_size: the global batch, GPUs / SP_SIZE x 1; 8 for 8 GPUs, 4 with SP_SIZE=2)
 set -euo pipefail
 
 # ---- what you edit (each one can also be set from the environment; relative paths are from the repo root) ---
@@ -28,5 +29,5 @@ BATCH_METHOD=${BATCH_METHOD:-pack}                  # pack | sort | naive
 GRAD_ACC=${GRAD_ACC:-1}
 PACK_LOSS=${PACK_LOSS:-1}                       # 1: LongAlign's per-sequence mean (loss weighting); 0: token mean
 TEMPLATE=${TEMPLATE:-chatglm2}                    # the data's template (shown in the hints for missing data)
-# the rest (GPUs, nodes, DS_CONFIG, LR, EPOCHS, WARMUP, BF16, GRAD_CKPT, SAVE_STEPS, ...): scripts/_longalign.sh
+# the rest (GPUs, nodes, SP_SIZE, DS_CONFIG, LR, EPOCHS, WARMUP, BF16, GRAD_CKPT, SAVE_STEPS...): scripts/_longalign.sh
 source "$(dirname "$0")/_longalign.sh"

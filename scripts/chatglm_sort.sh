@@ -11,6 +11,7 @@
 #   HOSTFILE=hostfile bash scripts/chatglm_sort.sh                  # several nodes (deepspeed over ssh)
 #   LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash scripts/chatglm_sort.sh   # on node 0, and
 #     the same with NODE_RANK=1 on node 1 (no ssh needed); DRY_RUN=1 only prints the command.
+#   (sequence parallelism, SP_SIZE > 1, needs packs: scripts/chatglm_pack.sh)
 #
 # Data first. Template `chatglm2`: ChatGLM2's "[Round N]" text, what LongAlign's ChatGLM data uses
 # (TEMPLATE=chatglm3 for ChatGLM3's role format); the packs' size is fixed by sort_and_group --max_length:
@@ -28,5 +29,5 @@ BATCH_METHOD=${BATCH_METHOD:-sort}                  # pack | sort | naive
 GRAD_ACC=${GRAD_ACC:-12}
 PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign's per-sequence mean (loss weighting); 0: token mean
 TEMPLATE=${TEMPLATE:-chatglm2}                    # the data's template (shown in the hints for missing data)
-# the rest (GPUs, nodes, DS_CONFIG, LR, EPOCHS, WARMUP, BF16, GRAD_CKPT, SAVE_STEPS, ...): scripts/_longalign.sh
+# the rest (GPUs, nodes, SP_SIZE, DS_CONFIG, LR, EPOCHS, WARMUP, BF16, GRAD_CKPT, SAVE_STEPS...): scripts/_longalign.sh
 source "$(dirname "$0")/_longalign.sh"

@@ -9,6 +9,7 @@
 #   SAVE_MERGED=1 bash scripts/glm4_longwriter_lora.sh                # also the merged full model
 #   LORA_R=16 LORA_ALPHA=32 LORA_TARGETS=query_key_value bash scripts/glm4_longwriter_lora.sh
 #   NUM_GPUS=4 bash scripts/glm4_longwriter_lora.sh --max_steps 20    # extra flags go to main.py
+#   SP_SIZE=2 NUM_GPUS=8 bash scripts/glm4_longwriter_lora.sh     # sequence parallelism: 2 GPUs share each pack
 #   multi-node and everything else as in scripts/glm4_longwriter.sh (HOSTFILE / LAUNCHER=torchrun NODE_RANK ...)
 #
 # Data first:
@@ -32,6 +33,8 @@ GRAD_ACC=${GRAD_ACC:-1}
 LR=${LR:-1e-4}
 EPOCHS=${EPOCHS:-4}
 BATCH_METHOD=${BATCH_METHOD:-pack}              # pack | sort | naive
+SP_SIZE=${SP_SIZE:-1}                           # ranks sharing each pack (sequence parallelism, pack only);
+                                                # data-parallel size = GPUs x nodes / SP_SIZE
 PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign per-sequence mean; 0: token mean (LongWriter)
 LORA_R=${LORA_R:-64}
 LORA_ALPHA=${LORA_ALPHA:-128}
@@ -50,7 +53,7 @@ TRAIN_ARGS=(
   --batch_method "$BATCH_METHOD" --pack_loss "$([[ $PACK_LOSS == 1 ]] && echo True || echo False)"
   --use_lora True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_dropout "$LORA_DROPOUT"
   --save_merged_model "$([[ $SAVE_MERGED == 1 ]] && echo True || echo False)"
-  --deepspeed "$DS_CONFIG"
+  --deepspeed "$DS_CONFIG" --sequence_parallel_size "$SP_SIZE"
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC"
   --num_train_epochs "$EPOCHS" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps "$WARMUP"
   --weight_decay 0.1

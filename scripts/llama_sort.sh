@@ -11,6 +11,7 @@
 #   HOSTFILE=hostfile bash scripts/llama_sort.sh                  # several nodes (deepspeed over ssh)
 #   LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 bash scripts/llama_sort.sh   # on node 0, and
 #     the same with NODE_RANK=1 on node 1 (no ssh needed); DRY_RUN=1 only prints the command.
+#   (sequence parallelism, SP_SIZE > 1, needs packs: scripts/llama_pack.sh)
 #
 # Data first. Template `llama2`: "[INST]q[/INST]a" rounds after one <s>, LongAlign's Llama data; the packs'
 # size is fixed by sort_and_group --max_length:
@@ -28,5 +29,5 @@ BATCH_METHOD=${BATCH_METHOD:-sort}                  # pack | sort | naive
 GRAD_ACC=${GRAD_ACC:-12}
 PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign's per-sequence mean (loss weighting); 0: token mean
 TEMPLATE=${TEMPLATE:-llama2}                    # the data's template (shown in the hints for missing data)
-# the rest (GPUs, nodes, DS_CONFIG, LR, EPOCHS, WARMUP, BF16, GRAD_CKPT, SAVE_STEPS, ...): scripts/_longalign.sh
+# the rest (GPUs, nodes, SP_SIZE, DS_CONFIG, LR, EPOCHS, WARMUP, BF16, GRAD_CKPT, SAVE_STEPS...): scripts/_longalign.sh
 source "$(dirname "$0")/_longalign.sh"

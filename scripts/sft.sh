@@ -7,6 +7,7 @@
 #   MODEL=THUDM/glm-edge-4b-chat DATA="chat.jsonl long.jsonl" bash scripts/sft.sh      # one node, all its GPUs
 #   USE_LORA=1 MODEL=Qwen/Qwen2.5-7B-Instruct DATA=chat.jsonl bash scripts/sft.sh --max_steps 20  # extra: main.py
 #   PREPARE=0 TOKENIZED=data/sft/mine bash scripts/sft.sh     # the tokenized folder exists: train only
+#   SP_SIZE=2 MODEL=THUDM/glm-edge-4b-chat DATA=long.jsonl bash scripts/sft.sh  # 2 GPUs share each pack
 #   DRY_RUN=1 bash scripts/sft.sh                             # print the three commands, run nothing
 # Multi-node settings (HOSTFILE, LAUNCHER=torchrun, NUM_NODES, NODE_RANK, MASTER_ADDR) as in glm4_longwriter.sh.
 set -euo pipefail
@@ -34,6 +35,8 @@ GRAD_ACC=${GRAD_ACC:-1}
 LR=${LR:-$([[ $USE_LORA == 1 ]] && echo 1e-4 || echo 1e-5)}
 EPOCHS=${EPOCHS:-3}
 BATCH_METHOD=${BATCH_METHOD:-pack}              # pack | sort | naive
+SP_SIZE=${SP_SIZE:-1}                           # ranks sharing each pack (sequence parallelism, pack only);
+                                                # data-parallel size = GPUs x nodes / SP_SIZE
 PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign per-sequence mean; 0: token mean
 BF16=${BF16:-1}
 GRAD_CKPT=${GRAD_CKPT:-1}
@@ -45,7 +48,12 @@ PRETOKENIZE=pre_tokenize.py
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 read -r -a INPUTS <<< "$DATA"
-GROUP=$(( ${NUM_GPUS:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || echo 1)} * ${NUM_NODES:-1} * PER_DEVICE_BATCH * GRAD_ACC ))
+# the launch settings first (GPUs, nodes, SP_SIZE, ...: every problem at once, before any data is prepared); this
+# also counts sort_and_group's --group_size, the packs per optimizer step: GPUs x nodes / SP_SIZE x batch x GRAD_ACC
+LAUNCH_CHECK_ONLY=1
+source scripts/_launch.sh
+LAUNCH_CHECK_ONLY=0
+GROUP=$GROUP_SIZE
 [[ "$GROUP" -gt 0 ]] || GROUP=1
 step() {  # print a preparation command, then run it (DRY_RUN=1: print only)
   echo "[sft] $(printf '%q ' "$@")"
@@ -63,7 +71,7 @@ DATA="$TOKENIZED"   # what _launch.sh checks and main.py trains on
 TRAIN_ARGS=(
   --model_name_or_path "$MODEL" --train_file "$TOKENIZED" --output_dir "$OUTPUT"
   --batch_method "$BATCH_METHOD" --pack_loss "$([[ $PACK_LOSS == 1 ]] && echo True || echo False)"
-  --deepspeed "$DS_CONFIG"
+  --deepspeed "$DS_CONFIG" --sequence_parallel_size "$SP_SIZE"
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC"
   --num_train_epochs "$EPOCHS" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps "$WARMUP"
   --weight_decay 0.1

@@ -89,6 +89,7 @@ def test_launch_script_command(script):
     assert flag(cmd, "--warmup_steps") == "0.03" and flag(cmd, "--weight_decay") == "0.1"
     assert flag(cmd, "--bf16") == "True" and flag(cmd, "--gradient_checkpointing") == "True"
     assert flag(cmd, "--per_device_train_batch_size") == "1" and flag(cmd, "--max_steps") == "7"
+    assert flag(cmd, "--sequence_parallel_size") == "1"  # SP_SIZE's default: no sequence parallelism
     assert cmd[-2:] == ["--max_steps", "7"] and main < len(cmd) - 2  # extra arguments go last, to main.py
     if script.endswith("lora"):
         assert flag(cmd, "--use_lora") == "True" and flag(cmd, "--learning_rate") == "1e-4"
@@ -211,6 +212,58 @@ def test_launch_script_overrides_and_multinode(tmp_path):
                                           "--master_addr", "10.0.0.1"]
 
 
+def launch_fails(script: str, **env) -> str:
+    """stderr of a launch script that must refuse to start (exit status 2) under DRY_RUN=1 and 8 GPUs."""
+    full_env = {**os.environ, "DRY_RUN": "1", "NUM_GPUS": "8", **env}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / f"{script}.sh")], env=full_env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert " main.py " not in out.stdout  # nothing launched, no command printed
+    return out.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["chatglm_pack", "llama_pack", "sft"])
+def test_launch_script_sequence_parallel(script, monkeypatch):
+    """SP_SIZE reaches main.py as --sequence_parallel_size; the step counts (GPUs x nodes / SP_SIZE) packs."""
+    stdout, cmd = dry_run(script, SP_SIZE="4", GRAD_ACC="3")
+    assert flag(cmd, "--sequence_parallel_size") == "4" and flag(cmd, "--batch_method") == "pack"
+    assert cmd[:3] == ["deepspeed", "--num_gpus", "8"]  # every GPU still runs a process
+    assert "global batch = 8 GPUs x 1 node(s) / SP_SIZE 4 (ranks sharing each pack) x 1 per device x 3 " \
+           "accumulation = 6 packs per optimizer step" in stdout, stdout
+    # the flag parses in main.py (the launcher's WORLD_SIZE: 8 processes)
+    import main as train_main
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    data = train_main.parse_args(cmd[cmd.index("main.py") + 1:] + ["--bf16", "False"])[1]
+    assert data.sequence_parallel_size == 4
+
+
+def test_launch_script_sequence_parallel_checks(tmp_path):
+    """Every SP_SIZE problem in the one collected error, before anything runs."""
+    for bad in ("0", "two", "-2", "1.5"):
+        assert f"SP_SIZE={bad}: must be a whole number >= 1" in launch_fails("glm4_longwriter", SP_SIZE=bad)
+    err = launch_fails("llama3_longwriter", SP_SIZE="3", BATCH_METHOD="sort", GRAD_ACC="x")
+    assert "SP_SIZE=3: NUM_GPUS x NUM_NODES = 8 x 1 = 8 processes must be a multiple of it" in err, err
+    assert "SP_SIZE=3 needs BATCH_METHOD=pack" in err and "not BATCH_METHOD=sort" in err
+    assert "GRAD_ACC=x: must be a whole number" in err  # the other problems are still all reported
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=2\nnode-b slots=2\nnode-c slots=2\n")
+    err = launch_fails("glm4_longwriter_lora", SP_SIZE="4", NUM_GPUS="2", HOSTFILE=str(hostfile))
+    assert "NUM_GPUS x NUM_NODES = 2 x 3 = 6 processes must be a multiple of it" in err, err
+    # LongAlign's sorted-batch recipes: the message names the packed sibling
+    for script in ("chatglm_sort", "llama_sort"):
+        err = launch_fails(script, SP_SIZE="2")
+        assert f"SP_SIZE=2 needs BATCH_METHOD=pack (the ranks of a group share one pack), not BATCH_METHOD=sort; " \
+               f"{script}.sh is the sorted-batch recipe, {script[:-5]}_pack.sh the packed one" in err, err
+    # the missing-data hint: sort_and_group's --group_size = packs per optimizer step = 16 / 4 x 2 x 3
+    env = {**os.environ, "NUM_GPUS": "16", "SP_SIZE": "4", "PER_DEVICE_BATCH": "2", "GRAD_ACC": "3",
+           "DATA": str(tmp_path / "missing")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "glm4_longwriter.sh")], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 2 and "no meta.json" in out.stderr
+    assert f"sort_and_group.py --train_file {tmp_path / 'missing'} --max_length 32768 --group_size 24" in out.stderr
+
+
 def test_quickstart_names_the_families():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env={**os.environ, "FAMILY": "gpt2"},
                          capture_output=True, text=True, timeout=60)
@@ -246,6 +299,37 @@ def test_quickstart_dry_run_native_family(tmp_path):
     assert flag(launch, "--batch_method") == "pack" and flag(launch, "--pack_loss") == "False"
     assert flag(launch, "--deepspeed") == "ds_config/stage3.json" and flag(launch, "--weight_decay") == "0"
     assert flag(gen, "--model_dir") == str(out_dir / "run") and flag(gen, "--data") == str(out_dir / "data")
+
+
+@pytest.mark.parametrize("family", [None, "glm4"])
+def test_quickstart_dry_run_sequence_parallel(tmp_path, family):
+    """SP_SIZE=2: the 2 processes share each pack: packs grouped for 1 data-parallel rank, SP 2 passed on."""
+    env = {**os.environ, "SP_SIZE": "2", "DRY_RUN": "1", "OUT": str(tmp_path / "qs"), "PYTHON": sys.executable}
+    if family:
+        env["FAMILY"] = family
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    if _cuda_count() == 1:  # one GPU: one process, nothing to share a pack with
+        assert out.returncode == 2 and "NUM_PROCS=1 processes must be a multiple of it" in out.stderr, out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    cmds = [shlex.split(line[len("[quickstart] $ "):]) for line in out.stdout.splitlines()
+            if line.startswith("[quickstart] $ ")]
+    (group,) = [c for c in cmds if c[1] == "sort_and_group.py"]
+    assert flag(group, "--group_size") == "1"  # 2 processes / SP_SIZE 2 = 1 pack per optimizer step
+    assert "2-process deepspeed launch, 2 of them sharing each pack" in out.stdout
+    (launch,) = [shlex.split(line[len("[launch] "):]) for line in out.stdout.splitlines()
+                 if line.startswith("[launch] ") and " main.py " in line]
+    assert launch[:3] == ["deepspeed", "--num_gpus", "2"] and flag(launch, "--sequence_parallel_size") == "2"
+    assert flag(launch, "--batch_method") == "pack" and flag(launch, "--deepspeed") == "ds_config/stage3.json"
+    assert f"scripts/{family or 'llama3'}_longwriter.sh" in out.stdout
+    assert "x 1 node(s) / SP_SIZE 2 (ranks sharing each pack) x 1 per device x 1 accumulation = 1 packs" in out.stdout
+    # refused before anything runs: SP_SIZE not a whole number, or not dividing the processes
+    for bad_env, message in ((dict(SP_SIZE="x"), "SP_SIZE=x: must be a whole number >= 1"),
+                             (dict(SP_SIZE="4", NUM_PROCS="2"), "NUM_PROCS=2 processes must be a multiple of it")):
+        out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env={**env, **bad_env},
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2 and message in out.stderr and "[quickstart] $" not in out.stdout, out.stderr
 
 
 def test_launch_script_reports_every_problem(tmp_path):

@@ -1,9 +1,11 @@
 """scripts/sft.sh, the generic launch script: the commands it prints under DRY_RUN=1 (no GPU, nothing run).
 Run: python -m pytest -q tests/test_sft_script.py
 """
+import os
 import shlex
+import subprocess
 
-from test_quickstart import dry_run, flag
+from test_quickstart import ROOT, dry_run, flag
 
 
 def sft_steps(stdout: str) -> list[list[str]]:
@@ -38,3 +40,23 @@ def test_sft_script_lora_template_and_train_only():
     assert flag(cmd, "--output_dir") == "output/sft/Qwen3-4B"
     stdout, _ = dry_run("sft", PREPARE="0", TOKENIZED="/data/ready")
     assert sft_steps(stdout) == [] and "data /data/ready" in stdout
+
+
+def test_sft_script_sequence_parallel_groups_and_flag():
+    """SP_SIZE=2 on 8 GPUs: 4 data-parallel groups, so sort_and_group packs for 4 x GRAD_ACC 2 = 8 per step."""
+    stdout, cmd = dry_run("sft", SP_SIZE="2", GRAD_ACC="2", TOKENIZED="/data/edge", MAX_LENGTH="65536")
+    pre, sort = sft_steps(stdout)
+    assert sort[1:] == ["sort_and_group.py", "--train_file", "/data/edge", "--max_length", "65536",
+                        "--group_size", "8"]
+    assert flag(cmd, "--sequence_parallel_size") == "2" and "= 8 packs per optimizer step" in stdout
+
+
+def test_sft_script_checks_the_launch_settings_before_preparing(tmp_path):
+    """A bad SP_SIZE / BATCH_METHOD fails at once, with every problem, before pre_tokenize.py would run."""
+    env = {**os.environ, "NUM_GPUS": "8", "SP_SIZE": "3", "BATCH_METHOD": "sort", "DATA": str(tmp_path / "x.jsonl"),
+           "TOKENIZED": str(tmp_path / "tok")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "sft.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "[sft] " not in out.stdout, out.stdout
+    assert "SP_SIZE=3: NUM_GPUS x NUM_NODES = 8 x 1 = 8 processes must be a multiple of it" in out.stderr
+    assert "SP_SIZE=3 needs BATCH_METHOD=pack" in out.stderr and not (tmp_path / "tok").exists()

@@ -138,6 +138,23 @@ def test_config_file_and_cli_overrides(tmp_path):
         train_main.parse_args([str(bad)])
 
 
+def test_config_file_sets_sequence_parallel_size(tmp_path, monkeypatch):
+    """sequence_parallel_size in a YAML config reaches DataArguments, and its checks run on it (the launcher's
+    WORLD_SIZE: 4 processes); a flag still wins over the file."""
+    ds = Path(__file__).resolve().parents[1] / "ds_config" / "stage3.json"
+    cfg = tmp_path / "sp.yaml"
+    cfg.write_text(f"model_name_or_path: /m\ntrain_file: /d\noutput_dir: /o\nbatch_method: pack\n"
+                   f"deepspeed: {ds}\nsequence_parallel_size: 2\n")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert train_main.parse_args([str(cfg)])[1].sequence_parallel_size == 2
+    assert train_main.parse_args([str(cfg), "--sequence_parallel_size", "4"])[1].sequence_parallel_size == 4
+    with pytest.raises(SystemExit, match="sequence_parallel_size 3: the 4 rank"):
+        train_main.parse_args([str(cfg), "--sequence_parallel_size", "3"])
+    cfg.write_text(cfg.read_text().replace("batch_method: pack", "batch_method: sort"))
+    with pytest.raises(SystemExit, match="sequence_parallel_size 2 needs --batch_method pack"):
+        train_main.parse_args([str(cfg)])
+
+
 # ----------------------------------------------------------------------------------------------
 # Each batch method trains; the output folder reloads
 # ----------------------------------------------------------------------------------------------
