@@ -136,7 +136,7 @@ def problems_of(args: BenchArguments, sizes: list[int]) -> list[str]:
         p.append(f"--sizes {args.sizes}: a comma list of positive sequence-parallel sizes")
     heads = SimpleNamespace(num_attention_heads=args.num_heads, num_key_value_heads=args.num_kv_heads)
     for n in sizes:
-        p += head_problems(heads, n)
+        p += [m.replace("--sequence_parallel_size", "--sizes") for m in head_problems(heads, n)]
     if args.hidden_size % args.num_heads:
         p.append(f"--hidden_size {args.hidden_size} is not a multiple of --num_heads {args.num_heads}")
     if args.samples < 1 or not 0 < args.long_fraction <= 1:
