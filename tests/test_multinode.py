@@ -45,7 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_nodes(root: Path, name: str, model: Path, data: Path, **launch_env) -> list[float]:
+def run_two_nodes(root: Path, name: str, model: Path, data: Path,
+                  batch: str = "1 GPUs x 2 node(s) x 1 per device x 1 accumulation = 2 packs",
+                  **launch_env) -> list[float]:
     """Start both nodes of the script at once, wait for both, return the logged per-step losses."""
     out = root / name
     port = str(free_port())
@@ -72,7 +74,7 @@ def run_two_nodes(root: Path, name: str, model: Path, data: Path, **launch_env) 
     codes = [p.returncode for p, _ in procs]
     assert codes == [0, 0], "\n".join(f"---- node {r} (exit {c}) ----\n{t[-4000:]}" for r, (c, t) in
                                        enumerate(zip(codes, logs)))
-    assert "global batch = 1 GPUs x 2 node(s) x 1 per device x 1 accumulation = 2 packs" in logs[0]
+    assert f"global batch = {batch}" in logs[0], logs[0][-3000:]
     history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     assert (out / "model.safetensors").is_file()  # ZeRO-3 weights gathered on save
     return [h["loss"] for h in history if "loss" in h]
@@ -97,3 +99,16 @@ def test_two_nodes_torchrun_and_deepspeed_no_ssh(tiny_glm4_run):
     # the world really had 2 ranks on 2 nodes: each node's launcher started one process
     node1 = (root / "deepspeed.node1.log").read_text()
     assert "nnodes=2, num_local_procs=1, node_rank=1" in node1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_has_cuda(), reason="loopback 'nodes' are CPU ranks; on a GPU box each would take local GPU 0")
+def test_two_nodes_share_each_pack_with_sequence_parallelism(tiny_glm4_run):
+    """SP_SIZE=2 across the two "nodes" (torchrun rendezvous): one sequence-parallel group spans both."""
+    root, model, data = tiny_glm4_run
+    sp = run_two_nodes(root, "torchrun_sp", model, data, LAUNCHER="torchrun", SP_SIZE="2",
+                       batch="1 GPUs x 2 node(s) / SP_SIZE 2 (ranks sharing each pack) x 1 per device x 1 "
+                             "accumulation = 1 packs")
+    assert len(sp) == STEPS and all(0 < x < 20 for x in sp)
+    log = (root / "torchrun_sp.node0.log").read_text()
+    assert "2 ranks = 1 data-parallel group(s) x 2 ranks sharing each pack" in log
