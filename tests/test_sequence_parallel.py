@@ -155,6 +155,9 @@ CASES = {
     "sp2dp2-llama-zero3-tokenmean": (4, 2, 3, "llama3", False, []),
     "sp2dp2-glm4-zero3-packloss": (4, 2, 3, "glm4", True, ["--loss_chunk_size", 5]),
     "sp4-llama-zero3-packloss-gc": (4, 4, 3, "llama3", True, ["--gradient_checkpointing", "--loss_chunk_size", 5]),
+    # ZeRO-3 with parameters and optimizer states offloaded to the CPU (ds_config/stage3_offload.json with the
+    # run's SGD instead of the file's AdamW, so the one-process run can do the same step)
+    "sp2-llama-zero3offload-packloss": (2, 2, "3_offload", "llama3", True, []),
     # Mistral: a 32-token sliding window, applied per sample on the whole pack after the all-to-all
     "sp2-mistral-zero3-tokenmean": (2, 2, 3, "mistral", False, ["--loss_chunk_size", 5]),
 }
@@ -170,9 +173,16 @@ def test_sequence_parallel_equals_one_process(tmp_path, request, case):
                      "--learning_rate", 0.5, *flags] + (["--pack_loss"] if pack_loss else [])
     one = run(model_dir, data, tmp_path / "one", *extra, "--gradient_accumulation_steps", steps)
     dp = nproc // size
+    ds_config = ROOT / "ds_config" / f"stage{stage}.json"
+    if stage == "3_offload":
+        cfg = json.loads(ds_config.read_text())
+        cfg.pop("optimizer")
+        cfg["zero_force_ds_cpu_optimizer"] = False  # let DeepSpeed offload a torch optimizer
+        ds_config = tmp_path / "offload_sgd.json"
+        ds_config.write_text(json.dumps(cfg))
     sp, log = launch_ranks(nproc, model_dir, data, tmp_path / "sp", *extra, "--gradient_accumulation_steps",
                            steps // dp, "--sequence_parallel_size", size,
-                           "--deepspeed", ROOT / "ds_config" / f"stage{stage}.json")
+                           "--deepspeed", ds_config)
     assert f"{dp} data-parallel group(s) x {size} ranks sharing each pack" in log
     name = "adapter_model.safetensors" if "--use_lora" in flags else "model.safetensors"
     init = tmp_path / "init"
