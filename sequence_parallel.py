@@ -36,13 +36,13 @@ tests launch 2 and 4 real processes); only the CUDA attention kernels behind "pa
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from dataset import IGNORE_INDEX, PackCollator, count_targets
+from patch.packed_attention import ATTN_IMPLEMENTATION, shift_targets
+from train_setup import read_deepspeed_config
 
 PACK_COUNT_KEYS = ("num_targets", "num_sequences")  # the batch's share of the step's normaliser (see module doc)
 
@@ -65,16 +65,6 @@ class SPLayout:
         if world_size % size:
             raise ValueError(f"--sequence_parallel_size {size} does not divide the {world_size} ranks")
         return cls(size=size, rank=global_rank % size, dp_size=world_size // size, dp_rank=global_rank // size)
-
-
-def read_deepspeed_config(value) -> dict:
-    """The --deepspeed value as a dict (a path to JSON, a JSON string or a dict already)."""
-    if value is None:
-        return {}
-    if isinstance(value, dict):
-        return value
-    text = str(value)
-    return json.loads(Path(text).read_text(encoding="utf-8") if not text.lstrip().startswith("{") else text)
 
 
 def setting_problems(size: int, world_size: int, batch_method: str, deepspeed) -> list[str]:
@@ -157,8 +147,6 @@ def enable_ulysses(model, layout: SPLayout):
     from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
     from deepspeed.utils import groups
 
-    from patch.packed_attention import ATTN_IMPLEMENTATION
-
     mpu = UlyssesSPAttentionHF.register_with_transformers(
         model_name_or_path=model, core_attn_implementation=ATTN_IMPLEMENTATION,
         sequence_parallel_size=layout.size, micro_batch_size=1, seq_length_is_variable=True)
@@ -184,21 +172,6 @@ def sp_order(order: list[int], dp_size: int, size: int, per_device: int) -> list
     return out
 
 
-def _shift_over_pack(labels: torch.Tensor, weights: torch.Tensor | None, cu: torch.Tensor):
-    """Targets (and their weights) of every position of a [L] pack: the next token's label, -100 at each sample's
-    last token (no prediction crosses a boundary)."""
-    targets = torch.full_like(labels, IGNORE_INDEX)
-    targets[:-1] = labels[1:]
-    ends = cu[1:].long() - 1
-    targets[ends[ends >= 0]] = IGNORE_INDEX
-    if weights is None:
-        return targets, None
-    w = torch.zeros_like(weights)
-    w[:-1] = weights[1:]
-    w[targets == IGNORE_INDEX] = 0.0
-    return targets, w
-
-
 class SequenceParallelCollator:
     """`--batch_method pack --sequence_parallel_size N`: this rank's shard of the pack the N ranks of its group share.
 
@@ -219,7 +192,9 @@ class SequenceParallelCollator:
         pack = self._pack(features)
         tokens, sequences = count_targets(pack)
         ids, pos, cu = pack["input_ids"][0], pack["position_ids"][0], pack["attention_mask"].long()
-        targets, tw = _shift_over_pack(pack["labels"][0], pack["weights"][0] if self.pack_loss else None, cu)
+        # [L] each: the next token's label (and its weight), -100 at every sample's last token; the weight there is
+        # the next sample's first token's, which is 0 (the collators never label a sample's first token)
+        targets, tw = shift_targets(pack["labels"], pack.get("weights"), cu)
         pad = -ids.numel() % self.size
         if pad:  # one more segment: pad tokens attending only to themselves, no targets, weight 0
             ids = torch.cat([ids, torch.full((pad,), self.pad_token_id, dtype=ids.dtype)])

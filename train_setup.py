@@ -447,6 +447,17 @@ def _without_auto(value):
     return value
 
 
+def read_deepspeed_config(value) -> dict:
+    """The --deepspeed value as a dict: a path to a JSON file, a JSON string or a dict already ({} for None).
+    Raises OSError / ValueError when it cannot be read."""
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    text = str(value)
+    return json.loads(text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8"))
+
+
 def deepspeed_unknown_keys(config) -> list[str]:
     """Top-level keys of a DeepSpeed config (path or dict) that the installed deepspeed never reads.
 
@@ -454,7 +465,7 @@ def deepspeed_unknown_keys(config) -> list[str]:
     (every key it knows, at its default) and this one (keys read only when others are set) from a recorder."""
     if isinstance(config, (str, os.PathLike)):
         try:
-            config = json.loads(Path(config).read_text(encoding="utf-8"))
+            config = read_deepspeed_config(config)
         except (OSError, ValueError):
             return []  # transformers reports an unreadable file itself
     if not isinstance(config, dict):

@@ -275,14 +275,18 @@ class TrainerNoShuffle(transformers.Trainer):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         if num_items_in_batch is not None:
             # DDP / DeepSpeed average gradients over ranks; the loss is a share of an all-rank sum
-            loss = loss * (self.gradient_divisor or self.accelerator.num_processes)
+            loss = loss * self._gradient_divisor()
         return (loss, outputs) if return_outputs else loss
+
+    def _gradient_divisor(self) -> int:
+        """What DDP / DeepSpeed divide the gradients summed over all ranks by: the rank count, unless set (SP)."""
+        return self.gradient_divisor or self.accelerator.num_processes
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        divisor = self.gradient_divisor or self.accelerator.num_processes
         # logged: the mean over ranks of what they return, i.e. (all-rank sum / D) when scaled by the rank count
-        return loss * (self.accelerator.num_processes / divisor) if num_items_in_batch is not None else loss
+        scale = self.accelerator.num_processes / self._gradient_divisor()
+        return loss * scale if num_items_in_batch is not None and scale != 1 else loss
 
     # ---- exact evaluation loss ------------------------------------------------------------------
 

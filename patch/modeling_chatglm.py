@@ -33,11 +33,11 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .configuration_chatglm import ChatGLMConfig
-from .packed_attention import causal_lm_loss, force_packed_attention, packed_attention_forward, prepare_packed_inputs
+from .packed_attention import PackedCausalLM, force_packed_attention, packed_attention_forward, prepare_packed_inputs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -253,7 +253,10 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
                                        hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
 
-class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
+class ChatGLMForConditionalGeneration(PackedCausalLM, ChatGLMPreTrainedModel, GenerationMixin):
+    """The causal LM: forward() is packed_attention.PackedCausalLM's (packed inputs, the chunked weighted loss over
+    `transformer` and `transformer.output_layer`), the same batch interface as every model of patch/."""
+
     _tied_weights_keys = {"transformer.output_layer.weight": "transformer.embedding.word_embeddings.weight"}
 
     def __init__(self, config: ChatGLMConfig):
@@ -272,50 +275,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, value):
         self.transformer.output_layer = value
-
-    def forward(
-        self,
-        input_ids=None,  # [B, T]
-        attention_mask=None,  # 1-D int cu_seqlens [n+1] (B == 1), 2-D [B, T] 0/1 padding, or None
-        position_ids=None,  # [B, T]; derived per sample from cu_seqlens when packed and None
-        past_key_values=None,
-        inputs_embeds=None,
-        labels=None,  # [B, T] aligned with input_ids, -100 = not supervised
-        use_cache=None,
-        logits_to_keep=0,
-        weights=None,  # [B, T] float aligned with labels (with shift_labels: aligned with shift_labels)
-        shift_labels=None,  # [B, T] targets already shifted (a sequence-parallel shard); instead of labels
-        pack_loss=False,  # use `weights` in the loss
-        num_items_in_batch=None,  # normaliser D; default sum of the token weights
-        loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size
-        output_hidden_states=None,
-        return_dict=None,
-        **kwargs,
-    ) -> CausalLMOutputWithPast:
-        ref = input_ids if input_ids is not None else inputs_embeds
-        attention_mask, position_ids, packed_kwargs, cu_seqlens = prepare_packed_inputs(
-            attention_mask, position_ids, ref.shape[0], ref.shape[1], ref.device)
-        outputs = self.transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                                   use_cache=False if cu_seqlens is not None else use_cache,
-                                   output_hidden_states=output_hidden_states, **packed_kwargs, **kwargs)
-        hidden_states = outputs.last_hidden_state  # [B, T, H]
-        lm_head = self.transformer.output_layer
-        loss = logits = None
-        if labels is not None or shift_labels is not None:
-            loss = causal_lm_loss(hidden_states, lm_head, labels, weights=weights, pack_loss=pack_loss,
-                                  num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens,
-                                  shift_labels=shift_labels,
-                                  chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None))
-        else:
-            if isinstance(logits_to_keep, int) and logits_to_keep > 0:
-                hidden_states = hidden_states[:, -logits_to_keep:]
-            elif isinstance(logits_to_keep, torch.Tensor):
-                hidden_states = hidden_states[:, logits_to_keep]
-            logits = lm_head(hidden_states)  # [B, T', V]
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                        hidden_states=outputs.hidden_states)
-        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = ["ChatGLMConfig", "ChatGLMModel", "ChatGLMForConditionalGeneration", "ChatGLMPreTrainedModel"]

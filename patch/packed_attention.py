@@ -18,7 +18,8 @@ module provides what both model files need for it:
   (unpadded rows longer than a sliding window go through varlen_attention, one sample per row).
 - `PackedCausalLM`: the forward of a packed *ForCausalLM (packed inputs, chunked weighted loss), mixed into any
   transformers causal LM whose attention goes through the attention interface (`packed_causal_lm(cls)`), so
-  transformers' own modeling code (weights, RoPE, norms, cache, generate) is used unchanged.
+  transformers' own modeling code (weights, RoPE, norms, cache, generate) is used unchanged; also the forward of
+  modeling_chatglm.ChatGLMForConditionalGeneration.
 - `causal_lm_loss`: sum_t w_t * CE_t / D over supervised targets (labels shifted inside, never across a sample
   boundary), computed `chunk_size` tokens at a time through the lm_head module under activation checkpointing,
   so fp32 logits for the whole pack exist neither in forward nor in backward.
@@ -436,6 +437,7 @@ class PackedCausalLM:
         pack_loss=False,  # use `weights` in the loss
         num_items_in_batch=None,  # normaliser D (number or 0-d tensor); default: sum of the token weights
         loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size or 1024
+        return_dict=None,  # False: a tuple, as transformers models return
         **kwargs,
     ):
         from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -470,13 +472,14 @@ class PackedCausalLM:
             # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = lm_head(hidden_states[:, keep, :])  # [B, T', V]
-        return CausalLMOutputWithPast(
+        output = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+        return output if return_dict is not False else output.to_tuple()
 
 
 def packed_causal_lm(upstream_cls, module: str | None = None):
