@@ -27,14 +27,14 @@ a tokenizer-only folder works too), `--template` defaults to the family's first 
     glm, glm4_0414, qwen2, qwen3, mistral
                auto                         transformers' fast tokenizer (transformers-native model types)
 
-(templates_glm.py: glm4, chatglm3; templates_llama.py: longwriter, llama3; templates_longalign.py: LongAlign's
+(longsft/templates/glm.py: glm4, chatglm3; longsft/templates/llama.py: longwriter, llama3; longsft/templates/longalign.py: LongAlign's
 round formats chatglm2 and llama2, which take alternating user/assistant records and skip others with a reason;
-templates_auto.py: auto, the folder's own chat template as apply_chat_template renders it, tools and tool calls
+longsft/templates/auto.py: auto, the folder's own chat template as apply_chat_template renders it, tools and tool calls
 included, `--rewritten_replies` for templates such as Qwen3's that rewrite earlier turns; a folder without a chat
 template is an error naming --template). An unknown template, or one the family cannot express, is an error that
 lists the available templates. The folder's own tokenizer code runs only with --trust_remote_code.
 Flags, inputs, skip reasons, the report, atomic output and `--num_proc` (byte-identical output for any count)
-are chat_data.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
+are longsft/data/pretokenize.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
 meta.json records `model_family` and `template`; main.py checks them against the model it trains.
 """
 
@@ -43,9 +43,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from chat_data import PretokenizeArguments, cli, parse_args
+from longsft.data.pretokenize import PretokenizeArguments, cli, parse_args
 from patch.families import implemented_templates
-from templates import pretokenize
+from longsft.templates.registry import pretokenize
 
 
 @dataclass

@@ -11,18 +11,18 @@
 
 LongWriter's entry point, kept with its flags and defaults: the same as
 `python pre_tokenize.py --template glm4 ...` (family glm4, whatever the folder), with --output_dir defaulting to
-data/glm4/longwriter. The format (template `glm4`, REFERENCE 1) is in templates_glm.py; the tokenizer is our
+data/glm4/longwriter. The format (template `glm4`, REFERENCE 1) is in longsft/templates/glm.py; the tokenizer is our
 `patch/tokenization_chatglm.py` ChatGLM4Tokenizer reading the folder's `tokenizer.model`, so the folder's own
 tokenizer code never runs unless you pass --trust_remote_code. Inputs, the report and the output layout: see
-chat_data.py and storage.py.
+longsft/data/pretokenize.py and longsft/data/storage.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chat_data import PretokenizeArguments, cli, parse_args
-from templates import pretokenize
+from longsft.data.pretokenize import PretokenizeArguments, cli, parse_args
+from longsft.templates.registry import pretokenize
 
 FAMILY = "glm4"
 

@@ -11,7 +11,7 @@
 
 LongWriter's entry point, kept with its flags and defaults: the same as `python pre_tokenize.py ...` with the
 family fixed to llama3, --template defaulting to longwriter and --output_dir to data/llama3/longwriter.
-Templates (templates_llama.py, REFERENCE 2 and 5):
+Templates (longsft/templates/llama.py, REFERENCE 2 and 5):
 - `longwriter` (default; what LongWriter-llama3.1-8b was trained with, from the base model): `<|begin_of_text|>`,
   `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n`, `[INST]{query}[/INST]` and `{reply}` concatenated, one `<|end_of_text|>` at
   the very end; each reply is supervised with `<|end_of_text|>` as the label right after it. Inference prompts
@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from chat_data import PretokenizeArguments, cli, parse_args
+from longsft.data.pretokenize import PretokenizeArguments, cli, parse_args
 from patch.families import family
-from templates import pretokenize
+from longsft.templates.registry import pretokenize
 
 FAMILY = family("llama3")
 

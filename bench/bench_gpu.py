@@ -51,13 +51,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+from transformers import HfArgumentParser
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
 GIB = 1024**3
 GOAL_PACK_VS_NAIVE = 2.5
@@ -219,8 +216,9 @@ def mix_lengths(args: BenchArguments, rng: np.random.Generator) -> tuple[np.ndar
 
 
 def make_data(work: Path, args: BenchArguments, max_id: int) -> dict:
-    import sort_and_group
-    from dataset import IGNORE_INDEX, LMPackDataset, TokenizedWriter
+    from longsft.data import sort_and_group
+    from longsft.data.storage import IGNORE_INDEX, TokenizedWriter
+    from longsft.train.batches import LMPackDataset
 
     rng = np.random.default_rng(args.seed)
     q, r, n_long = mix_lengths(args, rng)
@@ -246,7 +244,7 @@ def make_data(work: Path, args: BenchArguments, max_id: int) -> dict:
 def collate_steps(method: str, data_dir: str, args: BenchArguments, samples_per_pack: float,
                   device: torch.device) -> list[list[dict]]:
     """Optimizer steps of `method` over the whole dataset: lists of collated micro-batches (pinned on CUDA)."""
-    from dataset import LMDataset, LMPackDataset, LMSortDataset, make_collator
+    from longsft.train.batches import LMDataset, LMPackDataset, LMSortDataset, make_collator
 
     if method == "pack":
         ds, bs, accum = LMPackDataset(data_dir), 1, 1
@@ -316,7 +314,7 @@ def model_shape(model) -> dict:
 
 def batch_stats(batch: dict, shape: dict) -> dict:
     """Real tokens, token slots, supervised targets and model FLOPs (module docstring) of one micro-batch."""
-    from dataset import count_targets
+    from longsft.train.batches import count_targets
 
     mask = batch["attention_mask"]
     lengths = (mask[1:] - mask[:-1]).double() if mask.dim() == 1 else mask.sum(dim=1).double()
@@ -328,7 +326,7 @@ def batch_stats(batch: dict, shape: dict) -> dict:
 
 def train_step(model, opt, step: list[dict], device: torch.device) -> torch.Tensor:
     """One optimizer step over its micro-batches, the loss normalised over the whole step as trainer.py does."""
-    from dataset import count_targets
+    from longsft.train.batches import count_targets
 
     n_items = torch.tensor(max(1, sum(count_targets(b)[0] for b in step)), device=device)
     total = torch.zeros((), device=device)

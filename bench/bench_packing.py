@@ -9,17 +9,14 @@ plus 3.2% "long output" samples uniform in [3,000, 32,768] (180k + 6k, as LongWr
 Goals (issue 3): bfd within 0.1% of ceil(tokens / max_length); 1M samples packed in under 2 s.
 """
 
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 from transformers import HfArgumentParser
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sort_and_group import (arrange_steps, lower_bound, pack_bfd, pack_costs, pack_sequential,  # noqa: E402
+from longsft.data.packing import (arrange_steps, lower_bound, pack_bfd, pack_costs, pack_sequential,
                             reorder_packs, repack_uneven_steps, sorted_batching_order, step_imbalance)
 
 

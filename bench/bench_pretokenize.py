@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process on both sides
 
 
@@ -78,7 +77,7 @@ def load_records(data_dir: Path) -> tuple[list[dict], str]:
     records = [r for f in files for r in json.loads(f.read_text(encoding="utf-8"))]
     if records:
         return records, f"real: {', '.join(f.name for f in files)} ({len(records)} records)"
-    from tools.make_tiny import CORPUS
+    from longsft.tiny.tokenizers import CORPUS
 
     rng, words = random.Random(0), CORPUS.split()
     records = [{"instruction": " ".join(rng.choices(words, k=rng.randint(5, 40))),
@@ -106,7 +105,7 @@ def long_records(records: list[dict], n: int, min_words: int, max_words: int) ->
 def usable(records: list[dict], roles: set[str]) -> tuple[list[dict], list[str]]:
     """The records a chat format accepts (Llama has no `observation` role) and their text (messages joined;
     the training text of the benchmark tokenizers)."""
-    import chat_data
+    from longsft.data import pretokenize as chat_data
 
     keep, texts = [], []
     for r in records:
@@ -122,7 +121,7 @@ def usable(records: list[dict], roles: set[str]) -> tuple[list[dict], list[str]]
 
 def format_texts(records: list[dict], chat_format) -> list[list[str]]:
     """Per record, the texts pre_tokenize_* sends to the tokenizer (what the bare tokenizer encodes)."""
-    import chat_data
+    from longsft.data import pretokenize as chat_data
 
     return [chat_format.pieces(chat_data.parse_record(r)[1]) for r in records]
 
@@ -131,13 +130,13 @@ TEMPLATE = {"glm4": "glm4", "llama3": "llama3"}  # the template each family's ro
 
 
 def chat_format_for(family: str, tokenizer):
-    from templates import chat_format
+    from longsft.templates.registry import chat_format
 
     return chat_format(TEMPLATE[family], tokenizer)
 
 
 def load_tokenizer(family: str, path: str):
-    from models import load_tokenizer as load
+    from longsft.models import load_tokenizer as load
 
     return load(path, family)
 
@@ -209,16 +208,17 @@ def child(spec: dict) -> dict:
         import contextlib
         import io
 
-        import pre_tokenize_glm4
-        import pre_tokenize_llama3
+        from longsft.data.pretokenize import PretokenizeArguments, parse_args
+        from longsft.templates.registry import pretokenize
 
-        main = pre_tokenize_glm4.main if family == "glm4" else pre_tokenize_llama3.main
-        argv = ["--model_name_or_path", path, "--input", spec["src"], "--output_dir", spec["out"],
-                "--num_proc", str(num_proc), "--max_length", str(spec["max_length"])]
-        argv += ["--template", TEMPLATE[family]] if family == "llama3" else []
+        # what pre_tokenize_glm4.py / pre_tokenize_llama3.py run: the family fixed, its template
+        args = parse_args(PretokenizeArguments, ["--model_name_or_path", path, "--input", spec["src"], "--output_dir",
+                                                 spec["out"], "--num_proc", str(num_proc), "--max_length",
+                                                 str(spec["max_length"])])
+        args.template = TEMPLATE[family] if family == "llama3" else None
         wall0, cpu0 = time.perf_counter(), _cpu()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            rep = main(argv)
+            rep = pretokenize(args, family=family)
         out = {"tokens": rep["tokens"], "kept": rep["samples_kept"], "too_long": rep["skipped"]["too_long"]}
     out.update(wall=time.perf_counter() - wall0, cpu=_cpu() - cpu0, rss_main=_peak_rss_mb(),
                rss_worker=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
@@ -250,7 +250,7 @@ def measure(trials: int, *specs: dict) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     from transformers import HfArgumentParser
 
-    from tools.make_tiny import make_glm4_tokenizer, make_llama3_tokenizer
+    from longsft.tiny.tokenizers import make_glm4_tokenizer, make_llama3_tokenizer
 
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:

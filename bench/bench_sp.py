@@ -73,11 +73,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from longsft.errors import UserError, run_cli
 
-from errors import UserError, run_cli  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 MIB = 1024**2
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
@@ -129,7 +127,7 @@ def sample_lengths(tokens: int, samples: int, long_fraction: float) -> list[int]
 
 
 def problems_of(args: BenchArguments, sizes: list[int]) -> list[str]:
-    from sequence_parallel import head_problems
+    from longsft.train.sequence_parallel import head_problems
 
     p = []
     if not sizes or any(n < 1 for n in sizes):
@@ -166,7 +164,7 @@ def make_features(args: BenchArguments, vocab: int) -> list[dict]:
     """The pack's samples (the same on every rank): random ids, the first 10% of each an unsupervised prompt."""
     import torch
 
-    from dataset import IGNORE_INDEX
+    from longsft.data.storage import IGNORE_INDEX
 
     gen = torch.Generator().manual_seed(args.seed)
     feats = []
@@ -183,9 +181,9 @@ def run_worker(args: BenchArguments) -> dict:
     import torch
     import torch.distributed as dist
 
-    from dataset import PackCollator, count_targets
-    from models import model_class, read_model_type
-    from sequence_parallel import PACK_COUNT_KEYS, SequenceParallelCollator, SPLayout, enable_ulysses
+    from longsft.train.batches import PackCollator, count_targets
+    from longsft.models import model_class, read_model_type
+    from longsft.train.sequence_parallel import PACK_COUNT_KEYS, SequenceParallelCollator, SPLayout, enable_ulysses
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
@@ -308,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     problems = problems_of(args, sizes)
     if problems:
         raise UserError("bench_sp.py: " + "; ".join(problems))
-    from tools.make_tiny import make_tiny_model
+    from longsft.tiny.models import make_tiny_model
 
     cores = args.cores or len(os.sched_getaffinity(0))
     work = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench_sp_"))

@@ -34,12 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+from transformers import HfArgumentParser
 
-import numpy as np  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
 
 WORDS = ("the a of to and in is it that for on with as was by at from this be are an or which one all has "
          "river long story chapter writer model data train tea trade route people history question answer "
@@ -132,7 +129,7 @@ class _Timer:
 
 
 def time_method(method: str, model: Path, data: Path, out: Path, batch_size: int, seed: int) -> dict:
-    import main as train_main
+    from longsft.train import run as train_main
 
     argv = ["--model_name_or_path", str(model), "--train_file", str(data), "--output_dir", str(out / method),
             "--batch_method", method, "--per_device_train_batch_size", str(1 if method == "pack" else batch_size),
@@ -148,11 +145,13 @@ def time_method(method: str, model: Path, data: Path, out: Path, batch_size: int
 
 def main(argv: list[str] | None = None) -> dict:
     (args,) = HfArgumentParser(BenchArguments).parse_args_into_dataclasses(args=argv)
-    import pre_tokenize_llama3
-    import sort_and_group
-    from dataset import LMPackDataset, LMSortDataset, TokenizedData
-    from train_data import target_stats
-    from tools.make_tiny import make_tiny_model
+    from longsft.data import sort_and_group
+    from longsft.data.pretokenize import PretokenizeArguments, parse_args
+    from longsft.templates.registry import pretokenize
+    from longsft.train.batches import LMPackDataset, LMSortDataset
+    from longsft.data.storage import TokenizedData
+    from longsft.train.data import target_stats
+    from longsft.tiny.models import make_tiny_model
 
     work = Path(args.out_dir) if args.out_dir else Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -164,9 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
                                 head_dim=args.hidden_size // heads)
         mix = make_mix(work / "mix.jsonl", args, tokens_per_word(model, args.seed))
         data = work / "data"
-        pre_tokenize_llama3.main(["--model_name_or_path", str(model), "--input", str(work / "mix.jsonl"),
-                                  "--output_dir", str(data), "--max_length", str(args.max_length),
-                                  "--truncate", "right", "--num_proc", "1", "--seed", str(args.seed)])
+        pretokenize(parse_args(PretokenizeArguments, [  # what pre_tokenize_llama3.py runs (template longwriter)
+            "--model_name_or_path", str(model), "--input", str(work / "mix.jsonl"), "--output_dir", str(data),
+            "--max_length", str(args.max_length), "--truncate", "right", "--num_proc", "1", "--seed", str(args.seed)]),
+            family="llama3")
 
         def group(size: int) -> None:  # --group_size: samples per step for sort (packs per step: 1 here)
             sort_and_group.main(["--train_file", str(data), "--max_length", str(args.max_length),

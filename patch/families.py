@@ -1,13 +1,13 @@
 """The one registry of model families and chat templates: everything the toolkit knows about each model it trains.
 
 Pure data and small helpers: the standard library only (no torch, no transformers, nothing from the repository
-root), so `patch/install.py` reads it as its sibling from inside any checkout, and the root modules import it
-as `patch.families`. Class names are "module.Class" strings; this module never imports them.
+root or the longsft package), so `patch/install.py` reads it as its sibling from inside any checkout, and the
+package imports it as `patch.families`. Class names are "module.Class" strings; this module never imports them.
 
     from patch import families
     fam = families.detect_folder("/models/glm-4-9b")   # -> FAMILIES["glm4"] (config.json + tokenizer files)
     fam.default_template, fam.templates                # "glm4", ("glm4",)
-    families.template("longwriter").impl               # "templates_llama.LongWriterFormat" (a root module)
+    families.template("longwriter").impl               # "longsft.templates.llama.LongWriterFormat"
     families.pad_rule(fam, "glm4")                     # ("pad", "<|endoftext|>")
 
 A family (`Family`) is one kind of model folder: the config.json `model_type`s it covers, the patched model
@@ -16,11 +16,11 @@ modeling_llama.py, modeling_native.py), how its tokenizer loads, its templates (
 pad-id rule, where generation's stop tokens come from, and how a folder is recognised (`Detect`: the tokenizer
 files tell families of one model_type apart: GLM-4's `tokenizer.model` is tiktoken text, ChatGLM2/3's a binary
 SentencePiece model; Llama-3 tokenizers declare `<|begin_of_text|>`, Llama-2's `<s>`). A template (`Template`)
-is one chat format; its `impl` names the chat_data.ChatFormat subclass in a root module that implements it, or
-None while it is only registered.
+is one chat format; its `impl` names the longsft.templates.base.ChatFormat subclass that implements it (a module of
+longsft/templates/), or None while it is only registered.
 
-Registering a template: write the ChatFormat subclass (class attribute `name` = the template name) in a root
-module, set `impl="module.Class"` in its TEMPLATES entry (or add the entry), and list the name in the `templates`
+Registering a template: write the ChatFormat subclass (class attribute `name` = the template name) in a module
+of longsft/templates/, set `impl="longsft.templates.module.Class"` in its TEMPLATES entry (or add the entry), and list the name in the `templates`
 of every family whose tokenizer can express it (the default first). `python pre_tokenize.py --template NAME`,
 tools/generate.py and the tests then find it; nothing else lists templates.
 """
@@ -41,7 +41,7 @@ class Template:
     """One chat format. `stop_tokens`: generation stops on these (token texts; ones the tokenizer lacks are left
     out); `pad`: a pad-id rule that replaces the family's for data in this template (see `resolve_pad`)."""
     name: str
-    impl: Optional[str]  # "module.Class" (repository root) implementing chat_data.ChatFormat; None: not yet
+    impl: Optional[str]  # "package.module.Class" implementing longsft.templates.base.ChatFormat; None: not yet
     help: str
     stop_tokens: tuple[str, ...]
     pad: Optional[tuple[str, ...]] = None
@@ -117,25 +117,25 @@ class Family:
 
 GLM_STOPS = ("<|endoftext|>", "<|user|>", "<|observation|>")
 TEMPLATES: dict[str, Template] = {t.name: t for t in (
-    Template("glm4", "templates_glm.GLM4Format",
+    Template("glm4", "longsft.templates.glm.GLM4Format",
              "GLM-4: [gMASK]<sop>, then <|role|> + metadata line + content per message, <|endoftext|> last",
              GLM_STOPS),
-    Template("chatglm3", "templates_glm.ChatGLM3Format",
+    Template("chatglm3", "longsft.templates.glm.ChatGLM3Format",
              "ChatGLM3: [gMASK] sop, then <|role|> + metadata line + content per message, </s> last",
              ("</s>", "<|user|>", "<|observation|>")),
-    Template("chatglm2", "templates_longalign.ChatGLM2Format",
+    Template("chatglm2", "longsft.templates.longalign.ChatGLM2Format",
              "ChatGLM2 / LongAlign: '[Round N]\\n\\n问：{q}\\n\\n答：{a}' rounds after [gMASK] sop, </s> last",
              ("</s>",)),
-    Template("longwriter", "templates_llama.LongWriterFormat",
+    Template("longwriter", "longsft.templates.llama.LongWriterFormat",
              "LongWriter-llama3.1: <|begin_of_text|>, [INST]{q}[/INST]{a} turns, one <|end_of_text|> last",
              ("<|end_of_text|>",), pad=("<|finetune_right_pad_id|>", "pad", "eos")),
-    Template("llama3", "templates_llama.Llama3Format",
+    Template("llama3", "longsft.templates.llama.Llama3Format",
              "Llama-3.1 instruct: <|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|> per message",
              ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")),
-    Template("llama2", "templates_longalign.Llama2Format",
+    Template("llama2", "longsft.templates.longalign.Llama2Format",
              "LongAlign Llama-2: <s>, '[INST]{q}[/INST]{a}' rounds joined by blank lines, </s> last",
              ("</s>",)),
-    Template("auto", "templates_auto.AutoFormat",
+    Template("auto", "longsft.templates.auto.AutoFormat",
              "the tokenizer's own chat template (tokenizer_config.json chat_template / chat_template.jinja), as "
              "apply_chat_template renders it (tools, tool calls, system prompts); a tokenizer.json tokenizer; stop "
              "tokens: the folder's generation_config.json eos_token_id", ()),

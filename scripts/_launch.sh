@@ -6,7 +6,7 @@
 # command-line arguments of the calling script ("$@") are appended last, so they override anything here:
 #   bash scripts/glm4_longwriter.sh --max_steps 10
 # Sequence parallelism: SP_SIZE ranks share each pack (the calling script passes --sequence_parallel_size
-# "$SP_SIZE" to main.py; sequence_parallel.py); it needs BATCH_METHOD=pack, NUM_GPUS x NUM_NODES a multiple of
+# "$SP_SIZE" to main.py; longsft/train/sequence_parallel.py); it needs BATCH_METHOD=pack, NUM_GPUS x NUM_NODES a multiple of
 # SP_SIZE, and makes the data-parallel size (NUM_GPUS x NUM_NODES) / SP_SIZE:
 #   SP_SIZE=4 NUM_GPUS=8 bash scripts/glm4_longwriter.sh          # 2 groups of 4 GPUs, each group shares a pack
 # LAUNCH_CHECK_ONLY=1 (set by scripts/sft.sh before it prepares the data): run the settings checks, skip the
@@ -76,7 +76,7 @@ if [[ "$NUM_NODES" =~ ^[0-9]+$ && "$NUM_NODES" -gt 1 ]]; then
 fi
 [[ -z "$HOSTFILE" || -f "$HOSTFILE" ]] || problems+=("HOSTFILE=$HOSTFILE: no such file")
 [[ -f "$DS_CONFIG" ]] || problems+=("DS_CONFIG=$DS_CONFIG: no such file (see ds_config/)")
-# sequence parallelism (sequence_parallel.py): SP_SIZE ranks share each pack; main.py checks the model's heads
+# sequence parallelism (longsft/train/sequence_parallel.py): SP_SIZE ranks share each pack; main.py checks the model's heads
 if [[ ! "$SP_SIZE" =~ ^[1-9][0-9]*$ ]]; then
   problems+=("SP_SIZE=$SP_SIZE: must be a whole number >= 1 (ranks sharing each pack; 1 = no sequence parallelism)")
 elif [[ "$SP_SIZE" -gt 1 ]]; then

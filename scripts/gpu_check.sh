@@ -10,7 +10,7 @@
 #   command: bash scripts/gpu_check.sh      timeout_s: 500      (carry: [".whl"] only if .whl/ exists)
 # Parts, in order; each has its own time limit, and a part that fails or times out does not stop the next:
 #   1. python packages: `.whl/*.whl`, if that folder exists, installed into /tmp/site (PYTHONPATH)  <= 45 s
-#   2. python3 -m pytest -m gpu on the test files holding gpu tests (tests/test_models_gpu.py): every packed-
+#   2. python3 -m pytest -m gpu on the test files holding gpu tests (tests/patch/test_models_gpu.py): every packed-
 #      attention backend vs per-sample SDPA in bf16, packed vs unpacked gradients, the chunked loss on CUDA
 #      (GPU_CHECK_PYTEST_S, default 120 s; expected ~40 s: CUDA start-up, then small tensors)
 #   3. python3 bench/bench_gpu.py --profile --out DIR/RESULTS.md (GPU_CHECK_BENCH_S, default 300 s; expected
@@ -32,6 +32,7 @@
 #   python3 -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8   # PyPI has no deepspeed wheel
 set -uo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's longsft for tools/ and bench/ (no install needed)
 
 TINY=${GPU_CHECK_TINY:-0}
 PYTHON=${PYTHON:-python3}

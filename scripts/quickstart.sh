@@ -30,6 +30,7 @@
 # Everything goes to OUT (default quickstart_out/<family>, ignored by git); it is rebuilt on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's longsft for tools/ and bench/ (no install needed)
 
 # ---- settings (environment overrides) ----------------------------------------------------------------------
 FAMILY=${FAMILY:-llama3}                 # llama3 | glm4 | chatglm3 | chatglm2 | llama2 | glm | glm4_0414 | qwen2

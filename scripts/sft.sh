@@ -46,6 +46,7 @@ REPORT_TO=${REPORT_TO:-none}
 PRETOKENIZE=pre_tokenize.py
 
 cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's longsft for tools/ and bench/ (no install needed)
 PY=${PYTHON:-python3}
 read -r -a INPUTS <<< "$DATA"
 # the launch settings first (GPUs, nodes, SP_SIZE, ...: every problem at once, before any data is prepared); this

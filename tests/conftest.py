@@ -1,12 +1,13 @@
-"""Shared test setup: the repository root on sys.path, offline hub, and the `gpu` marker's skip."""
+"""Shared test setup: offline hub, the repository root first on the PYTHONPATH of every process a test starts (this
+checkout's package, whatever `pip install -e` points at), and the `gpu` marker's skip. pytest itself puts the root
+on sys.path (pyproject.toml: pythonpath)."""
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -25,13 +26,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiny tokenizers (tools/make_tiny.py), built once per test session in a temp folder
+# Tiny tokenizers (longsft/tiny/tokenizers.py), built once per test session in a temp folder
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
 def glm4_tokenizer_dir(tmp_path_factory) -> Path:
     """A GLM-4 hub-like tokenizer folder: tokenizer.model, tokenizer_config.json (auto_map), our code."""
-    from tools.make_tiny import make_glm4_tokenizer
+    from longsft.tiny.tokenizers import make_glm4_tokenizer
 
     return make_glm4_tokenizer(tmp_path_factory.mktemp("glm4_tokenizer"))
 
@@ -39,7 +40,7 @@ def glm4_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir(tmp_path_factory) -> Path:
     """A Llama-3.1-style fast tokenizer folder (tokenizer.json + tokenizer_config.json)."""
-    from tools.make_tiny import make_llama3_tokenizer
+    from longsft.tiny.tokenizers import make_llama3_tokenizer
 
     return make_llama3_tokenizer(tmp_path_factory.mktemp("llama3_tokenizer"))
 
@@ -47,7 +48,7 @@ def llama3_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chatglm2_tokenizer_dir(tmp_path_factory) -> Path:
     """A chatglm2-6b hub-like tokenizer folder: SentencePiece tokenizer.model, tokenizer_config.json, our code."""
-    from tools.make_tiny import make_chatglm_tokenizer
+    from longsft.tiny.tokenizers import make_chatglm_tokenizer
 
     return make_chatglm_tokenizer(tmp_path_factory.mktemp("chatglm2_tokenizer"), version=2)
 
@@ -55,7 +56,7 @@ def chatglm2_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chatglm3_tokenizer_dir(tmp_path_factory) -> Path:
     """A chatglm3-6b hub-like tokenizer folder (role tokens named in added_tokens_decoder and chat_template)."""
-    from tools.make_tiny import make_chatglm_tokenizer
+    from longsft.tiny.tokenizers import make_chatglm_tokenizer
 
     return make_chatglm_tokenizer(tmp_path_factory.mktemp("chatglm3_tokenizer"), version=3)
 
@@ -63,16 +64,16 @@ def chatglm3_tokenizer_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def llama2_tokenizer_dir(tmp_path_factory) -> Path:
     """A Llama-2 hub-like tokenizer folder: tokenizer.model + tokenizer.json + tokenizer_config.json."""
-    from tools.make_tiny import make_llama2_tokenizer
+    from longsft.tiny.tokenizers import make_llama2_tokenizer
 
     return make_llama2_tokenizer(tmp_path_factory.mktemp("llama2_tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def chat_tokenizer_dir(tmp_path_factory):
-    """kind -> a tiny tokenizer folder with that model's chat template (tools/make_tiny.py CHAT_TOKENIZERS: glm,
+    """kind -> a tiny tokenizer folder with that model's chat template (longsft/tiny/tokenizers.py CHAT_TOKENIZERS: glm,
     glm4, qwen2, qwen2_marked, qwen3, mistral, llama3), each built once per session."""
-    from tools.make_tiny import make_chat_template_tokenizer
+    from longsft.tiny.tokenizers import make_chat_template_tokenizer
 
     built = {}
 

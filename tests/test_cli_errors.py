@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from errors import EXIT_USER_ERROR
+from longsft.errors import EXIT_USER_ERROR
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,8 +26,8 @@ STEPS = 2
 def tiny_glm4_run(tmp_path_factory, glm4_tokenizer_dir):
     """A tiny GLM-4 model and its packed sample data (2 ranks)."""
     import pre_tokenize_glm4
-    import sort_and_group
-    from tools.make_tiny import make_tiny_model
+    from longsft.data import sort_and_group
+    from longsft.tiny.models import make_tiny_model
 
     root = tmp_path_factory.mktemp("multinode")
     model = make_tiny_model(root / "model", "glm4", glm4_tokenizer_dir)

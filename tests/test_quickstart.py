@@ -165,7 +165,7 @@ def test_chatglm2_alpaca_cpu_script(tmp_path):
 @pytest.mark.slow
 def test_chatglm2_alpaca_cpu_run(tmp_path, chatglm2_tokenizer_dir):
     """The script for real on a tiny ChatGLM2 model and a small Alpaca file: it trains on the CPU and saves."""
-    from tools.make_tiny import make_tiny_model
+    from longsft.tiny.models import make_tiny_model
 
     model = make_tiny_model(tmp_path / "model", "chatglm2", chatglm2_tokenizer_dir)
     alpaca = [{"instruction": f"Count on from {n}.", "input": "" if n % 2 else "slowly",

@@ -5,7 +5,7 @@ import os
 import shlex
 import subprocess
 
-from test_quickstart import ROOT, dry_run, flag
+from tests.test_quickstart import ROOT, dry_run, flag
 
 
 def sft_steps(stdout: str) -> list[list[str]]:

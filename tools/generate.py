@@ -23,19 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import torch
+from transformers import HfArgumentParser
 
-import torch  # noqa: E402
-from transformers import HfArgumentParser  # noqa: E402
+from longsft import models
+from longsft.errors import run_cli
+from longsft.data.inputs import InputError
+from longsft.data.storage import IGNORE_INDEX
+from longsft.atomic_dir import write_json_atomic
+from patch.families import implemented_templates
+from longsft.templates.registry import chat_format, check_template, pad_token_id
 
-import models  # noqa: E402
-from errors import run_cli  # noqa: E402
-from chat_inputs import InputError  # noqa: E402
-from dataset import IGNORE_INDEX, write_json_atomic  # noqa: E402
-from patch.families import implemented_templates  # noqa: E402
-from templates import chat_format, check_template, pad_token_id  # noqa: E402
 
 
 @dataclass
@@ -69,7 +67,7 @@ def chat_format_for(template: str, tokenizer, family=None):
 
 def prompt_ids(fmt, prompt: str, system: Optional[str]) -> list[int]:
     """Tokens of [system], user `prompt`, and the start of the assistant turn, exactly as in training."""
-    from chat_data import Message
+    from longsft.data.inputs import Message
 
     messages = ([Message("system", system)] if system else []) + [Message("user", prompt),
                                                                   Message("assistant", "x", train=True)]

@@ -18,13 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from transformers import HfArgumentParser
 
-from transformers import HfArgumentParser  # noqa: E402
+from longsft.errors import run_cli
 
-from errors import run_cli  # noqa: E402
 
 
 @dataclass

@@ -1,0 +1,160 @@
+"""Model folders through the registry (patch/families.py): a folder's family, its tokenizer and its model class.
+
+    from longsft.models import family_of, load_tokenizer, model_class
+    fam = family_of("/models/glm-4-9b")             # Family "glm4", from config.json and the tokenizer files
+    tok = load_tokenizer("/models/glm-4-9b", fam)   # patch/'s ChatGLM4Tokenizer: no code from the folder runs
+    cls = model_class("chatglm")                    # patch.modeling_chatglm.ChatGLMForConditionalGeneration
+    model_class("qwen2")                            # patch.modeling_native.Qwen2ForCausalLM (transformers' + packing)
+    stop_token_ids("/models/Qwen2.5-7B-Instruct", "qwen2")  # its generation_config.json eos_token_id list
+
+Tokenizers: a family with its own class in patch/ (GLM-4, ChatGLM2/3) loads it on the folder's tokenizer.model;
+the Llama families load transformers' fast tokenizer from tokenizer.json (`PreTrainedTokenizerFast`, which does
+not import torch; a local folder without tokenizer.json goes through AutoTokenizer, which does). The folder's own
+tokenizer code runs only with trust_remote_code (AutoTokenizer). Nothing here imports torch; `model_class`
+imports the patch/ modeling module, which does. User mistakes raise longsft.data.inputs.InputError.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Optional, Union
+
+from longsft.data.inputs import InputError
+from patch import families
+from patch.families import Family
+
+
+def file_reader(name_or_path: str) -> families.Reader:
+    """Reads a file of a local folder, or of a hub model through transformers' cache (None when absent)."""
+    if Path(name_or_path).is_dir():
+        return families.folder_reader(name_or_path)
+
+    def read(name: str) -> Optional[bytes]:
+        from transformers.utils import cached_file
+
+        try:
+            path = cached_file(name_or_path, name, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False)
+        except (OSError, ValueError):
+            return None
+        return Path(path).read_bytes() if path else None
+
+    return read
+
+
+def _reader(name_or_path: str, config_from: Optional[str] = None) -> families.Reader:
+    """The folder's files, config.json taken from `config_from` when given (a LoRA adapter's base model)."""
+    read = file_reader(name_or_path)
+    if config_from is None:
+        return read
+    read_config = file_reader(config_from)
+    return lambda name: read_config(name) if name == "config.json" else read(name)
+
+
+def family_of(name_or_path: str, config_from: Optional[str] = None) -> Optional[Family]:
+    """The registry family of a model or tokenizer folder (or hub id), None when no family matches.
+    `config_from`: the folder whose config.json gives the model_type (e.g. the base model of an adapter folder)."""
+    return families.detect(_reader(name_or_path, config_from))
+
+
+def require_family(name_or_path: str, flag: str = "--model_name_or_path", config_from: Optional[str] = None) -> Family:
+    fam = family_of(name_or_path, config_from)
+    if fam is None:
+        raise InputError(f"{flag} {name_or_path}: cannot tell its model family: "
+                         f"{families.why_undetected(_reader(name_or_path, config_from))}")
+    return fam
+
+
+def as_family(family: Union[Family, str]) -> Family:
+    try:
+        return families.family(family) if isinstance(family, str) else family
+    except families.RegistryError as e:
+        raise InputError(str(e)) from None
+
+
+def read_model_type(model_dir: str) -> str:
+    """config.json's model_type, from a local folder or the hub cache (the path's name plays no part)."""
+    raw = file_reader(model_dir)("config.json")
+    if raw is None:
+        raise InputError(f"--model_name_or_path {model_dir}: no config.json; pass a model folder "
+                         f"(tools/make_tiny.py model builds a tiny one)")
+    return json.loads(raw).get("model_type", "")
+
+
+def _import(module_class: str, package: str = "patch"):
+    module, _, name = module_class.rpartition(".")
+    return getattr(importlib.import_module(f"{package}.{module}" if package else module), name, None)
+
+
+def native_class_name(model_type: str) -> Optional[str]:
+    """transformers' own *ForCausalLM class name for a model_type, None when transformers has none."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+
+
+def model_class(model_type: str):
+    """The patched model class for a config.json model_type (one class serves all of its families): for the
+    transformers-native types, transformers' own class with the packed forward (patch/modeling_native.py)."""
+    path = families.model_class_of(model_type)
+    if path is None:
+        native = native_class_name(model_type) if model_type else None
+        hint = (f"; transformers implements it ({native}), but packed training is checked here only for the "
+                f"types above: add a family to patch/families.py (model_types, model_class built with "
+                f"patch/packed_attention.packed_causal_lm, template auto, LoRA targets) and its tests"
+                if native else " (or pass --trust_remote_code to use the folder's own code)")
+        raise InputError(f"config.json model_type {model_type!r} is not supported: expected one of "
+                         f"{families.model_types()}{hint}")
+    return _import(path)
+
+
+def generation_stop_ids(name_or_path: str) -> list[int]:
+    """The eos_token_id(s) of the folder's generation_config.json (else config.json), read at run time."""
+    read = file_reader(name_or_path)
+    for name in ("generation_config.json", "config.json"):
+        raw = read(name)
+        value = json.loads(raw).get("eos_token_id") if raw else None
+        if value is not None:
+            return [int(v) for v in (value if isinstance(value, list) else [value])]
+    return []
+
+
+def stop_token_ids(name_or_path: str, family: Union[Family, str], template_ids=()) -> list[int]:
+    """What generation stops on: the template's stop ids, then (families with generation_stops) the model folder's
+    generation_config.json eos ids; each once, in that order."""
+    ids = [int(i) for i in template_ids]
+    if as_family(family).generation_stops:
+        ids += generation_stop_ids(name_or_path)
+    return list(dict.fromkeys(ids))
+
+
+def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_code: bool = False):
+    """The tokenizer of a `family` folder, loaded the way the registry says (see the module docstring)."""
+    fam = as_family(family)
+    path = Path(name_or_path)
+    if trust_remote_code:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=True)
+    if fam.tokenizer:
+        missing = [f for f in fam.tokenizer_files if not (path / f).is_file()]
+        if path.exists() and missing:
+            raise InputError(f"--model_name_or_path {path}: no {' or '.join(missing)} (the tokenizer file of "
+                             f"{fam.title}). Pass a {fam.name} model folder.")
+        cls = _import(fam.tokenizer)
+        if cls is None:
+            raise InputError(f"the {fam.name} tokenizer class {fam.tokenizer} is not in patch/ (yet); "
+                             f"pass --trust_remote_code to use the folder's own tokenizer code")
+        return cls.from_pretrained(name_or_path)
+    try:
+        if path.is_dir() and not all((path / f).is_file() for f in fam.tokenizer_files):
+            from transformers import AutoTokenizer  # e.g. only a SentencePiece tokenizer.model: converted
+
+            return AutoTokenizer.from_pretrained(name_or_path)
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"--model_name_or_path {name_or_path}: cannot load a tokenizer ({e})") from e

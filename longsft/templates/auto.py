@@ -1,0 +1,414 @@
+"""Template `auto`: the tokenizer's own chat template, for any model folder with a fast tokenizer (tokenizer.json) and a
+chat template (GLM-Edge, GLM-4-0414, Qwen2.5, Qwen3, Mistral, Llama-3.1-Instruct, ...).
+
+    python pre_tokenize.py --model_name_or_path Qwen/Qwen2.5-7B-Instruct --template auto \\
+        --input chat.jsonl glaive_toolcall.json --output_dir data/qwen2/auto
+    python tools/make_tiny.py chat-tokenizer --kind qwen3 --out /tmp/tiny-qwen3     # tiny folders to try it on
+
+    from longsft.templates.registry import chat_format
+    fmt = chat_format("auto", tokenizer)                        # AutoFormat
+    ids, labels = fmt.encode([Message("user", "Hi"), Message("assistant", "Hello", train=True)])
+
+Records are read by auto_records.py (messages / ShareGPT / Alpaca, tools, tool calls, tool results).
+
+Rendering and tokens. A conversation is rendered by transformers' own renderer (`render_jinja_template`, what
+apply_chat_template calls; the template is compiled once and cached) with the tokenizer's template (its
+`tool_use` one when the record has tools), and the text of a whole work unit is encoded in one tokenizer call:
+the ids are exactly `apply_chat_template(messages, tools=tools, tokenize=True)`'s. Special-token text inside the
+data (any string of a message, a tool call or a tool schema) stays text, as in the other templates: such a record
+is rendered with a private-use character in place of each such token, so every special token left in the text is
+one the template wrote; the text between those tokens is then encoded without special tokens (with the original
+text back) and the template's tokens put between. Token positions (for the spans below) come from the tokens'
+byte lengths for a byte-level BPE (checked to add up to the text), else from the tokenizer's offsets. Non-special added tokens (Qwen's `<tool_call>`, `<think>`) keep
+the tokenizer's plain-text behaviour: they are matched wherever they occur, as for tool calls written into content.
+
+Supervision. A token is supervised when its first character is in a supervised span:
+- with `{% generation %}` blocks in the template (`return_assistant_tokens_mask`), each trained assistant
+  message's block (the k-th block belongs to the k-th assistant message; another count is `template_error`);
+- otherwise, for each trained assistant message i, the template's rendering of messages[:i+1] must be a prefix
+  of the whole rendering, and the span runs from where the inference prompt (messages[:i] rendered with
+  add_generation_prompt) and that rendering part (never before the end of messages[:i]'s own rendering), to the
+  reply's end of turn: through the last special token of
+  the reply when only whitespace follows it (`<|im_end|>`, `<|eot_id|>`, `</s>`), else through the special token
+  that follows the reply in the conversation (GLM's next `<|user|>` / `<|observation|>` / `<|assistant|>`). A
+  reply that ends the conversation with no such token (GLM) gets the tokenizer's eos appended and supervised, as
+  GLM's own finetune scripts append it: the one departure from apply_chat_template's ids.
+- A template that writes an earlier reply differently once later messages follow (Qwen3 drops past reasoning and
+  writes `<think>\\n\\n</think>` only on a final turn; Mistral moves the system prompt and tools to the last user
+  message) is not prefix-stable there: the record is skipped with reason `template_rewrites_history` (the detail
+  names the message and the first differing text), never labelled by guess. With pre_tokenize.py
+  `--rewritten_replies unsupervised` (AutoFormat.rewritten) those replies are left unsupervised instead and the
+  record keeps the others (Qwen3: its final turn); replies opted out with `"loss": false` are never checked.
+- A template that raises (Mistral's roles-must-alternate, Llama-3.1's one-tool-call rule) or cannot render a
+  record skips it with reason `template_error`.
+stop_token_ids: the folder's generation_config.json eos_token_id (models.generation_stop_ids), the tokenizer's eos
+and the token that ends a reply in the template. `prefix_len` (kept by --truncate left): the tokens every conversation starts with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+
+import numpy as np
+
+from longsft.templates.base import ChatFormat, PlainEncoder, check_plain_encoding
+from longsft.data.inputs import Message, Skip
+from longsft.models import generation_stop_ids
+from longsft.templates.auto_records import Conversation, RecordReader, Turn
+from longsft.data.storage import IGNORE_INDEX
+
+SKIP_REASONS = ("template_error", "template_rewrites_history")
+MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: a data special token while rendering (one char per token)
+_PRIVATE = re.compile("[\U000F0000-\U000FFFFD]")
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
+    return lo
+
+
+def _utf8_len(text: str, pos: int) -> int:
+    """Bytes of text[:pos] (a position past the end counts one byte per character beyond)."""
+    return len(text[:pos].encode("utf-8")) + max(0, pos - len(text))
+
+
+def _strings(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _replace(obj, sub):
+    """`obj` (strings, lists, dicts) with `sub` applied to every string value (dict keys stay)."""
+    if isinstance(obj, str):
+        return sub(obj)
+    if isinstance(obj, dict):
+        return {k: _replace(v, sub) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_replace(v, sub) for v in obj]
+    return obj
+
+
+# ----------------------------------------------------------------------------------------------
+# Records -> Conversation
+# ----------------------------------------------------------------------------------------------
+
+
+
+# ----------------------------------------------------------------------------------------------
+# The chat format
+# ----------------------------------------------------------------------------------------------
+
+class AutoFormat(RecordReader, ChatFormat):
+    name = "auto"
+    roles = frozenset({"system", "user", "assistant", "observation"})
+    skip_reasons = SKIP_REASONS
+    prefix_len = 0
+    rewritten = "skip"  # a reply the template rewrites later: skip the record, or leave it "unsupervised"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.problems: list[str] = []
+        self.stop_token_ids: list[int] = []
+        self._backends: dict = {}
+        where = f"--template auto: the tokenizer of {tokenizer.name_or_path!r}"
+        if not (getattr(tokenizer, "is_fast", False) and hasattr(tokenizer, "backend_tokenizer")):
+            self.problems.append(f"{where} is {type(tokenizer).__name__}; template auto needs a tokenizers-based "
+                                 f"tokenizer (a folder with tokenizer.json); pick another --template")
+            return
+        try:  # as apply_chat_template picks them: the `tool_use` template for records with tools, if there is one
+            self.templates = {False: tokenizer.get_chat_template(None, None),
+                              True: tokenizer.get_chat_template(None, [])}
+        except ValueError as e:
+            why = "has no chat template (no chat_template in tokenizer_config.json, no chat_template.jinja)" \
+                if tokenizer.chat_template is None else f"has no usable chat template: {str(e).splitlines()[0]}"
+            self.problems.append(f"{where} {why}; give a model folder that has one, or pick another --template "
+                                 f"(the family's own)")
+            return
+        self.marked = {k: bool(_GENERATION_TAG.search(t)) for k, t in self.templates.items()}
+        self.template_kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
+        text = " ".join(self.templates.values())
+        self.tool_role = next((r for r in ("tool", "observation", "ipython") if f"'{r}'" in text or f'"{r}"' in text),
+                              "tool")
+        added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
+        specials = {t.content: (i, t.lstrip, t.rstrip) for i, t in sorted(added.items()) if t.special}
+        self.special_ids = {t: v[0] for t, v in specials.items()}
+        self.strips = {t: v[1:] for t, v in specials.items()}
+        longest = sorted(specials, key=len, reverse=True)
+        alternatives = "|".join(map(re.escape, longest)) or "(?!)"
+        self.special_re = re.compile(alternatives)
+        self.special_after = re.compile(rf"\s*(?:{alternatives})")
+        self.mark = {t: chr(MARK_BASE + k) for k, t in enumerate(longest)}
+        self.unmark = {ord(c): t for t, c in self.mark.items()}
+        self.eos_id = self.special_ids.get(tokenizer.eos_token) if tokenizer.eos_token else None
+        self.plain = PlainEncoder(tokenizer)
+        check_plain_encoding(self.plain, self.special_ids, self.problems)
+        self._probe()
+
+    def configure(self, args) -> None:
+        """pre_tokenize.py's settings for this template (--rewritten_replies)."""
+        self.rewritten = getattr(args, "rewritten_replies", None) or self.rewritten
+
+    def __getstate__(self):  # the tokenizers copies are rebuilt where they are used
+        return {**self.__dict__, "_backends": {}}
+
+    def _backend(self, plain: bool):
+        """A private copy of the Rust tokenizer without post-processor (apply_chat_template adds nothing), with
+        offsets; `plain`: special tokens never matched (special-token text stays text)."""
+        if plain not in self._backends:
+            from tokenizers import Tokenizer
+
+            tk = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
+            tk.no_truncation()
+            tk.no_padding()
+            tk.post_processor = None
+            tk.encode_special_tokens = plain
+            self._backends[plain] = tk
+        return self._backends[plain]
+
+    def _probe(self) -> None:
+        """stop_token_ids and prefix_len, from the folder and from rendering two small conversations."""
+        stops = generation_stop_ids(str(self.tokenizer.name_or_path)) + [self.eos_id]
+        try:
+            text = self._render([{"role": "user", "content": "Alpha"}, {"role": "assistant", "content": "Beta"},
+                                 {"role": "user", "content": "Gamma"}], None)[0]
+            m = self.special_re.search(text, text.index("Beta") + 4)
+            stops.append(self.special_ids[m.group()] if m else None)
+            first = [self._backend(False).encode(self._render([{"role": "user", "content": c}], None)[0],
+                                                 add_special_tokens=False).ids for c in ("Alpha", "Zulu")]
+            self.prefix_len = next((k for k, (a, b) in enumerate(zip(*first)) if a != b), min(map(len, first)))
+        except (Skip, ValueError):  # a template that cannot render these: no end-of-turn token, no prefix
+            pass
+        self.stop_token_ids = list(dict.fromkeys(int(i) for i in stops if i is not None))
+
+    # ---- rendering -------------------------------------------------------------------------------------------
+
+    def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False):
+        """(text, generation blocks or None) exactly as apply_chat_template renders it; Skip on a template error."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        try:
+            texts, blocks = render_jinja_template(
+                [messages], tools=tools, chat_template=self.templates[tools is not None],
+                return_assistant_tokens_mask=marks, add_generation_prompt=prompt, **self.template_kwargs)
+        except Exception as e:  # the template's raise_exception, or a record it cannot render
+            raise Skip("template_error", f"the chat template cannot render this record: {type(e).__name__}: "
+                                         f"{str(e)[:300]}") from None
+        return texts[0], (blocks[0] if marks else None)
+
+    def _layout(self, conv: Conversation) -> tuple[str, list[tuple[int, int]], bool, bool]:
+        """(rendered text, supervised character spans, eos appended, special-token text marked in the data)."""
+        messages, tools = [t.message for t in conv], conv.tools
+        marked = any(self.special_re.search(s) for s in _strings([messages, tools]))
+        if marked:
+            if any(_PRIVATE.search(s) for s in _strings([messages, tools])):
+                raise Skip("template_error", "holds private-use characters U+F0000-U+FFFFD next to special-token "
+                                             "text; template auto uses those characters to keep that text plain")
+            sub = (lambda s: self.special_re.sub(lambda m: self.mark[m.group()], s))
+            messages, tools = _replace(messages, sub), _replace(tools, sub)
+        text, blocks = self._render(messages, tools, marks=self.marked[tools is not None])
+        if blocks is not None:
+            assistants = [i for i, t in enumerate(conv) if t.role == "assistant"]
+            if len(blocks) != len(assistants):
+                raise Skip("template_error", f"the chat template has {len(blocks)} {{% generation %}} blocks for "
+                                             f"{len(assistants)} assistant messages")
+            return text, [tuple(b) for i, b in zip(assistants, blocks) if conv[i].train], False, marked
+        spans, eos = [], False
+        for i, turn in enumerate(conv):
+            if not turn.train:
+                continue
+            own = text if i == len(conv) - 1 else self._render(messages[:i + 1], tools)[0]
+            prompt = self._render(messages[:i], tools, prompt=True)[0]
+            start = _common_prefix(prompt, own)
+            if not text.startswith(own) or (start < len(prompt) and not self._continues(messages[:i], tools, text,
+                                                                                          start)):
+                if self.rewritten == "unsupervised":
+                    continue
+                d = _common_prefix(own, text) if not text.startswith(own) else start
+                show = (lambda s: s[d:d + 40].translate(self.unmark))
+                raise Skip("template_rewrites_history", f"{turn.where}: the chat template writes this reply "
+                           f"differently once later messages follow ({show(own)!r} at its own turn, "
+                           f"{show(text)!r} in the whole conversation), so its tokens would not be the ones the "
+                           f"model writes at that turn; --rewritten_replies unsupervised trains only the replies it "
+                           f"keeps (or mark the others \"loss\": false, or give one record per reply)")
+            end, eos = self._turn_end(own, start, text)
+            spans.append((start, end + eos))  # the appended eos sits at len(text)
+        if not spans:
+            raise Skip("template_rewrites_history", "the chat template rewrites every trained reply once later "
+                                                    "messages follow (--rewritten_replies unsupervised)")
+        return text, spans, eos, marked
+
+    def _continues(self, history: list[dict], tools, text: str, start: int) -> bool:
+        """When the inference prompt is not a prefix of the reply's rendering: the two may part only after the
+        conversation before the reply (so the span never takes in earlier turns)."""
+        before = self._render(history, tools)[0] if history else ""
+        return text.startswith(before) and start >= len(before)
+
+    def _turn_end(self, own: str, start: int, text: str) -> tuple[int, bool]:
+        """(end of the supervised span, eos appended) for a reply rendered as own[start:]."""
+        end, last = len(own), None
+        for last in self.special_re.finditer(own, start):
+            pass
+        if last is not None and not own[last.end():].strip():  # the reply ends with its special token
+            return last.end(), False
+        after = self.special_after.match(text, end)  # GLM: the next role token ends the reply
+        if after:
+            return after.end(), False
+        return end, end == len(text) and self.eos_id is not None
+
+    # ---- tokens ----------------------------------------------------------------------------------------------
+
+    def _split_marked(self, text: str) -> list:
+        """A text rendered from marked data -> its pieces: ("special", id, position) for the template's special
+        tokens (with the whitespace their lstrip/rstrip take), ("text", original text, position, marks) between."""
+        pieces, pos = [], 0
+        for m in self.special_re.finditer(text):
+            a, b = m.span()
+            lstrip, rstrip = self.strips[m.group()]
+            if lstrip:
+                a = pos + len(text[pos:a].rstrip())
+            if rstrip:
+                b += len(text[b:]) - len(text[b:].lstrip())
+            if a > pos:
+                pieces.append(self._text_piece(text[pos:a], pos))
+            pieces.append(("special", self.special_ids[m.group()], m.start()))
+            pos = b
+        if pos < len(text):
+            pieces.append(self._text_piece(text[pos:], pos))
+        return pieces
+
+    def _text_piece(self, piece: str, pos: int) -> tuple:
+        out, marks, n = [], [], 0  # marks: (start, end) in the original text, the marker's index in `piece`
+        for j, ch in enumerate(piece):
+            token = self.unmark.get(ord(ch))
+            out.append(ch if token is None else token)
+            if token is not None:
+                marks.append((n, n + len(token), j))
+            n += 1 if token is None else len(token)
+        return ("text", "".join(out), pos, marks)
+
+    @staticmethod
+    def _marked_position(offset: int, marks: list) -> int:
+        """A character offset in a text piece's original text -> its position in the marked text."""
+        shift = 0
+        for a, b, j in marks:
+            if offset >= b:
+                shift += b - a - 1
+            elif offset >= a:
+                return j
+            else:
+                break
+        return offset - shift
+
+    def _encode_marked(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(ids, start positions) of texts rendered from marked data, the text pieces in one plain call."""
+        split = [self._split_marked(t) for t in texts]
+        plain = [p[1] for pieces in split for p in pieces if p[0] == "text"]
+        encoded = iter(self._backend(True).encode_batch(plain, add_special_tokens=False) if plain else ())
+        out = []
+        for pieces in split:
+            ids, starts = [], []
+            for p in pieces:
+                if p[0] == "special":
+                    ids.append(p[1])
+                    starts.append(p[2])
+                    continue
+                e = next(encoded)
+                ids += e.ids
+                starts += [p[2] + self._marked_position(a, p[3]) for a, _ in e.offsets]
+            out.append((ids, starts))
+        return out
+
+    def _byte_table(self):
+        """Per token id, how many UTF-8 bytes it stands for, when the tokenizer is a byte-level BPE (no normalizer
+        but NFC): its tokens' bytes then add up to the text, so token positions need no offsets. Else None."""
+        if "bytes" not in self._backends:
+            tk = self._backend(False)
+            state = json.loads(tk.to_str())
+            norm = state.get("normalizer")
+            table = None
+            if state["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(state.get("pre_tokenizer")) \
+                    and (norm is None or norm.get("type") == "NFC"):
+                vocab = tk.get_vocab(with_added_tokens=True)
+                table = np.zeros(max(vocab.values()) + 1, np.int64)
+                for token, i in vocab.items():
+                    table[i] = len(token)  # one character of the byte-level alphabet per byte
+                for i, t in tk.get_added_tokens_decoder().items():
+                    table[i] = len(t.content.encode("utf-8"))
+            self._backends["bytes"], self._backends["nfc"] = table, norm is not None
+        return self._backends["bytes"]
+
+    def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+        """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
+        byte lengths of a byte-level BPE's tokens give the positions (checked to add up to the text's bytes; a
+        text that does not goes through the offsets, as do all texts of other tokenizers)."""
+        table, out, redo = self._byte_table(), [None] * len(texts), list(range(len(texts)))
+        if table is not None:
+            nfc, redo = self._backends["nfc"], []
+            for k, (text, e) in enumerate(zip(texts, self._backend(False).encode_batch_fast(
+                    texts, add_special_tokens=False))):
+                ids = np.array(e.ids, np.int32)
+                n = table[ids]
+                if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",
+                                                                                                           text)):
+                    out[k] = (ids, np.cumsum(n) - n, True)
+                else:
+                    redo.append(k)
+        if redo:
+            for k, e in zip(redo, self._backend(False).encode_batch([texts[k] for k in redo],
+                                                                    add_special_tokens=False)):
+                out[k] = (np.array(e.ids, np.int32), np.array([a for a, _ in e.offsets], np.int64), False)
+        return out
+
+    def encode_batch(self, conversations: list[Conversation]):
+        """Many conversations -> (ids int32[T], supervised bool[T], length of each encoded one int64[K], a Skip
+        or None per conversation). The texts without special-token text in their data go through one call."""
+        outcomes, layouts = [], []
+        for conv in conversations:
+            try:
+                layouts.append(self._layout(conv))
+                outcomes.append(None)
+            except Skip as s:
+                outcomes.append(s)
+        clean = iter(self._encode_clean([lay[0] for lay in layouts if not lay[3]]))
+        marked = iter([(np.asarray(i, np.int32), np.asarray(a, np.int64), False)
+                       for i, a in self._encode_marked([lay[0] for lay in layouts if lay[3]])])
+        ids, supervised, lengths = [], [], []
+        for text, spans, eos, was_marked in layouts:
+            tok, starts, in_bytes = next(marked if was_marked else clean)
+            if in_bytes and not text.isascii():  # the spans in bytes too (a position past the text: the eos)
+                spans = [(_utf8_len(text, a), _utf8_len(text, b)) for a, b in spans]
+            if eos:  # the appended eos stands at the end of the text
+                end = _utf8_len(text, len(text)) if in_bytes else len(text)
+                tok, starts = np.append(tok, np.int32(self.eos_id)), np.append(starts, np.int64(end))
+            sup = np.zeros(len(tok), bool)
+            for a, b in spans:  # a token is supervised when its first character is in a span
+                sup[np.searchsorted(starts, a, "left"):np.searchsorted(starts, b, "left")] = True
+            ids.append(tok)
+            supervised.append(sup)
+            lengths.append(len(tok))
+        if not ids:
+            return np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), outcomes
+        return np.concatenate(ids), np.concatenate(supervised), np.asarray(lengths, np.int64), outcomes
+
+    def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, labels) of one conversation of chat_inputs Messages (tools/generate.py's prompt)."""
+        turns = [Turn(m.role, {"role": self.tool_role if m.role == "observation" else m.role, "content": m.content,
+                               **({"metadata": m.metadata} if m.metadata else {})}, m.train) for m in messages]
+        ids, supervised, _, outcomes = self.encode_batch([Conversation(turns)])
+        if outcomes[0] is not None:
+            raise outcomes[0]
+        return ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)

@@ -1,0 +1,86 @@
+"""Chat templates by name, through the registry (patch/families.py), and the pre-tokenization run all entries share.
+
+    from longsft.models import load_tokenizer
+    from longsft.templates.registry import chat_format, pad_token_id
+    tok = load_tokenizer("/tmp/tiny-llama3", "llama3")
+    fmt = chat_format("longwriter", tok)              # longsft.templates.llama.LongWriterFormat (a longsft.templates.base.ChatFormat)
+    pad_token_id(tok, "llama3", "longwriter")         # <|finetune_right_pad_id|>'s id (the family/template rule)
+
+`pretokenize(args)` is what `pre_tokenize.py` runs: the folder's family (models.family_of) unless the front
+end fixes it (`pre_tokenize_glm4.py`: glm4, `pre_tokenize_llama3.py`: llama3), the template (--template, else
+the family's default), its tokenizer, then longsft.data.pretokenize.run. An unknown template, one the family's tokenizer cannot
+express, or one only registered (not implemented yet) is an error that lists the available ones.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Union
+
+from longsft.templates.base import ChatFormat, special_token_ids
+from longsft.data.pretokenize import PretokenizeArguments, run
+from longsft.data.inputs import InputError
+from longsft.models import as_family, load_tokenizer, require_family
+from patch import families
+from patch.families import Family
+
+
+def available() -> str:
+    return ", ".join(families.implemented_templates())
+
+
+def format_class(name: str) -> type[ChatFormat]:
+    """The ChatFormat class of template `name` (its `impl` in the registry)."""
+    try:
+        t = families.template(name)
+    except families.RegistryError as e:
+        raise InputError(f"--template {name}: {e}") from None
+    if t.impl is None:
+        raise InputError(f"--template {name}: registered ({t.help}) but not implemented yet; available: "
+                         f"{available()}")
+    module, _, cls = t.impl.rpartition(".")
+    return getattr(importlib.import_module(module), cls)
+
+
+def chat_format(name: str, tokenizer) -> ChatFormat:
+    """The chat format object of template `name` on `tokenizer`; its `problems` list what the tokenizer lacks."""
+    return format_class(name)(tokenizer)
+
+
+def check_template(fam: Family, name: Optional[str]) -> str:
+    """`name` (default: the family's default template), checked to be a template of `fam` and implemented."""
+    name = name or fam.default_template
+    format_class(name)
+    if name not in fam.templates:
+        raise InputError(f"--template {name}: not a template of the {fam.name} family ({fam.title}); its "
+                         f"templates: {', '.join(fam.templates)}")
+    return name
+
+
+def pad_token_id(tokenizer, family: Union[Family, str], template: Optional[str] = None) -> Optional[int]:
+    """The pad id for data of `family` in `template`, by the registry's rule (patch/families.resolve_pad)."""
+    fam = as_family(family)
+
+    def lookup(source: str) -> Optional[int]:
+        if source == "pad":
+            return tokenizer.pad_token_id
+        if source == "eos":
+            return tokenizer.eos_token_id
+        return special_token_ids(tokenizer, [source], [], "").get(source)
+
+    return families.resolve_pad(families.pad_rule(fam, template), lookup)
+
+
+def pretokenize(args: PretokenizeArguments, family: Optional[str] = None) -> dict:
+    """Encode args.input with the template `args.template` (default: the family's) and write args.output_dir.
+    `family`: the front ends' fixed family; None: the family of args.model_name_or_path. Returns the report."""
+    fam = as_family(family) if family else require_family(args.model_name_or_path)
+    name = check_template(fam, getattr(args, "template", None))
+    if getattr(args, "output_dir", None) is None:
+        args.output_dir = f"data/{fam.name}/{name}"
+    tokenizer = load_tokenizer(args.model_name_or_path, fam, args.trust_remote_code)
+    fmt = chat_format(name, tokenizer)
+    if hasattr(fmt, "configure"):  # a template's own settings (auto: --rewritten_replies)
+        fmt.configure(args)
+    pad = pad_token_id(tokenizer, fam, name) if not fmt.problems else None
+    return run(args, fmt, template=name, model_family=fam.name, pad_token_id=pad, problems=fmt.problems)

@@ -1,0 +1,320 @@
+"""Checkpoints and the output folder: which saves are complete, which folders are ours, what may be deleted.
+
+    from longsft.train.checkpoints import choose_checkpoint, write_marker, rotate_own_checkpoints
+    path, skipped = choose_checkpoint("runs/x")   # newest complete checkpoint-N, and why newer ones were skipped
+
+A folder main.py saves (`OUTPUT_DIR/checkpoint-N` during training, `OUTPUT_DIR` itself at the end) holds
+`save_complete.json`: written with "complete": false before the save starts and rewritten "complete": true
+last, after every rank wrote its files (the trainer waits for all ranks first); both through a temp file and a
+rename, so a kill at any moment leaves a folder that is either visibly incomplete or whole. The marker names
+the run (`run_id`, kept by a resumed run), the step and, in OUTPUT_DIR, the entries the runs wrote there
+(`outputs`). From it:
+
+  - `--resume_from_checkpoint true` (or yes) takes the newest checkpoint-N with a marker (`choose_checkpoint`);
+    newer folders without one (a save cut short, or another program's checkpoint) are skipped and named.
+    `--resume_from_checkpoint N` (a number, as GLM-Edge's finetune.py takes it) is OUTPUT_DIR/checkpoint-N,
+    checked as a path given there is.
+  - `--save_total_limit` deletes only checkpoints whose marker has this run's run_id (`rotate_own_checkpoints`):
+    never a checkpoint-* folder another run or the user put in OUTPUT_DIR; and a resumed run is refused when
+    it could save into such a folder (`others_ahead`).
+  - a run resumed after it finished (OUTPUT_DIR's marker is complete at the planned last step) does nothing.
+  - a new run (not a resume) starts only in a new or empty OUTPUT_DIR, or one holding nothing but an earlier
+    main.py run's outputs and no checkpoints (`output_dir_problems`); OUTPUT_DIR is never the model folder.
+
+Needs no torch (main.py checks settings with it before anything heavy is imported).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+from typing import Optional
+
+from longsft.atomic_dir import write_json_atomic
+
+MARKER = "save_complete.json"
+SETTINGS_FILE = "train_settings.json"
+TRAINER_STATE = "trainer_state.json"
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+TEMP_RE = re.compile(r"^\..+\.tmp-[0-9a-f]{8}$")  # a file being written through a rename (another rank's)
+logger = logging.getLogger("longsft.train")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The completion marker
+# ----------------------------------------------------------------------------------------------
+
+def write_marker(folder: str | os.PathLike, **info) -> Path:
+    """Mark `folder` complete (call it when everything else in it is written, on one process)."""
+    path = Path(folder) / MARKER
+    write_json_atomic(path, {"complete": True, **info})
+    return path
+
+
+def read_raw_marker(folder: str | os.PathLike) -> Optional[dict]:
+    """The marker as written (complete or in progress), or None."""
+    try:
+        m = json.loads((Path(folder) / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def read_marker(folder: str | os.PathLike) -> Optional[dict]:
+    """The marker of a complete save, or None (no marker, unreadable, or marked in progress)."""
+    m = read_raw_marker(folder)
+    return m if m and m.get("complete") is True else None
+
+
+def mark_in_progress(folder: str | os.PathLike, **info) -> None:
+    """A save into `folder` starts: until write_marker, it does not look complete. The marker names the run
+    (`info`), so a save cut short is still known as ours; an earlier marker's fields (`outputs`) are kept."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / MARKER, {**(read_raw_marker(folder) or {}), **info, "complete": False})
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: the newest complete one, and rotation of this run's own
+# ----------------------------------------------------------------------------------------------
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of the checkpoint-N folders in output_dir, oldest first."""
+    d = Path(output_dir)
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> Optional[str]:
+    """Why `folder` is not a complete checkpoint of main.py, or None."""
+    folder = Path(folder)
+    has_state = (folder / TRAINER_STATE).is_file()
+    marker = read_raw_marker(folder)
+    if marker is not None and marker.get("complete") is True:
+        return None if has_state else f"{MARKER} present but no {TRAINER_STATE} (files were removed from it)"
+    if marker is not None:
+        return f"incomplete: its save was interrupted ({MARKER} marks it in progress)"
+    if not has_state:
+        return f"incomplete: no {TRAINER_STATE} and no {MARKER} (its save was interrupted)"
+    return (f"no {MARKER}: its save was interrupted or another program wrote it (pass its path to "
+            f"--resume_from_checkpoint to use it anyway)")
+
+
+def choose_checkpoint(output_dir: str | os.PathLike) -> tuple[Optional[Path], list[tuple[str, str]]]:
+    """(newest complete checkpoint or None, [(name, why skipped)] for the newer ones, newest first)."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(output_dir)):
+        why = checkpoint_problem(path)
+        if why is None:
+            return path, skipped
+        skipped.append((path.name, why))
+    return None, skipped
+
+
+def checkpoint_step(folder: str | os.PathLike) -> Optional[int]:
+    try:
+        return int(json.loads((Path(folder) / TRAINER_STATE).read_text(encoding="utf-8"))["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def others_ahead(output_dir: str | os.PathLike, after: int, upto: int, run_id: Optional[str]) -> list[str]:
+    """Checkpoints in (after, upto] that a run `run_id` resumed at step `after` could save into but that are not
+    its own: another run's complete ones, or whole-looking ones without a marker (another program's)."""
+    found = []
+    for step, path in list_checkpoints(output_dir):
+        if after < step <= upto:
+            m = read_raw_marker(path)
+            if (m is not None and m.get("run_id") != run_id and m.get("complete") is True) or \
+                    (m is None and (path / TRAINER_STATE).is_file()):
+                found.append(path.name)
+    return found
+
+
+def rotate_own_checkpoints(output_dir: str | os.PathLike, run_id: str, limit: Optional[int],
+                           keep: tuple = (), keep_newest: bool = True) -> list[str]:
+    """Delete the oldest checkpoints of run `run_id` beyond `limit` (transformers' --save_total_limit rule: the
+    newest and the `keep` ones (best model) stay). Checkpoints of other runs, or without a marker, are never
+    touched. Returns the names deleted."""
+    if not limit or limit <= 0:
+        return []
+    own = [p for _, p in list_checkpoints(output_dir) if (read_marker(p) or {}).get("run_id") == run_id]
+    protected = {Path(k).resolve() for k in keep if k}
+    if keep_newest and own:
+        protected.add(own[-1].resolve())
+    deleted, remaining = [], len(own)
+    for p in own:
+        if remaining <= max(limit, len(protected)):
+            break
+        if p.resolve() not in protected:
+            # the marker goes first: a deletion cut short leaves a folder that no longer looks complete
+            (p / MARKER).unlink(missing_ok=True)
+            shutil.rmtree(p, ignore_errors=True)
+            deleted.append(p.name)
+            remaining -= 1
+    return deleted
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder
+# ----------------------------------------------------------------------------------------------
+
+def _inside(a: Path, b: Path) -> bool:
+    return a == b or b in a.parents
+
+
+def own_entries(output_dir: str | os.PathLike) -> set[str]:
+    """The entries of output_dir that main.py runs wrote there (settings, marker, recorded outputs)."""
+    d = Path(output_dir)
+    marker = {}
+    try:
+        marker = json.loads((d / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    outputs = set(marker.get("outputs") or []) if isinstance(marker, dict) else set()
+    return outputs | {SETTINGS_FILE, MARKER}
+
+
+def _is_our_settings(output_dir: Path) -> bool:
+    try:
+        s = json.loads((output_dir / SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(s, dict) and {"training", "resolved"} <= set(s)
+
+
+def output_dir_problems(output_dir: str, model_dir: Optional[str], resume: bool) -> list[str]:
+    """Why main.py must not write into output_dir: the model folder, or (a new run) a folder holding anything
+    but an earlier main.py run's outputs, or checkpoints (a new run would write over them)."""
+    out = Path(output_dir).expanduser().resolve()
+    flag = f"--output_dir {output_dir}"
+    if model_dir and Path(model_dir).expanduser().exists():
+        model = Path(model_dir).expanduser().resolve()
+        if _inside(out, model) or _inside(model, out):
+            where = "is" if out == model else "is inside" if _inside(out, model) else "contains"
+            return [f"{flag} {where} the --model_name_or_path folder {model_dir}: the run would write over the "
+                    f"model it starts from; choose another --output_dir"]
+    if out.exists() and not out.is_dir():
+        return [f"{flag}: a file, not a folder"]
+    if resume or not out.is_dir():
+        return []
+    entries = sorted(p.name for p in out.iterdir() if not TEMP_RE.match(p.name))
+    if not entries:
+        return []
+    ckpts = [p.name for _, p in list_checkpoints(out)]
+    if ckpts:
+        shown = ", ".join(ckpts[-3:])
+        return [f"{flag} already holds checkpoints ({shown}{' ...' if len(ckpts) > 3 else ''}): continue that "
+                f"run with --resume_from_checkpoint true, or choose a new or empty --output_dir (main.py never "
+                f"writes over checkpoints of another run)"]
+    foreign = [e for e in entries if e not in own_entries(out)] if _is_our_settings(out) else entries
+    if foreign:
+        shown = ", ".join(foreign[:6]) + (f" and {len(foreign) - 6} more" if len(foreign) > 6 else "")
+        return [f"{flag} holds files main.py did not write ({shown}): choose a new or empty --output_dir "
+                f"(main.py never writes over a folder's other files)"]
+    return []
+
+
+# ----------------------------------------------------------------------------------------------
+# main.py: resume, a finished run, the final output
+# ----------------------------------------------------------------------------------------------
+
+def checkpoint_number(value) -> Optional[int]:
+    """N when --resume_from_checkpoint is a checkpoint number (GLM-Edge's finetune.py: `600` = checkpoint-600)."""
+    v = str(value).strip() if value is not None else ""
+    return int(v) if v.isdigit() and int(v) > 0 else None
+
+
+def numbered_checkpoint_problem(output_dir: str, value) -> Optional[str]:
+    """Why --resume_from_checkpoint N names no checkpoint-N folder in output_dir, or None."""
+    n = checkpoint_number(value)
+    if n is None or (Path(output_dir) / f"checkpoint-{n}").is_dir():
+        return None
+    have = [p.name for _, p in list_checkpoints(output_dir)]
+    return (f"--resume_from_checkpoint {value}: no checkpoint-{n} folder in --output_dir {output_dir} ("
+            + (f"it has {', '.join(have[-5:])}" if have else "it has no checkpoint-* folders")
+            + "); give one of its checkpoint numbers, true for the newest complete one, or a checkpoint path")
+
+
+def resume_request(value, output_dir: Optional[str] = None) -> Optional[str]:
+    """--resume_from_checkpoint: None (a new run), "latest" (true / yes) or the checkpoint folder given: a path,
+    or a number N = output_dir/checkpoint-N (as GLM-Edge's finetune.py takes it; 0 = a new run)."""
+    if value is None or str(value).lower() in ("", "false", "no", "0", "none"):
+        return None
+    if str(value).lower() in ("true", "yes", "latest"):
+        return "latest"
+    if checkpoint_number(value) is not None and output_dir is not None:
+        problem = numbered_checkpoint_problem(output_dir, value)
+        if problem:
+            raise SystemExit(problem)
+        return str(Path(output_dir) / f"checkpoint-{checkpoint_number(value)}")
+    if not os.path.isdir(value):
+        raise SystemExit(f"--resume_from_checkpoint {value}: no such folder")
+    return str(value)
+
+
+def resolve_resume(output_dir: str, request: Optional[str], steps: int) -> Optional[str]:
+    """The checkpoint to resume from: the newest complete one for "latest" (those skipped are logged). Refused
+    when the run, continued up to `steps`, could save into a checkpoint-N folder in output_dir that is not its own."""
+    if request is None:
+        return None
+    if request != "latest":
+        path, problem = Path(request), checkpoint_problem(request)
+        if problem and (read_raw_marker(path) is not None or not (path / TRAINER_STATE).is_file()):
+            raise SystemExit(f"--resume_from_checkpoint {request}: {problem}")
+        if problem:
+            logger.warning("--resume_from_checkpoint %s: %s", request, problem)
+    else:
+        path, skipped = choose_checkpoint(output_dir)
+        for name, why in skipped:
+            logger.warning("resume: skipping %s: %s", name, why)
+        if path is None:
+            why = "".join(f"\n  - {name}: {reason}" for name, reason in skipped)
+            raise SystemExit(f"--resume_from_checkpoint true: no complete checkpoint-* folder in {output_dir}{why}\n"
+                             f"start without --resume_from_checkpoint or pass a checkpoint path")
+        logger.info("resuming from %s (step %s)%s", path, checkpoint_step(path),
+                    f"; skipped {len(skipped)} newer incomplete one(s)" if skipped else "")
+    step = checkpoint_step(path) or 0
+    ahead = others_ahead(output_dir, step, steps, (read_raw_marker(path) or {}).get("run_id"))
+    if ahead:
+        raise SystemExit(f"--output_dir {output_dir}: {', '.join(ahead)} belong to another run or program, and "
+                         f"this run (from step {step} to {steps}) could save into them: move them out of "
+                         f"--output_dir (main.py never writes over another run's checkpoint)")
+    return str(path)
+
+
+def finished_output(output_dir: str, steps: int) -> Optional[dict]:
+    """output_dir's marker if it holds the complete final output of a run that reached `steps` steps."""
+    done = read_marker(output_dir)
+    if done and done.get("kind") == "final" and int(done.get("global_step", -1)) >= steps:
+        return done
+    return None
+
+
+def begin_output(output_dir: str) -> set[str]:
+    """Before a run writes output_dir (one process): its final output no longer counts as complete. Returns
+    the entries there now, which finish_output does not claim as the run's own."""
+    os.makedirs(output_dir, exist_ok=True)
+    mark_in_progress(output_dir, kind="final")
+    return {p.name for p in Path(output_dir).iterdir()}
+
+
+def finish_output(output_dir: str, before: set[str], **info) -> None:
+    """After every rank saved the final output (one process): mark output_dir complete, with the entries main.py
+    runs wrote there (an earlier run's recorded ones and this run's new ones; never checkpoints)."""
+    out = Path(output_dir)
+    now = {p.name for p in out.iterdir()}
+    outputs = (own_entries(out) & now) | (now - before)
+    outputs = sorted(e for e in outputs if not CHECKPOINT_RE.match(e) and e != MARKER and not e.startswith("."))
+    write_marker(out, **info, outputs=outputs)
