@@ -7,6 +7,8 @@
     python tools/make_tiny.py model --family chatglm3 --out /tmp/tiny-chatglm3   # also chatglm2, llama2
     python tools/make_tiny.py model --family qwen2 --out /tmp/tiny-qwen2   # also glm, glm4_0414, qwen3, mistral
     python tools/make_tiny.py chat-tokenizer --kind qwen2 --out /tmp/tiny-qwen2     # chat templates: see below
+    python tools/make_tiny.py decoder --model_type gemma --out /tmp/tiny-gemma   # any type patch/model_types.json
+                                                                                 # accepts (family `transformers`)
 
 The builders: longsft/tiny/tokenizers.py (tokenizer folders, each like its hub layout) and longsft/tiny/models.py
 (tiny random-weight models); the chat templates of the native families' tiny tokenizers: longsft/tiny/chat_templates.py.
@@ -18,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from longsft.errors import run_cli
-from longsft.tiny.models import make_tiny_model
+from longsft.tiny.models import make_tiny_decoder, make_tiny_model
 from longsft.tiny.tokenizers import CHAT_TOKENIZERS, TOKENIZER_BUILDERS, make_chat_template_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -42,7 +44,17 @@ def main(argv: list[str] | None = None) -> Path:
     m.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: build a tiny one)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    d = sub.add_parser("decoder", help="write a tiny random-weight folder of a model type the family `transformers` "
+                       "covers (patch/model_types.json), with a tiny chat tokenizer", allow_abbrev=False)
+    d.add_argument("--model_type", required=True, help="a config.json model_type, e.g. gemma, phi3, olmo2")
+    d.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    d.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: a tiny Qwen2.5-style one)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     args = parser.parse_args(argv)
+    if args.what == "decoder":
+        out = make_tiny_decoder(args.out, args.model_type, args.tokenizer, seed=args.seed)
+        print(f"wrote tiny {args.model_type} model to {out}")
+        return out
     if args.what == "chat-tokenizer":
         out = make_chat_template_tokenizer(args.out, args.kind)
         print(f"wrote {args.kind} ({CHAT_TOKENIZERS[args.kind].title}) tokenizer to {out}")
