@@ -125,7 +125,8 @@ def test_native_families_and_classes():
     for name, model_type in MODEL_TYPES.items():
         fam = families.family(name)
         assert fam.model_types == (model_type,) and fam.default_template == "auto" and fam.generation_stops
-        assert families.of_model_type(model_type) == [fam]
+        assert families.of_model_type(model_type) == [fam, families.generic_family(model_type)]  # `transformers` last
+        assert families.generic_family(model_type).model_class == fam.model_class
         cls = models.model_class(model_type)
         assert cls.__module__ == "patch.modeling_native" and issubclass(cls, PA.PackedCausalLM)
         upstream = getattr(transformers, cls.__name__)  # transformers' own class of the same name
