@@ -17,8 +17,9 @@ type (longsft/model_types.py) on the transformers version it names. On another i
 Tokenizers: a family with its own class in patch/ (GLM-4, ChatGLM2/3) loads it on the folder's tokenizer.model;
 the Llama families load transformers' fast tokenizer from tokenizer.json (`PreTrainedTokenizerFast`, which does
 not import torch; a local folder without tokenizer.json goes through AutoTokenizer, which does). The folder's own
-tokenizer code runs only with trust_remote_code (AutoTokenizer). Nothing here imports torch; `model_class`
-imports the patch/ modeling module, which does. User mistakes raise longsft.data.inputs.InputError.
+tokenizer code runs only with trust_remote_code (AutoTokenizer). Nothing here imports torch at import time;
+`model_class` imports the patch/ modeling module, `decoder_linear_names` and a run-time check torch itself. User
+mistakes raise longsft.data.inputs.InputError.
 """
 
 from __future__ import annotations
