@@ -107,6 +107,13 @@ class ChatGLMConfig(PretrainedConfig):
         """How `rope_ratio` applies: "positions" (divide positions) or "base" (multiply the base); see above."""
         return "positions" if self.rope_ratio_mode == "positions" else "base"
 
+    def to_dict(self) -> dict:
+        """As saved: `rope_ratio_mode` only once it is known (a hub config.json never has it)."""
+        out = super().to_dict()
+        if out.get("rope_ratio_mode") is None:
+            out.pop("rope_ratio_mode", None)
+        return out
+
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         """config.json as a dict; a rope_ratio other than 1 without `rope_ratio_mode` gets the mode its folder

@@ -11,7 +11,8 @@ glm4 -> glm4, llama3 -> longwriter, qwen2 -> auto, ...). Generation stops on the
 the families that say so, e.g. qwen2, on the model folder's generation_config.json eos ids). The model class comes
 from config.json's model_type through the registry (patch/), never from code inside the folder. A folder
 holding only a LoRA adapter (adapter_config.json) is loaded on top of its base model (whose config.json also
-tells the family). Greedy decoding unless --do_sample.
+tells the family), built from the adapter folder's base_model_config.json when there is one (a run that scaled
+RoPE writes it: the base as it was trained). Greedy decoding unless --do_sample.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from longsft.errors import run_cli
 from longsft.data.inputs import InputError
 from longsft.data.storage import IGNORE_INDEX
 from longsft.atomic_dir import write_json_atomic
+from longsft.train.model import BASE_CONFIG_FILE
 from patch.families import implemented_templates
 from longsft.templates.registry import chat_format, check_template, pad_token_id
 
@@ -96,7 +98,11 @@ def load(model_dir: str):
         tokenizer = models.load_tokenizer(tok_dir, family)
     except InputError as e:
         raise SystemExit(str(e)) from e
-    model = cls.from_pretrained(base_dir, dtype=torch.float32)
+    kw = {}
+    base_config = Path(model_dir) / BASE_CONFIG_FILE  # an adapter trained with RoPE scaling: the base as trained
+    if base_dir != model_dir and base_config.is_file():
+        kw["config"] = cls.config_class.from_pretrained(str(base_config))
+    model = cls.from_pretrained(base_dir, dtype=torch.float32, **kw)
     if base_dir != model_dir:
         from peft import PeftModel
 

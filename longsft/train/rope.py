@@ -219,7 +219,7 @@ def check_model_rope(model, plan: Optional[RopePlan]) -> None:
             if module.rope_type != want_type:
                 raise RuntimeError(f"{name}: rope_type {module.rope_type}, the config says {want_type}")
             fn = module.compute_default_rope_parameters if want_type == "default" else ROPE_INIT_FUNCTIONS[want_type]
-            want, _ = fn(cfg, module.inv_freq.device)
+            want, _ = fn(cfg, device=module.inv_freq.device)
             if not torch.allclose(module.inv_freq.float(), want.float(), rtol=1e-6, atol=0):
                 raise RuntimeError(f"{name}: its RoPE frequencies are not the {want_type} ones of the config")
             checked += 1

@@ -21,7 +21,7 @@ from longsft.train import quantization
 from longsft.train.arguments import ModelArguments
 from longsft.train.batches import LMDataset
 from patch import families
-from tests.train.test_run import EXACT, StopAt, llama_dir, losses, run, write_task  # noqa: F401 (fixture)
+from tests.train.test_run import EXACT, StopAt, glm_dir, llama_dir, losses, run, write_task  # noqa: F401 (fixtures)
 
 bnb = pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[2]
