@@ -75,21 +75,21 @@ def copy_remote_code(src_dir: str, dst_dir: str) -> list[str]:
     return copied
 
 
-def model_config(model_args: ModelArguments, model_type: str):
+def model_config(model_args: ModelArguments, model_type: str, log: bool = True):
     """(config, RoPE plan): the folder's config.json as the model is built from it, with --rope_scaling applied
-    (rope.py; the plan is None without scaling)."""
+    (rope.py; the plan is None without scaling; `log`: say what the scaling does)."""
     if model_args.trust_remote_code:
         config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
     else:
         config = model_class(model_type).config_class.from_pretrained(model_args.model_name_or_path)
-    return config, rope.configure_rope(config, model_args, model_args.trust_remote_code)
+    return config, rope.configure_rope(config, model_args, model_args.trust_remote_code, log=log)
 
 
 def load_model(model_args: ModelArguments, model_type: str, dtype: torch.dtype,
                compute_dtype: Optional[torch.dtype] = None):
     """The model in `dtype`; with --quantization_bit its linear layers through bitsandbytes (quantization.py),
     computing in `compute_dtype` (default `dtype`); with --rope_scaling the scaled RoPE, checked in the model."""
-    config, rope_plan = model_config(model_args, model_type)
+    config, rope_plan = model_config(model_args, model_type, log=False)  # main.py logged it when it read the config
     cls = transformers.AutoModelForCausalLM if model_args.trust_remote_code else model_class(model_type)
     kw = {"trust_remote_code": True} if model_args.trust_remote_code else {}
     if model_args.quantization_bit:

@@ -3,8 +3,12 @@
     python main.py --model_name_or_path THUDM/glm-4-9b --train_file data/glm4/longwriter --batch_method pack \\
         --use_lora --quantization_bit 4 --bf16 --deepspeed ds_config/stage3.json --output_dir output/glm4-qlora
     QUANT_BIT=4 bash scripts/glm4_longwriter_lora.sh     # the launch scripts pass QUANT_BIT on
-    # tiny CPU run: python tools/make_tiny.py model --family llama3 --out /tmp/tiny-llama3, then main.py as in
-    # tests/train/test_quantization.py (--quantization_bit 4 --use_lora on CPU)
+    # tiny CPU run (~2 min on 2 busy cores):
+    python tools/make_tiny.py model --family llama3 --out /tmp/tq/tiny-llama3
+    python pre_tokenize.py --model_name_or_path /tmp/tq/tiny-llama3 --input data/sample.jsonl --output_dir /tmp/tq/data
+    python sort_and_group.py --train_file /tmp/tq/data --max_length 8192 --group_size 1
+    python main.py --model_name_or_path /tmp/tq/tiny-llama3 --train_file /tmp/tq/data --batch_method pack \\
+        --use_lora --quantization_bit 4 --max_steps 2 --output_dir /tmp/tq/qlora
 
 The linear layers of the decoder load through bitsandbytes via transformers' BitsAndBytesConfig: 4 bits = NF4 with
 double quantization (the quantization constants quantized again; Dettmers et al. 2023), 8 bits = LLM.int8 (outlier
@@ -14,10 +18,11 @@ LoRA adapters on top train in full precision. Compute dtype: bf16 with --bf16 (G
 (CPU). 4-bit weights are stored as the model's float dtype (`bnb_4bit_quant_storage`), so DeepSpeed ZeRO-3 can
 shard them with the rest (as PEFT documents for QLoRA + ZeRO-3); 8-bit weights cannot be sharded: not with ZeRO-3.
 
-CPU: bitsandbytes >= 0.46 runs NF4 and LLM.int8 on x86-64 CPUs. On a CPU with AVX512-BF16 its Linear4bit repacks its
-weights the first time it runs without gradients in eval mode (an evaluation, generate()), and from then on its
-matmul has no backward: the gradients of every layer below would silently be lost in the next training step.
-`prepare_quantized` turns that repacking off for every 4-bit layer (the plain NF4 kernel runs instead).
+CPU: bitsandbytes runs NF4 and LLM.int8 on x86-64 CPUs (>= 0.48 with the model-dtype storage used here). On a
+CPU with AVX512-BF16 its Linear4bit repacks its weights the first time it runs without gradients in eval mode (an
+evaluation, generate()), and from then on its matmul has no backward: the gradients of every layer below would
+silently be lost in the next training step. `prepare_quantized` turns that repacking off for every 4-bit layer
+(the plain NF4 kernel runs instead).
 The merged model (--save_merged_model) merges the adapter into the base loaded again in full precision, never into
 dequantized 4-bit weights (model.py save_merged).
 """
@@ -34,8 +39,8 @@ from longsft.train import settings as train_settings
 logger = logging.getLogger("longsft.train")
 
 QUANTIZATION_BITS = (4, 8)
-BNB_REQUIREMENT = "bitsandbytes>=0.46,<0.51"
-MIN_BNB = (0, 46)
+BNB_REQUIREMENT = "bitsandbytes>=0.48,<0.51"  # requirements.txt: 0.48.2 and 0.50.2 tested
+MIN_BNB = (0, 48)  # 0.46 runs NF4 on CPUs, but only with uint8 storage; the model-dtype storage ZeRO-3 needs: 0.48
 
 
 def _bnb_version() -> Optional[tuple[int, ...]]:
@@ -73,8 +78,8 @@ def setting_problems(ns) -> list[str]:
     if version is None:
         p.append(f"--quantization_bit {bits} needs bitsandbytes: pip install '{BNB_REQUIREMENT}'")
     elif version < MIN_BNB:
-        p.append(f"--quantization_bit {bits}: bitsandbytes {'.'.join(map(str, version))} is too old (CPU kernels "
-                 f"from 0.46): pip install '{BNB_REQUIREMENT}'")
+        p.append(f"--quantization_bit {bits}: bitsandbytes {'.'.join(map(str, version))} is too old (4-bit weights "
+                 f"stored as the model dtype, on CPUs too, from 0.48): pip install '{BNB_REQUIREMENT}'")
     if bits == 8 and ns.deepspeed and _zero_stage(ns.deepspeed) == 3:
         p.append("--quantization_bit 8 with DeepSpeed ZeRO-3: its int8 weights cannot be sharded; use "
                  "--quantization_bit 4 (stored as the model dtype, sharded) or ZeRO-2")

@@ -4,7 +4,9 @@ set in the model config before the weights load, for every family, and checked i
     python main.py --model_name_or_path meta-llama/Llama-3.1-8B ... --rope_scaling yarn --model_max_length 262144
     python main.py --model_name_or_path THUDM/chatglm2-6b ... --use_lora --quantization_bit 4 \\
         --rope_scaling linear --rope_factor 8          # LL-BaiYang: 16,384 tokens on 2,048 trained positions
-    # tiny CPU run: see tests/train/test_rope.py (a 32-position Llama trained on 128-token samples, factor 4)
+    # tiny CPU run (quantization.py's docstring makes /tmp/tq/tiny-llama3 and /tmp/tq/data):
+    python main.py --model_name_or_path /tmp/tq/tiny-llama3 --train_file /tmp/tq/data --batch_method pack \\
+        --rope_scaling yarn --rope_factor 2 --max_steps 2 --output_dir /tmp/tq/rope
 
     from longsft.train.rope import configure_rope
     plan = configure_rope(config, model_args)   # the config changed in place; None when nothing to do
@@ -20,9 +22,9 @@ N` takes F = ceil(N / that context) as LLaMA-Factory and ms-swift do (no scaling
   llama3   Llama-3.1's rule: low frequencies / F, high ones kept, a smooth ramp between (low/high_freq_factor 1/4)
   base     RoPE base x F (ChatGLM3-6B-32K's and GLM-4's rope_ratio; for transformers' models rope_theta x F)
 
-Transformers' models get `config.rope_parameters` (transformers 5: rope_type, factor, original_max_position_embeddings,
-...), which their RotaryEmbedding reads; on a model that already scales RoPE the same way the factors multiply (Llama-3.1's
-llama3 factor 8 x F), another type is refused. Chatglm-format models (patch/modeling_chatglm.py): `rope_ratio` x F with
+Transformers' models get `config.rope_parameters` (transformers 5: rope_type, factor,
+original_max_position_embeddings, ...), which their RotaryEmbedding reads; on a model that already scales RoPE the
+same way the factors multiply (Llama-3.1's llama3 factor 8 x F), another type is refused. Chatglm-format models (patch/modeling_chatglm.py): `rope_ratio` x F with
 `rope_ratio_mode` "positions" (linear) or "base" (base); a folder whose rope_ratio already applies the other way is
 refused. max_position_embeddings / seq_length become context x F (dynamic: unchanged), so the saved config (full
 model, merged model, and base_model_config.json beside a LoRA adapter) carries the scaling to generation and reloads.
@@ -115,13 +117,41 @@ def rope_settings(config) -> dict:
             "max_position_embeddings": getattr(config, "max_position_embeddings", None)}
 
 
+def resume_mismatch(output_dir: str, config, quantization_bit) -> Optional[str]:
+    """A resumed run must train the model its checkpoints were trained as: the RoPE settings and the quantization
+    the earlier run recorded in OUTPUT_DIR/train_settings.json, against this run's (None when they agree, or
+    when the earlier run recorded none)."""
+    import json
+    from pathlib import Path
+
+    from longsft.train.checkpoints import SETTINGS_FILE
+
+    path = Path(output_dir) / SETTINGS_FILE
+    try:
+        before = json.loads(path.read_text(encoding="utf-8")).get("resolved") or {}
+    except (OSError, ValueError):
+        return None
+    problems = []
+    if "rope" in before and before["rope"] != json.loads(json.dumps(rope_settings(config))):
+        problems.append(f"RoPE {before['rope']} then, {rope_settings(config)} now (give the same --rope_scaling and "
+                        f"--rope_factor / --model_max_length)")
+    if "quantization" in before:
+        bits = (before["quantization"] or {}).get("bits")
+        if bits != quantization_bit:
+            problems.append(f"--quantization_bit {bits} then, {quantization_bit} now")
+    if not problems:
+        return None
+    return (f"--resume_from_checkpoint: {path} says the checkpoints were trained with other settings: "
+            + "; ".join(problems))
+
+
 def _factor(model_args, context: int) -> float:
     if model_args.rope_factor is not None:
         return float(model_args.rope_factor)
     return float(math.ceil(model_args.model_max_length / context))
 
 
-def configure_rope(config, model_args, trust_remote_code: bool = False) -> Optional[RopePlan]:
+def configure_rope(config, model_args, trust_remote_code: bool = False, log: bool = True) -> Optional[RopePlan]:
     """Apply --rope_scaling to `config` (in place) before the model is built; None when no scaling is asked for
     or --model_max_length fits the context. A combination the model cannot take ends the run (SystemExit)."""
     scaling = model_args.rope_scaling
@@ -130,8 +160,9 @@ def configure_rope(config, model_args, trust_remote_code: bool = False) -> Optio
     before = context_length(config)
     factor = _factor(model_args, before)
     if factor <= 1:
-        logger.info("--model_max_length %s fits the model's %s-token context: no RoPE scaling",
-                    model_args.model_max_length, f"{before:,}")
+        if log:
+            logger.info("--model_max_length %s fits the model's %s-token context: no RoPE scaling",
+                        model_args.model_max_length, f"{before:,}")
         return None
     if is_chatglm(config):
         if trust_remote_code:
@@ -142,7 +173,8 @@ def configure_rope(config, model_args, trust_remote_code: bool = False) -> Optio
     else:
         settings = _native_scaling(config, scaling, factor)
     plan = RopePlan(scaling, factor, before, context_length(config), settings)
-    logger.info("%s", plan.describe())
+    if log:
+        logger.info("%s", plan.describe())
     return plan
 
 

@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
                     args.output_dir, done.get("global_step"), steps, ckpt.MARKER)
         return None
     resume = ckpt.resolve_resume(args.output_dir, resume_req, steps)
+    mismatch = rope.resume_mismatch(args.output_dir, config, model_args.quantization_bit) if resume else None
+    if mismatch:
+        raise SystemExit(mismatch)
     if resume and (ckpt.checkpoint_step(resume) or 0) >= steps:
         logger.info("%s is at step %s of %d: nothing left to train; the final output is written from it",
                     resume, ckpt.checkpoint_step(resume), steps)

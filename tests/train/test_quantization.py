@@ -2,7 +2,7 @@
 x86-64 kernels): one packed SGD step equals transformers' stock model + peft computed sample by sample with the same
 quantized weights; packed = one by one for every family; the settings checks; the eval-mode repacking that would
 drop gradients; resume and the merged model; 2 ranks = 1 rank accumulating under ZeRO-3 and ZeRO-2, and sequence
-parallelism (marked slow). The CUDA kernels: tests/patch/test_models_gpu.py (marked gpu).
+parallelism (marked slow). bitsandbytes' CUDA kernels: the last test (marked gpu; scripts/gpu_check.sh).
 Run: python -m pytest -q tests/train/test_quantization.py -m "not slow"   (the launches: ~3 minutes on 2 cores)
 """
 import json
@@ -10,20 +10,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import transformers
-from safetensors.torch import load_file
 
-import main as train_main
+bnb = pytest.importorskip("bitsandbytes")  # first: a device image without it skips this file (scripts/gpu_check.sh)
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+import main as train_main  # noqa: E402
 from longsft.tiny.models import make_tiny_model
 from longsft.train import model as train_model
 from longsft.train import quantization
 from longsft.train.arguments import ModelArguments
 from longsft.train.batches import LMDataset
 from patch import families
-from tests.train.test_run import EXACT, StopAt, glm_dir, llama_dir, losses, run, write_task  # noqa: F401 (fixtures)
+from tests.train.test_run import EXACT, StopAt, glm_dir, llama_dir, losses, run, write_task  # noqa: F401,E402
 
-bnb = pytest.importorskip("bitsandbytes")
 ROOT = Path(__file__).resolve().parents[2]
 LORA = ["--use_lora", "--lora_r", 4, "--lora_alpha", 8, "--lora_dropout", 0.0]
 
@@ -254,3 +256,38 @@ def test_sequence_parallel_with_4bit_equals_one_process(tmp_path, request):
     assert "1 data-parallel group(s) x 2 ranks sharing each pack" in log
     assert rel_diff(adapter(tmp_path / "one"), adapter(tmp_path / "sp")) < 1e-5
     assert len(sp) == 1 and abs(sp[0] - losses(one)[0]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA (bitsandbytes' GPU kernels; skipped without a GPU): a bf16 4-bit step, packed = one by one
+# ----------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_cuda_quantized_lora_step_packed_equals_unpacked(llama_dir, bits):  # noqa: F811
+    from longsft.train.model import apply_lora
+    from longsft.train.arguments import LoraArguments
+
+    model = train_model.load_model(ModelArguments(model_name_or_path=str(llama_dir), quantization_bit=bits), "llama",
+                                   torch.bfloat16, compute_dtype=torch.bfloat16)
+    layers = quantization_layers(model)
+    assert layers and all(m.weight.device.type == "cuda" for m in layers)  # placed on the GPU by transformers
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    model = apply_lora(model, LoraArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0),
+                       families.family("llama3"), gradient_checkpointing=False)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, 200, (1, 40), generator=g).cuda(), torch.randint(3, 200, (1, 24), generator=g).cuda()
+    ids = torch.cat([a, b], dim=1)
+    cu = torch.tensor([0, 40, 64], dtype=torch.int32, device="cuda")
+    n = 39 + 23  # targets
+    packed = model(input_ids=ids, attention_mask=cu, labels=ids, num_items_in_batch=n).loss
+    packed.backward()
+    g1 = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    one = sum(model(input_ids=x, labels=x, num_items_in_batch=n).loss for x in (a, b))
+    one.backward()
+    g2 = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.requires_grad}
+    assert abs(packed.item() - one.item()) < 2e-2 * one.item()  # bf16
+    assert max((g1[k] - g2[k]).norm().item() / max(g2[k].norm().item(), 1e-12) for k in g1 if g2[k].norm() > 0) < 5e-2
+    assert 5 < packed.item() < 9  # random tiny model: about ln(vocabulary)

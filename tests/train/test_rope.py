@@ -186,3 +186,15 @@ def test_context_check_names_the_family_rule(tmp_path):
     msg = context_warning(str(data), "train", config, None, require_family(str(model_dir)))
     assert "--rope_scaling linear --model_max_length" in msg and "chatglm2" in msg
     assert rope.context_length(config) == 16
+
+
+def test_resume_refuses_other_rope_settings(tmp_path, short_llama):
+    data = write_task(tmp_path / "data", short_llama, "llama3", n=6, max_length=64)
+    common = ["--batch_method", "pack", "--per_device_train_batch_size", 1, "--max_steps", 2, "--save_strategy",
+              "steps", "--save_steps", 1]
+    run(short_llama, data, tmp_path / "o", *common, "--rope_scaling", "yarn", "--rope_factor", 2)
+    with pytest.raises(SystemExit, match="trained with other settings: RoPE"):
+        run(short_llama, data, tmp_path / "o", *common, "--max_steps", 3, "--resume_from_checkpoint", "true")
+    again = run(short_llama, data, tmp_path / "o", *common, "--max_steps", 3, "--resume_from_checkpoint", "true",
+                "--rope_scaling", "yarn", "--rope_factor", 2)
+    assert again.state.global_step == 3
