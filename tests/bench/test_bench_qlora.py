@@ -26,6 +26,7 @@ def test_tiny_rows(tmp_path):
     for r in rows.values():
         assert r["step_seconds"] > 0 and 5 < r["first_loss"] < 9  # random tokens: about ln(vocabulary)
         assert abs(r["first_loss"] - rows["full"]["first_loss"]) < 0.05  # the same batch, a close base
+        assert abs(r["text_loss"] - rows["full"]["text_loss"]) < 0.05
 
 
 def test_bad_flags_are_one_user_error():

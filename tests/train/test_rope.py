@@ -198,3 +198,26 @@ def test_resume_refuses_other_rope_settings(tmp_path, short_llama):
     again = run(short_llama, data, tmp_path / "o", *common, "--max_steps", 3, "--resume_from_checkpoint", "true",
                 "--rope_scaling", "yarn", "--rope_factor", 2)
     assert again.state.global_step == 3
+
+
+def test_chatglm_flags_follow_the_folders_rule(tmp_path):
+    """ChatGLM2-6B-32K-like (rope_ratio 16 on the positions): linear multiplies it, base is refused; a ChatGLM3 folder
+    without a ratio takes either rule; GLM-4-9b-chat-like (rope_ratio 500 on the base): base multiplies it."""
+    c2 = make_tiny_model(tmp_path / "c2", "chatglm2", rope_ratio=16.0)
+    config, plan = train_model.model_config(ModelArguments(model_name_or_path=str(c2), rope_scaling="linear",
+                                                           rope_factor=2), "chatglm")
+    assert (config.rope_ratio, config.rope_ratio_mode, config.seq_length) == (32.0, "positions", 65536)
+    assert plan.context_before == 32768 and plan.context_after == 65536
+    with pytest.raises(SystemExit, match="already applies to the positions.*use --rope_scaling linear"):
+        train_model.model_config(ModelArguments(model_name_or_path=str(c2), rope_scaling="base", rope_factor=2),
+                                 "chatglm")
+    c3 = make_tiny_model(tmp_path / "c3", "chatglm3")  # no rope_ratio, seq_length 8192
+    config, _ = train_model.model_config(ModelArguments(model_name_or_path=str(c3), rope_scaling="linear",
+                                                        model_max_length=30000), "chatglm")
+    assert (config.rope_ratio, config.rope_ratio_mode, config.seq_length) == (4.0, "positions", 32768)
+    g4 = make_tiny_model(tmp_path / "g4", "glm4", rope_ratio=500.0, seq_length=131072)
+    config, _ = train_model.model_config(ModelArguments(model_name_or_path=str(g4), rope_scaling="base",
+                                                        model_max_length=262144), "chatglm")
+    assert (config.rope_ratio, config.rope_rule, config.seq_length) == (1000.0, "base", 262144)
+    model = load(g4, "chatglm", rope_scaling="base", rope_factor=2)  # the loaded model checked to use it
+    assert math.isclose(model.transformer.rotary_pos_emb.base, 10000.0 * 1000)
