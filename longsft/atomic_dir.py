@@ -295,6 +295,22 @@ def replace_problem(folder: str | os.PathLike, what: str, fmt: str, names: set[s
     return None
 
 
+def folder_identity(path: str | os.PathLike, fd: int | None = None) -> tuple | None:
+    """(device, inode) of the folder (through `fd` when given, else the path) and of its meta.json; None when the
+    folder is missing. Two calls give the same value only for the same version of a folder that commits replace."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(path)
+    except OSError:
+        return None
+    try:
+        meta = os.stat("meta.json", dir_fd=fd) if fd is not None and os.stat in os.supports_dir_fd \
+            else os.stat(Path(path) / "meta.json")
+        meta_id = (meta.st_dev, meta.st_ino)
+    except OSError:
+        meta_id = None
+    return (st.st_dev, st.st_ino, meta_id)
+
+
 class FolderReader:
     """Reads the files of one folder through a descriptor opened once (where the system allows it), so every file
     comes from the same version of the folder even while a commit swaps a new one in."""
@@ -332,6 +348,11 @@ class FolderReader:
     def read_text(self, name: str) -> str:
         with self.open(name) as f:
             return f.read().decode("utf-8")
+
+    def identity(self) -> tuple | None:
+        """What tells this version of the folder from any other: (device, inode) of the folder and of its
+        meta.json (written last by every commit, so a new version never shares it). None where unknown."""
+        return folder_identity(self.path, self.fd)
 
     def changed(self) -> bool:
         """Whether the path now names another folder than the one read (a commit replaced it)."""

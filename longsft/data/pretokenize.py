@@ -23,7 +23,9 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    itself: tool calls, tool results, tools, reasoning).
 3. Every selected record ends up either in the dataset or in DIR/skipped.jsonl with file, line and one reason:
    invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise (template auto
-   adds template_error and template_rewrites_history).
+   adds template_error and template_rewrites_history). JSON nested deeper than inputs.MAX_JSON_DEPTH levels (in the
+   record, or in a `tools` / `function_call` JSON string) is invalid_json: its depth is measured before any parser
+   runs, so no record can crash or hang the run.
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
 4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
@@ -48,7 +50,8 @@ from typing import Any, Callable, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks, parse_record, plan_order)
+from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks,
+                                json_depth_problem, parse_record, plan_order)
 from longsft.errors import run_cli
 from longsft.atomic_dir import default_signals, describe_removed, signals_as_exit
 from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, TokenizedWriter, dataset_replace_problem
@@ -160,6 +163,8 @@ def _load_json(payload: bytes):
         obj = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Skip("invalid_json", str(e)[:200]) from None
+    except RecursionError:  # _parse measured the depth first: only a much lower recursion limit gets here
+        raise Skip("invalid_json", "nested too deep for Python's json") from None
     if "\\ud" in text or "\\uD" in text:
         check_surrogates(obj)
     return obj
@@ -178,7 +183,11 @@ def _validate(obj, chat_format) -> tuple[str, list[Message]]:
 
 
 def _parse(payload: bytes, chat_format) -> tuple[str, list[Message]]:
-    """Decode and validate one record (raises Skip)."""
+    """Decode and validate one record (raises Skip). Its nesting depth is measured before any parser sees it
+    (inputs.json_depth_problem: orjson crashes the process on ~200,000 levels, json raises at ~1,000)."""
+    problem = json_depth_problem(payload)
+    if problem:
+        raise Skip("invalid_json", problem)
     if orjson is not None:
         # orjson accepts only strictly valid JSON (no lone surrogates, NaN, BOM: those fail and take the json
         # path below) but reads integers over 64 bits as floats, which can only change a skip's message; so a

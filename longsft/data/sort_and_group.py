@@ -21,7 +21,8 @@ What it does, top to bottom:
 - The token ids themselves are checked first (longsft.data.storage.check_token_ids: no negative id, none past the vocabulary
   of the tokenizer meta.json names, meta.json's max_token_id true), and an existing DIR/packs/ must be ours
   alone (a user's file in it is an error, not a deletion). packs/ is replaced atomically (a symlinked one is
-  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed.
+  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed. If DIR is replaced
+  while packing (pre_tokenize.py writing it again), that is an error and no packs are kept (storage.write_packs).
 - A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
   truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
 - Packing, compute balance and the sorted-batching order: longsft/data/packing.py (its docstring).
@@ -323,7 +324,7 @@ def run(args: Arguments) -> dict:
                  "efficiency": report["efficiency"],
                  "source": {"num_samples": data.meta["num_samples"], "num_tokens": data.meta["num_tokens"]}})
     write_packs(data_dir, {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
-                           "targets": targets}, meta, extra)
+                           "targets": targets}, meta, extra, made_from=data.identity)
     print("\n".join(summary_lines(report)))
     print(f"  wrote {data_dir / 'packs'} (report.json{', report.png' if args.plot else ''})")
     return report
