@@ -53,7 +53,8 @@ from tqdm.auto import tqdm
 from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks,
                                 json_depth_problem, parse_record, plan_order)
 from longsft.errors import run_cli
-from longsft.atomic_dir import default_signals, describe_removed, signals_as_exit
+from longsft.atomic_dir import (default_signals, describe_removed, signals_as_exit, writable_problem,
+                                write_failures_reported)
 from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, TokenizedWriter, dataset_replace_problem
 
 try:  # optional: a faster JSON reader for JSONL lines (same results, see _parse)
@@ -368,6 +369,9 @@ def _check_output_dir(out: Path, sources: list[Source], problems: list[str]) -> 
     if problem:
         problems.append(f"--output_dir {out}: {problem}; refusing to replace it (replacing deletes everything in "
                         f"it). Move those files elsewhere, or pick another --output_dir.")
+    problem = writable_problem(Path(os.path.realpath(out)).parent, f"--output_dir {out}")  # the new copy's place
+    if problem:
+        problems.append(problem)
     for src in sources:
         if out.resolve() in src.path.resolve().parents:
             problems.append(f"--output_dir {out} contains the input {src.path}; write the dataset elsewhere")
@@ -400,9 +404,17 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
     formats: dict[str, int] = {}
     lengths, supervised, shown = [], [], []
     start = time.perf_counter()
+    written = {"bytes": 0, "records": 0}  # for the space a failed write needed: extrapolated from the share done
+    intact = (f"The previous dataset in {out_dir} is intact (nothing was replaced)" if out_dir.exists() else
+              f"Nothing was written to {out_dir}") + "; the unfinished copy was removed."
 
-    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays
-    with signals_as_exit(), TokenizedWriter(out_dir, meta) as writer, \
+    def needed() -> int | None:
+        return written["bytes"] * len(plan) // written["records"] if written["records"] else None
+
+    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays; a write that
+    # fails for disk reasons (full, file-size limit, read-only) is one message saying so
+    with signals_as_exit(), write_failures_reported(f"pre_tokenize.py writing {out_dir}", out_dir, intact, needed), \
+            TokenizedWriter(out_dir, meta) as writer, \
             open(writer.tmp_dir / "skipped.jsonl", "w", encoding="utf-8") as skipped, \
             tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
                  dynamic_ncols=True) as bar:
@@ -410,6 +422,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             print("note: " + describe_removed(writer.swept), flush=True)
 
         def handle(unit: np.ndarray, out: ChunkResult) -> None:
+            written["bytes"] += out.input_ids.nbytes + out.labels.nbytes + 8 * len(out.lengths)
+            written["records"] += len(unit)
             writer.add_batch(out.input_ids, out.labels, out.lengths)
             lengths.append(out.lengths)
             supervised.append(out.supervised)

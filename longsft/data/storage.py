@@ -206,8 +206,10 @@ class TokenizedWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            if not f.closed:
+            try:
                 f.close()
+            except OSError:  # its buffered bytes cannot be written (the disk trouble that stopped the run)
+                pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> "TokenizedWriter":
