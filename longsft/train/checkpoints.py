@@ -11,15 +11,24 @@ the run (`run_id`, kept by a resumed run), the step and, in OUTPUT_DIR, the entr
 (`outputs`). From it:
 
   - `--resume_from_checkpoint true` (or yes) takes the newest checkpoint-N with a marker (`choose_checkpoint`);
-    newer folders without one (a save cut short, or another program's checkpoint) are skipped and named.
+    newer folders without one (a save cut short, or another program's checkpoint) are skipped and named; with no
+    complete one (a requeued job's first submission) the run starts from scratch and says so.
     `--resume_from_checkpoint N` (a number, as GLM-Edge's finetune.py takes it) is OUTPUT_DIR/checkpoint-N,
-    checked as a path given there is.
+    checked as a path given there is; a path or number that is not there is an error.
+  - a resume continues the data exactly where the checkpoint stopped, or is refused (`resume_order_problems`):
+    the items per optimizer step and the data order must be those of the checkpoint's run (its train_settings.json,
+    copied into every checkpoint); ranks, sequence parallelism, per-device batch and accumulation may be split
+    differently.
   - `--save_total_limit` deletes only checkpoints whose marker has this run's run_id (`rotate_own_checkpoints`):
     never a checkpoint-* folder another run or the user put in OUTPUT_DIR; and a resumed run is refused when
     it could save into such a folder (`others_ahead`).
   - a run resumed after it finished (OUTPUT_DIR's marker is complete at the planned last step) does nothing.
   - a new run (not a resume) starts only in a new or empty OUTPUT_DIR, or one holding nothing but an earlier
-    main.py run's outputs and no checkpoints (`output_dir_problems`); OUTPUT_DIR is never the model folder.
+    main.py run's outputs and no checkpoints (`output_dir_problems`); a resume (also from another folder's
+    checkpoint) only in one holding nothing but main.py runs' outputs (a final save cut short included: what
+    appeared after the run started, `started_with` in the marker) and checkpoint-* folders; OUTPUT_DIR is never
+    the model folder, and must be writable.
+  - one run at a time: `OutputLock` (OUTPUT_DIR/.main.lock, an flock the kernel drops when the holder dies).
 
 Needs no torch (main.py checks settings with it before anything heavy is imported).
 """

@@ -5,10 +5,12 @@ commands and what it does.
     trainer = main(["--model_name_or_path", "/tmp/tiny-llama3", "--train_file", "/tmp/tiny-tok", "--batch_method",
                     "pack", "--output_dir", "/tmp/tiny-run", "--max_steps", "5"])
 
-Order: every setting, the model folder and the output folder checked (arguments.py, settings.py); the family,
-tokenizer and data checked against the model (data.py) before the model loads (model.py); the settings and data
-statistics logged and written to train_settings.json; trained with TrainerNoShuffle (trainer.py); the model or
-adapter saved with its tokenizer, marked complete (checkpoints.py).
+Order: every setting, the model folder and the output folder checked (arguments.py, settings.py); the output folder
+locked for this run (rank 0, checkpoints.OutputLock); the model's heads against sequence parallelism, the family,
+tokenizer and data checked against the model (data.py), and a resume's data order against its checkpoint's run,
+before the model loads (model.py); the settings and data statistics logged and written to train_settings.json;
+trained with TrainerNoShuffle (trainer.py); the model or adapter saved with its tokenizer, marked complete
+(checkpoints.py). A save the disk refuses stops the run with one message (trainer.save_failures_reported).
 """
 
 from __future__ import annotations

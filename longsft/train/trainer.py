@@ -57,7 +57,7 @@ from longsft.data.storage import IGNORE_INDEX
 from longsft.train.batches import count_targets
 from longsft.train.sequence_parallel import PACK_COUNT_KEYS, SPLayout, sp_order
 
-BATCH_METHODS = ("naive", "sort", "pack")
+from longsft.train.settings import BATCH_METHODS  # noqa: E402,F401  (trainer.BATCH_METHODS, as before)
 
 
 # ----------------------------------------------------------------------------------------------
