@@ -10,7 +10,7 @@ locked for this run (rank 0, checkpoints.OutputLock); the model's heads against 
 tokenizer and data checked against the model (data.py), and a resume's data order against its checkpoint's run,
 before the model loads (model.py); the settings and data statistics logged and written to train_settings.json;
 trained with TrainerNoShuffle (trainer.py); the model or adapter saved with its tokenizer, marked complete
-(checkpoints.py). A save the disk refuses stops the run with one message (trainer.save_failures_reported).
+(checkpoints.py). A save the disk refuses stops the run with one message (TrainerNoShuffle's saves).
 """
 
 from __future__ import annotations
@@ -197,22 +197,20 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
                                batch_method=data_args.batch_method, pack_loss=data_args.pack_loss,
                                sequence_parallel=layout, gradient_divisor=divisor)
     trainer.train(resume_from_checkpoint=resume)
-    with trainer.save_failures_reported(f"saving the final output to {args.output_dir}", Path(args.output_dir),
-                                        final=True):
-        trainer.save_model(args.output_dir)
-        if args.should_save and not lora_args.use_lora:
-            copy_remote_code(model_args.model_name_or_path, args.output_dir)
-        if eval_ds is not None:
-            trainer.evaluate()
-        trainer.save_state()  # trainer_state.json: the log history, final evaluation included
-        if lora_args.save_merged_model:
-            trainer.accelerator.wait_for_everyone()
-            if args.should_save:
-                save_merged(model_args, model_type, dtype, args.output_dir, tokenizer)
-        trainer.accelerator.wait_for_everyone()  # every rank's part of the final output is written
+    trainer.save_model(args.output_dir)
+    if args.should_save and not lora_args.use_lora:
+        copy_remote_code(model_args.model_name_or_path, args.output_dir)
+    if eval_ds is not None:
+        trainer.evaluate()
+    trainer.save_state()  # trainer_state.json: the log history, final evaluation included
+    if lora_args.save_merged_model:
+        trainer.accelerator.wait_for_everyone()
         if args.should_save:
-            ckpt.finish_output(args.output_dir, before, kind="final", global_step=trainer.state.global_step,
-                               max_steps=trainer.state.max_steps, run_id=trainer.run_id)
+            save_merged(model_args, model_type, dtype, args.output_dir, tokenizer)
+    trainer.accelerator.wait_for_everyone()  # every rank's part of the final output is written
+    if args.should_save:
+        ckpt.finish_output(args.output_dir, before, kind="final", global_step=trainer.state.global_step,
+                           max_steps=trainer.state.max_steps, run_id=trainer.run_id)
     logger.info("saved the %s and its tokenizer to %s", "LoRA adapter" if lora_args.use_lora else "model",
                 args.output_dir)
     return trainer

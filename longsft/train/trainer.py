@@ -243,6 +243,18 @@ class TrainerNoShuffle(transformers.Trainer):
                          max_steps=self.state.max_steps, run_id=self.run_id)
             rotate_own_checkpoints(run_dir, self.run_id, limit, keep=(self.state.best_model_checkpoint,))
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if _internal_call:  # inside a checkpoint's save: _save_checkpoint reports a failure
+            return super().save_model(output_dir, _internal_call)
+        folder = Path(output_dir or self.args.output_dir)
+        with self.save_failures_reported(f"saving the final output to {folder}", folder, final=True):
+            return super().save_model(output_dir, _internal_call)
+
+    def save_state(self):
+        folder = Path(self.args.output_dir)
+        with self.save_failures_reported(f"saving the trainer state to {folder}", folder, final=True):
+            return super().save_state()
+
     def save_failures_reported(self, what: str, folder: Path, final: bool = False):
         """A context manager: a save that fails for disk reasons (full, file-size limit, read-only) stops the run
         with one message (errors.UserError): what failed, the space a save needs (the newest complete checkpoint's
@@ -250,6 +262,8 @@ class TrainerNoShuffle(transformers.Trainer):
         run_dir = Path(self.args.output_dir)
 
         def needed() -> int | None:
+            if final:  # the weights (or adapter) and small files
+                return self._state_bytes(optimizer=False)
             done, _ = choose_checkpoint(run_dir)
             return folder_bytes(done) if done is not None else self._state_bytes()
 
@@ -261,11 +275,14 @@ class TrainerNoShuffle(transformers.Trainer):
                      "No complete checkpoint exists yet: once there is space, start the run again"))
         return write_failures_reported(what, folder, intact, needed)
 
-    def _state_bytes(self) -> int:
-        """Bytes of the weights (all of them, also where ZeRO-3 partitions them) and of the optimizer states this
-        process holds: about what one checkpoint writes."""
-        n = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.model.parameters())
-        opt = self.optimizer
+    def _state_bytes(self, optimizer: bool = True) -> int:
+        """Bytes of the weights (all of them, also where ZeRO-3 partitions them; only the trainable ones of a peft
+        model, which saves its adapter) and of the optimizer states this process holds: about what one checkpoint
+        writes (the final output: the weights alone)."""
+        adapter = hasattr(self.model, "peft_config")
+        n = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.model.parameters()
+                if p.requires_grad or not adapter)
+        opt = self.optimizer if optimizer else None
         while opt is not None and not isinstance(getattr(opt, "state", None), dict) and hasattr(opt, "optimizer"):
             opt = opt.optimizer
         for state in (getattr(opt, "state", None) or {}).values():

@@ -218,6 +218,15 @@ def test_a_checkpoint_save_under_a_file_size_limit(tmp_path, llama_dir, data8): 
     resumed = run(llama_dir, data8, out, *common, "--max_steps", 2, "--resume_from_checkpoint", "true")
     assert resumed.state.global_step == 2 and ckpt.checkpoint_problem(out / "checkpoint-2") is None
 
+    # the final save of a run without checkpoints
+    final = tmp_path / "final"
+    proc = main_py(llama_dir, data8, final, *NAIVE, "--max_steps", 1, "--save_strategy", "no", fsize_kb=300)
+    err = proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in err, err[-3000:]
+    assert f"error: saving the final output to {final} failed: " in err and "it needs about" in err, err[-3000:]
+    assert f"The final output in {final} is marked incomplete. No complete checkpoint exists yet" in err
+    assert ckpt.read_marker(final) is None
+
 
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv: chmod cannot "
                                                                                "forbid writes")
