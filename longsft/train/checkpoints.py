@@ -449,8 +449,9 @@ def saved_settings(checkpoint: str | os.PathLike) -> Optional[dict]:
 
 
 def _step_recipe(resolved: dict, training: dict) -> str:
-    return (f"{resolved.get('data_parallel_size')} data-parallel rank(s) x {training.get('per_device_train_batch_size')}"
-            f" per device x {training.get('gradient_accumulation_steps')} accumulation; {resolved.get('world_size')} "
+    return (f"{resolved.get('data_parallel_size')} data-parallel rank(s) x "
+            f"{training.get('per_device_train_batch_size')} per device x "
+            f"{training.get('gradient_accumulation_steps')} accumulation; {resolved.get('world_size')} "
             f"rank(s), sequence_parallel_size {resolved.get('sequence_parallel_size')}")
 
 

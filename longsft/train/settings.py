@@ -19,7 +19,6 @@ main.py collects all of these into one error; needs no torch.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os

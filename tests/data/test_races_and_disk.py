@@ -5,7 +5,6 @@ The replacement is a real commit of a new dataset (TokenizedWriter, what pre_tok
 moment of a real sort_and_group.py run; the disk limits are real (`ulimit -f` in a child process, chmod).
 Run: python -m pytest -q tests/data/test_races_and_disk.py
 """
-import json
 import os
 import shutil
 import subprocess

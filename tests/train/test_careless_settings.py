@@ -14,7 +14,6 @@ import pytest
 
 import main as train_main
 from longsft.train import setting_types
-from longsft.train.early_checks import early_problems
 from tests.train.test_run import llama_dir, write_task  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
