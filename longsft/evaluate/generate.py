@@ -342,8 +342,6 @@ def _vllm_engine(model_dir: str, dtype: str):
     return LLM(model=model_dir, tokenizer=model_dir, dtype=dtype, trust_remote_code=remote, seed=0)
 
 
-def generation_settings(gen: Generator, sampling: Sampling) -> dict:
-    """What decides the replies (a resumed run must use the same)."""
-    return {"model_dir": str(Path(gen.model_dir).resolve()), "template": gen.template, "backend": gen.backend,
-            "stop_token_ids": gen.stops, **{k: getattr(sampling, k) for k in
-                                            ("max_new_tokens", "temperature", "top_p", "top_k", "seed")}}
+def generation_settings(gen: Generator) -> dict:
+    """What the model folder resolved to (recorded beside the requested settings)."""
+    return {"resolved_template": gen.template, "stop_token_ids": gen.stops, "pad_token_id": gen.pad_id}

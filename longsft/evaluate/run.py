@@ -141,17 +141,24 @@ def parse_args(argv: list[str] | None) -> EvaluateArguments:
 # Generation with resume
 # ----------------------------------------------------------------------------------------------
 
-def _check_settings(out: Path, settings: dict, log: PredictionLog) -> None:
+REQUESTED = ("template", "backend", "dtype", "max_new_tokens", "temperature", "top_p", "top_k", "seed")
+
+
+def requested_settings(args: EvaluateArguments) -> dict:
+    """The settings that decide the replies, as asked for (a resumed or finished run must ask for the same)."""
+    return {"model_dir": str(Path(args.model_dir).resolve()), **{k: getattr(args, k) for k in REQUESTED}}
+
+
+def check_settings(out: Path, requested: dict, log: PredictionLog) -> None:
+    """Replies already in OUTPUT_DIR were made with `requested`, else a UserError naming what changed."""
     path = out / GENERATION_FILE
-    if path.is_file() and log.done:
-        before = json.loads(path.read_text(encoding="utf-8"))
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            raise UserError(f"{out} holds {len(log.done)} replies generated with other settings ("
-                            + "; ".join(f"{k}: {a!r} then, {b!r} now" for k, a, b in
-                                        ((k, *ab) for k, ab in changed.items()))
-                            + "); use another --output_dir, or the same settings to resume")
-    write_json_atomic(path, settings)
+    if not (path.is_file() and log.done):
+        return
+    before = json.loads(path.read_text(encoding="utf-8"))
+    changed = [f"{k}: {before.get(k)!r} then, {v!r} now" for k, v in requested.items() if before.get(k) != v]
+    if changed:
+        raise UserError(f"{out} holds {len(log.done)} replies generated with other settings ({'; '.join(changed)}); "
+                        f"use another --output_dir, or the same settings to resume")
 
 
 def generate_all(args: EvaluateArguments, items: list[dict], out: Path, make_record, prompt_of,
@@ -170,13 +177,14 @@ def generate_all(args: EvaluateArguments, items: list[dict], out: Path, make_rec
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     stats = {"backend": args.backend, "device": "-", "new_items": 0, "resumed_items": len(items) - len(todo),
              "new_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0, "finish_reasons": {}}
-    if todo or not (out / GENERATION_FILE).is_file():
-        gen = gen or Generator.load(args.model_dir, args.template, args.backend, args.dtype)
-        stats["device"] = gen.device
-        _check_settings(out, generation_settings(gen, sampling), log)
+    requested = requested_settings(args)
+    check_settings(out, requested, log)
     if not todo:
         logger.info("%s already holds all %d replies: nothing to generate", out / "predictions.jsonl", len(items))
         return log.ordered(len(items)), stats, gen
+    gen = gen or Generator.load(args.model_dir, args.template, args.backend, args.dtype)
+    stats["device"] = gen.device
+    write_json_atomic(out / GENERATION_FILE, {**requested, **generation_settings(gen)})
     logger.info("generating %d replies (%d already in %s) with %s, template %s, stops %s, %s", len(todo),
                 stats["resumed_items"], out / "predictions.jsonl", args.model_dir, gen.template, gen.stops,
                 "greedy" if args.temperature <= 0 else f"temperature {args.temperature}, top_p {args.top_p}, "
