@@ -19,7 +19,8 @@ it stopped, a finished one generates nothing; generation.json records the settin
 them), scores.json (written atomically: S_l, by_type, by_length, S_q when judged; rouge-1, rouge-2, rouge-l,
 bleu-4, eval_loss for a test set; generation tokens/s), length_scatter.png (log-log required vs produced length),
 judgments.jsonl (the judge's answers, the cache), skipped.jsonl (test records that could not be used, with their
-line and reason), and a summary printed at the end. Generation: longsft/evaluate/generate.py; S_l: length.py;
+line and reason), and a summary printed at the end (progress bars with tokens/s on stderr; LONGSFT_NO_PROGRESS=1
+turns them off). Generation: longsft/evaluate/generate.py; S_l: length.py;
 S_q: judge.py; ROUGE/BLEU: metrics.py; eval loss: loss.py; inputs and the prediction log: records.py.
 """
 
@@ -304,6 +305,10 @@ def main(argv: list[str] | None = None, generator=None) -> dict:
     else:
         if mode == "predictions":
             kind, preds = read_predictions(args.predictions)
+            preds = preds[:args.max_samples] if args.max_samples else preds
+            if kind == "test" and args.judge_base_url:
+                raise UserError(f"--predictions {args.predictions} holds test-set replies (reference, response): "
+                                f"they are scored by ROUGE/BLEU; the judge (S_q) scores LongBench-Write replies")
             if kind == "test":
                 scores = corpus_scores([(p["response"], p["reference"]) for p in preds])
             else:
