@@ -52,6 +52,7 @@ def test_a_bad_test_file_stops_main_before_it_loads(tmp_path, prepared):
         assert message in str(e.value) and "main.py cannot start" in str(e.value)
 
 
+@pytest.mark.slow
 def test_main_evaluates_the_saved_model_on_the_test_file(tmp_path, prepared):
     model, data = prepared
     out = tmp_path / "run"
