@@ -50,6 +50,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from typing import Optional
 
 import numpy as np
 
@@ -57,9 +58,12 @@ from longsft.templates.base import ChatFormat, PlainEncoder, check_plain_encodin
 from longsft.data.inputs import Message, Skip
 from longsft.models import generation_stop_ids
 from longsft.templates.auto_records import Conversation, RecordReader, Turn
+from longsft.templates.render import Renderer, RenderLimitError, RenderLimits
 from longsft.data.storage import IGNORE_INDEX
 
-SKIP_REASONS = ("template_error", "template_rewrites_history")
+SKIP_REASONS = ("template_error", "template_rewrites_history", "template_cannot_render_tools", "template_drops_reply")
+REWRITTEN = ("split", "skip", "unsupervised")  # --rewritten_replies, the default first
+PROBE = {"fn": "zq_probe_fn", "arg": "zq_probe_arg", "value": "zq_probe_value", "result": "zq_probe_result"}
 MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: a data special token while rendering (one char per token)
 _PRIVATE = re.compile("[\U000F0000-\U000FFFFD]")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -73,6 +77,14 @@ def _common_prefix(a: str, b: str) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
     return lo
+
+
+def _common_suffix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[-1 - k] == b[-1 - k]:
+        k += 1
+    return k
 
 
 def _utf8_len(text: str, pos: int) -> int:
@@ -117,7 +129,10 @@ class AutoFormat(RecordReader, ChatFormat):
     roles = frozenset({"system", "user", "assistant", "observation"})
     skip_reasons = SKIP_REASONS
     prefix_len = 0
-    rewritten = "skip"  # a reply the template rewrites later: skip the record, or leave it "unsupervised"
+    rewritten = REWRITTEN[0]  # a reply the template rewrites later: its own sample, skip the record, unsupervised
+    call_shape = "openai"  # how tool calls reach the template: "openai" tool_calls, "glm" metadata messages, None
+    tools_key = "kwarg"  # where tool schemas go: apply_chat_template's `tools`, a "system" message's key, None
+    trailing = ""  # what the template writes after the last message whatever add_generation_prompt says
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -140,9 +155,8 @@ class AutoFormat(RecordReader, ChatFormat):
             return
         self.marked = {k: bool(_GENERATION_TAG.search(t)) for k, t in self.templates.items()}
         self.template_kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
-        text = " ".join(self.templates.values())
-        self.tool_role = next((r for r in ("tool", "observation", "ipython") if f"'{r}'" in text or f'"{r}"' in text),
-                              "tool")
+        self.what = f"the chat template of {str(tokenizer.name_or_path)!r}"
+        self._set_limits(RenderLimits())
         added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
         specials = {t.content: (i, t.lstrip, t.rstrip) for i, t in sorted(added.items()) if t.special}
         self.special_ids = {t: v[0] for t, v in specials.items()}
@@ -158,9 +172,22 @@ class AutoFormat(RecordReader, ChatFormat):
         check_plain_encoding(self.plain, self.special_ids, self.problems)
         self._probe()
 
+    def _set_limits(self, limits: RenderLimits) -> None:
+        tool_use = self.templates[True] != self.templates[False]
+        self.renderers = {k: Renderer(t, self.what + (" (its tool_use template)" if k and tool_use else ""), limits,
+                                      self.template_kwargs) for k, t in self.templates.items()}
+
     def configure(self, args) -> None:
-        """pre_tokenize.py's settings for this template (--rewritten_replies)."""
+        """pre_tokenize.py's settings for this template (--rewritten_replies, --render_timeout, --render_max_chars)."""
         self.rewritten = getattr(args, "rewritten_replies", None) or self.rewritten
+        if self.rewritten not in REWRITTEN:
+            self.problems.append(f"--rewritten_replies {self.rewritten}: expected one of {', '.join(REWRITTEN)}")
+        limits = RenderLimits(*(getattr(args, k, None) or d for k, d in (("render_timeout", RenderLimits.seconds),
+                                                                            ("render_max_chars", RenderLimits.chars))))
+        if limits.seconds <= 0 or limits.chars <= 0:
+            self.problems.append(f"--render_timeout {limits.seconds} / --render_max_chars {limits.chars}: must be > 0")
+        elif hasattr(self, "renderers"):
+            self._set_limits(limits)
 
     def __getstate__(self):  # the tokenizers copies are rebuilt where they are used
         return {**self.__dict__, "_backends": {}}
@@ -180,37 +207,140 @@ class AutoFormat(RecordReader, ChatFormat):
         return self._backends[plain]
 
     def _probe(self) -> None:
-        """stop_token_ids and prefix_len, from the folder and from rendering two small conversations."""
+        """From the folder and from rendering small probe conversations: stop_token_ids, prefix_len, the trailing
+        text the template always writes, and what it can express of tools (call shape, schemas, result role)."""
         stops = generation_stop_ids(str(self.tokenizer.name_or_path)) + [self.eos_id]
+        user, reply = {"role": "user", "content": "Alpha"}, {"role": "assistant", "content": "Beta"}
         try:
-            text = self._render([{"role": "user", "content": "Alpha"}, {"role": "assistant", "content": "Beta"},
-                                 {"role": "user", "content": "Gamma"}], None)[0]
+            text = self._render([user, reply, {"role": "user", "content": "Gamma"}], None)[0]
             m = self.special_re.search(text, text.index("Beta") + 4)
             stops.append(self.special_ids[m.group()] if m else None)
             first = [self._backend(False).encode(self._render([{"role": "user", "content": c}], None)[0],
                                                  add_special_tokens=False).ids for c in ("Alpha", "Zulu")]
             self.prefix_len = next((k for k, (a, b) in enumerate(zip(*first)) if a != b), min(map(len, first)))
+            asked, plain = self._render([user], None, prompt=True)[0], self._render([user], None)[0]
+            answered = self._render([user, reply], None)[0]
+            after = answered[answered.rindex("Beta") + 4:]
+            if asked == plain and after.strip() and plain.endswith(after) and self.special_re.search(after) \
+                    and plain[plain.rindex("Alpha") + 5:] == after:
+                self.trailing = after  # GLM-Edge: `<|assistant|>` after the last message, asked for or not
+        except RenderLimitError as e:
+            self.problems.append(f"--template auto: {e}")
+            return
         except (Skip, ValueError):  # a template that cannot render these: no end-of-turn token, no prefix
             pass
         self.stop_token_ids = list(dict.fromkeys(int(i) for i in stops if i is not None))
+        try:
+            self._probe_tools()
+        except RenderLimitError as e:
+            self.problems.append(f"--template auto: {e}")
+
+    def _shows(self, messages: list[dict], tools, *texts: str) -> Optional[str]:
+        """The rendering when it holds every one of `texts`, else None."""
+        try:
+            text = self._render(messages, tools)[0]
+        except Skip:
+            return None
+        return text if all(t in text for t in texts) else None
+
+    def _probe_tools(self) -> None:
+        """How this template writes tools, found by rendering probe conversations (names below are PROBE's):
+        schemas through apply_chat_template's `tools` or on a system message (GLM-4-9b-chat's `item['tools']`);
+        calls as OpenAI `tool_calls` or as GLM's assistant message with `metadata` = the function's name and the
+        arguments JSON as content; results under the role that renders them with the most special tokens
+        (GLM's `<|observation|>` over a plain-text `<|tool|>`)."""
+        p = PROBE
+        schema = {"type": "function", "function": {"name": p["fn"], "description": "probe", "parameters": {
+            "type": "object", "properties": {p["arg"]: {"type": "string"}}}}}
+        user = {"role": "user", "content": "Alpha"}
+        if self._shows([user], [schema], p["fn"]):
+            self.tools_key = "kwarg"
+        elif self._shows([{"role": "system", "content": "", "tools": [schema]}, user], None, p["fn"]) or \
+                self._shows([{"role": "system", "content": "Omega", "tools": [schema]}, user], None, p["fn"]):
+            self.tools_key = "system"
+        else:
+            self.tools_key = None
+        tools = [schema] if self.tools_key == "kwarg" else None
+        call = {"type": "function", "id": "call00001", "function": {"name": p["fn"], "arguments": {p["arg"]: p["value"]}}}
+        openai = {"role": "assistant", "content": "", "tool_calls": [call]}
+        glm = {"role": "assistant", "metadata": p["fn"], "content": json.dumps({p["arg"]: p["value"]})}
+        best = None  # (special tokens, -preference, shape, role)
+        for shape, message in (("openai", openai), ("glm", glm)):
+            if not self._shows([user, message], tools, p["fn"], p["value"]):
+                continue
+            for k, role in enumerate(("tool", "observation", "ipython")):
+                result = {"role": role, "content": p["result"], "tool_call_id": "call00001", "name": p["fn"]}
+                text = self._shows([user, message, result], tools, p["fn"], p["value"], p["result"])
+                if text is not None:
+                    score = (len(self.special_re.findall(text)), -k - (3 if shape == "glm" else 0))
+                    best = max(best, (score, shape, role)) if best else (score, shape, role)
+            if best is None:  # calls but no results: calls alone are still shown
+                best = ((0, -9), shape, "tool")
+        self.call_shape, self.tool_role = (best[1], best[2]) if best else (None, "tool")
 
     # ---- rendering -------------------------------------------------------------------------------------------
 
     def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False):
-        """(text, generation blocks or None) exactly as apply_chat_template renders it; Skip on a template error."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
+        """(text, generation blocks or None) exactly as apply_chat_template renders it, within the render limits
+        (longsft/templates/render.py: RenderLimitError past one); Skip on a template error."""
         try:
-            texts, blocks = render_jinja_template(
-                [messages], tools=tools, chat_template=self.templates[tools is not None],
-                return_assistant_tokens_mask=marks, add_generation_prompt=prompt, **self.template_kwargs)
+            return self.renderers[tools is not None].render(messages, tools, prompt, marks)
+        except RenderLimitError:
+            raise
         except Exception as e:  # the template's raise_exception, or a record it cannot render
             raise Skip("template_error", f"the chat template cannot render this record: {type(e).__name__}: "
                                          f"{str(e)[:300]}") from None
-        return texts[0], (blocks[0] if marks else None)
 
-    def _layout(self, conv: Conversation) -> tuple[str, list[tuple[int, int]], bool, bool]:
-        """(rendered text, supervised character spans, eos appended, special-token text marked in the data)."""
+    def _untrail(self, text: str, conv) -> str:
+        """The rendering without the template's always-written trailing prompt after a final assistant message
+        (GLM-Edge): the reply then ends with a stop token, as GLM-Edge's finetune.py ends it."""
+        if self.trailing and conv and conv[-1].role == "assistant" and text.endswith(self.trailing):
+            return text[:-len(self.trailing)]
+        return text
+
+    def _shaped(self, conv: Conversation) -> Conversation:
+        """The record in the shape this template reads (`call_shape`, `tools_key`, `tool_role` from _probe_tools);
+        Skip template_cannot_render_tools when it holds calls, results or schemas the template cannot write."""
+        calls = any(t.message.get("tool_calls") for t in conv)
+        results = any(t.role == "observation" for t in conv)
+        where = self.what
+        if (calls or results) and self.call_shape is None:
+            raise Skip("template_cannot_render_tools", f"{where} writes no tool calls (neither OpenAI tool_calls nor "
+                                                       f"GLM's metadata + observation messages): its calls would be lost")
+        if conv.tools and self.tools_key is None:
+            raise Skip("template_cannot_render_tools", f"{where} writes no tool schemas (neither `tools` nor a system "
+                                                       f"message's `tools`): the record's tools would be lost")
+        turns, tools = list(conv), conv.tools
+        if self.call_shape == "glm" and (calls or results):
+            turns = []
+            for t in conv:
+                msg = t.message
+                if t.role == "observation":
+                    turns.append(Turn(t.role, {"role": self.tool_role, "content": msg["content"]}, False, t.where))
+                    continue
+                if not msg.get("tool_calls"):
+                    turns.append(t)
+                    continue
+                if msg["content"].strip():
+                    turns.append(Turn(t.role, {k: v for k, v in msg.items() if k != "tool_calls"}, t.train, t.where))
+                for c in msg["tool_calls"]:  # GLM: one assistant message per call, the name as its metadata
+                    args = c["function"]["arguments"]
+                    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                    turns.append(Turn("assistant", {"role": "assistant", "metadata": c["function"]["name"],
+                                                    "content": args}, t.train, t.where))
+        if tools and self.tools_key == "system":
+            if turns and turns[0].role == "system":
+                turns[0] = Turn("system", {**turns[0].message, "tools": tools}, False, turns[0].where)
+            else:
+                turns.insert(0, Turn("system", {"role": "system", "content": "", "tools": tools}, False, "tools"))
+            tools = None
+        return Conversation(turns, tools)
+
+    def _layout(self, conv: Conversation) -> tuple[list, bool]:
+        """([(rendered text, supervised character spans, eos appended)] one per sample, special-token text marked
+        in the data). One sample is the whole conversation; with --rewritten_replies split, each reply the whole
+        rendering rewrites is one more sample: its own turn's rendering."""
+        conv = self._shaped(conv)
         messages, tools = [t.message for t in conv], conv.tools
         marked = any(self.special_re.search(s) for s in _strings([messages, tools]))
         if marked:
@@ -220,36 +350,106 @@ class AutoFormat(RecordReader, ChatFormat):
             sub = (lambda s: self.special_re.sub(lambda m: self.mark[m.group()], s))
             messages, tools = _replace(messages, sub), _replace(tools, sub)
         text, blocks = self._render(messages, tools, marks=self.marked[tools is not None])
+        text = self._untrail(text, conv)
+        self._check_rendered(conv, messages, tools, text)
         if blocks is not None:
             assistants = [i for i, t in enumerate(conv) if t.role == "assistant"]
             if len(blocks) != len(assistants):
                 raise Skip("template_error", f"the chat template has {len(blocks)} {{% generation %}} blocks for "
                                              f"{len(assistants)} assistant messages")
-            return text, [tuple(b) for i, b in zip(assistants, blocks) if conv[i].train], False, marked
-        spans, eos = [], False
+            spans = [(*b, i) for i, b in zip(assistants, blocks) if conv[i].train]
+            self._check_replies(conv, messages, text, spans)
+            return [(text, spans, False)], marked
+        spans, samples, eos = [], [], False
         for i, turn in enumerate(conv):
             if not turn.train:
                 continue
-            own = text if i == len(conv) - 1 else self._render(messages[:i + 1], tools)[0]
+            own = text if i == len(conv) - 1 else self._untrail(self._render(messages[:i + 1], tools)[0],
+                                                                conv[:i + 1])
             prompt = self._render(messages[:i], tools, prompt=True)[0]
             start = _common_prefix(prompt, own)
-            if not text.startswith(own) or (start < len(prompt) and not self._continues(messages[:i], tools, text,
-                                                                                          start)):
-                if self.rewritten == "unsupervised":
-                    continue
+            consistent = start == len(prompt) or self._continues(messages[:i], tools, own, start)
+            if text.startswith(own) and consistent:
+                end, e = self._turn_end(own, start, text)
+                spans.append((start, end + e, i))  # the appended eos sits at len(text)
+                eos = eos or e
+                continue
+            if self.rewritten == "unsupervised":
+                continue
+            sample = self._own_sample(prompt, own, start, consistent, i) if self.rewritten == "split" else None
+            if sample is None:
                 d = _common_prefix(own, text) if not text.startswith(own) else start
                 show = (lambda s: s[d:d + 40].translate(self.unmark))
                 raise Skip("template_rewrites_history", f"{turn.where}: the chat template writes this reply "
                            f"differently once later messages follow ({show(own)!r} at its own turn, "
-                           f"{show(text)!r} in the whole conversation), so its tokens would not be the ones the "
-                           f"model writes at that turn; --rewritten_replies unsupervised trains only the replies it "
-                           f"keeps (or mark the others \"loss\": false, or give one record per reply)")
-            end, eos = self._turn_end(own, start, text)
-            spans.append((start, end + eos))  # the appended eos sits at len(text)
-        if not spans:
+                           f"{show(text)!r} in the whole conversation)" + (
+                               ", and its own turn's rendering does not continue its prompt" if self.rewritten
+                               == "split" else ", so its tokens would not be the ones the model writes at that turn;"
+                               " the default --rewritten_replies split trains it as its own sample"))
+            self._check_replies(conv, messages, sample[0], sample[1])
+            samples.append(sample)
+        if spans:
+            self._check_replies(conv, messages, text, spans)
+            samples.append((text, spans, eos))  # last: the sample that holds the final reply (encode)
+        if not samples:
             raise Skip("template_rewrites_history", "the chat template rewrites every trained reply once later "
                                                     "messages follow (--rewritten_replies unsupervised)")
-        return text, spans, eos, marked
+        return samples, marked
+
+    def _own_sample(self, prompt: str, own: str, start: int, consistent: bool, i: int):
+        """A reply the whole rendering rewrites, as the model writes it at inference: its prompt (the history with
+        the generation prompt), then the reply as its own turn's rendering (messages[:i+1]) writes a final reply.
+        When that rendering does not start with the prompt (Mistral v0.3 writes the system prompt only into a last
+        user message), the reply's part is what follows the point where both end alike (the prompt's last special
+        token and what comes before it). None when no such point exists."""
+        if consistent:
+            end, e = self._turn_end(own, start, own)
+            return own, [(start, end + e, i)], e
+        last = None
+        for last in self.special_re.finditer(prompt):
+            pass
+        if last is None or not prompt.endswith(last.group()) and prompt[last.end():].strip():
+            return None
+        tail = prompt[last.start():]  # e.g. "[/INST]": the reply starts after its match in `own`
+        best, cut = 0, None
+        for m in re.finditer(re.escape(tail), own):
+            n = _common_suffix(prompt, own[:m.end()])
+            if n >= best and n > len(tail):
+                best, cut = n, m.end()
+        if cut is None:
+            return None
+        sample = prompt + own[cut:]
+        end, e = self._turn_end(sample, len(prompt), sample)
+        return sample, [(len(prompt), end + e, i)], e
+
+    def _check_rendered(self, conv: Conversation, messages: list[dict], tools, text: str) -> None:
+        """Tool results and schemas the template was given must be in its rendering (never trained without)."""
+        for t, m in zip(conv, messages):
+            shown = m["content"].strip()
+            if t.role == "observation" and shown and shown not in text \
+                    and json.dumps(shown, ensure_ascii=False)[1:-1] not in text:  # Llama-3.1: a JSON string
+                raise Skip("template_cannot_render_tools", f"{t.where}: the tool result is not in the rendering of "
+                                                           f"{self.what}")
+        schemas = tools or next((m.get("tools") for m in messages if m.get("tools")), None) or []
+        for s in schemas:
+            name = (s.get("function") or s).get("name") if isinstance(s, dict) else None
+            if isinstance(name, str) and name not in text:
+                raise Skip("template_cannot_render_tools", f"tools: the schema of {name!r} is not in the rendering of "
+                                                           f"{self.what}")
+
+    def _check_replies(self, conv: Conversation, messages: list[dict], text: str, spans: list) -> None:
+        """Every supervised span holds its reply: some text (not only special tokens and blanks) and its calls."""
+        for a, b, i in spans:
+            part = self.special_re.sub("", text[a:b])
+            msg = messages[i]
+            if not part.strip():
+                raise Skip("template_drops_reply", f"{conv[i].where}: {self.what} renders this reply as nothing; it "
+                                                   f"would be trained as an empty answer")
+            for c in msg.get("tool_calls") or ():
+                if c["function"]["name"] not in part:
+                    raise Skip("template_cannot_render_tools", f"{conv[i].where}: the call of "
+                                                               f"{c['function']['name']!r} is not in the reply as "
+                                                               f"{self.what} renders it")
 
     def _continues(self, history: list[dict], tools, text: str, start: int) -> bool:
         """When the inference prompt is not a prefix of the reply's rendering: the two may part only after the
@@ -374,21 +574,24 @@ class AutoFormat(RecordReader, ChatFormat):
         return out
 
     def encode_batch(self, conversations: list[Conversation]):
-        """Many conversations -> (ids int32[T], supervised bool[T], length of each encoded one int64[K], a Skip
-        or None per conversation). The texts without special-token text in their data go through one call."""
-        outcomes, layouts = [], []
-        for conv in conversations:
+        """Many conversations -> (ids int32[T], supervised bool[T], length of each sample int64[K], a Skip or None
+        per conversation, the conversation of each sample int64[K]). A conversation gives one sample, or more with
+        --rewritten_replies split. The texts without special-token text in their data go through one call."""
+        outcomes, samples = [], []  # samples: (conversation index, text, spans, eos, marked)
+        for k, conv in enumerate(conversations):
             try:
-                layouts.append(self._layout(conv))
+                laid, marked = self._layout(conv)
+                samples += [(k, text, spans, eos, marked) for text, spans, eos in laid]
                 outcomes.append(None)
             except Skip as s:
                 outcomes.append(s)
-        clean = iter(self._encode_clean([lay[0] for lay in layouts if not lay[3]]))
+        clean = iter(self._encode_clean([s[1] for s in samples if not s[4]]))
         marked = iter([(np.asarray(i, np.int32), np.asarray(a, np.int64), False)
-                       for i, a in self._encode_marked([lay[0] for lay in layouts if lay[3]])])
+                       for i, a in self._encode_marked([s[1] for s in samples if s[4]])])
         ids, supervised, lengths = [], [], []
-        for text, spans, eos, was_marked in layouts:
+        for _, text, spans, eos, was_marked in samples:
             tok, starts, in_bytes = next(marked if was_marked else clean)
+            spans = [(a, b) for a, b, _ in spans]
             if in_bytes and not text.isascii():  # the spans in bytes too (a position past the text: the eos)
                 spans = [(_utf8_len(text, a), _utf8_len(text, b)) for a, b in spans]
             if eos:  # the appended eos stands at the end of the text
@@ -400,15 +603,17 @@ class AutoFormat(RecordReader, ChatFormat):
             ids.append(tok)
             supervised.append(sup)
             lengths.append(len(tok))
+        owners = np.asarray([s[0] for s in samples], np.int64)
         if not ids:
-            return np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), outcomes
-        return np.concatenate(ids), np.concatenate(supervised), np.asarray(lengths, np.int64), outcomes
+            return np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), outcomes, owners
+        return np.concatenate(ids), np.concatenate(supervised), np.asarray(lengths, np.int64), outcomes, owners
 
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of one conversation of chat_inputs Messages (tools/generate.py's prompt)."""
         turns = [Turn(m.role, {"role": self.tool_role if m.role == "observation" else m.role, "content": m.content,
                                **({"metadata": m.metadata} if m.metadata else {})}, m.train) for m in messages]
-        ids, supervised, _, outcomes = self.encode_batch([Conversation(turns)])
+        ids, supervised, lengths, outcomes, _ = self.encode_batch([Conversation(turns)])
         if outcomes[0] is not None:
             raise outcomes[0]
+        ids, supervised = ids[-int(lengths[-1]):], supervised[-int(lengths[-1]):]  # the last reply's own sample
         return ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)

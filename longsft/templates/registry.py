@@ -57,6 +57,16 @@ def check_template(fam: Family, name: Optional[str]) -> str:
     return name
 
 
+def family_for_template(fam: Family, name: Optional[str]) -> Family:
+    """The family to use for an explicit --template: `fam`, or the sibling family that our own tokenizer class of
+    `fam` also builds and that has the template (a ChatGLM3 folder detected as ChatGLM2 because it declares no
+    role tokens: `--template chatglm3` loads patch/'s ChatGLMTokenizer with chatglm_version 3)."""
+    if not name or name in fam.templates or fam.tokenizer is None:
+        return fam
+    return next((f for f in families.FAMILIES.values() if f.tokenizer == fam.tokenizer
+                 and f.model_class == fam.model_class and name in f.templates), fam)
+
+
 def pad_token_id(tokenizer, family: Union[Family, str], template: Optional[str] = None) -> Optional[int]:
     """The pad id for data of `family` in `template`, by the registry's rule (patch/families.resolve_pad)."""
     fam = as_family(family)
@@ -75,6 +85,11 @@ def pretokenize(args: PretokenizeArguments, family: Optional[str] = None) -> dic
     """Encode args.input with the template `args.template` (default: the family's) and write args.output_dir.
     `family`: the front ends' fixed family; None: the family of args.model_name_or_path. Returns the report."""
     fam = as_family(family) if family else require_family(args.model_name_or_path)
+    chosen = family_for_template(fam, getattr(args, "template", None))
+    if chosen is not fam:
+        print(f"note: {args.model_name_or_path} looks like {fam.name} ({fam.title}); --template {args.template} "
+              f"reads it as {chosen.name}, whose tokenizer builds that template's tokens", flush=True)
+        fam = chosen
     name = check_template(fam, getattr(args, "template", None))
     if getattr(args, "output_dir", None) is None:
         args.output_dir = f"data/{fam.name}/{name}"

@@ -71,10 +71,22 @@ def fmt(chat_tokenizer_dir):
 
 
 def encode(f: AutoFormat, record: dict):
-    """(ids, supervised, Skip or None) of one record through the driver's calls (parse_record, encode_batch)."""
+    """(ids, supervised, Skip or None) of one record through the driver's calls (parse_record, encode_batch); the
+    samples of a record split by --rewritten_replies split come concatenated (`samples` has them one by one)."""
     _, conv = f.parse_record(record)
-    ids, supervised, lengths, outcome = f.encode_batch([conv])
+    ids, supervised, lengths, outcome, owners = f.encode_batch([conv])
+    assert (owners == 0).all() and lengths.sum() == len(ids)
     return ids, supervised, outcome[0]
+
+
+def samples(f: AutoFormat, record: dict) -> list:
+    """[(ids, supervised)] per sample of one record (several with --rewritten_replies split)."""
+    _, conv = f.parse_record(record)
+    ids, supervised, lengths, outcome, _ = f.encode_batch([conv])
+    if outcome[0] is not None:
+        raise outcome[0]
+    cuts = np.cumsum(lengths)[:-1]
+    return list(zip(np.split(ids, cuts), np.split(supervised, cuts)))
 
 
 def reference(f: AutoFormat, record: dict, **kwargs) -> list[int]:
@@ -193,6 +205,7 @@ def test_tool_calls_through_each_templates_tool_format(fmt):
 
 def test_qwen3_rewrites_history_skip_or_leave_unsupervised(fmt):
     f = fmt("qwen3")
+    f.rewritten = "skip"
     multi = {"messages": TOOL_CHAT, "tools": [WEATHER]}
     _, _, skip = encode(f, multi)
     assert skip.reason == "template_rewrites_history" and skip.detail.startswith("message 2:")
@@ -225,6 +238,7 @@ def test_qwen3_rewrites_history_skip_or_leave_unsupervised(fmt):
 
 def test_mistral_system_prompt_moves_to_the_last_user_message(fmt):
     f = fmt("mistral")
+    f.rewritten = "skip"
     _, _, skip = encode(f, {"messages": TOOL_CHAT[:4] + [{"role": "assistant", "content": "Sunny."}]})
     assert skip.reason == "template_rewrites_history" and skip.detail.startswith("message 2:")
     ids, supervised, skip = encode(f, {"messages": TOOL_CHAT[:3]})  # one turn: stable
@@ -238,14 +252,18 @@ def test_generation_blocks_decide_when_the_template_has_them(fmt):
     ids, supervised, _ = encode(f, record)
     assert ids.tolist() == reference(f, record)
     assert runs(f.tokenizer, ids, supervised) == HAND_CHECKED["qwen2_marked"][1:]  # the opted-out reply is not
-    # blocks that do not pair with the assistant messages (here: none for a tool call) cannot be told apart
+    # blocks that do not pair with the assistant messages (here: none for one reply) cannot be told apart
     tok = PreTrainedTokenizerFast.from_pretrained(f.tokenizer.name_or_path)
-    tok.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and not m.tool_calls %}{% generation %}"
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and m.content != 'plain' %}{% generation %}"
                          "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
     partial = AutoFormat(tok)
     assert partial.marked[False] and encode(partial, {"messages": TOOL_CHAT[1:3]})[2] is None
-    _, _, skip = encode(partial, {"messages": TOOL_CHAT[1:]})
-    assert skip.reason == "template_error" and "2 {% generation %} blocks for 3 assistant messages" in skip.detail
+    _, _, skip = encode(partial, {"messages": TOOL_CHAT[1:3] + [{"role": "user", "content": "more"},
+                                                                {"role": "assistant", "content": "plain"}]})
+    assert skip.reason == "template_error" and "1 {% generation %} blocks for 2 assistant messages" in skip.detail
+    # and that template writes no tool calls: a record with one is skipped for it, never trained without its call
+    assert partial.call_shape is None
+    assert encode(partial, {"messages": TOOL_CHAT[1:]})[2].reason == "template_cannot_render_tools"
 
 
 @pytest.mark.parametrize("kind", ["glm", "qwen2", "llama3"])
@@ -365,7 +383,8 @@ def test_pre_tokenize_auto_end_to_end(tmp_path, chat_tokenizer_dir):
                              "--no_shuffle"])
     assert rep["samples_kept"] == 4 and rep["skipped"] == {
         "invalid_json": 1, "wrong_schema": 0, "unknown_role": 0, "too_long": 0, "nothing_to_supervise": 1,
-        "template_error": 1, "template_rewrites_history": 0}
+        "template_error": 1, "template_rewrites_history": 0, "template_cannot_render_tools": 0,
+        "template_drops_reply": 0}
     data = TokenizedData(tmp_path / "out")
     assert data.meta["template"] == "auto" and data.meta["model_family"] == "llama3"
     f = registry.chat_format("auto", PreTrainedTokenizerFast.from_pretrained(folder))

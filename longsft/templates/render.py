@@ -1,0 +1,160 @@
+"""Chat templates rendered exactly as transformers' apply_chat_template renders them, with bounds on time and size.
+
+    from longsft.templates.render import Renderer, RenderLimits
+    r = Renderer(tokenizer.chat_template, "the chat template of /models/qwen (tokenizer_config.json)",
+                 RenderLimits(seconds=10, chars=64 * 2**20), tokenizer.special_tokens_map)
+    text, blocks = r.render([{"role": "user", "content": "Hi"}], tools=None, prompt=True)
+
+    python -m pytest -q tests/templates/test_render.py      # the bounds, on hostile templates (CPU, seconds)
+
+A hub chat template is code written by others: transformers runs it in Jinja's immutable sandbox, which stops
+escapes but not work. Here the template is compiled in an overlay of transformers' own environment (the same
+filters, globals and `{% generation %}` extension, so the text is the same) that also bounds:
+- time: each render has `seconds` (SIGALRM, in the main thread of the process that renders: pre_tokenize.py's
+  workers render in theirs); a template looping 10^10 times stops there;
+- size: string and list repetition / concatenation (`'x' * 300000000`, `s + s`), and integer powers, whose result
+  would pass `chars`, raise before anything is allocated; the output is counted as the template writes it and
+  stops past `chars` characters.
+Either raises RenderLimitError naming the template and the limit. The data the template sees is prepared by
+transformers' own helpers (`_plain_template_data`, `_alias_reasoning_fields` where this transformers has them),
+as render_jinja_template does, so the rendering is apply_chat_template's.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass
+
+
+class RenderLimitError(Exception):
+    """A template passed a bound: the message names the template, the bound and the flag that sets it."""
+
+
+@dataclass(frozen=True)
+class RenderLimits:
+    seconds: float = 10.0  # per render; real templates take milliseconds even on 1M-token records
+    chars: int = 64 * 2 ** 20  # output and any intermediate string or list; a 1M-token record renders ~4M
+
+
+def _compiled(template: str, limits: RenderLimits, what: str):
+    """The template compiled in a bounded overlay of transformers' (cached) environment."""
+    from transformers.utils.chat_template_utils import _compile_jinja_template
+
+    base = _compile_jinja_template("").environment  # never compile the template itself unbounded: Jinja folds
+    # constant expressions such as 'x' * 300000000 while compiling
+    env = base.overlay()
+    tracker = next((e for e in env.extensions.values() if hasattr(e, "activate_tracker")), None)
+    if tracker is not None:  # the overlay re-binds extensions; render_jinja_template activates the bound one
+        env.activate_tracker = tracker.activate_tracker
+    binops = dict(base.binop_table)
+
+    def too_big(n) -> None:
+        if n > limits.chars:
+            raise RenderLimitError(f"{what} builds a value of {n:,} items or characters, over the limit of "
+                                   f"{limits.chars:,} (--render_max_chars)")
+
+    def call_binop(context, operator, left, right):
+        sized = (str, list, tuple)
+        if operator == "*":
+            for a, b in ((left, right), (right, left)):
+                if isinstance(a, sized) and isinstance(b, int):
+                    too_big(len(a) * b)
+        elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+            too_big(len(left) + len(right))
+        elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
+            too_big(right * max(1, abs(left).bit_length()) // 4)  # about the decimal digits of the result
+        return binops[operator](left, right)
+
+    env.intercepted_binops = frozenset({"*", "+", "**"})
+    env.call_binop = call_binop
+    return env.from_string(template)
+
+
+def _plain(value):
+    from transformers.utils import chat_template_utils as ctu
+
+    return ctu._plain_template_data(value) if hasattr(ctu, "_plain_template_data") else value
+
+
+def _aliased(chat):
+    from transformers.utils import chat_template_utils as ctu
+
+    return ctu._alias_reasoning_fields(chat) if hasattr(ctu, "_alias_reasoning_fields") else chat
+
+
+class Renderer:
+    """One chat template, rendered with bounds. `what` names it in errors; `kwargs`: what apply_chat_template
+    passes besides messages and tools (the tokenizer's special tokens map)."""
+
+    def __init__(self, template: str, what: str, limits: RenderLimits, kwargs: dict):
+        self.template, self.what, self.limits = template, what, limits
+        self.kwargs = _plain(dict(kwargs))
+        self._compiled = None
+
+    def __getstate__(self):  # compiled templates do not pickle; each process compiles its own
+        return {**self.__dict__, "_compiled": None}
+
+    @property
+    def compiled(self):
+        if self._compiled is None:
+            self._compiled = _compiled(self.template, self.limits, self.what)
+        return self._compiled
+
+    def render(self, messages: list[dict], tools=None, prompt: bool = False, marks: bool = False):
+        """(text, generation blocks [(start, end)] when `marks`, else None). The template's own exceptions pass
+        through; RenderLimitError past a bound."""
+        compiled = self.compiled
+        chat = _aliased(_plain(messages))
+        tools = _plain(tools)
+        blocks: list[str] = []
+        indices: list = []
+        limit, size = self.limits.chars, 0
+        with self._timer():
+            context = compiled.environment.activate_tracker(blocks, indices) if marks else _NoTracker()
+            with context:
+                for block in compiled.generate(messages=chat, tools=tools, documents=None,
+                                               add_generation_prompt=prompt, **self.kwargs):
+                    size += len(block)
+                    if size > limit:
+                        raise RenderLimitError(f"{self.what} wrote over {limit:,} characters for one record "
+                                               f"(--render_max_chars)")
+                    blocks.append(block)
+        return "".join(blocks), ([tuple(i) for i in indices] if marks else None)
+
+    def _timer(self):
+        return _Alarm(self.limits.seconds, self.what)
+
+
+class _NoTracker:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _Alarm:
+    """SIGALRM after `seconds` raises RenderLimitError in the rendering (main) thread; elsewhere, or when the
+    process already uses the real-time timer, no time bound (the size bounds still hold)."""
+
+    def __init__(self, seconds: float, what: str):
+        self.seconds, self.what, self.armed, self.previous = seconds, what, False, None
+
+    def _expired(self, signum, frame):
+        raise RenderLimitError(f"{self.what} did not finish rendering one record in {self.seconds:g} s "
+                               f"(--render_timeout); a real template takes milliseconds")
+
+    def __enter__(self):
+        if self.seconds and threading.current_thread() is threading.main_thread() \
+                and hasattr(signal, "setitimer") and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0):
+            self.previous = signal.signal(signal.SIGALRM, self._expired)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+            self.armed = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+        return False
