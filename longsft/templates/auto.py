@@ -134,7 +134,9 @@ class AutoFormat(RecordReader, ChatFormat):
     tools_key = "kwarg"  # where tool schemas go: apply_chat_template's `tools`, a "system" message's key, None
     trailing = ""  # what the template writes after the last message whatever add_generation_prompt says
 
-    def __init__(self, tokenizer):
+    takes_args = True  # registry.chat_format passes pre_tokenize.py's arguments (the limits apply to the probes too)
+
+    def __init__(self, tokenizer, args=None):
         self.tokenizer = tokenizer
         self.problems: list[str] = []
         self.stop_token_ids: list[int] = []
@@ -157,6 +159,8 @@ class AutoFormat(RecordReader, ChatFormat):
         self.template_kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
         self.what = f"the chat template of {str(tokenizer.name_or_path)!r}"
         self._set_limits(RenderLimits())
+        if args is not None:
+            self.configure(args)
         added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
         specials = {t.content: (i, t.lstrip, t.rstrip) for i, t in sorted(added.items()) if t.special}
         self.special_ids = {t: v[0] for t, v in specials.items()}
@@ -186,7 +190,8 @@ class AutoFormat(RecordReader, ChatFormat):
                                                                             ("render_max_chars", RenderLimits.chars))))
         if limits.seconds <= 0 or limits.chars <= 0:
             self.problems.append(f"--render_timeout {limits.seconds} / --render_max_chars {limits.chars}: must be > 0")
-        elif hasattr(self, "renderers"):
+        elif hasattr(self, "renderers") and (limits.seconds, limits.chars) != (self.renderers[False].limits.seconds,
+                                                                                self.renderers[False].limits.chars):
             self._set_limits(limits)
 
     def __getstate__(self):  # the tokenizers copies are rebuilt where they are used
@@ -585,6 +590,8 @@ class AutoFormat(RecordReader, ChatFormat):
                 outcomes.append(None)
             except Skip as s:
                 outcomes.append(s)
+            except RenderLimitError as e:  # this record only: the template passed a bound (it names it)
+                outcomes.append(Skip("template_error", str(e)))
         clean = iter(self._encode_clean([s[1] for s in samples if not s[4]]))
         marked = iter([(np.asarray(i, np.int32), np.asarray(a, np.int64), False)
                        for i, a in self._encode_marked([s[1] for s in samples if s[4]])])

@@ -42,9 +42,11 @@ def format_class(name: str) -> type[ChatFormat]:
     return getattr(importlib.import_module(module), cls)
 
 
-def chat_format(name: str, tokenizer) -> ChatFormat:
-    """The chat format object of template `name` on `tokenizer`; its `problems` list what the tokenizer lacks."""
-    return format_class(name)(tokenizer)
+def chat_format(name: str, tokenizer, args=None) -> ChatFormat:
+    """The chat format object of template `name` on `tokenizer`; its `problems` list what the tokenizer lacks.
+    `args`: pre_tokenize.py's arguments, for a format that reads its own settings (`takes_args`: auto)."""
+    cls = format_class(name)
+    return cls(tokenizer, args) if args is not None and getattr(cls, "takes_args", False) else cls(tokenizer)
 
 
 def check_template(fam: Family, name: Optional[str]) -> str:
@@ -94,8 +96,6 @@ def pretokenize(args: PretokenizeArguments, family: Optional[str] = None) -> dic
     if getattr(args, "output_dir", None) is None:
         args.output_dir = f"data/{fam.name}/{name}"
     tokenizer = load_tokenizer(args.model_name_or_path, fam, args.trust_remote_code)
-    fmt = chat_format(name, tokenizer)
-    if hasattr(fmt, "configure"):  # a template's own settings (auto: --rewritten_replies)
-        fmt.configure(args)
+    fmt = chat_format(name, tokenizer, args)  # a template's own settings (auto: --rewritten_replies, the limits)
     pad = pad_token_id(tokenizer, fam, name) if not fmt.problems else None
     return run(args, fmt, template=name, model_family=fam.name, pad_token_id=pad, problems=fmt.problems)
