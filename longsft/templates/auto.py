@@ -79,6 +79,13 @@ def _common_prefix(a: str, b: str) -> int:
     return lo
 
 
+def _reply_marks(message: dict) -> list[str]:
+    """Text a reply's rendering must hold: its content (stripped), or its calls' names."""
+    marks = [c["function"]["name"] for c in message.get("tool_calls") or ()]
+    content = message.get("content") if isinstance(message.get("content"), str) else ""
+    return marks + ([content.strip()] if content.strip() else [])
+
+
 def _common_suffix(a: str, b: str) -> int:
     n = min(len(a), len(b))
     k = 0
@@ -133,6 +140,8 @@ class AutoFormat(RecordReader, ChatFormat):
     call_shape = "openai"  # how tool calls reach the template: "openai" tool_calls, "glm" metadata messages, None
     tools_key = "kwarg"  # where tool schemas go: apply_chat_template's `tools`, a "system" message's key, None
     trailing = ""  # what the template writes after the last message whatever add_generation_prompt says
+    single_pass = False  # prefixes from one rendering (linear) when the template passed _probe's self-test
+    after_last = ("", "")  # what it writes after its last message: without, with the generation prompt
 
     takes_args = True  # registry.chat_format passes pre_tokenize.py's arguments (the limits apply to the probes too)
 
@@ -237,8 +246,51 @@ class AutoFormat(RecordReader, ChatFormat):
         self.stop_token_ids = list(dict.fromkeys(int(i) for i in stops if i is not None))
         try:
             self._probe_tools()
+            self._probe_single_pass()
         except RenderLimitError as e:
             self.problems.append(f"--template auto: {e}")
+
+    def _probe_single_pass(self) -> None:
+        """Whether the prefixes of a conversation may come from its one rendering (_prefix_renderer): learn what
+        the template writes after its last message, then require the single-rendering layout of probe
+        conversations (system prompt, several rounds, tool calls and results in this template's shape) to equal
+        the layout from rendering every prefix."""
+        user = [{"role": "user", "content": "Alpha"}]
+        after = []
+        for prompt in (False, True):
+            reads: list = []
+            raw = self._render(user, None, prompt=prompt, reads=reads)[0]
+            ends = [pos for k, pos in reads if k >= 1 or k < 0]
+            if not ends or not ends[0] or any(k < 0 for k, _ in reads):  # read it all before writing: no use
+                return
+            after.append(raw[ends[0]:])
+        self.after_last = tuple(after)
+        call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+        probes = [
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And you?"},
+                          {"role": "assistant", "content": "Fine."}]},
+            {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call",
+                                                                          "value": json.dumps(call)},
+                               {"from": "observation", "value": '{"t": 17}'}, {"from": "gpt", "value": "17 C."},
+                               {"from": "human", "value": "Both?"},
+                               {"from": "function_call", "value": json.dumps([call, call])},
+                               {"from": "observation", "value": '{"t": 18}'},
+                               {"from": "observation", "value": '{"t": 19}'}, {"from": "gpt", "value": "18, 19."}],
+             "tools": [{"name": "get_weather", "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}]}]
+        for record in probes:
+            outcomes = []
+            for single in (False, True):
+                self.single_pass = single
+                try:
+                    outcomes.append(self._layout(self.parse_record(record)[1]))
+                except Skip as e:
+                    outcomes.append(("skip", e.reason))
+            if outcomes[0] != outcomes[1]:
+                self.single_pass = False
+                return
+        self.single_pass = True
 
     def _shows(self, messages: list[dict], tools, *texts: str) -> Optional[str]:
         """The rendering when it holds every one of `texts`, else None."""
@@ -285,11 +337,11 @@ class AutoFormat(RecordReader, ChatFormat):
 
     # ---- rendering -------------------------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False):
+    def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False, reads=None):
         """(text, generation blocks or None) exactly as apply_chat_template renders it, within the render limits
         (longsft/templates/render.py: RenderLimitError past one); Skip on a template error."""
         try:
-            return self.renderers[tools is not None].render(messages, tools, prompt, marks)
+            return self.renderers[tools is not None].render(messages, tools, prompt, marks, reads)
         except RenderLimitError:
             raise
         except Exception as e:  # the template's raise_exception, or a record it cannot render
@@ -354,8 +406,10 @@ class AutoFormat(RecordReader, ChatFormat):
                                              "text; template auto uses those characters to keep that text plain")
             sub = (lambda s: self.special_re.sub(lambda m: self.mark[m.group()], s))
             messages, tools = _replace(messages, sub), _replace(tools, sub)
-        text, blocks = self._render(messages, tools, marks=self.marked[tools is not None])
-        text = self._untrail(text, conv)
+        reads = [] if self.single_pass and not self.marked[tools is not None] else None
+        raw, blocks = self._render(messages, tools, marks=self.marked[tools is not None], reads=reads)
+        text = self._untrail(raw, conv)
+        prefix = self._prefix_renderer(conv, messages, tools, raw, reads)
         self._check_rendered(conv, messages, tools, text)
         if blocks is not None:
             assistants = [i for i, t in enumerate(conv) if t.role == "assistant"]
@@ -369,11 +423,10 @@ class AutoFormat(RecordReader, ChatFormat):
         for i, turn in enumerate(conv):
             if not turn.train:
                 continue
-            own = text if i == len(conv) - 1 else self._untrail(self._render(messages[:i + 1], tools)[0],
-                                                                conv[:i + 1])
-            prompt = self._render(messages[:i], tools, prompt=True)[0]
+            own = text if i == len(conv) - 1 else self._untrail(prefix(i + 1, False), conv[:i + 1])
+            prompt = prefix(i, True)
             start = _common_prefix(prompt, own)
-            consistent = start == len(prompt) or self._continues(messages[:i], tools, own, start)
+            consistent = start == len(prompt) or self._continues(prefix(i, False) if i else "", own, start)
             if text.startswith(own) and consistent:
                 end, e = self._turn_end(own, start, text)
                 spans.append((start, end + e, i))  # the appended eos sits at len(text)
@@ -456,11 +509,43 @@ class AutoFormat(RecordReader, ChatFormat):
                                                                f"{c['function']['name']!r} is not in the reply as "
                                                                f"{self.what} renders it")
 
-    def _continues(self, history: list[dict], tools, text: str, start: int) -> bool:
+    @staticmethod
+    def _continues(before: str, text: str, start: int) -> bool:
         """When the inference prompt is not a prefix of the reply's rendering: the two may part only after the
-        conversation before the reply (so the span never takes in earlier turns)."""
-        before = self._render(history, tools)[0] if history else ""
+        conversation before the reply (`before`: its rendering), so the span never takes in earlier turns."""
         return text.startswith(before) and start >= len(before)
+
+    def _prefix_renderer(self, conv: Conversation, messages: list[dict], tools, raw: str, reads):
+        """prefix(j, prompt) -> the rendering of messages[:j] (with the generation prompt when `prompt`). From the
+        one rendering `raw` when its reads allow it (linear in the conversation): the template read only messages
+        before j up to position D(j) (the first read of message j or later), so a rendering of the first j
+        messages is raw[:D(j)] followed by what the template writes after its last message (`after_last`,
+        learned by _probe and checked here on this record: raw must end with it). Checked per reply too: the
+        reply's text lies between D(i) and D(i+1), and raw continues at D(i) with the generation prompt. Else
+        (and always with `reads` None) each prefix is rendered: quadratic, exact for any template."""
+        def render(j: int, prompt: bool) -> str:
+            return self._render(messages[:j], tools, prompt=prompt)[0]
+
+        n = len(messages)
+        if reads is None or not reads or any(k < 0 for k, _ in reads):
+            return render
+        first = [None] * (n + 1)  # D(j): the position of the first read of message j or later
+        for k, pos in reads:
+            for j in range(k, -1, -1):
+                if first[j] is not None:
+                    break
+                first[j] = pos
+        after0, after1 = self.after_last
+        if None in first or raw[first[n]:] != after0:
+            return render
+        for i, t in enumerate(conv):
+            if not t.train:
+                continue
+            part = raw[first[i]:first[i + 1]]
+            if not raw.startswith(after1, first[i]) or not all(x in part for x in _reply_marks(t.message)):
+                return render
+        return lambda j, prompt: raw[:first[j]] + (after1 if prompt else after0)
+
 
     def _turn_end(self, own: str, start: int, text: str) -> tuple[int, bool]:
         """(end of the supervised span, eos appended) for a reply rendered as own[start:]."""

@@ -101,15 +101,22 @@ class Renderer:
             self._compiled = _compiled(self.template, self.limits, self.what)
         return self._compiled
 
-    def render(self, messages: list[dict], tools=None, prompt: bool = False, marks: bool = False):
+    def render(self, messages: list[dict], tools=None, prompt: bool = False, marks: bool = False,
+               reads: list | None = None):
         """(text, generation blocks [(start, end)] when `marks`, else None). The template's own exceptions pass
-        through; RenderLimitError past a bound."""
+        through; RenderLimitError past a bound. `reads`: a list that receives (message index, output position)
+        for each time the template reads a message (index len(messages): it looked past the last one; -1: the
+        whole list, e.g. its length), in order: where a rendering of the first j messages would part from this
+        one (auto.py's single-rendering path)."""
         compiled = self.compiled
         chat = _aliased(_plain(messages))
         tools = _plain(tools)
         blocks: list[str] = []
         indices: list = []
         limit, size = self.limits.chars, 0
+        at = [0]
+        if reads is not None:
+            chat = ReadMessages(chat, reads, at)
         with self._timer():
             context = compiled.environment.activate_tracker(blocks, indices) if marks else _NoTracker()
             with context:
@@ -120,10 +127,66 @@ class Renderer:
                         raise RenderLimitError(f"{self.what} wrote over {limit:,} characters for one record "
                                                f"(--render_max_chars)")
                     blocks.append(block)
+                    at[0] = size
         return "".join(blocks), ([tuple(i) for i in indices] if marks else None)
 
     def _timer(self):
         return _Alarm(self.limits.seconds, self.what)
+
+
+class ReadMessages:
+    """The messages as a template reads them, logging each read as (index, output position so far): an item or a
+    forward slice `messages[k:]` (a view), iteration item by item (index len: the end seen); anything that sees
+    the whole list at once (length, reversed, other slices, comparison, printing) logs index -1. Not a list
+    subclass, so C code that would read a list's items directly (json.dumps) fails instead of reading unlogged."""
+    __slots__ = ("_items", "_reads", "_at", "_offset")
+
+    def __init__(self, items: list, reads: list, at: list, offset: int = 0):
+        self._items, self._reads, self._at, self._offset = items, reads, at, offset
+
+    def _read(self, k: int) -> None:
+        self._reads.append((k, self._at[0]))
+
+    def _whole(self):
+        self._reads.append((-1, self._at[0]))
+        return self._items[self._offset:]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            if key.step in (None, 1) and key.stop is None and (key.start or 0) >= 0:
+                return ReadMessages(self._items, self._reads, self._at, self._offset + (key.start or 0))
+            return self._whole()[key]
+        if isinstance(key, int) and key >= 0:
+            self._read(min(self._offset + key, len(self._items)))
+            return self._items[self._offset + key]
+        return self._whole()[key]
+
+    def __iter__(self):
+        for k in range(self._offset, len(self._items)):
+            self._read(k)
+            yield self._items[k]
+        self._read(len(self._items))
+
+    def __bool__(self):
+        self._read(self._offset)
+        return len(self._items) > self._offset
+
+    def __len__(self):
+        return len(self._whole())
+
+    def __reversed__(self):
+        return reversed(self._whole())
+
+    def __contains__(self, item):
+        return item in self._whole()
+
+    def __eq__(self, other):
+        return self._whole() == other
+
+    def __repr__(self):
+        return repr(self._whole())
+
+    __hash__ = None
 
 
 class _NoTracker:

@@ -254,3 +254,34 @@ def test_mistral_v3_against_mistral_common(real_format):
     conv, result = encode_record(f, record)
     for (ids, sup), end in zip(result, [i + 1 for i, t in enumerate(conv) if t.train]):
         assert ids.tolist() == official(record["messages"][:end])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_rendering_gives_the_same_samples_as_every_prefix(real_format, case):
+    """Issue 21 item 7: template auto renders a conversation once and takes each reply's prompt and own turn from
+    that rendering (linear in the turns) where the template allows it; not a single id or label changes."""
+    f = real_format(case)
+    records = RECORDS + [{"messages": [m for k in range(40) for m in (
+        {"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"a{k} " * (k % 5 + 1)})]}]
+    outs = []
+    for single in (False, True):
+        f.single_pass, got = single and f.single_pass, []
+        for r in records:
+            try:
+                got.append(f._layout(f.parse_record(r)[1]))
+            except Exception as e:  # noqa: BLE001 - the same skip both ways
+                got.append((type(e).__name__, getattr(e, "reason", None)))
+        outs.append(got)
+    f.single_pass = AutoFormat(f.tokenizer).single_pass
+    assert outs[0] == outs[1]
+    expected = {"qwen3": False, "mistral-v3": False, "mistral-nemo": False}  # they read the whole list first
+    assert f.single_pass == expected.get(case, True), case
+    if f.single_pass:  # one rendering per record, whatever its length
+        calls = []
+        render = f._render
+        f._render = lambda *a, **k: calls.append(1) or render(*a, **k)
+        try:
+            f._layout(f.parse_record(records[-1])[1])
+        finally:
+            del f._render
+        assert len(calls) == 1
