@@ -54,7 +54,7 @@ from typing import Optional
 
 import numpy as np
 
-from longsft.templates.base import ChatFormat, PlainEncoder, check_plain_encoding
+from longsft.templates.base import ChatFormat, PlainEncoder
 from longsft.data.inputs import Message, Skip
 from longsft.models import generation_stop_ids
 from longsft.templates.auto_records import Conversation, RecordReader, Turn
@@ -77,6 +77,27 @@ def _common_prefix(a: str, b: str) -> int:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if a[:mid] == b[:mid] else (lo, mid)
     return lo
+
+
+class _PlainCalls:
+    """A Rust tokenizer's encode calls with `encode_special_tokens` on (special-token text stays plain text)."""
+
+    def __init__(self, tk):
+        self.tk = tk
+
+    def _call(self, name: str, *args, **kwargs):
+        before = self.tk.encode_special_tokens
+        self.tk.encode_special_tokens = True
+        try:
+            return getattr(self.tk, name)(*args, **kwargs)
+        finally:
+            self.tk.encode_special_tokens = before
+
+    def encode(self, *args, **kwargs):
+        return self._call("encode", *args, **kwargs)
+
+    def encode_batch(self, *args, **kwargs):
+        return self._call("encode_batch", *args, **kwargs)
 
 
 def _reply_marks(message: dict) -> list[str]:
@@ -182,7 +203,10 @@ class AutoFormat(RecordReader, ChatFormat):
         self.unmark = {ord(c): t for t, c in self.mark.items()}
         self.eos_id = self.special_ids.get(tokenizer.eos_token) if tokenizer.eos_token else None
         self.plain = PlainEncoder(tokenizer)
-        check_plain_encoding(self.plain, self.special_ids, self.problems)
+        text = "".join(self.special_ids)  # special-token text inside content must stay text
+        if text and set(self._backend(True).encode(text, add_special_tokens=False).ids) & set(self.special_ids.values()):
+            self.problems.append("the tokenizer turns special-token text inside content into special tokens even with "
+                                 "encode_special_tokens; pick another --template")
         self._probe()
 
     def _set_limits(self, limits: RenderLimits) -> None:
@@ -203,22 +227,25 @@ class AutoFormat(RecordReader, ChatFormat):
                                                                                 self.renderers[False].limits.chars):
             self._set_limits(limits)
 
-    def __getstate__(self):  # the tokenizers copies are rebuilt where they are used
+    def __getstate__(self):  # the backend and byte table are found again where they are used
         return {**self.__dict__, "_backends": {}}
 
     def _backend(self, plain: bool):
-        """A private copy of the Rust tokenizer without post-processor (apply_chat_template adds nothing), with
-        offsets; `plain`: special tokens never matched (special-token text stays text)."""
-        if plain not in self._backends:
-            from tokenizers import Tokenizer
+        """The Rust tokenizer, with offsets: the tokenizer's own (always called with add_special_tokens=False, so
+        its post-processor adds nothing; a private copy only if it has truncation or padding set: copying a
+        150k-token vocabulary takes seconds); `plain`: special tokens never matched (special-token text stays
+        text), set on it for each call."""
+        if "tk" not in self._backends:
+            tk = self.tokenizer.backend_tokenizer
+            if tk.truncation is not None or tk.padding is not None:
+                from tokenizers import Tokenizer
 
-            tk = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-            tk.no_truncation()
-            tk.no_padding()
-            tk.post_processor = None
-            tk.encode_special_tokens = plain
-            self._backends[plain] = tk
-        return self._backends[plain]
+                tk = Tokenizer.from_str(tk.to_str())
+                tk.no_truncation()
+                tk.no_padding()
+            self._backends["tk"] = tk
+        tk = self._backends["tk"]
+        return _PlainCalls(tk) if plain else tk
 
     def _probe(self) -> None:
         """From the folder and from rendering small probe conversations: stop_token_ids, prefix_len, the trailing
@@ -341,7 +368,7 @@ class AutoFormat(RecordReader, ChatFormat):
         """(text, generation blocks or None) exactly as apply_chat_template renders it, within the render limits
         (longsft/templates/render.py: RenderLimitError past one); Skip on a template error."""
         try:
-            return self.renderers[tools is not None].render(messages, tools, prompt, marks, reads)
+            return self.renderers[tools is not None].render(messages, tools, prompt, marks, reads, plain=True)
         except RenderLimitError:
             raise
         except Exception as e:  # the template's raise_exception, or a record it cannot render
@@ -520,9 +547,11 @@ class AutoFormat(RecordReader, ChatFormat):
         one rendering `raw` when its reads allow it (linear in the conversation): the template read only messages
         before j up to position D(j) (the first read of message j or later), so a rendering of the first j
         messages is raw[:D(j)] followed by what the template writes after its last message (`after_last`,
-        learned by _probe and checked here on this record: raw must end with it). Checked per reply too: the
-        reply's text lies between D(i) and D(i+1), and raw continues at D(i) with the generation prompt. Else
-        (and always with `reads` None) each prefix is rendered: quadratic, exact for any template."""
+        learned by _probe and checked on this record: raw must end with it). Checked per reply: its text lies
+        between D(i) and D(i+1), and raw continues at D(i) with the generation prompt (else the template looked
+        at message i from inside the one before, as Qwen2.5 does after a tool result: that prefix is rendered).
+        Without usable reads (and always with `reads` None) every prefix is rendered: quadratic, exact for any
+        template."""
         def render(j: int, prompt: bool) -> str:
             return self._render(messages[:j], tools, prompt=prompt)[0]
 
@@ -538,14 +567,18 @@ class AutoFormat(RecordReader, ChatFormat):
         after0, after1 = self.after_last
         if None in first or raw[first[n]:] != after0:
             return render
+        clean = [j < n and conv[j].role == "assistant" and raw.startswith(after1, first[j]) for j in range(n + 1)]
         for i, t in enumerate(conv):
-            if not t.train:
-                continue
-            part = raw[first[i]:first[i + 1]]
-            if not raw.startswith(after1, first[i]) or not all(x in part for x in _reply_marks(t.message)):
+            if t.train and not all(x in raw[first[i]:first[i + 1]] for x in _reply_marks(t.message)):
                 return render
-        return lambda j, prompt: raw[:first[j]] + (after1 if prompt else after0)
 
+        def prefix(j: int, prompt: bool) -> str:
+            # after a reply that starts cleanly and holds its text before D(j), or before a reply that does
+            if j == n and not prompt or clean[j] or not prompt and j and conv[j - 1].train:
+                return raw[:first[j]] + (after1 if prompt else after0)
+            return render(j, prompt)
+
+        return prefix
 
     def _turn_end(self, own: str, start: int, text: str) -> tuple[int, bool]:
         """(end of the supervised span, eos appended) for a reply rendered as own[start:]."""
@@ -626,12 +659,15 @@ class AutoFormat(RecordReader, ChatFormat):
         """Per token id, how many UTF-8 bytes it stands for, when the tokenizer is a byte-level BPE (no normalizer
         but NFC): its tokens' bytes then add up to the text, so token positions need no offsets. Else None."""
         if "bytes" not in self._backends:
+            from tokenizers import models
+
             tk = self._backend(False)
-            state = json.loads(tk.to_str())
-            norm = state.get("normalizer")
+            norm = tk.normalizer
+            nfc = norm is not None and json.loads(norm.__getstate__()).get("type") == "NFC"
             table = None
-            if state["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(state.get("pre_tokenizer")) \
-                    and (norm is None or norm.get("type") == "NFC"):
+            if isinstance(tk.model, models.BPE) and tk.pre_tokenizer is not None \
+                    and "ByteLevel" in tk.pre_tokenizer.__getstate__().decode("utf-8", "replace") \
+                    and (norm is None or nfc):
                 vocab = tk.get_vocab(with_added_tokens=True)
                 table = np.zeros(max(vocab.values()) + 1, np.int64)
                 for token, i in vocab.items():

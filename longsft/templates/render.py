@@ -54,14 +54,20 @@ def _compiled(template: str, limits: RenderLimits, what: str):
             raise RenderLimitError(f"{what} builds a value of {n:,} items or characters, over the limit of "
                                    f"{limits.chars:,} (--render_max_chars)")
 
+    sized, limit = (str, list, tuple), limits.chars
+
     def call_binop(context, operator, left, right):
-        sized = (str, list, tuple)
-        if operator == "*":
+        if operator == "+":  # the common case first (templates join strings with +)
+            if type(left) is str and type(right) is str:
+                if len(left) + len(right) > limit:
+                    too_big(len(left) + len(right))
+                return left + right
+            if isinstance(left, sized) and isinstance(right, sized):
+                too_big(len(left) + len(right))
+        elif operator == "*":
             for a, b in ((left, right), (right, left)):
                 if isinstance(a, sized) and isinstance(b, int):
                     too_big(len(a) * b)
-        elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
-            too_big(len(left) + len(right))
         elif operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1:
             too_big(right * max(1, abs(left).bit_length()) // 4)  # about the decimal digits of the result
         return binops[operator](left, right)
@@ -102,15 +108,17 @@ class Renderer:
         return self._compiled
 
     def render(self, messages: list[dict], tools=None, prompt: bool = False, marks: bool = False,
-               reads: list | None = None):
+               reads: list | None = None, plain: bool = False):
         """(text, generation blocks [(start, end)] when `marks`, else None). The template's own exceptions pass
         through; RenderLimitError past a bound. `reads`: a list that receives (message index, output position)
         for each time the template reads a message (index len(messages): it looked past the last one; -1: the
         whole list, e.g. its length), in order: where a rendering of the first j messages would part from this
-        one (auto.py's single-rendering path)."""
+        one (auto.py's single-rendering path). `plain`: messages and tools are JSON data already (dicts, lists,
+        strings, numbers, None: what auto_records.py builds from JSON records), so transformers' conversion into
+        plain data (a deep copy) is left out; the template sees the same values either way."""
         compiled = self.compiled
-        chat = _aliased(_plain(messages))
-        tools = _plain(tools)
+        chat = _aliased(messages if plain else _plain(messages))
+        tools = tools if plain else _plain(tools)
         blocks: list[str] = []
         indices: list = []
         limit, size = self.limits.chars, 0
@@ -198,20 +206,37 @@ class _NoTracker:
 
 
 class _Alarm:
-    """SIGALRM after `seconds` raises RenderLimitError in the rendering (main) thread; elsewhere, or when the
-    process already uses the real-time timer, no time bound (the size bounds still hold)."""
+    """SIGALRM after `seconds` raises RenderLimitError in the rendering (main) thread. The handler is installed once
+    per process (when SIGALRM has no other handler) and the timer armed per render; elsewhere (another thread, a
+    process that uses SIGALRM itself) no time bound: the size bounds still hold."""
+    current = None  # the _Alarm armed now (the handler raises for it)
+    installed = False
 
     def __init__(self, seconds: float, what: str):
-        self.seconds, self.what, self.armed, self.previous = seconds, what, False, None
+        self.seconds, self.what, self.armed = seconds, what, False
 
-    def _expired(self, signum, frame):
-        raise RenderLimitError(f"{self.what} did not finish rendering one record in {self.seconds:g} s "
-                               f"(--render_timeout); a real template takes milliseconds")
+    @classmethod
+    def _expired(cls, signum, frame):
+        alarm = cls.current
+        if alarm is not None:
+            cls.current = None
+            raise RenderLimitError(f"{alarm.what} did not finish rendering one record in {alarm.seconds:g} s "
+                                   f"(--render_timeout); a real template takes milliseconds")
+
+    @classmethod
+    def _install(cls) -> bool:
+        if not cls.installed:
+            if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer") \
+                    or signal.getsignal(signal.SIGALRM) not in (signal.SIG_DFL, None):
+                return False
+            signal.signal(signal.SIGALRM, cls._expired)
+            cls.installed = True
+        return signal.getsignal(signal.SIGALRM) == cls._expired and \
+            threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
-        if self.seconds and threading.current_thread() is threading.main_thread() \
-                and hasattr(signal, "setitimer") and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0):
-            self.previous = signal.signal(signal.SIGALRM, self._expired)
+        if self.seconds and _Alarm.current is None and self._install():
+            _Alarm.current = self
             signal.setitimer(signal.ITIMER_REAL, self.seconds)
             self.armed = True
         return self
@@ -219,5 +244,5 @@ class _Alarm:
     def __exit__(self, *exc):
         if self.armed:
             signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, self.previous)
+            _Alarm.current = None
         return False
