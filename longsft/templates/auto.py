@@ -11,16 +11,23 @@ chat template (GLM-Edge, GLM-4-0414, Qwen2.5, Qwen3, Mistral, Llama-3.1-Instruct
 
 Records are read by auto_records.py (messages / ShareGPT / Alpaca, tools, tool calls, tool results).
 
-Rendering and tokens. A conversation is rendered by transformers' own renderer (`render_jinja_template`, what
-apply_chat_template calls; the template is compiled once and cached) with the tokenizer's template (its
-`tool_use` one when the record has tools), and the text of a whole work unit is encoded in one tokenizer call:
-the ids are exactly `apply_chat_template(messages, tools=tools, tokenize=True)`'s. Special-token text inside the
-data (any string of a message, a tool call or a tool schema) stays text, as in the other templates: such a record
-is rendered with a private-use character in place of each such token, so every special token left in the text is
-one the template wrote; the text between those tokens is then encoded without special tokens (with the original
-text back) and the template's tokens put between. Token positions (for the spans below) come from the tokens'
-byte lengths for a byte-level BPE (checked to add up to the text), else from the tokenizer's offsets. Non-special added tokens (Qwen's `<tool_call>`, `<think>`) keep
-the tokenizer's plain-text behaviour: they are matched wherever they occur, as for tool calls written into content.
+Rendering and tokens. A conversation is rendered as apply_chat_template renders it (longsft/templates/render.py:
+transformers' compiled template and environment, bounded in time and size: --render_timeout, --render_max_chars)
+with the tokenizer's template (its `tool_use` one when the record has tools), and the text of a whole work unit is
+encoded in one call of the tokenizer's own Rust backend: the ids are `apply_chat_template(..., tokenize=True)`'s.
+Special-token text inside the data (any string of a message, a tool call or a tool schema) stays text, as in the
+other templates: such a record is rendered with a private-use character in place of each such token, so every
+special token left in the text is one the template wrote; the text between those tokens is then encoded without
+special tokens (with the original text back) and the template's tokens put between. Token positions (for the
+spans below) come from the tokens' byte lengths for a byte-level BPE (checked to add up to the text), else from
+the tokenizer's offsets. Non-special added tokens (Qwen's `<tool_call>`, `<think>`) keep the tokenizer's
+plain-text behaviour: they are matched wherever they occur, as for tool calls written into content.
+
+What the template can express is found once, by rendering probe conversations (_probe_tools): calls as OpenAI
+`tool_calls` or GLM's metadata + observation messages (`call_shape`), schemas as `tools` or on a system message
+(`tools_key`), results under `tool_role`; records are fed in that shape (_shaped), and a record holding calls,
+results or schemas the template cannot write is skipped as `template_cannot_render_tools`; a trained reply that
+renders as nothing (or without its call) is skipped as `template_drops_reply` / `template_cannot_render_tools`.
 
 Supervision. A token is supervised when its first character is in a supervised span:
 - with `{% generation %}` blocks in the template (`return_assistant_tokens_mask`), each trained assistant
@@ -33,14 +40,20 @@ Supervision. A token is supervised when its first character is in a supervised s
   that follows the reply in the conversation (GLM's next `<|user|>` / `<|observation|>` / `<|assistant|>`). A
   reply that ends the conversation with no such token (GLM) gets the tokenizer's eos appended and supervised, as
   GLM's own finetune scripts append it: the one departure from apply_chat_template's ids.
+- A template that always writes a generation prompt after the last message (`trailing`: GLM-Edge's `<|assistant|>`,
+  whatever add_generation_prompt says) has it dropped after a final reply, which then gets the eos as above.
 - A template that writes an earlier reply differently once later messages follow (Qwen3 drops past reasoning and
-  writes `<think>\\n\\n</think>` only on a final turn; Mistral moves the system prompt and tools to the last user
-  message) is not prefix-stable there: the record is skipped with reason `template_rewrites_history` (the detail
-  names the message and the first differing text), never labelled by guess. With pre_tokenize.py
-  `--rewritten_replies unsupervised` (AutoFormat.rewritten) those replies are left unsupervised instead and the
-  record keeps the others (Qwen3: its final turn); replies opted out with `"loss": false` are never checked.
+  writes `<think>\n\n</think>` only on a final turn; Mistral v0.3 writes the system prompt into the last user
+  message only) is not prefix-stable there. `rewritten` (pre_tokenize.py --rewritten_replies): "split" (default)
+  trains such a reply as a sample of its own, its prompt (messages[:i] with the generation prompt) + the reply as
+  its own turn's rendering writes it (_own_sample); "skip" skips the record (`template_rewrites_history`, the
+  detail names the message and the first differing text); "unsupervised" leaves those replies unsupervised.
+  encode_batch then returns several samples for the record (its fifth item: the conversation of each sample).
+- Linear in the turns (single_pass, decided per template by a self-test in _probe): the conversation is rendered
+  once while the template's reads of the messages are logged with the output position, and the renderings of
+  messages[:j] are taken from it (_prefix_renderer, with checks per record); otherwise every prefix is rendered.
 - A template that raises (Mistral's roles-must-alternate, Llama-3.1's one-tool-call rule) or cannot render a
-  record skips it with reason `template_error`.
+  record within the bounds skips it with reason `template_error`.
 stop_token_ids: the folder's generation_config.json eos_token_id (models.generation_stop_ids), the tokenizer's eos
 and the token that ends a reply in the template. `prefix_len` (kept by --truncate left): the tokens every conversation starts with.
 """
@@ -49,8 +62,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
-from typing import Optional
 
 import numpy as np
 
@@ -58,12 +69,13 @@ from longsft.templates.base import ChatFormat, PlainEncoder
 from longsft.data.inputs import Message, Skip
 from longsft.models import generation_stop_ids
 from longsft.templates.auto_records import Conversation, RecordReader, Turn
+from longsft.templates.auto_tokens import TemplateTokens, utf8_len
+from longsft.templates.auto_tools import ToolShapes, reply_marks
 from longsft.templates.render import Renderer, RenderLimitError, RenderLimits
 from longsft.data.storage import IGNORE_INDEX
 
 SKIP_REASONS = ("template_error", "template_rewrites_history", "template_cannot_render_tools", "template_drops_reply")
 REWRITTEN = ("split", "skip", "unsupervised")  # --rewritten_replies, the default first
-PROBE = {"fn": "zq_probe_fn", "arg": "zq_probe_arg", "value": "zq_probe_value", "result": "zq_probe_result"}
 MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: a data special token while rendering (one char per token)
 _PRIVATE = re.compile("[\U000F0000-\U000FFFFD]")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -79,45 +91,12 @@ def _common_prefix(a: str, b: str) -> int:
     return lo
 
 
-class _PlainCalls:
-    """A Rust tokenizer's encode calls with `encode_special_tokens` on (special-token text stays plain text)."""
-
-    def __init__(self, tk):
-        self.tk = tk
-
-    def _call(self, name: str, *args, **kwargs):
-        before = self.tk.encode_special_tokens
-        self.tk.encode_special_tokens = True
-        try:
-            return getattr(self.tk, name)(*args, **kwargs)
-        finally:
-            self.tk.encode_special_tokens = before
-
-    def encode(self, *args, **kwargs):
-        return self._call("encode", *args, **kwargs)
-
-    def encode_batch(self, *args, **kwargs):
-        return self._call("encode_batch", *args, **kwargs)
-
-
-def _reply_marks(message: dict) -> list[str]:
-    """Text a reply's rendering must hold: its content (stripped), or its calls' names."""
-    marks = [c["function"]["name"] for c in message.get("tool_calls") or ()]
-    content = message.get("content") if isinstance(message.get("content"), str) else ""
-    return marks + ([content.strip()] if content.strip() else [])
-
-
 def _common_suffix(a: str, b: str) -> int:
     n = min(len(a), len(b))
     k = 0
     while k < n and a[-1 - k] == b[-1 - k]:
         k += 1
     return k
-
-
-def _utf8_len(text: str, pos: int) -> int:
-    """Bytes of text[:pos] (a position past the end counts one byte per character beyond)."""
-    return len(text[:pos].encode("utf-8")) + max(0, pos - len(text))
 
 
 def _strings(obj):
@@ -152,14 +131,12 @@ def _replace(obj, sub):
 # The chat format
 # ----------------------------------------------------------------------------------------------
 
-class AutoFormat(RecordReader, ChatFormat):
+class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
     name = "auto"
     roles = frozenset({"system", "user", "assistant", "observation"})
     skip_reasons = SKIP_REASONS
     prefix_len = 0
     rewritten = REWRITTEN[0]  # a reply the template rewrites later: its own sample, skip the record, unsupervised
-    call_shape = "openai"  # how tool calls reach the template: "openai" tool_calls, "glm" metadata messages, None
-    tools_key = "kwarg"  # where tool schemas go: apply_chat_template's `tools`, a "system" message's key, None
     trailing = ""  # what the template writes after the last message whatever add_generation_prompt says
     single_pass = False  # prefixes from one rendering (linear) when the template passed _probe's self-test
     after_last = ("", "")  # what it writes after its last message: without, with the generation prompt
@@ -229,23 +206,6 @@ class AutoFormat(RecordReader, ChatFormat):
 
     def __getstate__(self):  # the backend and byte table are found again where they are used
         return {**self.__dict__, "_backends": {}}
-
-    def _backend(self, plain: bool):
-        """The Rust tokenizer, with offsets: the tokenizer's own (always called with add_special_tokens=False, so
-        its post-processor adds nothing; a private copy only if it has truncation or padding set: copying a
-        150k-token vocabulary takes seconds); `plain`: special tokens never matched (special-token text stays
-        text), set on it for each call."""
-        if "tk" not in self._backends:
-            tk = self.tokenizer.backend_tokenizer
-            if tk.truncation is not None or tk.padding is not None:
-                from tokenizers import Tokenizer
-
-                tk = Tokenizer.from_str(tk.to_str())
-                tk.no_truncation()
-                tk.no_padding()
-            self._backends["tk"] = tk
-        tk = self._backends["tk"]
-        return _PlainCalls(tk) if plain else tk
 
     def _probe(self) -> None:
         """From the folder and from rendering small probe conversations: stop_token_ids, prefix_len, the trailing
@@ -319,49 +279,6 @@ class AutoFormat(RecordReader, ChatFormat):
                 return
         self.single_pass = True
 
-    def _shows(self, messages: list[dict], tools, *texts: str) -> Optional[str]:
-        """The rendering when it holds every one of `texts`, else None."""
-        try:
-            text = self._render(messages, tools)[0]
-        except Skip:
-            return None
-        return text if all(t in text for t in texts) else None
-
-    def _probe_tools(self) -> None:
-        """How this template writes tools, found by rendering probe conversations (names below are PROBE's):
-        schemas through apply_chat_template's `tools` or on a system message (GLM-4-9b-chat's `item['tools']`);
-        calls as OpenAI `tool_calls` or as GLM's assistant message with `metadata` = the function's name and the
-        arguments JSON as content; results under the role that renders them with the most special tokens
-        (GLM's `<|observation|>` over a plain-text `<|tool|>`)."""
-        p = PROBE
-        schema = {"type": "function", "function": {"name": p["fn"], "description": "probe", "parameters": {
-            "type": "object", "properties": {p["arg"]: {"type": "string"}}}}}
-        user = {"role": "user", "content": "Alpha"}
-        if self._shows([user], [schema], p["fn"]):
-            self.tools_key = "kwarg"
-        elif self._shows([{"role": "system", "content": "", "tools": [schema]}, user], None, p["fn"]) or \
-                self._shows([{"role": "system", "content": "Omega", "tools": [schema]}, user], None, p["fn"]):
-            self.tools_key = "system"
-        else:
-            self.tools_key = None
-        tools = [schema] if self.tools_key == "kwarg" else None
-        call = {"type": "function", "id": "call00001", "function": {"name": p["fn"], "arguments": {p["arg"]: p["value"]}}}
-        openai = {"role": "assistant", "content": "", "tool_calls": [call]}
-        glm = {"role": "assistant", "metadata": p["fn"], "content": json.dumps({p["arg"]: p["value"]})}
-        best = None  # (special tokens, -preference, shape, role)
-        for shape, message in (("openai", openai), ("glm", glm)):
-            if not self._shows([user, message], tools, p["fn"], p["value"]):
-                continue
-            for k, role in enumerate(("tool", "observation", "ipython")):
-                result = {"role": role, "content": p["result"], "tool_call_id": "call00001", "name": p["fn"]}
-                text = self._shows([user, message, result], tools, p["fn"], p["value"], p["result"])
-                if text is not None:
-                    score = (len(self.special_re.findall(text)), -k - (3 if shape == "glm" else 0))
-                    best = max(best, (score, shape, role)) if best else (score, shape, role)
-            if best is None:  # calls but no results: calls alone are still shown
-                best = ((0, -9), shape, "tool")
-        self.call_shape, self.tool_role = (best[1], best[2]) if best else (None, "tool")
-
     # ---- rendering -------------------------------------------------------------------------------------------
 
     def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False, reads=None):
@@ -381,44 +298,6 @@ class AutoFormat(RecordReader, ChatFormat):
         if self.trailing and conv and conv[-1].role == "assistant" and text.endswith(self.trailing):
             return text[:-len(self.trailing)]
         return text
-
-    def _shaped(self, conv: Conversation) -> Conversation:
-        """The record in the shape this template reads (`call_shape`, `tools_key`, `tool_role` from _probe_tools);
-        Skip template_cannot_render_tools when it holds calls, results or schemas the template cannot write."""
-        calls = any(t.message.get("tool_calls") for t in conv)
-        results = any(t.role == "observation" for t in conv)
-        where = self.what
-        if (calls or results) and self.call_shape is None:
-            raise Skip("template_cannot_render_tools", f"{where} writes no tool calls (neither OpenAI tool_calls nor "
-                                                       f"GLM's metadata + observation messages): its calls would be lost")
-        if conv.tools and self.tools_key is None:
-            raise Skip("template_cannot_render_tools", f"{where} writes no tool schemas (neither `tools` nor a system "
-                                                       f"message's `tools`): the record's tools would be lost")
-        turns, tools = list(conv), conv.tools
-        if self.call_shape == "glm" and (calls or results):
-            turns = []
-            for t in conv:
-                msg = t.message
-                if t.role == "observation":
-                    turns.append(Turn(t.role, {"role": self.tool_role, "content": msg["content"]}, False, t.where))
-                    continue
-                if not msg.get("tool_calls"):
-                    turns.append(t)
-                    continue
-                if msg["content"].strip():
-                    turns.append(Turn(t.role, {k: v for k, v in msg.items() if k != "tool_calls"}, t.train, t.where))
-                for c in msg["tool_calls"]:  # GLM: one assistant message per call, the name as its metadata
-                    args = c["function"]["arguments"]
-                    args = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-                    turns.append(Turn("assistant", {"role": "assistant", "metadata": c["function"]["name"],
-                                                    "content": args}, t.train, t.where))
-        if tools and self.tools_key == "system":
-            if turns and turns[0].role == "system":
-                turns[0] = Turn("system", {**turns[0].message, "tools": tools}, False, turns[0].where)
-            else:
-                turns.insert(0, Turn("system", {"role": "system", "content": "", "tools": tools}, False, "tools"))
-            tools = None
-        return Conversation(turns, tools)
 
     def _layout(self, conv: Conversation) -> tuple[list, bool]:
         """([(rendered text, supervised character spans, eos appended)] one per sample, special-token text marked
@@ -507,35 +386,6 @@ class AutoFormat(RecordReader, ChatFormat):
         end, e = self._turn_end(sample, len(prompt), sample)
         return sample, [(len(prompt), end + e, i)], e
 
-    def _check_rendered(self, conv: Conversation, messages: list[dict], tools, text: str) -> None:
-        """Tool results and schemas the template was given must be in its rendering (never trained without)."""
-        for t, m in zip(conv, messages):
-            shown = m["content"].strip()
-            if t.role == "observation" and shown and shown not in text \
-                    and json.dumps(shown, ensure_ascii=False)[1:-1] not in text:  # Llama-3.1: a JSON string
-                raise Skip("template_cannot_render_tools", f"{t.where}: the tool result is not in the rendering of "
-                                                           f"{self.what}")
-        schemas = tools or next((m.get("tools") for m in messages if m.get("tools")), None) or []
-        for s in schemas:
-            name = (s.get("function") or s).get("name") if isinstance(s, dict) else None
-            if isinstance(name, str) and name not in text:
-                raise Skip("template_cannot_render_tools", f"tools: the schema of {name!r} is not in the rendering of "
-                                                           f"{self.what}")
-
-    def _check_replies(self, conv: Conversation, messages: list[dict], text: str, spans: list) -> None:
-        """Every supervised span holds its reply: some text (not only special tokens and blanks) and its calls."""
-        for a, b, i in spans:
-            part = self.special_re.sub("", text[a:b])
-            msg = messages[i]
-            if not part.strip():
-                raise Skip("template_drops_reply", f"{conv[i].where}: {self.what} renders this reply as nothing; it "
-                                                   f"would be trained as an empty answer")
-            for c in msg.get("tool_calls") or ():
-                if c["function"]["name"] not in part:
-                    raise Skip("template_cannot_render_tools", f"{conv[i].where}: the call of "
-                                                               f"{c['function']['name']!r} is not in the reply as "
-                                                               f"{self.what} renders it")
-
     @staticmethod
     def _continues(before: str, text: str, start: int) -> bool:
         """When the inference prompt is not a prefix of the reply's rendering: the two may part only after the
@@ -569,7 +419,7 @@ class AutoFormat(RecordReader, ChatFormat):
             return render
         clean = [j < n and conv[j].role == "assistant" and raw.startswith(after1, first[j]) for j in range(n + 1)]
         for i, t in enumerate(conv):
-            if t.train and not all(x in raw[first[i]:first[i + 1]] for x in _reply_marks(t.message)):
+            if t.train and not all(x in raw[first[i]:first[i + 1]] for x in reply_marks(t.message)):
                 return render
 
         def prefix(j: int, prompt: bool) -> str:
@@ -591,113 +441,6 @@ class AutoFormat(RecordReader, ChatFormat):
         if after:
             return after.end(), False
         return end, end == len(text) and self.eos_id is not None
-
-    # ---- tokens ----------------------------------------------------------------------------------------------
-
-    def _split_marked(self, text: str) -> list:
-        """A text rendered from marked data -> its pieces: ("special", id, position) for the template's special
-        tokens (with the whitespace their lstrip/rstrip take), ("text", original text, position, marks) between."""
-        pieces, pos = [], 0
-        for m in self.special_re.finditer(text):
-            a, b = m.span()
-            lstrip, rstrip = self.strips[m.group()]
-            if lstrip:
-                a = pos + len(text[pos:a].rstrip())
-            if rstrip:
-                b += len(text[b:]) - len(text[b:].lstrip())
-            if a > pos:
-                pieces.append(self._text_piece(text[pos:a], pos))
-            pieces.append(("special", self.special_ids[m.group()], m.start()))
-            pos = b
-        if pos < len(text):
-            pieces.append(self._text_piece(text[pos:], pos))
-        return pieces
-
-    def _text_piece(self, piece: str, pos: int) -> tuple:
-        out, marks, n = [], [], 0  # marks: (start, end) in the original text, the marker's index in `piece`
-        for j, ch in enumerate(piece):
-            token = self.unmark.get(ord(ch))
-            out.append(ch if token is None else token)
-            if token is not None:
-                marks.append((n, n + len(token), j))
-            n += 1 if token is None else len(token)
-        return ("text", "".join(out), pos, marks)
-
-    @staticmethod
-    def _marked_position(offset: int, marks: list) -> int:
-        """A character offset in a text piece's original text -> its position in the marked text."""
-        shift = 0
-        for a, b, j in marks:
-            if offset >= b:
-                shift += b - a - 1
-            elif offset >= a:
-                return j
-            else:
-                break
-        return offset - shift
-
-    def _encode_marked(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        """(ids, start positions) of texts rendered from marked data, the text pieces in one plain call."""
-        split = [self._split_marked(t) for t in texts]
-        plain = [p[1] for pieces in split for p in pieces if p[0] == "text"]
-        encoded = iter(self._backend(True).encode_batch(plain, add_special_tokens=False) if plain else ())
-        out = []
-        for pieces in split:
-            ids, starts = [], []
-            for p in pieces:
-                if p[0] == "special":
-                    ids.append(p[1])
-                    starts.append(p[2])
-                    continue
-                e = next(encoded)
-                ids += e.ids
-                starts += [p[2] + self._marked_position(a, p[3]) for a, _ in e.offsets]
-            out.append((ids, starts))
-        return out
-
-    def _byte_table(self):
-        """Per token id, how many UTF-8 bytes it stands for, when the tokenizer is a byte-level BPE (no normalizer
-        but NFC): its tokens' bytes then add up to the text, so token positions need no offsets. Else None."""
-        if "bytes" not in self._backends:
-            from tokenizers import models
-
-            tk = self._backend(False)
-            norm = tk.normalizer
-            nfc = norm is not None and json.loads(norm.__getstate__()).get("type") == "NFC"
-            table = None
-            if isinstance(tk.model, models.BPE) and tk.pre_tokenizer is not None \
-                    and "ByteLevel" in tk.pre_tokenizer.__getstate__().decode("utf-8", "replace") \
-                    and (norm is None or nfc):
-                vocab = tk.get_vocab(with_added_tokens=True)
-                table = np.zeros(max(vocab.values()) + 1, np.int64)
-                for token, i in vocab.items():
-                    table[i] = len(token)  # one character of the byte-level alphabet per byte
-                for i, t in tk.get_added_tokens_decoder().items():
-                    table[i] = len(t.content.encode("utf-8"))
-            self._backends["bytes"], self._backends["nfc"] = table, norm is not None
-        return self._backends["bytes"]
-
-    def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-        """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
-        byte lengths of a byte-level BPE's tokens give the positions (checked to add up to the text's bytes; a
-        text that does not goes through the offsets, as do all texts of other tokenizers)."""
-        table, out, redo = self._byte_table(), [None] * len(texts), list(range(len(texts)))
-        if table is not None:
-            nfc, redo = self._backends["nfc"], []
-            for k, (text, e) in enumerate(zip(texts, self._backend(False).encode_batch_fast(
-                    texts, add_special_tokens=False))):
-                ids = np.array(e.ids, np.int32)
-                n = table[ids]
-                if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",
-                                                                                                           text)):
-                    out[k] = (ids, np.cumsum(n) - n, True)
-                else:
-                    redo.append(k)
-        if redo:
-            for k, e in zip(redo, self._backend(False).encode_batch([texts[k] for k in redo],
-                                                                    add_special_tokens=False)):
-                out[k] = (np.array(e.ids, np.int32), np.array([a for a, _ in e.offsets], np.int64), False)
-        return out
 
     def encode_batch(self, conversations: list[Conversation]):
         """Many conversations -> (ids int32[T], supervised bool[T], length of each sample int64[K], a Skip or None
@@ -721,9 +464,9 @@ class AutoFormat(RecordReader, ChatFormat):
             tok, starts, in_bytes = next(marked if was_marked else clean)
             spans = [(a, b) for a, b, _ in spans]
             if in_bytes and not text.isascii():  # the spans in bytes too (a position past the text: the eos)
-                spans = [(_utf8_len(text, a), _utf8_len(text, b)) for a, b in spans]
+                spans = [(utf8_len(text, a), utf8_len(text, b)) for a, b in spans]
             if eos:  # the appended eos stands at the end of the text
-                end = _utf8_len(text, len(text)) if in_bytes else len(text)
+                end = utf8_len(text, len(text)) if in_bytes else len(text)
                 tok, starts = np.append(tok, np.int32(self.eos_id)), np.append(starts, np.int64(end))
             sup = np.zeros(len(tok), bool)
             for a, b in spans:  # a token is supervised when its first character is in a span

@@ -9,7 +9,6 @@ GLM-Edge and GLM-4-9b-chat have no vocabulary on the registry: their real templa
 tests/test-chat-template.cpp strings) run on the tiny tokenizers with their special tokens (longsft/tiny).
 Mistral-Nemo's hub template runs on the v3 SentencePiece vocabulary (the same control tokens; tekken not built).
 """
-import json
 
 import numpy as np
 import pytest

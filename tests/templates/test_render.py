@@ -7,12 +7,10 @@ import time
 from pathlib import Path
 
 import pytest
-from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
 import pre_tokenize
 from longsft.data.inputs import InputError
-from longsft.templates.auto import AutoFormat
 from longsft.templates.render import Renderer, RenderLimitError, RenderLimits
 from longsft.tiny.chat_templates import GLM_EDGE, LLAMA31, QWEN2_MARKED, QWEN3
 from tests.records import write_jsonl
