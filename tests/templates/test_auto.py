@@ -474,3 +474,29 @@ def test_native_model_folders_default_to_auto(tmp_path, family):
     stops = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
     stops = stops if isinstance(stops, list) else [stops]
     assert meta["stop_token_ids"][:len(stops)] == stops
+
+
+def test_split_records_in_the_report(tmp_path, chat_tokenizer_dir):
+    """--rewritten_replies split (the default): a Qwen3 multi-turn record becomes one sample per rewritten reply plus
+    the whole conversation; the report counts them (lines_read = samples_kept - extra_samples + skipped) and a
+    record with a sample over --max_length is skipped once, whole."""
+    long_reply = {"role": "assistant", "content": "word " * 900}
+    records = [{"messages": TOOL_CHAT, "tools": [WEATHER]}, {"messages": TOOL_CHAT[1:3]},
+               {"messages": TOOL_CHAT[1:3] + [TOOL_CHAT[3], long_reply]}, "not json"]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    rep = pre_tokenize.main(["--model_name_or_path", str(chat_tokenizer_dir("qwen3")), "--template", "auto",
+                             "--input", str(src), "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
+                             "--no_shuffle", "--max_length", "700"])
+    split = rep["split"]
+    assert split["records"] == 1 and split["samples"] == 3 and split["extra_samples"] == 2  # 2 earlier replies
+    assert split["extra_tokens"] > 0
+    assert rep["lines_read"] == rep["samples_kept"] - split["extra_samples"] + rep["skipped_total"] == 4
+    assert rep["skipped"]["too_long"] == 1 and rep["skipped"]["invalid_json"] == 1
+    skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["reason"]) for s in skipped] == [(3, "too_long"), (4, "invalid_json")]
+    data = TokenizedData(tmp_path / "out")
+    assert len(data) == 4
+    rep = pre_tokenize.main(["--model_name_or_path", str(chat_tokenizer_dir("qwen3")), "--template", "auto",
+                             "--input", str(src), "--output_dir", str(tmp_path / "skip"), "--num_proc", "1",
+                             "--rewritten_replies", "skip", "--max_length", "700"])
+    assert "split" not in rep and rep["skipped"]["template_rewrites_history"] == 2
