@@ -88,6 +88,7 @@ def read_only_supported() -> bool:
     return os.geteuid() != 0 or shutil.which("setpriv") is not None
 
 
+@pytest.mark.slow
 def test_pre_tokenize_and_sort_and_group_under_a_file_size_limit(tmp_path, glm4_tokenizer_dir):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 40}]}
     src = write_jsonl(tmp_path / "in.jsonl", [good] * 400)  # ~50k tokens: 400 KB of ids and labels
@@ -115,6 +116,7 @@ def test_pre_tokenize_and_sort_and_group_under_a_file_size_limit(tmp_path, glm4_
     assert tree(out) == before and entries(tmp_path) == ["data", "in.jsonl"]  # nothing changed, nothing left over
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not read_only_supported(), reason="running as root without setpriv: chmod cannot forbid writes")
 def test_read_only_folders_are_named_before_any_work(tmp_path, glm4_tokenizer_dir):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

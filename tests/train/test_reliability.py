@@ -228,6 +228,7 @@ def test_a_checkpoint_save_under_a_file_size_limit(tmp_path, llama_dir, data8): 
     assert ckpt.read_marker(final) is None
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() == 0 and not shutil.which("setpriv"), reason="root without setpriv: chmod cannot "
                                                                                "forbid writes")
 def test_a_read_only_output_folder_is_named_at_start(tmp_path, llama_dir, data8):  # noqa: F811
