@@ -1,19 +1,12 @@
 """What `sort_and_group.py` runs: sorted-batching order and near-perfect packs for a tokenized dataset, nothing lost.
 
 Reads the folder pre_tokenize.py (or its front ends pre_tokenize_glm4.py / pre_tokenize_llama3.py) wrote and
-adds DIR/packs/ to it (layout in longsft/data/storage.py's docstring; no torch is imported); `dataset.LMPackDataset(DIR)`
-and `dataset.LMSortDataset(DIR)` read the result.
+adds DIR/packs/ to it (layout in storage.py's docstring; no torch is imported); `LMPackDataset(DIR)` and
+`LMSortDataset(DIR)` (longsft/train/batches.py, `from dataset import ...`) read the result.
 
-    python sort_and_group.py --train_file data/glm4/longwriter                       # defaults below
-    python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8 \\
-        --pack_algorithm bfd --seed 42 --over_length error
-    # a tiny CPU run on the bundled sample
-    python tools/make_tiny.py tokenizer --family glm4 --out /tmp/tiny-glm4
-    python pre_tokenize.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
-        --output_dir /tmp/glm4-sample --max_length 8192
-    python sort_and_group.py --train_file /tmp/glm4-sample --max_length 8192 --group_size 2
-    # data prepared by the upstream LongWriter/LongAlign scripts (inputs.npy, labels.npy): converted in place
-    python sort_and_group.py --train_file data/glm4/longwriter --pad_token_id 151330
+    from longsft.data.sort_and_group import main
+    report = main(["--train_file", "/tmp/glm4-sample", "--max_length", "8192", "--group_size", "2"])
+    # the commands (the root entry, a tiny CPU run, upstream's layout): sort_and_group.py's docstring
 
 What it does, top to bottom:
 - Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the
@@ -21,7 +14,8 @@ What it does, top to bottom:
 - The token ids themselves are checked first (longsft.data.storage.check_token_ids: no negative id, none past the vocabulary
   of the tokenizer meta.json names, meta.json's max_token_id true), and an existing DIR/packs/ must be ours
   alone (a user's file in it is an error, not a deletion). packs/ is replaced atomically (a symlinked one is
-  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed.
+  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed. If DIR is replaced
+  while packing (pre_tokenize.py writing it again), that is an error and no packs are kept (storage.write_packs).
 - A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
   truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
 - Packing, compute balance and the sorted-batching order: longsft/data/packing.py (its docstring).
@@ -45,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from longsft.atomic_dir import describe_removed, signals_as_exit, sweep_stale
+from longsft.atomic_dir import describe_removed, signals_as_exit, sweep_stale, writable_problem, write_failures_reported
 from longsft.data.packing import (PACKERS, arrange_steps, lower_bound, pack_costs, pack_sequential, repack_uneven_steps,
                                   reorder_packs, sorted_batching_order, step_imbalance)
 from longsft.data.upstream_layout import (CONVERT_STAGE, SortAndGroupError, convert_legacy, inspect_legacy)
@@ -224,6 +218,8 @@ def run(args: Arguments) -> dict:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
         vocab = (data.meta.get("tokenizer") or {}).get("vocab_size")
         problems += check_token_ids(data, vocab, f"the {vocab} tokens of the tokenizer it was made with (meta.json)")
+    if data_dir.is_dir() and (problem := writable_problem(data_dir, f"--train_file {data_dir}")):
+        problems.append(f"{problem} (sort_and_group.py writes {PACKS_DIR}/ inside it)")
     packs_problem = packs_replace_problem(data_dir)
     if packs_problem:
         problems.append(f"{packs_problem}; sort_and_group.py replaces {PACKS_DIR}/ whole, so move those files out "
@@ -322,8 +318,12 @@ def run(args: Arguments) -> dict:
     meta.update({"num_packs": int(num_packs), "steps": report["steps"], "lower_bound": lb, "samples": report["samples"],
                  "efficiency": report["efficiency"],
                  "source": {"num_samples": data.meta["num_samples"], "num_tokens": data.meta["num_tokens"]}})
-    write_packs(data_dir, {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
-                           "targets": targets}, meta, extra)
+    arrays = {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order, "targets": targets}
+    intact = (f"The previous packs in {data_dir / PACKS_DIR} are intact" if (data_dir / PACKS_DIR).exists() else
+              f"{data_dir} is unchanged (no {PACKS_DIR}/ was added)") + "; the unfinished copy was removed."
+    with write_failures_reported(f"sort_and_group.py writing {data_dir / PACKS_DIR}", data_dir, intact,
+                                 lambda: sum(a.nbytes for a in arrays.values()) + sum(map(len, extra.values()))):
+        write_packs(data_dir, arrays, meta, extra, made_from=data.identity)
     print("\n".join(summary_lines(report)))
     print(f"  wrote {data_dir / 'packs'} (report.json{', report.png' if args.plot else ''})")
     return report

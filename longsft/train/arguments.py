@@ -20,13 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-from transformers import HfArgumentParser, TrainingArguments
-
+from longsft.evaluate.after_training import test_file_problems
 from longsft.train import quantization, rope
-from longsft.train import sequence_parallel as sp_lib
 from longsft.train import settings as train_settings
-from longsft.train.trainer import BATCH_METHODS
+from longsft.train.deepspeed_checks import deepspeed_config_problems, sequence_parallel_problems
+from longsft.train.settings import BATCH_METHODS
 from patch import families
 
 logger = logging.getLogger("longsft.train")
@@ -75,6 +73,13 @@ class DataArguments:
     pack_loss: bool = field(
         default=False, metadata={"help": "LongAlign loss: every sequence of the optimizer step weighs the same "
                                          "(mean over sequences of their token-mean CE). Default: token mean."})
+    test_file: Optional[str] = field(
+        default=None, metadata={"help": "Chat test set (any pre_tokenize.py input format): after training, the saved "
+                                        "model generates a reply to each conversation and gets ROUGE-1/2/L, BLEU-4 "
+                                        "and the eval loss in OUTPUT_DIR/test_eval (GLM-Edge's predict_with_generate; "
+                                        "longsft/evaluate/after_training.py)."})
+    test_max_new_tokens: int = field(
+        default=512, metadata={"help": "With --test_file: most tokens per reply (GLM-Edge's 512); greedy decoding."})
     sequence_parallel_size: int = field(
         default=1, metadata={"help": "Ranks that share each pack (DeepSpeed Ulysses; needs --batch_method pack and "
                                      "--deepspeed): each holds 1/N of its tokens; data-parallel size = ranks / N. "
@@ -94,22 +99,34 @@ class LoraArguments:
         default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
 
 
-ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+OUR_CLASSES = (ModelArguments, DataArguments, LoraArguments)  # importing these needs neither torch nor transformers
 
 
-def make_parser() -> HfArgumentParser:
+def __getattr__(name: str):
+    """ARG_CLASSES on first use: transformers' TrainingArguments costs ~10 s to import (torch, peft, bitsandbytes),
+    and main.py checks the settings before that (early_checks.py)."""
+    if name == "ARG_CLASSES":
+        from transformers import TrainingArguments
+
+        return (*OUR_CLASSES, TrainingArguments)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_parser():
     """Exact flag names only: argparse would otherwise take --pack_los for --pack_loss."""
-    return HfArgumentParser(ARG_CLASSES, allow_abbrev=False)
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(__getattr__("ARG_CLASSES"), allow_abbrev=False)
 
 
 def split_config(argv: list[str]) -> tuple[dict, list[str]]:
     """(settings of the YAML/JSON config file given among argv, or {}; the remaining command-line flags)."""
-    return train_settings.split_config(argv, ARG_CLASSES, make_parser())
+    return train_settings.split_config(argv, __getattr__("ARG_CLASSES"), make_parser())
 
 
 def explicit_settings(argv: list[str]) -> list[str]:
     """Names of the settings the config file or the command line set (the rest are defaults)."""
-    return train_settings.explicit_settings(argv, ARG_CLASSES, make_parser())
+    return train_settings.explicit_settings(argv, __getattr__("ARG_CLASSES"), make_parser())
 
 
 def parse_args(argv: list[str] | None = None, check_start: bool = False):
@@ -117,25 +134,12 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
 
     Every bad value is reported at once (SystemExit), before anything is built; with check_start also the
     required flags, the input paths, the model folder and the output folder (what main() needs)."""
+    import torch
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    arg_classes = __getattr__("ARG_CLASSES")
     parser = make_parser()
-    config, flags, config_problems, notes = train_settings.read_settings(argv, ARG_CLASSES, parser)
-    for note in notes:
-        logger.warning("%s", note)
-    if config:
-        config = {k: ",".join(v) if k == "lora_target_modules" and isinstance(v, (list, tuple)) else v
-                  for k, v in config.items()}
-        parser.set_defaults(**config)
-    ns, extra = parser.parse_known_args(flags)
-    if extra:
-        hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
-            else ""
-        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
-    problems = config_problems + train_settings.setting_problems(ns) + sp_lib.setting_problems(
-        ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), ns.batch_method, ns.deepspeed)
-    problems += quantization.setting_problems(ns) + rope.setting_problems(ns)
-    if check_start:
-        problems += train_settings.start_problems(ns, BATCH_METHODS)
+    ns, problems = checked_settings(argv, parser, train_settings.read_settings(argv, arg_classes, parser), check_start)
     if problems:
         raise SystemExit("main.py cannot start:\n  - " + "\n  - ".join(problems))
     explicit = set(explicit_settings(argv))
@@ -147,13 +151,40 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
     _setup_cpu_distributed(ns)
     try:
         return tuple(cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
-                     for cls in ARG_CLASSES)
+                     for cls in arg_classes)
     except ValueError as e:  # TrainingArguments.__post_init__ checks combinations of settings
         raise SystemExit(f"main.py cannot start: {e}") from e
 
 
+def checked_settings(argv: list[str], parser, settings: tuple, check_start: bool) -> tuple:
+    """(namespace, problems) of argv parsed by `parser` over the config file's `settings` (read_settings' result):
+    unknown flags end the run at once; every other problem (values, the DeepSpeed config, sequence parallelism, and
+    with check_start the required flags, paths, model folder and output folder) is collected. Used by the full
+    parser and, before the heavy imports, by early_checks.py's lenient one."""
+    config, flags, config_problems, notes = settings
+    for note in notes:
+        logger.warning("%s", note)
+    if config:
+        parser.set_defaults(**config)
+    ns, extra = parser.parse_known_args(flags)
+    if extra:
+        hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
+            else ""
+        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
+    problems = config_problems + train_settings.setting_problems(ns) + deepspeed_config_problems(ns.deepspeed) \
+        + sequence_parallel_problems(ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")),
+                                     ns.batch_method, ns.deepspeed)
+    problems += quantization.setting_problems(ns) + rope.setting_problems(ns)
+    if check_start:
+        problems += train_settings.start_problems(ns, BATCH_METHODS)
+        problems += test_file_problems(ns.test_file)
+    return ns, problems
+
+
 def _choose_precision(ns, explicit: set[str]) -> None:
     """bf16 where the hardware has it (unless set explicitly), fp32 on CPU."""
+    import torch
+
     if not torch.cuda.is_available() or getattr(ns, "use_cpu", False):
         if ns.bf16 or ns.fp16:
             logging.getLogger("longsft.train").warning("no CUDA device: training in fp32 (ignoring --bf16/--fp16)")
@@ -167,6 +198,8 @@ def _setup_cpu_distributed(ns) -> None:
 
     transformers/accelerate only start a CPU process group with --use_cpu, and never one for DeepSpeed
     without a GPU; for DeepSpeed we start the state ourselves and tell TrainingArguments to use it."""
+    import torch
+
     if torch.cuda.is_available():
         return
     if not ns.deepspeed:

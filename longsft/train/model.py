@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from longsft import models
+from longsft.models import BASE_CONFIG_FILE
 from longsft.data.inputs import InputError
 from longsft.atomic_dir import write_json_atomic
 from longsft.train import quantization, rope
@@ -148,9 +149,6 @@ def apply_lora(model, lora_args: LoraArguments, family: Optional[Family], gradie
                      target_modules=targets, task_type="CAUSAL_LM", bias="none")
     return get_peft_model(model, cfg)
 
-
-
-BASE_CONFIG_FILE = "base_model_config.json"
 
 
 def save_base_config(config, output_dir: str) -> Path:

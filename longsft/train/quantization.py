@@ -32,9 +32,8 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
-import torch
-
-from longsft.train import settings as train_settings
+from longsft.train import settings as train_settings  # no torch at import: setting_problems runs before it loads
+from longsft.train.deepspeed_checks import zero_stage
 
 logger = logging.getLogger("longsft.train")
 
@@ -56,11 +55,9 @@ def _bnb_version() -> Optional[tuple[int, ...]]:
 
 def _zero_stage(deepspeed) -> Optional[int]:
     try:
-        config = train_settings.read_deepspeed_config(deepspeed)
-    except (OSError, ValueError):
-        return None  # reported by settings.py / transformers
-    stage = (config.get("zero_optimization") or {}).get("stage")
-    return int(stage) if isinstance(stage, int) else None
+        return zero_stage(train_settings.read_deepspeed_config(deepspeed))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # an unreadable config: deepspeed_config_problems names it
 
 
 def setting_problems(ns) -> list[str]:
@@ -86,12 +83,14 @@ def setting_problems(ns) -> list[str]:
     return p
 
 
-def compute_dtype(args) -> torch.dtype:
-    """The dtype quantized layers compute in: the training precision (bf16 / fp16 on GPUs, fp32 on CPU)."""
+def compute_dtype(args):
+    """The torch dtype quantized layers compute in: the training precision (bf16 / fp16 on GPUs, fp32 on CPU)."""
+    import torch
+
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def bnb_config(bits: int, storage_dtype: torch.dtype, compute: torch.dtype):
+def bnb_config(bits: int, storage_dtype, compute):
     """transformers' BitsAndBytesConfig for --quantization_bit `bits`."""
     from transformers import BitsAndBytesConfig
 

@@ -38,12 +38,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
-
 logger = logging.getLogger("longsft.train")
 
 ROPE_SCALINGS = ("linear", "dynamic", "yarn", "llama3", "base")
 CHATGLM_RULES = {"linear": "positions", "base": "base"}  # --rope_scaling -> chatglm rope_ratio_mode
+# (no torch at import: arguments.py checks the flags with setting_problems before torch loads, early_checks.py)
 
 
 @dataclass
@@ -117,20 +116,15 @@ def rope_settings(config) -> dict:
             "max_position_embeddings": getattr(config, "max_position_embeddings", None)}
 
 
-def resume_mismatch(output_dir: str, config, quantization_bit) -> Optional[str]:
-    """A resumed run must train the model its checkpoints were trained as: the RoPE settings and the quantization
-    the earlier run recorded in OUTPUT_DIR/train_settings.json, against this run's (None when they agree, or
-    when the earlier run recorded none)."""
+def resume_mismatch(checkpoint: str, config, quantization_bit) -> Optional[str]:
+    """A resumed run must train the model its checkpoint was trained as: the RoPE settings and the quantization its
+    run recorded (train_settings.json, checkpoints.saved_settings), against this run's; None when they agree or
+    the run recorded none."""
     import json
-    from pathlib import Path
 
-    from longsft.train.checkpoints import SETTINGS_FILE
+    from longsft.train.checkpoints import saved_settings
 
-    path = Path(output_dir) / SETTINGS_FILE
-    try:
-        before = json.loads(path.read_text(encoding="utf-8")).get("resolved") or {}
-    except (OSError, ValueError):
-        return None
+    before = (saved_settings(checkpoint) or {}).get("resolved") or {}
     problems = []
     if "rope" in before and before["rope"] != json.loads(json.dumps(rope_settings(config))):
         problems.append(f"RoPE {before['rope']} then, {rope_settings(config)} now (give the same --rope_scaling and "
@@ -141,8 +135,7 @@ def resume_mismatch(output_dir: str, config, quantization_bit) -> Optional[str]:
             problems.append(f"--quantization_bit {bits} then, {quantization_bit} now")
     if not problems:
         return None
-    return (f"--resume_from_checkpoint: {path} says the checkpoints were trained with other settings: "
-            + "; ".join(problems))
+    return f"--resume_from_checkpoint: {checkpoint} was trained with other settings: " + "; ".join(problems)
 
 
 def _factor(model_args, context: int) -> float:
@@ -234,6 +227,7 @@ def check_model_rope(model, plan: Optional[RopePlan]) -> None:
     frequencies that type gives for the config (transformers' models), or the config's rope_ratio rule (chatglm)."""
     if plan is None:
         return
+    import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     checked = 0
