@@ -16,10 +16,12 @@ rope_ratio other than 1, `from_pretrained` tells the generation from the folder 
   1. the folder's own (hub) modeling_chatglm.py, or its copy in patch_backup/ (patch/install.py), says which rule
      it implements: `base = base * self.rope_ratio` (ChatGLM3, GLM-4) or `... / self.rope_ratio` on the positions
      (ChatGLM2-6B-32K); our own file (it imports packed_attention) says nothing;
-  2. else the tokenizer files, the rule that tells the model family (patch/families.py): a tiktoken
+  2. else the tokenizer files, by the rule that tells the model family (patch/families.py, which is not copied
+     into model folders: the same rule here, tests/patch/test_chatglm_rope.py checks they agree): a tiktoken
      `tokenizer.model` is GLM-4 ("base"); a SentencePiece one is ChatGLM3 ("base") when tokenizer_config.json
-     says `chatglm_version: 3` or names ChatGLM3's role tokens (tokenization_chatglm.detect_chatglm_version),
-     else ChatGLM2 ("positions");
+     says `chatglm_version: 3` or names ChatGLM3's role tokens (tokenization_chatglm.detect_chatglm_version), or
+     the folder's own tokenization_chatglm.py builds them (older chatglm3-6b snapshots), else ChatGLM2
+     ("positions");
   3. else (no such files; or a config built in code without the key): "base", as this file always did.
 
 Tiny check: python -c "from patch.configuration_chatglm import ChatGLMConfig; print(ChatGLMConfig(num_layers=2))"
@@ -65,9 +67,13 @@ def rope_ratio_mode_of_folder(folder) -> tuple[str, str]:
                 tok_config = json.loads((root / "tokenizer_config.json").read_text(encoding="utf-8"))
             except ValueError:
                 tok_config = {}
-        from .tokenization_chatglm import detect_chatglm_version
+        from .tokenization_chatglm import SP_ROLE_TOKENS, detect_chatglm_version
 
         version = tok_config.get("chatglm_version") or detect_chatglm_version(tok_config)
+        code = root / "tokenization_chatglm.py"  # the hub's tokenizer code, read as text (ours names every token)
+        text = code.read_text(encoding="utf-8", errors="replace") if code.is_file() else ""
+        if "def detect_chatglm_version(" not in text and any(t in text for t in SP_ROLE_TOKENS):
+            version = version if "chatglm_version" in tok_config else 3
         if int(version) == 3:
             return "base", "the tokenizer is ChatGLM3's (role tokens / chatglm_version 3)"
         return "positions", "the tokenizer is ChatGLM2's (SentencePiece, no role tokens)"

@@ -130,3 +130,19 @@ def test_rule_works_inside_a_model_folder_loaded_as_remote_code(folders):
     want = formula_angles("positions", RATIO, model.config.kv_channels // 2, FAR)
     assert torch.allclose(cos.double(), want.cos(), atol=5e-4)
     assert math.isclose(model.config.rope_ratio, RATIO)
+
+
+def test_the_tokenizer_step_agrees_with_the_family_registry(folders, tmp_path):
+    """Step 2 of the rule is patch/families.py's family rule (repeated in configuration_chatglm.py, because
+    families.py is not copied into model folders): ChatGLM2 -> positions, ChatGLM3 / GLM-4 -> base, also for an
+    older ChatGLM3 snapshot whose only sign is its own tokenization_chatglm.py building the role tokens."""
+    from patch import families
+
+    old3 = tmp_path / "old_chatglm3"
+    shutil.copytree(folders["chatglm2"], old3)  # declares no role token anywhere in its JSON files
+    (old3 / "tokenization_chatglm.py").write_text(
+        'role_special_tokens = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]\n')
+    rule = {"chatglm2": "positions", "chatglm3": "base", "glm4": "base"}
+    for folder in (folders["chatglm2"], folders["chatglm3"], folders["glm4"], old3):
+        assert rope_ratio_mode_of_folder(folder)[0] == rule[families.detect_folder(folder).name], folder
+    assert families.detect_folder(old3).name == "chatglm3"
