@@ -16,6 +16,7 @@ import torch
 import transformers
 
 import main as train_main
+from longsft.errors import UserError
 from longsft.tiny.models import make_tiny_model
 from longsft.train import model as train_model
 from longsft.train import rope
@@ -193,7 +194,7 @@ def test_resume_refuses_other_rope_settings(tmp_path, short_llama):
     common = ["--batch_method", "pack", "--per_device_train_batch_size", 1, "--max_steps", 2, "--save_strategy",
               "steps", "--save_steps", 1]
     run(short_llama, data, tmp_path / "o", *common, "--rope_scaling", "yarn", "--rope_factor", 2)
-    with pytest.raises(SystemExit, match="trained with other settings: RoPE"):
+    with pytest.raises(UserError, match="trained with other settings: RoPE"):  # exit status 2 through run_cli
         run(short_llama, data, tmp_path / "o", *common, "--max_steps", 3, "--resume_from_checkpoint", "true")
     again = run(short_llama, data, tmp_path / "o", *common, "--max_steps", 3, "--resume_from_checkpoint", "true",
                 "--rope_scaling", "yarn", "--rope_factor", 2)
