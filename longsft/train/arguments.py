@@ -21,8 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+import transformers
+from transformers import HfArgumentParser
 
+from longsft.train import dpo as dpo_lib
 from longsft.train import sequence_parallel as sp_lib
 from longsft.train import settings as train_settings
 from longsft.train.trainer import BATCH_METHODS
@@ -76,6 +78,30 @@ class LoraArguments:
         default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
 
 
+@dataclass
+class TrainingArguments(transformers.TrainingArguments):
+    """transformers' TrainingArguments plus the preference-training settings (`--stage dpo`, longsft/train/dpo.py)."""
+    stage: str = field(default="sft", metadata={
+        "help": "sft: supervised fine-tuning on samples; dpo: preference training on pairs (pre_tokenize.py --stage "
+                "dpo, then sort_and_group.py), packed, --batch_method pack.", "choices": list(dpo_lib.STAGES)})
+    dpo_loss: str = field(default="sigmoid", metadata={
+        "help": "sigmoid: DPO (with --dpo_label_smoothing: conservative DPO); ipo: IPO (length-normalised, as TRL); "
+                "simpo: SimPO (reference-free, length-normalised, --simpo_gamma).", "choices": list(dpo_lib.DPO_LOSSES)})
+    dpo_beta: float = field(default=0.1, metadata={"help": "beta: DPO's temperature (IPO's regularisation; SimPO's "
+                                                           "reward scale, ~2 in its paper)."})
+    dpo_label_smoothing: float = field(default=0.0, metadata={
+        "help": "Share of preference labels assumed flipped (conservative DPO), for sigmoid and simpo; in [0, 0.5)."})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin (--dpo_loss simpo)."})
+    dpo_sft_weight: float = field(default=0.0, metadata={
+        "help": "Adds this weight times the NLL of the chosen completions (token mean over the step) to the loss."})
+    precompute_ref_logps: bool = field(default=False, metadata={
+        "help": "One pass of the reference over the data before training (stored beside the dataset, reused on "
+                "resume): training then holds one model. Reference: --ref_model, LoRA's base, or the initial model."})
+    ref_model: Optional[str] = field(default=None, metadata={
+        "help": "Reference model folder (loaded like --model_name_or_path, eval mode, ZeRO-3 sharded). Default: a "
+                "frozen copy of --model_name_or_path, or with --use_lora the policy with its adapters disabled."})
+
+
 ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
 
 
@@ -113,13 +139,18 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
         hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
             else ""
         raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
+    explicit = set(explicit_settings(argv))
+    dpo_lib.apply_defaults(ns, explicit)
     problems = config_problems + train_settings.setting_problems(ns) + sp_lib.setting_problems(
         ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), ns.batch_method, ns.deepspeed)
+    problems += dpo_lib.setting_problems(ns, explicit)
     if check_start:
         problems += train_settings.start_problems(ns, BATCH_METHODS)
+        if ns.stage == "dpo" and ns.ref_model:
+            problems += [p.replace("--model_name_or_path", "--ref_model", 1)
+                         for p in train_settings.model_dir_problems(ns.ref_model)]
     if problems:
         raise SystemExit("main.py cannot start:\n  - " + "\n  - ".join(problems))
-    explicit = set(explicit_settings(argv))
     _choose_precision(ns, explicit)
     if "per_device_eval_batch_size" not in explicit:  # a pack per device, not 8 packs concatenated
         ns.per_device_eval_batch_size = ns.per_device_train_batch_size
