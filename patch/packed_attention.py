@@ -37,6 +37,7 @@ import importlib.util
 import inspect
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 try:  # transformers >= 5: attention/mask registries and the stock SDPA path for unpacked batches
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as exc:  # pragma: no cover - only on unsupported transformers versions
@@ -476,6 +478,14 @@ def _max_chunks_across_ranks(n_chunks: int, lm_head, device) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # The packed forward of a transformers *ForCausalLM (transformers' own modules below it)
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PackedCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `token_logps` [B, T] fp32 (forward(..., return_token_logps=True)): a ModelOutput
+    field, so wrappers that rebuild outputs (DDP, DeepSpeed, peft) keep it."""
+
+    token_logps: torch.FloatTensor | None = None
+
+
 class PackedCausalLM:
     """Mixin for a transformers causal LM with `base_model` (the decoder) and an output embedding (lm_head):
     `class XForCausalLM(PackedCausalLM, transformers.XForCausalLM)` (see `packed_causal_lm`). Only forward()
@@ -509,8 +519,6 @@ class PackedCausalLM:
         return_token_logps=False,  # with labels/shift_labels: `token_logps` [B, T] instead of the loss (DPO)
         **kwargs,
     ):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         ref = input_ids if input_ids is not None else inputs_embeds
         attention_mask, position_ids, packed_kwargs, cu_seqlens = prepare_packed_inputs(
             attention_mask, position_ids, ref.shape[0], ref.shape[1], ref.device
@@ -546,15 +554,14 @@ class PackedCausalLM:
             # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = lm_head(hidden_states[:, keep, :])  # [B, T', V]
-        output = CausalLMOutputWithPast(
+        output = (CausalLMOutputWithPast if token_logps is None else PackedCausalLMOutput)(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **({} if token_logps is None else {"token_logps": token_logps}),  # [B, T] fp32, 0 where no target
         )
-        if token_logps is not None:
-            output["token_logps"] = token_logps  # [B, T] fp32: log p(target) at supervised positions, 0 elsewhere
         return output if return_dict is not False else output.to_tuple()
 
 

@@ -47,13 +47,11 @@ METRICS = ("pairs", "loss_pairs", "nll_chosen", "chosen_targets", "rewards/chose
 
 def sequence_logps(token_logps: torch.Tensor, sequence: torch.Tensor, num_sequences: int) -> torch.Tensor:
     """Per-sequence sums of the token log-probs, float64 [num_sequences]. token_logps [1, T] fp32 (0 where no
-    target), sequence [1, T] the sequence each position's target belongs to (-1: none). Every position takes part
-    (multiplied by 0 where it has none), so the gradient reaches every chunk the model computed."""
+    target), sequence [1, T] the sequence each position's target belongs to (-1: none; summed into a dropped slot)."""
     seq = sequence.reshape(-1).to(token_logps.device)
-    valid = (seq >= 0).to(torch.float64)
-    values = token_logps.reshape(-1).to(torch.float64) * valid
-    out = torch.zeros(num_sequences, dtype=torch.float64, device=token_logps.device)
-    return out.index_add(0, seq.clamp(min=0), values)
+    slot = torch.where(seq >= 0, seq, torch.full_like(seq, num_sequences))
+    out = torch.zeros(num_sequences + 1, dtype=torch.float64, device=token_logps.device)
+    return out.index_add(0, slot, token_logps.reshape(-1).to(torch.float64))[:num_sequences]
 
 
 class _SumOverGroup(torch.autograd.Function):

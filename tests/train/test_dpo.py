@@ -239,3 +239,90 @@ def test_sft_data_for_dpo_and_pairs_for_sft_are_named(tmp_path, llama_dir):  # n
         run(llama_dir, sft, tmp_path / "o1", "--stage", "dpo", "--max_steps", 1)
     with pytest.raises(SystemExit, match="train them with --stage dpo"):
         run(llama_dir, pairs, tmp_path / "o2", "--batch_method", "pack", "--max_steps", 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference: precomputed == a live reference model == (LoRA) the policy with adapters disabled
+# ----------------------------------------------------------------------------------------------
+
+def _losses(out: Path) -> list[float]:
+    return [h["loss"] for h in history(out) if "loss" in h and "train_loss" not in h]
+
+
+def _two_steps(tmp_path, model_dir, data, name, *flags):
+    out = tmp_path / name
+    run(model_dir, data, out, "--optim", "sgd", "--learning_rate", 2.0, "--max_steps", 2, "--lr_scheduler_type",
+        "constant", "--max_grad_norm", 0, "--gradient_accumulation_steps", 2, "--stage", "dpo", "--dpo_beta", 0.5,
+        "--validation_file", data, "--eval_strategy", "steps", "--eval_steps", 2, *flags)
+    h = history(out)
+    return _losses(out), [e["eval_loss"] for e in h if "eval_loss" in e], out
+
+
+def _same_weights(a: Path, b: Path, name: str = "model.safetensors") -> float:
+    wa, wb = load_file(str(a / name)), load_file(str(b / name))
+    return max(((wa[k] - wb[k]).norm() / wa[k].norm()).item() for k in wa)
+
+
+def test_precomputed_reference_equals_the_live_reference_model(tmp_path, llama_dir):  # noqa: F811
+    """Full fine-tuning: a frozen copy, --ref_model (a copy of the folder elsewhere) and --precompute_ref_logps give
+    the same second-step loss (the reference matters once the policy moved) and weights; a different --ref_model,
+    live or precomputed, changes them and is the same either way. The stored log-probs are reused."""
+    data = write_pair_task(tmp_path / "pairs", llama_dir, n=8)
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(llama_dir, copy)
+    other = tmp_path / "other"
+    shutil.copytree(llama_dir, other)
+    w = load_file(str(other / "model.safetensors"))
+    from safetensors.torch import save_file
+    torch.manual_seed(1)
+    save_file({k: v + 0.02 * torch.randn_like(v) for k, v in w.items()}, str(other / "model.safetensors"))
+
+    frozen = _two_steps(tmp_path, llama_dir, data, "frozen")
+    live = _two_steps(tmp_path, llama_dir, data, "ref_model", "--ref_model", copy)
+    pre = _two_steps(tmp_path, llama_dir, data, "precomputed", "--precompute_ref_logps")
+    assert (data / "ref_logps" / "logps.bin").is_file()
+    for got in (live, pre):
+        assert np.allclose(got[0], frozen[0], atol=1e-6, rtol=0) and np.allclose(got[1], frozen[1], atol=1e-6)
+        assert _same_weights(frozen[2], got[2]) < 1e-6
+    other_live = _two_steps(tmp_path, llama_dir, data, "other_live", "--ref_model", other)
+    other_pre = _two_steps(tmp_path, llama_dir, data, "other_pre", "--ref_model", other, "--precompute_ref_logps")
+    assert abs(other_live[0][0] - frozen[0][0]) > 1e-3  # another reference: another loss from step 1 on
+    assert np.allclose(other_pre[0], other_live[0], atol=1e-6) and np.allclose(other_pre[1], other_live[1], atol=1e-6)
+    assert _same_weights(other_live[2], other_pre[2]) < 1e-6
+    # the stored log-probs are the last reference's; the initial model's are computed again, then read back
+    again = _two_steps(tmp_path, llama_dir, data, "again", "--precompute_ref_logps")
+    assert np.allclose(again[0], pre[0], atol=1e-9)
+
+
+def test_lora_reference_three_ways(tmp_path, llama_dir):  # noqa: F811
+    """LoRA: the adapters disabled live, precomputed with them disabled, and --ref_model = the base folder agree."""
+    data = write_pair_task(tmp_path / "pairs", llama_dir, n=8)
+    lora = ["--use_lora", "--lora_dropout", 0, "--lora_r", 4]
+    live = _two_steps(tmp_path, llama_dir, data, "adapters", *lora)
+    pre = _two_steps(tmp_path, llama_dir, data, "precomputed", *lora, "--precompute_ref_logps")
+    ref = _two_steps(tmp_path, llama_dir, data, "ref_model", *lora, "--ref_model", llama_dir)
+    for got in (pre, ref):
+        assert np.allclose(got[0], live[0], atol=1e-6) and np.allclose(got[1], live[1], atol=1e-6)
+        assert _same_weights(live[2], got[2], "adapter_model.safetensors") < 1e-6
+    assert live[0][1] != live[0][0]  # the adapter moved between the steps
+
+
+@pytest.mark.parametrize("stored", [True, False])
+def test_resume_logs_the_same_losses(tmp_path, llama_dir, stored):  # noqa: F811
+    """A run resumed from its step-1 checkpoint logs the uninterrupted run's later losses: with the precomputed
+    reference read back, and (stored=False) with it deleted, so computed again from the initial weights, not the
+    checkpoint's."""
+    import shutil
+    data = write_pair_task(tmp_path / "pairs", llama_dir, n=8)
+    common = ["--optim", "sgd", "--learning_rate", 2.0, "--max_steps", 3, "--lr_scheduler_type", "constant",
+              "--stage", "dpo", "--dpo_beta", 0.5, "--precompute_ref_logps", "--dpo_sft_weight", 0.2]
+    run(llama_dir, data, tmp_path / "full", *common, "--save_strategy", "steps", "--save_steps", 1)
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "checkpoint-1", tmp_path / "cut" / "checkpoint-1")
+    if not stored:
+        shutil.rmtree(data / "ref_logps")
+    run(llama_dir, data, tmp_path / "cut", *common, "--resume_from_checkpoint", "true")
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
+    assert len(full) == len(resumed) == 3 and max(abs(a - b) for a, b in zip(full, resumed)) < 1e-6
+    assert (data / "ref_logps" / "logps.bin").is_file()
