@@ -20,6 +20,7 @@ from typing import Optional, Union
 from longsft.templates.base import ChatFormat, special_token_ids
 from longsft.data.pretokenize import PretokenizeArguments, run
 from longsft.data.inputs import InputError
+from longsft.data.preference import PairFormat
 from longsft.models import as_family, load_tokenizer, require_family
 from patch import families
 from patch.families import Family
@@ -82,5 +83,7 @@ def pretokenize(args: PretokenizeArguments, family: Optional[str] = None) -> dic
     fmt = chat_format(name, tokenizer)
     if hasattr(fmt, "configure"):  # a template's own settings (auto: --rewritten_replies)
         fmt.configure(args)
+    if getattr(args, "stage", "sft") == "dpo":  # preference records -> pairs (longsft/data/preference.py)
+        fmt = PairFormat(fmt)
     pad = pad_token_id(tokenizer, fam, name) if not fmt.problems else None
     return run(args, fmt, template=name, model_family=fam.name, pad_token_id=pad, problems=fmt.problems)
