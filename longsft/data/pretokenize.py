@@ -25,7 +25,10 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise (template auto
    adds template_error and template_rewrites_history).
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
-4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
+4. `--stage dpo`: preference records -> (chosen, rejected) pairs of samples (longsft/data/preference.py's PairFormat
+   wraps the template: it encodes whole work units, each side through this module's SFT path, and marks the dataset
+   as pairs when it is written).
+5. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
    `longsft.data.storage.TokenizedWriter`, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves the previous output intact,
    an --output_dir holding anything but one of our datasets is refused, and a symlinked one is written through.

@@ -102,11 +102,17 @@ def stock_dpo(policy, reference, data_dir: Path, loss: str, beta: float, smoothi
     return total, metrics
 
 
-def stock_sgd_step(model_dir: Path, data_dir: Path, lr: float, **dpo) -> tuple[dict, float, dict]:
-    """One SGD step of the stock class on the unpacked objective: (new weights, loss, metrics)."""
-    policy = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    reference = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    assert type(policy).__module__.startswith("transformers.")  # the stock class, not ours
+def stock_sgd_step(model_dir: Path, data_dir: Path, lr: float, stock: bool = True, **dpo) -> tuple[dict, float, dict]:
+    """One SGD step of the stock class on the unpacked objective: (new weights, loss, metrics). stock=False: our
+    class of the folder (a family transformers has no class for), still run pair by pair, unpacked."""
+    if stock:
+        load = transformers.AutoModelForCausalLM.from_pretrained
+    else:
+        cls = train_model.model_class(train_model.read_model_type(str(model_dir)))
+        load = cls.from_pretrained
+    policy = load(model_dir, dtype=torch.float32)
+    reference = load(model_dir, dtype=torch.float32).eval()
+    assert type(policy).__module__.startswith("transformers.") == stock  # the stock class, not ours
     policy.eval()  # no dropout in these configs; eval keeps the forward deterministic
     loss, metrics = stock_dpo(policy, reference, data_dir, **dpo)
     loss.backward()
@@ -166,6 +172,28 @@ def test_one_step_equals_the_stock_class_pair_by_pair(tmp_path, llama_dir, case)
     assert abs(log["loss"] - loss) < 1e-5
     for k, v in metrics.items():
         assert abs(log[k] - v) < 1e-4 * max(1.0, abs(v)), (k, log[k], v)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "mistral", "glm4"])
+def test_one_step_on_other_families(tmp_path, llama3_tokenizer_dir, family):
+    """Every model class shares the packed forward: Qwen3 (tied embeddings) and Mistral (a sliding window shorter
+    than the samples) against transformers' stock classes; GLM-4 (chatglm format, no stock class) against its own
+    class run pair by pair, unpacked."""
+    from longsft.tiny.models import make_tiny_model
+
+    over = {"sliding_window": 8} if family == "mistral" else {}
+    model_dir = make_tiny_model(tmp_path / "model", family, None if family == "glm4" else llama3_tokenizer_dir,
+                                **over)
+    data = write_pair_task(tmp_path / "pairs", model_dir, family, n=6, template=None if family == "glm4" else "auto")
+    dpo = dict(loss="sigmoid", beta=0.5, sft_weight=0.5)
+    packs = len(PairPackDataset(data))
+    trainer = run(model_dir, data, tmp_path / "out", *EXACT, "--learning_rate", 2.0, "--gradient_accumulation_steps",
+                  packs, *dpo_argv(**dpo))
+    want, loss, _ = stock_sgd_step(model_dir, data, 2.0, stock=family != "glm4", **dpo)
+    rel_w, rel_u = weight_errors(model_dir, tmp_path / "out", want)
+    assert rel_w < 1e-5 and rel_u < 1e-3, (rel_w, rel_u)
+    (log,) = [h for h in trainer.state.log_history if "loss" in h and "train_loss" not in h]
+    assert abs(log["loss"] - loss) < 1e-5
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled(tmp_path, llama_dir):  # noqa: F811

@@ -35,6 +35,9 @@ CASES = {
     "sp2-zero3-lora-adapters-gc": (2, 2, "stage3", ["--use_lora", "--lora_dropout", 0, "--gradient_checkpointing"]),
     "sp2dp2-zero3-simpo": (4, 2, "stage3", ["--dpo_loss", "simpo", "--dpo_beta", 2.0, "--simpo_gamma", 0.3,
                                             "--dpo_sft_weight", 0.5]),
+    # LongWriter's configuration: ZeRO-3 with parameters and optimizer states offloaded to the CPU (the run's SGD
+    # in place of the file's AdamW, so the one process can take the same step)
+    "zero3offload-2-precomputed-sft": (2, 1, "stage3_offload", ["--precompute_ref_logps", "--dpo_sft_weight", 0.2]),
 }
 
 
@@ -58,7 +61,14 @@ def test_ranks_and_sequence_parallel_equal_one_process(tmp_path, llama_dir, case
     one = run(llama_dir, data, tmp_path / "one", *extra, "--gradient_accumulation_steps", steps)
     launch = ["--gradient_accumulation_steps", steps // dp]
     if ds:
-        launch += ["--deepspeed", ROOT / "ds_config" / f"{ds}.json"]
+        config = ROOT / "ds_config" / f"{ds}.json"
+        if ds == "stage3_offload":
+            cfg = json.loads(config.read_text())
+            cfg.pop("optimizer")
+            cfg["zero_force_ds_cpu_optimizer"] = False  # let DeepSpeed offload a torch optimizer
+            config = tmp_path / "offload_sgd.json"
+            config.write_text(json.dumps(cfg))
+        launch += ["--deepspeed", config]
     if size > 1:
         launch += ["--sequence_parallel_size", size]
     _, log = launch_ranks(nproc, llama_dir, data, tmp_path / "many", *extra, *launch)
