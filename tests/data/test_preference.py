@@ -265,3 +265,16 @@ def test_real_template_pairs_are_apply_chat_template_ids(tmp_path):
             assert n == len(prompt) and ids[:n].tolist() == list(prompt)
             sup = labels[n:][labels[n:] != IGNORE_INDEX]
             assert sup[-1] == end and tok.decode(sup[:-1]) == messages[-1]["content"]
+
+
+def test_json_array_and_counts_give_what_jsonl_gives(tmp_path, llama3_tokenizer_dir):
+    (tmp_path / "pairs.json").write_text(json.dumps(RECORDS), encoding="utf-8")
+    common = ["--model_name_or_path", str(llama3_tokenizer_dir), "--num_proc", "1", "--no_shuffle", "--stage", "dpo",
+              "--template", "llama3"]
+    pre_tokenize.main(common + ["--input", str(tmp_path / "pairs.json"), "--output_dir", str(tmp_path / "a")])
+    pre_tokenize.main(common + ["--input", str(write_jsonl(tmp_path / "pairs.jsonl", RECORDS)), "--output_dir",
+                                str(tmp_path / "b")])
+    for f in ("input_ids.bin", "labels.bin", "offsets.bin", "pairs.bin"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    report = pre_tokenize.main(common + ["--input", f"{tmp_path / 'pairs.json'}:3", "--output_dir", str(tmp_path / "c")])
+    assert report["lines_read"] == 3 and report["pairs_kept"] == 3 == TokenizedData(tmp_path / "c").num_pairs

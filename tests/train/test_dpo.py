@@ -336,21 +336,23 @@ def test_lora_reference_three_ways(tmp_path, llama_dir):  # noqa: F811
     assert live[0][1] != live[0][0]  # the adapter moved between the steps
 
 
-@pytest.mark.parametrize("stored", [True, False])
-def test_resume_logs_the_same_losses(tmp_path, llama_dir, stored):  # noqa: F811
+@pytest.mark.parametrize("reference", ["stored", "deleted", "frozen-copy"])
+def test_resume_logs_the_same_losses(tmp_path, llama_dir, reference):  # noqa: F811
     """A run resumed from its step-1 checkpoint logs the uninterrupted run's later losses: with the precomputed
-    reference read back, and (stored=False) with it deleted, so computed again from the initial weights, not the
-    checkpoint's."""
+    reference read back, with it deleted (so computed again from the initial weights, not the checkpoint's), and with
+    a live frozen copy of the initial model."""
     import shutil
+    stored = reference == "stored"
     data = write_pair_task(tmp_path / "pairs", llama_dir, n=8)
     common = ["--optim", "sgd", "--learning_rate", 2.0, "--max_steps", 3, "--lr_scheduler_type", "constant",
-              "--stage", "dpo", "--dpo_beta", 0.5, "--precompute_ref_logps", "--dpo_sft_weight", 0.2]
+              "--stage", "dpo", "--dpo_beta", 0.5, "--dpo_sft_weight", 0.2]
+    common += ["--precompute_ref_logps"] if reference != "frozen-copy" else []
     run(llama_dir, data, tmp_path / "full", *common, "--save_strategy", "steps", "--save_steps", 1)
     (tmp_path / "cut").mkdir()
     shutil.copytree(tmp_path / "full" / "checkpoint-1", tmp_path / "cut" / "checkpoint-1")
-    if not stored:
+    if reference == "deleted":
         shutil.rmtree(data / "ref_logps")
     run(llama_dir, data, tmp_path / "cut", *common, "--resume_from_checkpoint", "true")
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert len(full) == len(resumed) == 3 and max(abs(a - b) for a, b in zip(full, resumed)) < 1e-6
-    assert (data / "ref_logps" / "logps.bin").is_file()
+    assert (data / "ref_logps" / "logps.bin").is_file() == (reference != "frozen-copy")
