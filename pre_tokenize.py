@@ -59,10 +59,18 @@ class Arguments(PretokenizeArguments):
     template: Optional[str] = field(default=None, metadata={
         "help": f"Chat template: {', '.join(implemented_templates())}; default: the model family's default "
                 f"(pre_tokenize.py docstring)."})
-    rewritten_replies: Literal["skip", "unsupervised"] = field(default="skip", metadata={
+    rewritten_replies: Literal["split", "skip", "unsupervised"] = field(default="split", metadata={
         "help": "Template auto: a reply the chat template writes differently once later messages follow (Qwen3 "
-                "drops past reasoning, Mistral moves the system prompt): skip the record (reason "
-                "template_rewrites_history), or leave those replies unsupervised and train the others."})
+                "drops past reasoning, Mistral v0.3 writes the system prompt into the last user message only): "
+                "split = train it as its own sample (its prompt with the generation prompt, then the reply as the "
+                "template writes a final one; the report counts those samples and their extra tokens); skip = skip "
+                "the record (reason template_rewrites_history); unsupervised = leave those replies unsupervised."})
+    render_timeout: float = field(default=10.0, metadata={
+        "help": "Template auto: seconds one record's chat-template rendering may take (real templates: ms); past "
+                "it the record is skipped as template_error, naming the template (at start-up: an error)."})
+    render_max_chars: int = field(default=64 * 2 ** 20, metadata={
+        "help": "Template auto: the most characters a chat template may write for one record, or build in one "
+                "string or list ('x' * N); past it: as --render_timeout."})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -30,6 +30,9 @@ tokens merge into the prompt's: LongAlign's whole-conversation formats), and eve
 says which side). --max_length applies to the pair (chosen + rejected tokens: both go into one pack): `skip`
 drops a longer pair (too_long), `right` cuts both completions' ends, the longer first (sort_and_group.py's rule),
 `left` cuts the same tokens from the shared prompt after its fixed start (too_long when the prompt is too short).
+Template auto's `--rewritten_replies split` (a rewritten reply trained as its own sample) acts as `skip` here: a side
+is one sequence, so a completion whose earlier replies the template rewrites is skipped as template_rewrites_history
+(`--rewritten_replies unsupervised` keeps it, those replies unsupervised).
 """
 
 from __future__ import annotations
@@ -175,6 +178,8 @@ class PairFormat:
 
     def __init__(self, chat_format):
         self.inner = chat_format
+        if getattr(chat_format, "rewritten", None) == "split":  # template auto: a side must stay one sequence
+            chat_format.rewritten = "skip"
         for attr in ("name", "roles", "tokenizer", "stop_token_ids", "prefix_len", "problems"):
             setattr(self, attr, getattr(chat_format, attr, None))
         self.skip_reasons = tuple(getattr(chat_format, "skip_reasons", ())) + PAIR_SKIP_REASONS
@@ -190,6 +195,9 @@ class PairFormat:
             records.append((k, fmt))
             sides += [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in pair]
         both = encode_chunk(sides, self.inner, NO_LIMIT, "skip")  # the SFT path, each side alone
+        if len(both.lengths) != int(both.kept.sum()):  # one sample per kept side, or the rows below would be wrong
+            raise RuntimeError(f"{len(both.lengths)} samples for {int(both.kept.sum())} conversations: a preference "
+                               f"side must be one sample")
         side_problem = {j: (reason, detail) for j, reason, detail in both.problems}
         starts = np.cumsum(both.lengths) - both.lengths
         row = np.cumsum(both.kept) - 1  # encoded sample of each kept side

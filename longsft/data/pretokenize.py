@@ -207,6 +207,8 @@ class ChunkResult:
     truncated: int  # kept samples cut to --max_length
     formats: dict  # record format -> kept samples
     problems: list  # (k, reason, detail) per skipped record, (k, "error", traceback) per bug; by k
+    split: tuple = (0, 0, 0)  # records kept as several samples (template auto: --rewritten_replies split), their
+    # samples, and their tokens beyond each record's longest sample (the history the extra samples repeat)
 
 
 def _encode_parts(todo: list, chat_format, problems: list):
@@ -271,12 +273,16 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
             problems += [(k, "error", error) for k, *_ in todo]
             todo = []
     if joined is not None:
-        ids, supervised, lengths, *skips = joined  # skips: per conversation, None (encoded) or a Skip
-        if skips:
-            problems += [(k, s.reason, s.detail) for (k, *_), s in zip(todo, skips[0]) if s is not None]
-            todo = [t for t, s in zip(todo, skips[0]) if s is None]
+        # skips: per conversation, None (encoded) or a Skip; owners: the conversation of each sample (a format may
+        # make several samples of one record); without them, one sample per encoded conversation
+        ids, supervised, lengths, *extra = joined
+        if extra:
+            problems += [(k, s.reason, s.detail) for (k, *_), s in zip(todo, extra[0]) if s is not None]
+        owners = extra[1].tolist() if len(extra) > 1 else None
+        if extra:
+            todo = [t for t, s in zip(todo, extra[0]) if s is None] if owners is None else todo
         labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
-        rows = [(k, fmt) for k, fmt, _ in todo]
+        rows = [(k, fmt) for k, fmt, _ in (todo if owners is None else [todo[o] for o in owners])]
         n_sup = np.add.reduceat(supervised, np.cumsum(lengths) - lengths, dtype=np.int64) if rows \
             else np.zeros(0, np.int64)
     else:
@@ -287,9 +293,19 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
     if over.size:  # rare: cut (or drop) those samples' tokens with masks over the joined arrays
         keep_token, keep_row = np.ones(len(ids), bool), np.ones(len(rows), bool)
         starts = np.cumsum(lengths) - lengths
+        if truncate == "skip":  # a record is skipped whole: every sample it made
+            long = {rows[i][0] for i in over.tolist()}
+            over = np.asarray([i for i, (k, _) in enumerate(rows) if k in long], np.int64)
+        reported = set()
         for i in over.tolist():
             a, n, k = int(starts[i]), int(lengths[i]), rows[i][0]
             if truncate == "skip":
+                keep_token[a:a + n] = False
+                keep_row[i] = False
+                if k in reported:
+                    continue
+                reported.add(k)
+                n = max(int(lengths[j]) for j, (kk, _) in enumerate(rows) if kk == k)
                 problem = (k, "too_long", f"{n} tokens > --max_length {max_length}")
             else:  # keep the first `head` tokens and the last max_length - head
                 head = chat_format.prefix_len if truncate == "left" else max_length
@@ -312,7 +328,16 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
     formats: dict[str, int] = {}
     for _, fmt in rows:
         formats[fmt] = formats.get(fmt, 0) + 1
-    return ChunkResult(ids, labels, lengths, n_sup, kept, truncated, formats, sorted(problems, key=lambda p: p[0]))
+    per_record: dict[int, list[int]] = {}
+    for (k, _), n in zip(rows, lengths.tolist()):
+        per_record.setdefault(k, []).append(n)
+    many = [v for v in per_record.values() if len(v) > 1]
+    split = (len(many), sum(map(len, many)), sum(sum(v) - max(v) for v in many))
+    seen: set = set()  # a kept record is not skipped; a skipped one is reported once
+    problems = [p for p in problems if p[1] == "error" or (p[0] not in per_record and not (p[0] in seen
+                                                                                           or seen.add(p[0])))]
+    return ChunkResult(ids, labels, lengths, n_sup, kept, truncated, formats, sorted(problems, key=lambda p: p[0]),
+                       split)
 
 
 def _work(unit: np.ndarray) -> ChunkResult:
@@ -398,6 +423,7 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                  "selected": 0, "kept": 0, "skipped": 0} for src in sources]
     formats: dict[str, int] = {}
     lengths, supervised, shown = [], [], []
+    split = {"records": 0, "samples": 0, "extra_tokens": 0}
     start = time.perf_counter()
 
     # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays
@@ -414,6 +440,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             supervised.append(out.supervised)
             counts["kept"] += len(out.lengths)
             counts["truncated"] += out.truncated
+            for key, n in zip(("records", "samples", "extra_tokens"), out.split):
+                split[key] += n
             for fmt, n in out.formats.items():
                 formats[fmt] = formats.get(fmt, 0) + n
             selected = np.bincount(unit[:, 0], minlength=len(sources)).tolist()
@@ -476,6 +504,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             "supervised_percentiles": _percentiles(sup_a), "inputs": per_file,
             "max_length": args.max_length, "truncate": args.truncate,
         }
+        if split["records"]:  # records trained as several samples: lines_read = samples_kept - extra + skipped
+            report["split"] = {**split, "extra_samples": split["samples"] - split["records"]}
         if counts["kept"] == 0:
             raise InputError(f"no sample left to write (all {len(plan)} records skipped: {report['skipped']}); "
                              f"the first skips:\n" + "\n".join(shown))
@@ -504,7 +534,9 @@ def print_report(report: dict, shown: list[str], out_dir: Path, elapsed: float) 
         f"skipped {report['skipped_total']} " + str({k: v for k, v in report["skipped"].items() if v}),
         f"  formats {report['formats']}; length min/p50/p90/p99/max "
         f"{pct['min']}/{pct['p50']:.0f}/{pct['p90']:.0f}/{pct['p99']:.0f}/{pct['max']}",
-    ]
+    ] + ([f"  {report['split']['records']} records trained as {report['split']['samples']} samples (the chat "
+           f"template rewrites earlier replies: --rewritten_replies split), {report['split']['extra_tokens']:,} extra "
+           f"tokens"] if "split" in report else [])
     if report.get("pairs_kept") is not None:
         lines.insert(1, f"  preference pairs {report['pairs_kept']} (chosen, rejected: samples 2p, 2p + 1)")
     if shown:

@@ -1,19 +1,12 @@
 """What `sort_and_group.py` runs: sorted-batching order and near-perfect packs for a tokenized dataset, nothing lost.
 
 Reads the folder pre_tokenize.py (or its front ends pre_tokenize_glm4.py / pre_tokenize_llama3.py) wrote and
-adds DIR/packs/ to it (layout in longsft/data/storage.py's docstring; no torch is imported); `dataset.LMPackDataset(DIR)`
-and `dataset.LMSortDataset(DIR)` read the result.
+adds DIR/packs/ to it (layout in storage.py's docstring; no torch is imported); `LMPackDataset(DIR)` and
+`LMSortDataset(DIR)` (longsft/train/batches.py, `from dataset import ...`) read the result.
 
-    python sort_and_group.py --train_file data/glm4/longwriter                       # defaults below
-    python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8 \\
-        --pack_algorithm bfd --seed 42 --over_length error
-    # a tiny CPU run on the bundled sample
-    python tools/make_tiny.py tokenizer --family glm4 --out /tmp/tiny-glm4
-    python pre_tokenize.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
-        --output_dir /tmp/glm4-sample --max_length 8192
-    python sort_and_group.py --train_file /tmp/glm4-sample --max_length 8192 --group_size 2
-    # data prepared by the upstream LongWriter/LongAlign scripts (inputs.npy, labels.npy): converted in place
-    python sort_and_group.py --train_file data/glm4/longwriter --pad_token_id 151330
+    from longsft.data.sort_and_group import main
+    report = main(["--train_file", "/tmp/glm4-sample", "--max_length", "8192", "--group_size", "2"])
+    # the commands (the root entry, a tiny CPU run, upstream's layout): sort_and_group.py's docstring
 
 What it does, top to bottom:
 - Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the

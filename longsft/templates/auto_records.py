@@ -11,7 +11,8 @@ Records (messages / ShareGPT / Alpaca as for every template, longsft/data/pretok
   `reasoning_content`, `metadata` (GLM); a tool message `name`, `tool_call_id`. ShareGPT `function_call` turns
   (the value: {"name", "arguments"} JSON, or a list of them) become assistant messages with `tool_calls`, and
   `observation` / `function_response` / `tool` turns tool messages. Tool results go to the role the template
-  names: "tool" (the Hugging Face convention; Llama-3.1 writes it as `ipython`), else "observation" or "ipython".
+  renders them under (AutoFormat's probes: "tool", the Hugging Face convention, else "observation" or
+  "ipython"); AutoFormat._shaped rewrites calls into GLM's own shape for templates that read that instead.
 - tools: the record's `tools` (a list of function schemas or that list as a JSON string, LLaMA-Factory's Glaive
   layout), else a system message's `tools` (GLM-4 finetune layout); bare {"name", ...} schemas are wrapped as
   {"type": "function", "function": ...}. Arguments given as a JSON string are parsed; tool calls without an `id`

@@ -24,6 +24,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser
 
+from longsft.evaluate.after_training import test_file_problems
 from longsft.train import dpo as dpo_lib
 from longsft.train import sequence_parallel as sp_lib
 from longsft.train import settings as train_settings
@@ -59,6 +60,13 @@ class DataArguments:
     pack_loss: bool = field(
         default=False, metadata={"help": "LongAlign loss: every sequence of the optimizer step weighs the same "
                                          "(mean over sequences of their token-mean CE). Default: token mean."})
+    test_file: Optional[str] = field(
+        default=None, metadata={"help": "Chat test set (any pre_tokenize.py input format): after training, the saved "
+                                        "model generates a reply to each conversation and gets ROUGE-1/2/L, BLEU-4 "
+                                        "and the eval loss in OUTPUT_DIR/test_eval (GLM-Edge's predict_with_generate; "
+                                        "longsft/evaluate/after_training.py)."})
+    test_max_new_tokens: int = field(
+        default=512, metadata={"help": "With --test_file: most tokens per reply (GLM-Edge's 512); greedy decoding."})
     sequence_parallel_size: int = field(
         default=1, metadata={"help": "Ranks that share each pack (DeepSpeed Ulysses; needs --batch_method pack and "
                                      "--deepspeed): each holds 1/N of its tokens; data-parallel size = ranks / N. "
@@ -146,6 +154,7 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
     problems += dpo_lib.setting_problems(ns, explicit)
     if check_start:
         problems += train_settings.start_problems(ns, BATCH_METHODS)
+        problems += test_file_problems(ns.test_file)
         if ns.stage == "dpo" and ns.ref_model:
             problems += [p.replace("--model_name_or_path", "--ref_model", 1)
                          for p in train_settings.model_dir_problems(ns.ref_model)]

@@ -26,6 +26,7 @@ from transformers import TrainingArguments
 
 from longsft.atomic_dir import write_json_atomic
 from longsft.data.storage import TokenizedData
+from longsft.evaluate.after_training import TEST_EVAL_DIR, evaluate_saved_model
 from longsft.templates.registry import pad_token_id
 from longsft.train import checkpoints as ckpt
 from longsft.train import sequence_parallel as sp_lib
@@ -186,11 +187,15 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
         if args.should_save:
             save_merged(model_args, model_type, dtype, args.output_dir, tokenizer)
     trainer.accelerator.wait_for_everyone()  # every rank's part of the final output is written
+    if args.should_save and data_args.test_file:  # made now, so the output folder's record lists it as ours
+        (Path(args.output_dir) / TEST_EVAL_DIR).mkdir(exist_ok=True)
     if args.should_save:
         ckpt.finish_output(args.output_dir, before, kind="final", global_step=trainer.state.global_step,
                            max_steps=trainer.state.max_steps, run_id=trainer.run_id)
     logger.info("saved the %s and its tokenizer to %s", "LoRA adapter" if lora_args.use_lora else "model",
                 args.output_dir)
+    if data_args.test_file:  # GLM-Edge's predict_with_generate: ROUGE/BLEU of the saved model on the test set
+        evaluate_saved_model(args.output_dir, data_args.test_file, data_args.test_max_new_tokens, args.process_index)
     return trainer
 
 
