@@ -30,9 +30,10 @@ tokens merge into the prompt's: LongAlign's whole-conversation formats), and eve
 says which side). --max_length applies to the pair (chosen + rejected tokens: both go into one pack): `skip`
 drops a longer pair (too_long), `right` cuts both completions' ends, the longer first (sort_and_group.py's rule),
 `left` cuts the same tokens from the shared prompt after its fixed start (too_long when the prompt is too short).
-Template auto's `--rewritten_replies split` (a rewritten reply trained as its own sample) acts as `skip` here: a side
-is one sequence, so a completion whose earlier replies the template rewrites is skipped as template_rewrites_history
-(`--rewritten_replies unsupervised` keeps it, those replies unsupervised).
+A side is one sequence: with template auto's `--rewritten_replies split` (the default), a completion of several
+replies of which the template rewrites an earlier one would make several samples; that pair is skipped as
+template_rewrites_history (`--rewritten_replies unsupervised` keeps it with those replies unsupervised). A final
+reply trained as its own sample (Mistral v3 moving the system prompt) is one sample and is kept.
 """
 
 from __future__ import annotations
@@ -178,8 +179,6 @@ class PairFormat:
 
     def __init__(self, chat_format):
         self.inner = chat_format
-        if getattr(chat_format, "rewritten", None) == "split":  # template auto: a side must stay one sequence
-            chat_format.rewritten = "skip"
         for attr in ("name", "roles", "tokenizer", "stop_token_ids", "prefix_len", "problems"):
             setattr(self, attr, getattr(chat_format, attr, None))
         self.skip_reasons = tuple(getattr(chat_format, "skip_reasons", ())) + PAIR_SKIP_REASONS
@@ -194,25 +193,16 @@ class PairFormat:
                 continue
             records.append((k, fmt))
             sides += [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in pair]
-        both = encode_chunk(sides, self.inner, NO_LIMIT, "skip")  # the SFT path, each side alone
-        if len(both.lengths) != int(both.kept.sum()):  # one sample per kept side, or the rows below would be wrong
-            raise RuntimeError(f"{len(both.lengths)} samples for {int(both.kept.sum())} conversations: a preference "
-                               f"side must be one sample")
-        side_problem = {j: (reason, detail) for j, reason, detail in both.problems}
-        starts = np.cumsum(both.lengths) - both.lengths
-        row = np.cumsum(both.kept) - 1  # encoded sample of each kept side
+        encoded = self._encode_sides(sides)  # per side: (ids, labels), or (reason, detail) when skipped
         ids, labels, lengths, supervised, kept, formats, truncated = [], [], [], [], np.zeros(len(payloads), bool), \
             {}, 0
         for n, (k, fmt) in enumerate(records):
-            bad = [(side, side_problem[2 * n + i]) for i, side in enumerate(SIDES) if 2 * n + i in side_problem]
+            pair = encoded[2 * n:2 * n + 2]
+            bad = [(side, got) for side, got in zip(SIDES, pair) if isinstance(got[0], str)]
             if bad:
                 side, (reason, detail) = bad[0]
                 problems.append((k, reason, f"{side}: {detail}" if reason != "error" else detail))
                 continue
-            pair = []
-            for j in (2 * n, 2 * n + 1):
-                a, b = int(starts[row[j]]), int(starts[row[j]] + both.lengths[row[j]])
-                pair.append((both.input_ids[a:b], both.labels[a:b]))
             try:
                 pair, cut = self._check_pair(pair, max_length, truncate)
             except Skip as s:
@@ -229,6 +219,32 @@ class PairFormat:
         cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32))
         return ChunkResult(cat(ids), cat(labels), np.asarray(lengths, np.int64), np.asarray(supervised, np.int64),
                            kept, truncated, formats, sorted(problems, key=lambda p: p[0]))
+
+    def _encode_sides(self, sides: list[bytes]) -> list[tuple]:
+        """Each side's one sample (ids, labels) through the SFT path, or its (reason, detail): all sides in one call;
+        when a side made several samples (template auto's --rewritten_replies split: a rewritten reply of a
+        multi-reply completion), side by side, so that side is named and skipped (a side must be one sequence)."""
+        both = encode_chunk(sides, self.inner, NO_LIMIT, "skip")
+        if not both.split[0]:
+            problem = {j: (reason, detail) for j, reason, detail in both.problems}
+            starts, row = np.cumsum(both.lengths) - both.lengths, np.cumsum(both.kept) - 1
+            return [problem[j] if j in problem else
+                    (both.input_ids[starts[row[j]]:starts[row[j]] + both.lengths[row[j]]],
+                     both.labels[starts[row[j]]:starts[row[j]] + both.lengths[row[j]]]) for j in range(len(sides))]
+        out = []
+        for side in sides:
+            one = encode_chunk([side], self.inner, NO_LIMIT, "skip")
+            if one.problems:
+                out.append(one.problems[0][1:])
+            elif len(one.lengths) > 1:
+                out.append(("template_rewrites_history", f"the chat template rewrites an earlier reply of this "
+                                                         f"completion once later ones follow, so it makes "
+                                                         f"{len(one.lengths)} samples; a completion must be one "
+                                                         f"sequence (--rewritten_replies unsupervised keeps it, those "
+                                                         f"replies unsupervised)"))
+            else:
+                out.append((one.input_ids, one.labels))
+        return out
 
     def _check_pair(self, pair: list, max_length: int, truncate: str) -> tuple[list, int]:
         """The two samples checked (shared prompt, not identical) and fitted to max_length; (pair, 1 if cut)."""

@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/data/test_preference.py
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -278,3 +279,47 @@ def test_json_array_and_counts_give_what_jsonl_gives(tmp_path, llama3_tokenizer_
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
     report = pre_tokenize.main(common + ["--input", f"{tmp_path / 'pairs.json'}:3", "--output_dir", str(tmp_path / "c")])
     assert report["lines_read"] == 3 and report["pairs_kept"] == 3 == TokenizedData(tmp_path / "c").num_pairs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["llama3.1", "qwen2.5", "qwen3", "mistral-v3"])
+def test_real_vocabularies_and_templates_render_pairs_as_trl_does(tmp_path, kind):
+    """Real vocabularies with their hub chat templates (longsft.vocabularies, from registry packages): each side is
+    the inference prompt (apply_chat_template with add_generation_prompt) followed by the completion through its
+    end-of-turn token; where the template renders the whole conversation with that prompt as a prefix (TRL's
+    assumption), the side is apply_chat_template's ids of prompt + completion and the completion is TRL's (the tokens
+    after the prompt; TRL also keeps what a template writes after the turn's end, ChatML's newline). Mistral v3
+    drops the system prompt from a conversation that ends with a reply: there the side keeps the inference prompt."""
+    from transformers import AutoTokenizer
+
+    from longsft.vocabularies import tokenizer_folder
+
+    folder = tokenizer_folder(kind)
+    tok = AutoTokenizer.from_pretrained(folder)
+    records = [RECORDS[0], RECORDS[2], RECORDS[3]]  # a multi-turn prompt with a system message; TRL strings; lists
+    report = pre_tokenize.main(["--model_name_or_path", str(folder), "--input", str(write_jsonl(tmp_path / "p.jsonl",
+                                                                                                  records)),
+                                "--output_dir", str(tmp_path / "out"), "--num_proc", "1", "--no_shuffle", "--stage",
+                                "dpo", "--template", "auto"])
+    data = TokenizedData(tmp_path / "out")
+    assert report["pairs_kept"] == len(records) == data.num_pairs
+    prefix_kept = 0
+    for p, record in enumerate(records):
+        for side, conv in enumerate(sft_records(record)):
+            messages = [{k: v for k, v in m.items() if k != "loss"} for m in conv["messages"]]
+            ids, labels = data.sample(2 * p + side)
+            full = list(tok.apply_chat_template(messages, tokenize=True, return_dict=False))
+            prompt = list(tok.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                                  return_dict=False))
+            n = prompt_length(labels)
+            assert ids[:n].tolist() == prompt  # the inference prompt, whole
+            assert messages[-1]["content"].strip() in tok.decode(labels[n:][labels[n:] != IGNORE_INDEX])
+            if full[:len(prompt)] == prompt:
+                prefix_kept += 1
+                assert ids.tolist() == full[:len(ids)]
+                trl_completion = full[len(prompt):]
+                assert ids[n:].tolist() == trl_completion[:len(ids) - n]  # TRL's completion, ours to the turn's end
+                assert tok.decode(trl_completion[len(ids) - n:]).strip() == ""  # at most whitespace after it
+            else:
+                assert kind == "mistral-v3" and "system" in json.dumps(record)
+    assert prefix_kept >= 4
