@@ -3,7 +3,8 @@
 # LongWriter-glm4-9b's second stage (= LongWriter-9B-DPO, arXiv 2408.07055; its DPO code and hyper-parameters were
 # not published; LongWriter-llama3.1-8b itself had none): packs of whole (chosen, rejected) pairs up to 32,768
 # tokens ([INST] template), the exact DPO loss over each optimizer step on any GPU count, bf16, gradient
-# checkpointing, DeepSpeed ZeRO-3, the reference log-probs precomputed once (one 8B model in memory while training). The hyper-parameters below are a starting point, not LongWriter's.
+# checkpointing, DeepSpeed ZeRO-3, the reference log-probs precomputed once (one 8B model in memory while
+# training). The hyper-parameters below are a starting point, not LongWriter's.
 #
 #   bash scripts/llama3_longwriter_dpo.sh                               # one node, all its GPUs
 #   MODEL=THUDM/LongWriter-llama3.1-8b NUM_GPUS=4 bash scripts/llama3_longwriter_dpo.sh --max_steps 20

@@ -524,8 +524,8 @@ class PackedData:
         if m.get("sample_lengths_file"):  # preference packs: each side of an over-length pair cut its own way
             got = packs.size(SAMPLE_LENGTHS_FILE)
             if got != n * 8:
-                raise DatasetFormatError(f"{pdir}: {SAMPLE_LENGTHS_FILE}: {'missing' if got is None else f'{got} bytes'}"
-                                         f", expected {n * 8} bytes; {fix} again.")
+                found = "missing" if got is None else f"{got} bytes"
+                raise DatasetFormatError(f"{pdir}: {SAMPLE_LENGTHS_FILE}: {found}, expected {n * 8} bytes; {fix} again.")
             stored = np.asarray(_memmap(packs, SAMPLE_LENGTHS_FILE, np.int64, n))
             if stored.size and (stored.min() < 0 or np.any(stored > self.data.lengths)):
                 raise DatasetFormatError(f"{pdir}/{SAMPLE_LENGTHS_FILE}: lengths outside the samples; {fix} again.")
