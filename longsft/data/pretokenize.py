@@ -23,7 +23,9 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    itself: tool calls, tool results, tools, reasoning).
 3. Every selected record ends up either in the dataset or in DIR/skipped.jsonl with file, line and one reason:
    invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise (template auto
-   adds template_error and template_rewrites_history).
+   adds template_error and template_rewrites_history). JSON nested deeper than inputs.MAX_JSON_DEPTH levels (in the
+   record, or in a `tools` / `function_call` JSON string) is invalid_json: its depth is measured before any parser
+   runs, so no record can crash or hang the run.
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
 4. `--stage dpo`: preference records -> (chosen, rejected) pairs of samples (longsft/data/preference.py's PairFormat
    wraps the template: it encodes whole work units, each side through this module's SFT path, and marks the dataset
@@ -51,9 +53,11 @@ from typing import Any, Callable, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks, parse_record, plan_order)
+from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks,
+                                json_depth_problem, parse_record, plan_order)
 from longsft.errors import run_cli
-from longsft.atomic_dir import default_signals, describe_removed, signals_as_exit
+from longsft.atomic_dir import (default_signals, describe_removed, signals_as_exit, writable_problem,
+                                write_failures_reported)
 from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, TokenizedWriter, dataset_replace_problem
 
 try:  # optional: a faster JSON reader for JSONL lines (same results, see _parse)
@@ -166,6 +170,8 @@ def _load_json(payload: bytes):
         obj = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Skip("invalid_json", str(e)[:200]) from None
+    except RecursionError:  # _parse measured the depth first: only a much lower recursion limit gets here
+        raise Skip("invalid_json", "nested too deep for Python's json") from None
     if "\\ud" in text or "\\uD" in text:
         check_surrogates(obj)
     return obj
@@ -184,7 +190,11 @@ def _validate(obj, chat_format) -> tuple[str, list[Message]]:
 
 
 def _parse(payload: bytes, chat_format) -> tuple[str, list[Message]]:
-    """Decode and validate one record (raises Skip)."""
+    """Decode and validate one record (raises Skip). Its nesting depth is measured before any parser sees it
+    (inputs.json_depth_problem: orjson crashes the process on ~200,000 levels, json raises at ~1,000)."""
+    problem = json_depth_problem(payload)
+    if problem:
+        raise Skip("invalid_json", problem)
     if orjson is not None:
         # orjson accepts only strictly valid JSON (no lone surrogates, NaN, BOM: those fail and take the json
         # path below) but reads integers over 64 bits as floats, which can only change a skip's message; so a
@@ -392,6 +402,9 @@ def _check_output_dir(out: Path, sources: list[Source], problems: list[str]) -> 
     if problem:
         problems.append(f"--output_dir {out}: {problem}; refusing to replace it (replacing deletes everything in "
                         f"it). Move those files elsewhere, or pick another --output_dir.")
+    problem = writable_problem(Path(os.path.realpath(out)).parent, f"--output_dir {out}")  # the new copy's place
+    if problem:
+        problems.append(problem)
     for src in sources:
         if out.resolve() in src.path.resolve().parents:
             problems.append(f"--output_dir {out} contains the input {src.path}; write the dataset elsewhere")
@@ -425,9 +438,17 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
     lengths, supervised, shown = [], [], []
     split = {"records": 0, "samples": 0, "extra_tokens": 0}
     start = time.perf_counter()
+    written = {"bytes": 0, "records": 0}  # for the space a failed write needed: extrapolated from the share done
+    intact = (f"The previous dataset in {out_dir} is intact (nothing was replaced)" if out_dir.exists() else
+              f"Nothing was written to {out_dir}") + "; the unfinished copy was removed."
 
-    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays
-    with signals_as_exit(), TokenizedWriter(out_dir, meta) as writer, \
+    def needed() -> int | None:
+        return written["bytes"] * len(plan) // written["records"] if written["records"] else None
+
+    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays; a write that
+    # fails for disk reasons (full, file-size limit, read-only) is one message saying so
+    with signals_as_exit(), write_failures_reported(f"pre_tokenize.py writing {out_dir}", out_dir, intact, needed), \
+            TokenizedWriter(out_dir, meta) as writer, \
             open(writer.tmp_dir / "skipped.jsonl", "w", encoding="utf-8") as skipped, \
             tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
                  dynamic_ncols=True) as bar:
@@ -435,6 +456,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             print("note: " + describe_removed(writer.swept), flush=True)
 
         def handle(unit: np.ndarray, out: ChunkResult) -> None:
+            written["bytes"] += out.input_ids.nbytes + out.labels.nbytes + 8 * len(out.lengths)
+            written["records"] += len(unit)
             writer.add_batch(out.input_ids, out.labels, out.lengths)
             lengths.append(out.lengths)
             supervised.append(out.supervised)

@@ -14,7 +14,8 @@ What it does, top to bottom:
 - The token ids themselves are checked first (longsft.data.storage.check_token_ids: no negative id, none past the vocabulary
   of the tokenizer meta.json names, meta.json's max_token_id true), and an existing DIR/packs/ must be ours
   alone (a user's file in it is an error, not a deletion). packs/ is replaced atomically (a symlinked one is
-  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed.
+  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed. If DIR is replaced
+  while packing (pre_tokenize.py writing it again), that is an error and no packs are kept (storage.write_packs).
 - A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
   truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
 - Packing, compute balance and the sorted-batching order: longsft/data/packing.py (its docstring).
@@ -40,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from longsft.atomic_dir import describe_removed, signals_as_exit, sweep_stale
+from longsft.atomic_dir import describe_removed, signals_as_exit, sweep_stale, writable_problem, write_failures_reported
 from longsft.data.packing import (PACKERS, arrange_steps, lower_bound, pack_costs, pack_sequential, repack_uneven_steps,
                                   reorder_packs, sorted_batching_order, step_imbalance)
 from longsft.data.upstream_layout import (CONVERT_STAGE, SortAndGroupError, convert_legacy, inspect_legacy)
@@ -221,6 +222,8 @@ def run(args: Arguments) -> dict:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
         vocab = (data.meta.get("tokenizer") or {}).get("vocab_size")
         problems += check_token_ids(data, vocab, f"the {vocab} tokens of the tokenizer it was made with (meta.json)")
+    if data_dir.is_dir() and (problem := writable_problem(data_dir, f"--train_file {data_dir}")):
+        problems.append(f"{problem} (sort_and_group.py writes {PACKS_DIR}/ inside it)")
     packs_problem = packs_replace_problem(data_dir)
     if packs_problem:
         problems.append(f"{packs_problem}; sort_and_group.py replaces {PACKS_DIR}/ whole, so move those files out "
@@ -337,8 +340,12 @@ def run(args: Arguments) -> dict:
     if pairs is not None:  # which samples' tokens enter the packs: stored, since a pair is cut as a whole
         meta.update({"stage": "dpo", "pairs": pairs.report, "sample_lengths_file": SAMPLE_LENGTHS_FILE})
         extra[SAMPLE_LENGTHS_FILE] = np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
-    write_packs(data_dir, {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
-                           "targets": targets}, meta, extra)
+    arrays = {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order, "targets": targets}
+    intact = (f"The previous packs in {data_dir / PACKS_DIR} are intact" if (data_dir / PACKS_DIR).exists() else
+              f"{data_dir} is unchanged (no {PACKS_DIR}/ was added)") + "; the unfinished copy was removed."
+    with write_failures_reported(f"sort_and_group.py writing {data_dir / PACKS_DIR}", data_dir, intact,
+                                 lambda: sum(a.nbytes for a in arrays.values()) + sum(map(len, extra.values()))):
+        write_packs(data_dir, arrays, meta, extra, made_from=data.identity)
     print("\n".join(summary_lines(report) + ([pairs_summary(report)] if pairs is not None else [])))
     print(f"  wrote {data_dir / 'packs'} (report.json{', report.png' if args.plot else ''})")
     return report

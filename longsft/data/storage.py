@@ -61,7 +61,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from longsft.errors import UserError
-from longsft.atomic_dir import (FolderReader, recover_dir, replace_dir, replace_problem, sweep_stale, work_name, write_json_atomic)
+from longsft.atomic_dir import (FolderReader, folder_identity, recover_dir, replace_dir, replace_problem, sweep_stale,
+                                work_name, write_json_atomic)
 
 IGNORE_INDEX = -100
 FORMAT_NAME = "longsft-tokenized"
@@ -75,6 +76,10 @@ META_FILE = "meta.json"
 
 class DatasetFormatError(UserError):
     """A folder that is not a (complete, consistent) tokenized dataset."""
+
+
+class DatasetChangedError(UserError):
+    """The dataset folder was replaced (pre_tokenize.py wrote it again) while packs for it were being made."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,8 +218,10 @@ class TokenizedWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            if not f.closed:
+            try:
                 f.close()
+            except OSError:  # its buffered bytes cannot be written (the disk trouble that stopped the run)
+                pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> "TokenizedWriter":
@@ -304,6 +311,7 @@ class TokenizedData:
         if problems:
             raise DatasetFormatError(f"{self.data_dir}: truncated or inconsistent dataset ("
                                      + "; ".join(problems) + "); re-run pre-tokenization.")
+        self.identity = folder.identity()  # this version of the folder (write_packs checks it is still there)
         self.offsets = _memmap(folder, OFFSETS_FILE, OFFSET_DTYPE, n + 1)
         self.input_ids = _memmap(folder, *ARRAY_FILES["input_ids"], t)
         self.labels = _memmap(folder, *ARRAY_FILES["labels"], t)
@@ -435,19 +443,22 @@ PACKS_NAMES = {META_FILE, *(fn for fn, _ in PACK_FILES.values()), "report.json",
 
 
 def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict,
-                extra_files: dict[str, bytes] | None = None) -> Path:
+                extra_files: dict[str, bytes] | None = None, made_from: tuple | None = None) -> Path:
     """Write DIR/packs atomically: built in a hidden temp folder, meta.json last, then put in place in one step.
     Like TokenizedWriter: an existing packs/ must be ours with only our files, a symlinked one is written through,
-    and what dead runs left there is removed first."""
+    and what dead runs left there is removed first. `made_from`: the identity of the dataset version the packs were
+    computed from (TokenizedData.identity); if DIR is another version before or after the write (pre_tokenize.py
+    replaced it meanwhile), DatasetChangedError: the packs would describe data that is not there."""
     data_dir = Path(data_dir)
     problem = packs_replace_problem(data_dir)
     if problem:
         raise _refuse(problem)
+    _check_unchanged(data_dir, made_from)
     pdir = Path(os.path.realpath(data_dir / PACKS_DIR))
     sweep_stale(pdir)
     tmp = work_name(pdir)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         for key, (fn, dt) in PACK_FILES.items():
             np.ascontiguousarray(arrays[key], dtype=dt).tofile(tmp / fn)
         for name, blob in (extra_files or {}).items():
@@ -456,10 +467,31 @@ def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta
                 **{f"num_{k}": int(np.asarray(arrays[k]).size) for k in PACK_FILES}}
         write_json_atomic(tmp / META_FILE, full)
         replace_dir(tmp, pdir)
-    except BaseException:
+        written = folder_identity(pdir)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # the folder it was written in may have been swapped away: say so first
+            _check_unchanged(data_dir, made_from, e)
+        raise
+    try:
+        _check_unchanged(data_dir, made_from)
+    except DatasetChangedError:
+        if written is not None and folder_identity(pdir) == written:  # they landed in the new version: remove them
+            shutil.rmtree(pdir, ignore_errors=True)
         raise
     return data_dir / PACKS_DIR
+
+
+def _check_unchanged(data_dir: Path, made_from: tuple | None, cause: BaseException | None = None) -> None:
+    if made_from is None:
+        return
+    now = folder_identity(os.path.realpath(data_dir))
+    if now != made_from:
+        what = "is gone" if now is None else "was replaced by another version (pre_tokenize.py wrote it again?)"
+        raise DatasetChangedError(
+            f"{data_dir} {what} while its packs were being made: packs of the version read would not match the "
+            f"data there, so none were kept. Run `python sort_and_group.py --train_file {data_dir}` again once "
+            f"pre_tokenize.py has finished.") from cause
 
 
 class PackedData:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 from collections import deque
 
-from longsft.data.inputs import ZERO_WIDTH, ZERO_WIDTH_CHARS, Skip, _opted_out, _parse_alpaca, _text
+from longsft.data.inputs import ZERO_WIDTH, ZERO_WIDTH_CHARS, Skip, _opted_out, _parse_alpaca, _text, load_json
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "function_call": "tool_call", "system": "system",
@@ -59,7 +59,7 @@ def _tools(value, where: str):
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = load_json(value, where)
         except ValueError:
             raise Skip("wrong_schema", f"{where}: not JSON; expected a list of function schemas") from None
     if isinstance(value, dict):
@@ -76,7 +76,7 @@ def _call(c, where: str) -> dict:
     args = f.get("arguments", f.get("parameters"))
     if isinstance(args, str):
         try:
-            parsed = json.loads(args)
+            parsed = load_json(args, f"{where}: arguments")
             args = parsed if isinstance(parsed, dict) else args
         except ValueError:
             pass
@@ -89,7 +89,7 @@ def _call(c, where: str) -> dict:
 def _calls(value, where: str) -> list[dict]:
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = load_json(value, where)
         except ValueError:
             raise Skip("wrong_schema", f"{where}: a function_call value must be JSON {{\"name\", \"arguments\"}}") \
                 from None

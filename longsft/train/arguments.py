@@ -20,15 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
-import transformers
-from transformers import HfArgumentParser
-
 from longsft.evaluate.after_training import test_file_problems
-from longsft.train import dpo as dpo_lib
-from longsft.train import sequence_parallel as sp_lib
+from longsft.train import dpo_settings
 from longsft.train import settings as train_settings
-from longsft.train.trainer import BATCH_METHODS
+from longsft.train.deepspeed_checks import deepspeed_config_problems, sequence_parallel_problems
+from longsft.train.dpo_settings import PreferenceArguments
+from longsft.train.settings import BATCH_METHODS
 from patch import families
 
 logger = logging.getLogger("longsft.train")
@@ -86,46 +83,52 @@ class LoraArguments:
         default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
 
 
-@dataclass
-class TrainingArguments(transformers.TrainingArguments):
-    """transformers' TrainingArguments plus the preference-training settings (`--stage dpo`, longsft/train/dpo.py)."""
-    stage: str = field(default="sft", metadata={
-        "help": "sft: supervised fine-tuning on samples; dpo: preference training on pairs (pre_tokenize.py --stage "
-                "dpo, then sort_and_group.py), packed, --batch_method pack.", "choices": list(dpo_lib.STAGES)})
-    dpo_loss: str = field(default="sigmoid", metadata={
-        "help": "sigmoid: DPO (with --dpo_label_smoothing: conservative DPO); ipo: IPO (length-normalised, as TRL); "
-                "simpo: SimPO (reference-free, length-normalised, --simpo_gamma).", "choices": list(dpo_lib.DPO_LOSSES)})
-    dpo_beta: float = field(default=0.1, metadata={"help": "beta: DPO's temperature (IPO's regularisation; SimPO's "
-                                                           "reward scale, ~2 in its paper)."})
-    dpo_label_smoothing: float = field(default=0.0, metadata={
-        "help": "Share of preference labels assumed flipped (conservative DPO), for sigmoid and simpo; in [0, 0.5)."})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "SimPO's target reward margin (--dpo_loss simpo)."})
-    dpo_sft_weight: float = field(default=0.0, metadata={
-        "help": "Adds this weight times the NLL of the chosen completions (token mean over the step) to the loss."})
-    precompute_ref_logps: bool = field(default=False, metadata={
-        "help": "One pass of the reference over the data before training (stored beside the dataset, reused on "
-                "resume): training then holds one model. Reference: --ref_model, LoRA's base, or the initial model."})
-    ref_model: Optional[str] = field(default=None, metadata={
-        "help": "Reference model folder (loaded like --model_name_or_path, eval mode, ZeRO-3 sharded). Default: a "
-                "frozen copy of --model_name_or_path, or with --use_lora the policy with its adapters disabled."})
+# importing these needs neither torch nor transformers; PreferenceArguments' flags (--stage dpo, dpo_settings.py)
+# go into main.py's TrainingArguments, the fourth of ARG_CLASSES
+OUR_CLASSES = (ModelArguments, DataArguments, LoraArguments, PreferenceArguments)
+_TRAINING_ARGUMENTS: list = []
 
 
-ARG_CLASSES = (ModelArguments, DataArguments, LoraArguments, TrainingArguments)
+def _training_arguments():
+    """transformers' TrainingArguments plus the preference-training flags (built once, on first use)."""
+    if not _TRAINING_ARGUMENTS:
+        from transformers import TrainingArguments as HFTrainingArguments
+
+        @dataclass
+        class TrainingArguments(PreferenceArguments, HFTrainingArguments):
+            """transformers' TrainingArguments plus the preference-training settings (dpo_settings.py)."""
+
+        TrainingArguments.__module__ = __name__  # pickled with checkpoints: found again through __getattr__
+        TrainingArguments.__qualname__ = "TrainingArguments"
+        _TRAINING_ARGUMENTS.append(TrainingArguments)
+    return _TRAINING_ARGUMENTS[0]
 
 
-def make_parser() -> HfArgumentParser:
+def __getattr__(name: str):
+    """ARG_CLASSES on first use: transformers' TrainingArguments costs ~10 s to import (torch, peft, bitsandbytes),
+    and main.py checks the settings before that (early_checks.py)."""
+    if name == "ARG_CLASSES":
+        return (ModelArguments, DataArguments, LoraArguments, _training_arguments())
+    if name == "TrainingArguments":
+        return _training_arguments()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_parser():
     """Exact flag names only: argparse would otherwise take --pack_los for --pack_loss."""
-    return HfArgumentParser(ARG_CLASSES, allow_abbrev=False)
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(__getattr__("ARG_CLASSES"), allow_abbrev=False)
 
 
 def split_config(argv: list[str]) -> tuple[dict, list[str]]:
     """(settings of the YAML/JSON config file given among argv, or {}; the remaining command-line flags)."""
-    return train_settings.split_config(argv, ARG_CLASSES, make_parser())
+    return train_settings.split_config(argv, __getattr__("ARG_CLASSES"), make_parser())
 
 
 def explicit_settings(argv: list[str]) -> list[str]:
     """Names of the settings the config file or the command line set (the rest are defaults)."""
-    return train_settings.explicit_settings(argv, ARG_CLASSES, make_parser())
+    return train_settings.explicit_settings(argv, __getattr__("ARG_CLASSES"), make_parser())
 
 
 def parse_args(argv: list[str] | None = None, check_start: bool = False):
@@ -133,33 +136,15 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
 
     Every bad value is reported at once (SystemExit), before anything is built; with check_start also the
     required flags, the input paths, the model folder and the output folder (what main() needs)."""
+    import torch
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    arg_classes = __getattr__("ARG_CLASSES")
     parser = make_parser()
-    config, flags, config_problems, notes = train_settings.read_settings(argv, ARG_CLASSES, parser)
-    for note in notes:
-        logger.warning("%s", note)
-    if config:
-        config = {k: ",".join(v) if k == "lora_target_modules" and isinstance(v, (list, tuple)) else v
-                  for k, v in config.items()}
-        parser.set_defaults(**config)
-    ns, extra = parser.parse_known_args(flags)
-    if extra:
-        hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
-            else ""
-        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
-    explicit = set(explicit_settings(argv))
-    dpo_lib.apply_defaults(ns, explicit)
-    problems = config_problems + train_settings.setting_problems(ns) + sp_lib.setting_problems(
-        ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")), ns.batch_method, ns.deepspeed)
-    problems += dpo_lib.setting_problems(ns, explicit)
-    if check_start:
-        problems += train_settings.start_problems(ns, BATCH_METHODS)
-        problems += test_file_problems(ns.test_file)
-        if ns.stage == "dpo" and ns.ref_model:
-            problems += [p.replace("--model_name_or_path", "--ref_model", 1)
-                         for p in train_settings.model_dir_problems(ns.ref_model)]
+    ns, problems = checked_settings(argv, parser, train_settings.read_settings(argv, arg_classes, parser), check_start)
     if problems:
         raise SystemExit("main.py cannot start:\n  - " + "\n  - ".join(problems))
+    explicit = set(explicit_settings(argv))
     _choose_precision(ns, explicit)
     if "per_device_eval_batch_size" not in explicit:  # a pack per device, not 8 packs concatenated
         ns.per_device_eval_batch_size = ns.per_device_train_batch_size
@@ -168,13 +153,44 @@ def parse_args(argv: list[str] | None = None, check_start: bool = False):
     _setup_cpu_distributed(ns)
     try:
         return tuple(cls(**{f.name: getattr(ns, f.name) for f in dataclasses.fields(cls) if f.init})
-                     for cls in ARG_CLASSES)
+                     for cls in arg_classes)
     except ValueError as e:  # TrainingArguments.__post_init__ checks combinations of settings
         raise SystemExit(f"main.py cannot start: {e}") from e
 
 
+def checked_settings(argv: list[str], parser, settings: tuple, check_start: bool) -> tuple:
+    """(namespace, problems) of argv parsed by `parser` over the config file's `settings` (read_settings' result):
+    unknown flags end the run at once; every other problem (values, the DeepSpeed config, sequence parallelism, and
+    with check_start the required flags, paths, model folder and output folder) is collected. Used by the full
+    parser and, before the heavy imports, by early_checks.py's lenient one."""
+    config, flags, config_problems, notes = settings
+    for note in notes:
+        logger.warning("%s", note)
+    if config:
+        parser.set_defaults(**config)
+    ns, extra = parser.parse_known_args(flags)
+    if extra:
+        hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
+            else ""
+        raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
+    explicit = set(config) | {a[2:].split("=")[0].replace("-", "_") for a in flags if a.startswith("--")}
+    dpo_settings.apply_defaults(ns, explicit)  # --stage dpo: --batch_method pack unless set
+    problems = config_problems + train_settings.setting_problems(ns) + deepspeed_config_problems(ns.deepspeed) \
+        + sequence_parallel_problems(ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")),
+                                     ns.batch_method, ns.deepspeed) + dpo_settings.setting_problems(ns, explicit)
+    if check_start:
+        problems += train_settings.start_problems(ns, BATCH_METHODS)
+        problems += test_file_problems(ns.test_file)
+        if ns.stage == "dpo" and ns.ref_model:
+            problems += [p.replace("--model_name_or_path", "--ref_model", 1)
+                         for p in train_settings.model_dir_problems(ns.ref_model)]
+    return ns, problems
+
+
 def _choose_precision(ns, explicit: set[str]) -> None:
     """bf16 where the hardware has it (unless set explicitly), fp32 on CPU."""
+    import torch
+
     if not torch.cuda.is_available() or getattr(ns, "use_cpu", False):
         if ns.bf16 or ns.fp16:
             logging.getLogger("longsft.train").warning("no CUDA device: training in fp32 (ignoring --bf16/--fp16)")
@@ -188,6 +204,8 @@ def _setup_cpu_distributed(ns) -> None:
 
     transformers/accelerate only start a CPU process group with --use_cpu, and never one for DeepSpeed
     without a GPU; for DeepSpeed we start the state ourselves and tell TrainingArguments to use it."""
+    import torch
+
     if torch.cuda.is_available():
         return
     if not ns.deepspeed:

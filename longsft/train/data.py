@@ -9,6 +9,7 @@ No processes, no model: only the tokenized folder (longsft/data/storage.py), its
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
@@ -16,7 +17,7 @@ from typing import Optional
 import numpy as np
 
 from longsft.train.batches import LMDataset, LMPackDataset, LMSortDataset
-from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, TokenizedData, check_token_ids
+from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, PackedData, TokenizedData, check_token_ids
 from patch.families import Family
 
 logger = logging.getLogger("longsft.train")
@@ -107,6 +108,22 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, fa
         else:
             stats.update(samples_not_sorted=int(len(data) - np.unique(np.asarray(p.sort_order)).size))
     return problems, stats
+
+
+def data_order(path: str, batch_method: str, num_items: int, shuffle_seed: Optional[int]) -> dict:
+    """What fixes the order the training items come in (train_settings.json "resolved", checked when a run is
+    resumed): the batch method, the item count, the shuffle seed (naive only), and a sha256 of the arrays that
+    order and shape the items (the samples' offsets; for sort / pack the sorted order or the packs)."""
+    h = hashlib.sha256()
+    data = TokenizedData(path)
+    h.update(np.ascontiguousarray(data.offsets).tobytes())
+    if batch_method in ("sort", "pack"):
+        packs = PackedData(path)
+        arrays = (packs.pack_offsets, packs.pack_samples) if batch_method == "pack" else (packs.sort_order,)
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return {"batch_method": batch_method, "items": int(num_items),
+            "shuffle_seed": shuffle_seed if batch_method == "naive" else None, "sha256": h.hexdigest()}
 
 
 def _open_dataset(path: str, batch_method: str):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 
 from longsft.data.storage import TokenizedData
-from longsft.train import dpo as dpo_lib
+from longsft.train import dpo_settings
 from longsft.train.dpo_data import PairCollator, open_pair_dataset, pair_data_problems
 from longsft.train.dpo_reference import load_reference_model, reference_identity
 from longsft.train.dpo_trainer import DPOTrainer
@@ -38,7 +38,7 @@ def collator(layout, pad_token_id: int) -> PairCollator:
 def trainer(model_args, data_args, lora_args, args, dtype, rows: int) -> tuple[type, dict]:
     """(DPOTrainer, its extra keyword arguments): the reference kind, and the reference model when one is needed
     (--ref_model, or a frozen copy of --model_name_or_path; loaded now, like the policy)."""
-    kind = dpo_lib.reference_kind(args, lora_args.use_lora)
+    kind = dpo_settings.reference_kind(args, lora_args.use_lora)
     ref_model = None
     if kind == "model" or (kind == "precomputed" and args.ref_model):
         path = args.ref_model or model_args.model_name_or_path

@@ -5,10 +5,12 @@ commands and what it does.
     trainer = main(["--model_name_or_path", "/tmp/tiny-llama3", "--train_file", "/tmp/tiny-tok", "--batch_method",
                     "pack", "--output_dir", "/tmp/tiny-run", "--max_steps", "5"])
 
-Order: every setting, the model folder and the output folder checked (arguments.py, settings.py); the family,
-tokenizer and data checked against the model (data.py) before the model loads (model.py); the settings and data
-statistics logged and written to train_settings.json; trained with TrainerNoShuffle (trainer.py); the model or
-adapter saved with its tokenizer, marked complete (checkpoints.py).
+Order: every setting, the model folder and the output folder checked (arguments.py, settings.py); the output folder
+locked for this run (rank 0, checkpoints.OutputLock); the model's heads against sequence parallelism, the family,
+tokenizer and data checked against the model (data.py), and a resume's data order against its checkpoint's run,
+before the model loads (model.py); the settings and data statistics logged and written to train_settings.json;
+trained with TrainerNoShuffle (trainer.py); the model or adapter saved with its tokenizer, marked complete
+(checkpoints.py). A save the disk refuses stops the run with one message (TrainerNoShuffle's saves).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import transformers
 from transformers import TrainingArguments
 
 from longsft.atomic_dir import write_json_atomic
+from longsft.errors import same_on_every_rank
 from longsft.data.storage import TokenizedData
 from longsft.evaluate.after_training import TEST_EVAL_DIR, evaluate_saved_model
 from longsft.templates.registry import pad_token_id
@@ -33,11 +36,11 @@ from longsft.train import sequence_parallel as sp_lib
 from longsft.train import settings as train_settings
 from longsft.train.arguments import explicit_settings, parse_args
 from longsft.train.batches import make_collator
-from longsft.train.data import build_datasets, check_data
+from longsft.train.data import build_datasets, check_data, data_order
 from longsft.train.model import (apply_lora, copy_remote_code, count_parameters, load_model, load_tokenizer,
                                  model_class, model_family, read_model_type, save_merged, vocab_rows)
 from longsft.train.trainer import TrainerNoShuffle, planned_steps
-from longsft.train import dpo as dpo_lib
+from longsft.train import dpo_settings
 from longsft.train import dpo_setup
 
 logger = logging.getLogger("longsft.train")
@@ -59,7 +62,17 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     """Train; returns the trainer (None when a resumed run had already finished: nothing was done)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # every setting, the model folder and the output folder: one error naming each problem, before anything loads
-    model_args, data_args, lora_args, args = parse_args(argv, check_start=True)
+    parsed = parse_args(argv, check_start=True)
+    args = parsed[3]
+    if args.process_index != 0:
+        return train(argv, parsed, callbacks)
+    with ckpt.OutputLock(args.output_dir):  # one run per output folder (rank 0 holds it for the run)
+        return train(argv, parsed, callbacks)
+
+
+def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Optional[TrainerNoShuffle]:
+    """main() after the settings were parsed and checked: the data, the model, training, the final output."""
+    model_args, data_args, lora_args, args = parsed
     setup_logging(args)
     for key in train_settings.deepspeed_unknown_keys(args.deepspeed) if args.deepspeed else []:
         logger.warning("--deepspeed %s: the installed deepspeed never reads the key %r (a typo?): it has no "
@@ -83,7 +96,11 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
         if model_args.trust_remote_code else model_class(model_type).config_class.from_pretrained(
             model_args.model_name_or_path)
     rows = vocab_rows(config)
-    problems, stats = sp_lib.head_problems(config, layout.size), {}
+    heads = sp_lib.head_problems(config, layout.size)  # the model config, the same on every rank: printed once
+    if heads:
+        raise same_on_every_rank(f"the model {model_args.model_name_or_path} cannot be shared by "
+                                 f"{layout.size} sequence-parallel ranks:\n  - " + "\n  - ".join(heads))
+    problems, stats = [], {}
     for role, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
         if path:
             p, stats[role] = check_data(path, role, data_args.batch_method, rows, tokenizer, family,
@@ -115,6 +132,21 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     if resume and (ckpt.checkpoint_step(resume) or 0) >= steps:
         logger.info("%s is at step %s of %d: nothing left to train; the final output is written from it",
                     resume, ckpt.checkpoint_step(resume), steps)
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * layout.dp_size
+    resolved = {"world_size": world, "data_parallel_size": layout.dp_size, "sequence_parallel_size": layout.size,
+                "global_batch": global_batch, "data_order": data_order(
+                    data_args.train_file, data_args.batch_method, len(train_ds),
+                    args.data_seed if args.data_seed is not None else args.seed)}
+    if resume:  # the data order must be the resumed run's: else data is skipped or repeated without a word
+        problems = ckpt.resume_order_problems(resume, {"resolved": resolved, "training": {
+            "per_device_train_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps}})
+        if problems is None:
+            logger.warning("%s: no %s of its run (saved by an earlier version or another program): cannot check "
+                           "that this run's data order is the same", resume, SETTINGS_FILE)
+        elif problems:
+            raise same_on_every_rank(f"--resume_from_checkpoint {args.resume_from_checkpoint}: this run would not "
+                                     f"continue the data where {resume} stopped:\n  - " + "\n  - ".join(problems))
 
     # ---- model ----
     dtype = torch.bfloat16 if (args.bf16 and args.deepspeed) else torch.float32
@@ -129,13 +161,12 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
         divisor = sp_lib.gradient_divisor(args.hf_deepspeed_config.config, world, layout.size)
 
     # ---- report the settings and the data (rank 0) ----
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * layout.dp_size
     unit = "packs" if data_args.batch_method == "pack" else "samples"
     logger.info("model %s (%s, %s), %s parameters, %s trainable (%.2f%%)", model_args.model_name_or_path,
                 model_type, str(dtype).replace("torch.", ""), f"{total:,}", f"{trainable:,}",
                 100.0 * trainable / max(total, 1))
     logger.info("batch_method %s, loss %s; %d rank(s) x %d %s x %d accumulation steps = %d %s per optimizer step",
-                data_args.batch_method, dpo_lib.describe(args, lora_args.use_lora) if args.stage == "dpo" else
+                data_args.batch_method, dpo_settings.describe(args, lora_args.use_lora) if args.stage == "dpo" else
                 "per-sequence mean (pack_loss)" if data_args.pack_loss else "token mean",
                 layout.dp_size, args.per_device_train_batch_size, unit, args.gradient_accumulation_steps,
                 global_batch, unit)
@@ -157,9 +188,7 @@ def main(argv: list[str] | None = None, callbacks: list | None = None) -> Option
     settings = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args),
                 "lora": dataclasses.asdict(lora_args), "training": json.loads(args.to_json_string()),
                 "resolved": {"model_type": model_type, "model_family": family.name if family else None,
-                             "dtype": str(dtype), "world_size": world, "data_parallel_size": layout.dp_size,
-                             "sequence_parallel_size": layout.size,
-                             "global_batch": global_batch, "resume_from_checkpoint": resume,
+                             "dtype": str(dtype), **resolved, "resume_from_checkpoint": resume,
                              "parameters": total, "trainable_parameters": trainable},
                 "data_stats": stats,
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
