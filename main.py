@@ -35,6 +35,8 @@ checks the data against the model and tokenizer (and fails once, naming every pr
 trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each
 optimizer step, on any number of ranks), optionally with LoRA, and saves the model (or adapter) with
 its tokenizer to --output_dir, plus `train_settings.json` with every setting of the run.
+--stage dpo trains preference pairs (pre_tokenize.py --stage dpo, then sort_and_group.py) with DPO / IPO / SimPO,
+packed and exact on any GPU count (longsft/train/dpo.py; README "Preference training").
 --resume_from_checkpoint PATH|true|N continues a run with the same data order (true or yes: the newest complete
 checkpoint; N: OUTPUT_DIR/checkpoint-N; a run that already finished is left as it is). A config file in GLM-Edge's
 finetune.py layout (data_config / training_args / peft_config; longsft.train.settings.glm_edge_settings maps it) works too:

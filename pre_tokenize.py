@@ -14,6 +14,8 @@
         --input LongAlign-10k.jsonl sharegpt.jsonl --output_dir data/chatglm/10k --max_length 65536   # LongAlign
     python pre_tokenize.py --model_name_or_path meta-llama/Llama-3.1-8B-Instruct --template auto \\
         --input glaive_toolcall_en_demo.json --output_dir data/llama3/tools     # the tokenizer's chat template
+    python pre_tokenize.py --stage dpo --model_name_or_path output/glm4/longwriter --input pairs.jsonl \\
+        --output_dir data/glm4/longwriter_dpo     # preference pairs (chosen / rejected) for main.py --stage dpo
 
 The model family comes from the folder (patch/families.py: config.json `model_type` and the tokenizer files;
 a tokenizer-only folder works too), `--template` defaults to the family's first template:
@@ -36,6 +38,8 @@ lists the available templates. The folder's own tokenizer code runs only with --
 Flags, inputs, skip reasons, the report, atomic output and `--num_proc` (byte-identical output for any count)
 are longsft/data/pretokenize.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
 meta.json records `model_family` and `template`; main.py checks them against the model it trains.
+`--stage dpo` reads preference records (messages / TRL / ShareGPT / Alpaca pairwise) into (chosen, rejected) pairs
+of samples that share their prompt: longsft/data/preference.py.
 """
 
 from __future__ import annotations

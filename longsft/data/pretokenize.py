@@ -27,7 +27,10 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    record, or in a `tools` / `function_call` JSON string) is invalid_json: its depth is measured before any parser
    runs, so no record can crash or hang the run.
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
-4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
+4. `--stage dpo`: preference records -> (chosen, rejected) pairs of samples (longsft/data/preference.py's PairFormat
+   wraps the template: it encodes whole work units, each side through this module's SFT path, and marks the dataset
+   as pairs when it is written).
+5. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
    `longsft.data.storage.TokenizedWriter`, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves the previous output intact,
    an --output_dir holding anything but one of our datasets is refused, and a symlinked one is written through.
@@ -90,6 +93,9 @@ class PretokenizeArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow the tokenizer code shipped inside the model folder to run (never needed for the families of "
                 "patch/families.py: their tokenizers load without it)."})
+    stage: Literal["sft", "dpo"] = field(default="sft", metadata={
+        "help": "sft: conversations -> samples; dpo: preference records (chosen / rejected) -> pairs of samples that "
+                "share their prompt, for main.py --stage dpo (longsft/data/preference.py)."})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -346,6 +352,8 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
 
 def _work(unit: np.ndarray) -> ChunkResult:
     w = _WORKER
+    if hasattr(w["fmt"], "encode_chunk"):  # a format that encodes whole work units itself (preference pairs)
+        return w["fmt"].encode_chunk(_payloads(unit), w["max_length"], w["truncate"])
     return encode_chunk(_payloads(unit), w["fmt"], w["max_length"], w["truncate"])
 
 
@@ -524,6 +532,8 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
         if counts["kept"] == 0:
             raise InputError(f"no sample left to write (all {len(plan)} records skipped: {report['skipped']}); "
                              f"the first skips:\n" + "\n".join(shown))
+        if hasattr(chat_format, "finish"):  # preference pairs: pairs.bin, meta.json's stage, the report's pairs
+            chat_format.finish(writer, report)
         writer.write_json("report.json", report)
         skipped.close()
         try:
@@ -542,13 +552,16 @@ def print_report(report: dict, shown: list[str], out_dir: Path, elapsed: float) 
         f"wrote {out_dir}: {report['samples_kept']} samples, {report['tokens']:,} tokens "
         f"({report['supervised_tokens']:,} supervised) in {elapsed:.1f}s "
         f"({report['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)",
-        f"  records read {report['lines_read']}, kept {report['samples_kept']}, truncated {report['truncated']}, "
+        f"  records read {report['lines_read']}, kept {report.get('pairs_kept', report['samples_kept'])}, "
+        f"truncated {report['truncated']}, "
         f"skipped {report['skipped_total']} " + str({k: v for k, v in report["skipped"].items() if v}),
         f"  formats {report['formats']}; length min/p50/p90/p99/max "
         f"{pct['min']}/{pct['p50']:.0f}/{pct['p90']:.0f}/{pct['p99']:.0f}/{pct['max']}",
     ] + ([f"  {report['split']['records']} records trained as {report['split']['samples']} samples (the chat "
            f"template rewrites earlier replies: --rewritten_replies split), {report['split']['extra_tokens']:,} extra "
            f"tokens"] if "split" in report else [])
+    if report.get("pairs_kept") is not None:
+        lines.insert(1, f"  preference pairs {report['pairs_kept']} (chosen, rejected: samples 2p, 2p + 1)")
     if shown:
         lines.append(f"  first skipped records (all in {out_dir / 'skipped.jsonl'}):")
         lines += shown

@@ -12,6 +12,11 @@ and every array is memory-mapped, so a training rank does not load the data into
     DIR/offsets.bin      int64 [num_samples + 1] sample i is tokens[offsets[i]:offsets[i + 1]]
     DIR/report.json      what pre-tokenization read, kept and skipped (and why)
     DIR/skipped.jsonl    one line per skipped input line: file, line, reason
+    DIR/pairs.bin        int64 [num_pairs, 2]    preference data only (meta "stage": "dpo", `pre_tokenize.py
+                                                 --stage dpo`): the (chosen, rejected) samples of every pair,
+                                                 always (2p, 2p + 1); SFT datasets have no such file
+    DIR/ref_logps/       preference data only: reference log-probs that `main.py --stage dpo
+                         --precompute_ref_logps` stored (longsft/train/dpo_reference.py; replaced whole)
 
 Writing (TokenizedWriter, write_packs; the mechanics in longsft/atomic_dir.py): a new folder is built in a hidden sibling
 and put in place in one atomic step, so readers and crashes only ever see the old or the new complete folder; a
@@ -31,6 +36,8 @@ Sample i enters it with its first min(length, max_length) tokens:
     DIR/packs/targets.bin       int32 [num_samples]    N_i: supervised target tokens of sample i as trained
                                                        (its first token excluded: nothing precedes it)
     DIR/packs/report.json, report.png                  what sort_and_group.py did (lengths, pack fill, balance)
+    DIR/packs/sample_lengths.bin int64 [num_samples]   preference data only: the tokens of every sample that
+                                                       enter the packs (a pair over the limit is cut as a pair)
 
 A folder in the upstream LongAlign/LongWriter layout (dense inputs.npy / labels.npy) is converted in place by
 sort_and_group.py: input_ids.bin, labels.bin, offsets.bin, then meta.json (meta["legacy"]: rows, width, pad id
@@ -79,14 +86,19 @@ class DatasetChangedError(UserError):
 # Which folders may be replaced (atomic_dir.replace_problem): ours, holding nothing but our files
 # ----------------------------------------------------------------------------------------------
 
-DATASET_NAMES = {META_FILE, OFFSETS_FILE, *(fn for fn, _ in ARRAY_FILES.values()), "report.json", "skipped.jsonl"}
+PAIRS_FILE = "pairs.bin"  # preference data: int64 [num_pairs, 2] (chosen, rejected) sample indices
+DATASET_NAMES = {META_FILE, OFFSETS_FILE, *(fn for fn, _ in ARRAY_FILES.values()), "report.json", "skipped.jsonl",
+                 PAIRS_FILE}
+REF_LOGPS_DIR = "ref_logps"  # preference data: stored reference log-probs (longsft/train/dpo_reference.py)
+REF_LOGPS_FORMAT = "longsft-ref-logps"
+REF_LOGPS_NAMES = {META_FILE, "logps.bin"}
 
 
 def dataset_replace_problem(out_dir: str | os.PathLike) -> str | None:
     """Why `out_dir` may not be replaced by a new dataset (None: missing, empty, or one of ours with only our files:
     the dataset's files and its packs/)."""
     return replace_problem(out_dir, "tokenized dataset", FORMAT_NAME, DATASET_NAMES,
-                           {PACKS_DIR: (PACKS_FORMAT, PACKS_NAMES)})
+                           {PACKS_DIR: (PACKS_FORMAT, PACKS_NAMES), REF_LOGPS_DIR: (REF_LOGPS_FORMAT, REF_LOGPS_NAMES)})
 
 
 def packs_replace_problem(data_dir: str | os.PathLike) -> str | None:
@@ -306,9 +318,15 @@ class TokenizedData:
         if n and (self.offsets[0] != 0 or self.offsets[-1] != t or np.any(np.diff(self.offsets) <= 0)):
             raise DatasetFormatError(f"{self.data_dir}/{OFFSETS_FILE}: offsets are not increasing from 0 to "
                                      f"{t}; the dataset is corrupt, re-run pre-tokenization.")
+        self.pairs = _read_pairs(self.data_dir, folder, self.meta, n) if is_pair_data(self.meta) else None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def num_pairs(self) -> int:
+        """Preference pairs (0 for an SFT dataset)."""
+        return 0 if self.pairs is None else len(self.pairs)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -321,6 +339,42 @@ class TokenizedData:
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.labels[a:b]
+
+
+def is_pair_data(meta: dict) -> bool:
+    """Whether a dataset's meta.json describes preference pairs (`pre_tokenize.py --stage dpo`)."""
+    return meta.get("stage") == "dpo"
+
+
+def pair_index(num_pairs: int) -> np.ndarray:
+    """int64 [num_pairs, 2]: pair p is samples (2p, 2p + 1), chosen then rejected (what pairs.bin holds)."""
+    return np.arange(2 * num_pairs, dtype=np.int64).reshape(num_pairs, 2)
+
+
+def mark_pairs(writer: TokenizedWriter) -> None:
+    """Make the dataset `writer` is writing a preference dataset (before its commit): its samples, added as
+    (chosen, rejected) pair after pair, get pairs.bin and meta.json's "stage": "dpo" and "num_pairs"."""
+    if writer.num_samples % 2:
+        raise ValueError(f"{writer.num_samples} samples: a preference dataset holds (chosen, rejected) pairs")
+    pair_index(writer.num_samples // 2).tofile(writer.tmp_dir / PAIRS_FILE)
+    writer.meta.update(stage="dpo", num_pairs=writer.num_samples // 2)
+
+
+def _read_pairs(data_dir: Path, folder: FolderReader, meta: dict, num_samples: int) -> np.ndarray:
+    """pairs.bin of a preference dataset, checked: every sample in exactly one pair, as (2p, 2p + 1)."""
+    num_pairs = int(meta.get("num_pairs", -1))
+    want = num_pairs * 2 * np.dtype(np.int64).itemsize
+    got = folder.size(PAIRS_FILE)
+    if num_pairs * 2 != num_samples or got != want:
+        raise DatasetFormatError(f"{data_dir}: a preference dataset (stage dpo) of {num_samples} samples needs "
+                                 f"{PAIRS_FILE} with {num_samples // 2} pairs ({num_samples // 2 * 16} bytes), found "
+                                 f"{'no file' if got is None else f'{got} bytes'} and num_pairs {num_pairs} in "
+                                 f"{META_FILE}; re-run pre_tokenize.py --stage dpo.")
+    pairs = _memmap(folder, PAIRS_FILE, np.int64, 2 * num_pairs).reshape(num_pairs, 2)
+    if not np.array_equal(pairs, pair_index(num_pairs)):
+        raise DatasetFormatError(f"{data_dir}/{PAIRS_FILE}: pair p must be samples (2p, 2p + 1); the file is corrupt, "
+                                 f"re-run pre_tokenize.py --stage dpo.")
+    return pairs
 
 
 def check_token_ids(data: TokenizedData, limit: int | None = None, limit_name: str = "the vocabulary",
@@ -384,7 +438,8 @@ PACK_FILES = {  # name -> (file, dtype); the lengths are in meta.json
     "sort_order": ("sort_order.bin", np.int64),      # [num_sorted_samples]
     "targets": ("targets.bin", np.int32),            # [num_samples]
 }
-PACKS_NAMES = {META_FILE, *(fn for fn, _ in PACK_FILES.values()), "report.json", "report.png"}
+SAMPLE_LENGTHS_FILE = "sample_lengths.bin"  # preference packs only: int64 [num_samples], tokens entering the packs
+PACKS_NAMES = {META_FILE, *(fn for fn, _ in PACK_FILES.values()), "report.json", "report.png", SAMPLE_LENGTHS_FILE}
 
 
 def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict,
@@ -444,7 +499,8 @@ class PackedData:
     version, like TokenizedData).
 
     Sample i enters packs and the sorted order with its first `sample_lengths[i]` tokens
-    (= min(length, max_length); `--over_length truncate` is the only way that cuts anything)."""
+    (= min(length, max_length); `--over_length truncate` is the only way that cuts anything; preference packs
+    store them in sample_lengths.bin, since a pair is cut as a whole)."""
 
     def __init__(self, data_dir: str | os.PathLike):
         data_dir = Path(data_dir)
@@ -497,6 +553,15 @@ class PackedData:
         self.max_length = int(m["max_length"])
         self.group_size = int(m["group_size"])
         self.sample_lengths = np.minimum(self.data.lengths, self.max_length)  # int64 [num_samples]
+        if m.get("sample_lengths_file"):  # preference packs: each side of an over-length pair cut its own way
+            got = packs.size(SAMPLE_LENGTHS_FILE)
+            if got != n * 8:
+                found = "missing" if got is None else f"{got} bytes"
+                raise DatasetFormatError(f"{pdir}: {SAMPLE_LENGTHS_FILE}: {found}, expected {n * 8} bytes; {fix} again.")
+            stored = np.asarray(_memmap(packs, SAMPLE_LENGTHS_FILE, np.int64, n))
+            if stored.size and (stored.min() < 0 or np.any(stored > self.data.lengths)):
+                raise DatasetFormatError(f"{pdir}/{SAMPLE_LENGTHS_FILE}: lengths outside the samples; {fix} again.")
+            self.sample_lengths = stored
 
     @property
     def num_packs(self) -> int:

@@ -20,6 +20,7 @@ from typing import Optional, Union
 from longsft.templates.base import ChatFormat, special_token_ids
 from longsft.data.pretokenize import PretokenizeArguments, run
 from longsft.data.inputs import InputError
+from longsft.data.preference import PairFormat
 from longsft.models import as_family, load_tokenizer, require_family
 from patch import families
 from patch.families import Family
@@ -97,5 +98,7 @@ def pretokenize(args: PretokenizeArguments, family: Optional[str] = None) -> dic
         args.output_dir = f"data/{fam.name}/{name}"
     tokenizer = load_tokenizer(args.model_name_or_path, fam, args.trust_remote_code)
     fmt = chat_format(name, tokenizer, args)  # a template's own settings (auto: --rewritten_replies, the limits)
+    if getattr(args, "stage", "sft") == "dpo":  # preference records -> pairs (longsft/data/preference.py)
+        fmt = PairFormat(fmt)
     pad = pad_token_id(tokenizer, fam, name) if not fmt.problems else None
     return run(args, fmt, template=name, model_family=fam.name, pad_token_id=pad, problems=fmt.problems)

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Optional
 
 from longsft.evaluate.after_training import test_file_problems
-from longsft.train import quantization, rope
+from longsft.train import dpo_settings, quantization, rope
 from longsft.train import settings as train_settings
 from longsft.train.deepspeed_checks import deepspeed_config_problems, sequence_parallel_problems
+from longsft.train.dpo_settings import PreferenceArguments
 from longsft.train.settings import BATCH_METHODS
 from patch import families
 
@@ -99,16 +100,34 @@ class LoraArguments:
         default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
 
 
-OUR_CLASSES = (ModelArguments, DataArguments, LoraArguments)  # importing these needs neither torch nor transformers
+# importing these needs neither torch nor transformers; PreferenceArguments' flags (--stage dpo, dpo_settings.py)
+# go into main.py's TrainingArguments, the fourth of ARG_CLASSES
+OUR_CLASSES = (ModelArguments, DataArguments, LoraArguments, PreferenceArguments)
+_TRAINING_ARGUMENTS: list = []
+
+
+def _training_arguments():
+    """transformers' TrainingArguments plus the preference-training flags (built once, on first use)."""
+    if not _TRAINING_ARGUMENTS:
+        from transformers import TrainingArguments as HFTrainingArguments
+
+        @dataclass
+        class TrainingArguments(PreferenceArguments, HFTrainingArguments):
+            """transformers' TrainingArguments plus the preference-training settings (dpo_settings.py)."""
+
+        TrainingArguments.__module__ = __name__  # pickled with checkpoints: found again through __getattr__
+        TrainingArguments.__qualname__ = "TrainingArguments"
+        _TRAINING_ARGUMENTS.append(TrainingArguments)
+    return _TRAINING_ARGUMENTS[0]
 
 
 def __getattr__(name: str):
     """ARG_CLASSES on first use: transformers' TrainingArguments costs ~10 s to import (torch, peft, bitsandbytes),
     and main.py checks the settings before that (early_checks.py)."""
     if name == "ARG_CLASSES":
-        from transformers import TrainingArguments
-
-        return (*OUR_CLASSES, TrainingArguments)
+        return (ModelArguments, DataArguments, LoraArguments, _training_arguments())
+    if name == "TrainingArguments":
+        return _training_arguments()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -171,13 +190,18 @@ def checked_settings(argv: list[str], parser, settings: tuple, check_start: bool
         hint = "; a config file must end in .yaml, .yml or .json" if any(not e.startswith("-") for e in extra) \
             else ""
         raise SystemExit(f"main.py: unrecognized arguments {extra} (python main.py --help lists the flags{hint})")
+    explicit = set(config) | {a[2:].split("=")[0].replace("-", "_") for a in flags if a.startswith("--")}
+    dpo_settings.apply_defaults(ns, explicit)  # --stage dpo: --batch_method pack unless set
     problems = config_problems + train_settings.setting_problems(ns) + deepspeed_config_problems(ns.deepspeed) \
         + sequence_parallel_problems(ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")),
-                                     ns.batch_method, ns.deepspeed)
+                                     ns.batch_method, ns.deepspeed) + dpo_settings.setting_problems(ns, explicit)
     problems += quantization.setting_problems(ns) + rope.setting_problems(ns)
     if check_start:
         problems += train_settings.start_problems(ns, BATCH_METHODS)
         problems += test_file_problems(ns.test_file)
+        if ns.stage == "dpo" and ns.ref_model:
+            problems += [p.replace("--model_name_or_path", "--ref_model", 1)
+                         for p in train_settings.model_dir_problems(ns.ref_model)]
     return ns, problems
 
 

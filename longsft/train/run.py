@@ -42,6 +42,8 @@ from longsft.train.model import (apply_lora, copy_remote_code, count_parameters,
                                  model_class, model_config, model_family, read_model_type, save_base_config,
                                  save_merged, vocab_rows)
 from longsft.train.trainer import TrainerNoShuffle, planned_steps
+from longsft.train import dpo_settings
+from longsft.train import dpo_setup
 
 logger = logging.getLogger("longsft.train")
 
@@ -103,14 +105,14 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
         if path:
             p, stats[role] = check_data(path, role, data_args.batch_method, rows, tokenizer, family,
                                         model_args.model_name_or_path)
-            problems += p
+            problems += p + dpo_setup.data_problems(path, role, args.stage)
     if problems:
         raise SystemExit("the training data cannot be used:\n  - " + "\n  - ".join(problems))
     for role, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
         warning = context_warning(path, role, config, rope_plan, family) if path else None
         if warning:
             logger.warning("%s", warning)
-    train_ds, eval_ds = build_datasets(data_args)
+    train_ds, eval_ds = build_datasets(data_args) if args.stage == "sft" else dpo_setup.datasets(data_args)
     train_meta = TokenizedData(data_args.train_file).meta
     pad_id = pad_token_id(tokenizer, family, train_meta.get("template")) if family else tokenizer.pad_token_id
     if pad_id is None:  # no family rule (--trust_remote_code on an unknown folder): what the data recorded, or eos
@@ -119,6 +121,8 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
         pad_id = tokenizer.eos_token_id
     collator = make_collator(data_args.batch_method, pad_id, data_args.pack_loss) if layout.size == 1 else \
         sp_lib.SequenceParallelCollator(layout.size, layout.rank, pad_id, data_args.pack_loss)
+    if args.stage == "dpo":
+        collator = dpo_setup.collator(layout, pad_id)
 
     # ---- a resumed run: already finished (nothing to do), else its newest complete checkpoint ----
     steps = planned_steps(len(train_ds), layout.dp_size, args.per_device_train_batch_size,
@@ -170,7 +174,8 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
                 model_type, str(dtype).replace("torch.", ""), f"{total:,}", f"{trainable:,}",
                 100.0 * trainable / max(total, 1))
     logger.info("batch_method %s, loss %s; %d rank(s) x %d %s x %d accumulation steps = %d %s per optimizer step",
-                data_args.batch_method, "per-sequence mean (pack_loss)" if data_args.pack_loss else "token mean",
+                data_args.batch_method, dpo_settings.describe(args, lora_args.use_lora) if args.stage == "dpo" else
+                "per-sequence mean (pack_loss)" if data_args.pack_loss else "token mean",
                 layout.dp_size, args.per_device_train_batch_size, unit, args.gradient_accumulation_steps,
                 global_batch, unit)
     if layout.size > 1:
@@ -203,10 +208,12 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
     logger.info("settings written to %s", Path(args.output_dir) / SETTINGS_FILE)
 
     # ---- train ----
-    trainer = TrainerNoShuffle(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                               data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
-                               batch_method=data_args.batch_method, pack_loss=data_args.pack_loss,
-                               sequence_parallel=layout, gradient_divisor=divisor)
+    trainer_cls, extra = (TrainerNoShuffle, {}) if args.stage == "sft" else \
+        dpo_setup.trainer(model_args, data_args, lora_args, args, dtype, rows)
+    trainer = trainer_cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          data_collator=collator, processing_class=tokenizer, callbacks=callbacks,
+                          batch_method=data_args.batch_method, pack_loss=data_args.pack_loss,
+                          sequence_parallel=layout, gradient_divisor=divisor, **extra)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     if args.should_save and lora_args.use_lora and rope_plan:

@@ -86,7 +86,8 @@ class PaddedToMultiple(Dataset):
         self.dataset = dataset
         self.num_real = len(dataset)
         self.num_items = math.ceil(self.num_real / multiple) * multiple if self.num_real else 0
-        self._empty = _empty_item(dataset[0]) if self.num_real else None
+        empty = getattr(dataset, "empty_item", _empty_item)  # a dataset may say what its padding item is (pairs)
+        self._empty = empty(dataset[0]) if self.num_real else None
 
     def __len__(self) -> int:
         return self.num_items

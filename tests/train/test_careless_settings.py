@@ -126,7 +126,9 @@ def test_the_early_parser_has_hf_argparsers_flags():
         return {o: (a.dest, a.nargs, a.const, tuple(map(str, a.choices or ()))) for a in parser._actions
                 for o in a.option_strings if o not in ("-h", "--help")}
 
-    specs = [s for cls in train_main.ARG_CLASSES[:3] for s in setting_types.dataclass_specs(cls)]
+    from longsft.train.arguments import OUR_CLASSES  # ours (with the preference flags), as early_checks.py reads them
+
+    specs = [s for cls in OUR_CLASSES for s in setting_types.dataclass_specs(cls)]
     early = table(setting_types.lenient_parser(specs + setting_types.training_argument_specs()))
     full = table(train_main.make_parser())
     assert early.keys() == full.keys() and len(early) > 200
