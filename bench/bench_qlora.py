@@ -5,16 +5,16 @@
     python bench/bench_qlora.py --tiny             # a tiny random Llama, 64 tokens: a smoke run (~20 s)
     python bench/bench_qlora.py --modes full,4 --tokens 2048 --repeats 5 --out /tmp/bench_qlora
 
-Measured here (SmolLM2-135M-Instruct, `--tokens 512`, 2 CPU cores shared with other jobs at a load average of 6-10;
-torch 2.13 CPU, transformers 5.23, bitsandbytes 0.50.2, fp32):
-    base                     weights MiB  vs full  step s  loss, English text
-    full precision (fp32)    513.1        1.000    46.5    3.455
-    8-bit LLM.int8           209.4        0.408    47.1    3.487 (+0.032)
-    4-bit NF4 + DQ           158.8        0.309    46.9    3.681 (+0.226)
-    The weights are the solid figure: 4 bits leave 31% (the tied 49,152 x 576 embedding, 108 MiB in fp32, stays
-    unquantized and is most of what is left). The step times are the load of the shared machine, not the modes
-    (an idle run of the full base is ~4 s per 512 tokens, REFERENCE 8); read them as "about equal on this CPU".
-    A first run at --tokens 1024 (load ~12): 115.9 / 70.7 / 104.1 s, weights identical.
+Measured here (SmolLM2-135M-Instruct, `--tokens 512 --repeats 3`, 2 CPU cores at a load average of ~1.5; torch
+2.13 CPU, transformers 5.23, bitsandbytes 0.50.2, fp32; 52 s for the whole run):
+    base                     weights MiB  vs full  step s  tokens/s  loss, English text
+    full precision (fp32)    513.1        1.000    2.76    186       3.455
+    8-bit LLM.int8           209.4        0.408    2.98    172       3.487 (+0.032)
+    4-bit NF4 + DQ           158.8        0.309    3.36    152       3.681 (+0.226)
+    4 bits leave 31% of the weights (the tied 49,152 x 576 embedding, 108 MiB in fp32, stays unquantized and is
+    most of what is left) for a 1.22x slower step on this CPU (the weights are unpacked for every matmul). Under
+    a load average of 6-10 the same run gave 46.5 / 47.1 / 46.9 s per step: on a shared machine the steps time
+    the other jobs, the weights do not move.
 
 What runs, per mode (--modes: full, 8, 4), in this one process one after the other:
   longsft.train.model.load_model (bitsandbytes through transformers' BitsAndBytesConfig for 8 / 4, the patched
