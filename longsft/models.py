@@ -26,6 +26,16 @@ from patch import families
 from patch.families import Family
 
 
+BASE_CONFIG_FILE = "base_model_config.json"  # beside a LoRA adapter: its base's config as the run trained it
+
+
+def adapter_base_config(model_dir: str, config_class):
+    """The base model's config a LoRA adapter folder was trained with (main.py writes BASE_CONFIG_FILE there when
+    the run changed it, e.g. --rope_scaling), read with `config_class`; None when the folder has none."""
+    path = Path(model_dir) / BASE_CONFIG_FILE
+    return config_class.from_pretrained(str(path)) if path.is_file() else None
+
+
 def file_reader(name_or_path: str) -> families.Reader:
     """Reads a file of a local folder, or of a hub model through transformers' cache (None when absent)."""
     if Path(name_or_path).is_dir():

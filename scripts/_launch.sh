@@ -9,6 +9,9 @@
 # "$SP_SIZE" to main.py; longsft/train/sequence_parallel.py); it needs BATCH_METHOD=pack, NUM_GPUS x NUM_NODES a multiple of
 # SP_SIZE, and makes the data-parallel size (NUM_GPUS x NUM_NODES) / SP_SIZE:
 #   SP_SIZE=4 NUM_GPUS=8 bash scripts/glm4_longwriter.sh          # 2 groups of 4 GPUs, each group shares a pack
+# QUANT_BIT=4|8: the base weights in 4 bits (NF4) or 8 bits (LLM.int8), LoRA adapters on top (QLoRA: main.py
+# --quantization_bit, needs the script's LoRA flags: the _lora scripts, or USE_LORA=1 for sft.sh):
+#   QUANT_BIT=4 bash scripts/glm4_longwriter_lora.sh
 # LAUNCH_CHECK_ONLY=1 (set by scripts/sft.sh before it prepares the data): run the settings checks, skip the
 # data checks, and return to the caller (GROUP_SIZE then holds sort_and_group's --group_size).
 #
@@ -42,6 +45,7 @@ PYTHON=${PYTHON:-python3}
 PACK_LENGTH=${PACK_LENGTH:-32768}
 SP_SIZE=${SP_SIZE:-1}
 LAUNCH_CHECK_ONLY=${LAUNCH_CHECK_ONLY:-0}
+QUANT_BIT=${QUANT_BIT:-}
 
 has_cuda() { "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
@@ -102,6 +106,8 @@ elif [[ "$SP_SIZE" -gt 1 ]]; then
     problems+=("SP_SIZE=$SP_SIZE needs BATCH_METHOD=pack (the ranks of a group share one pack), not BATCH_METHOD=$BATCH_METHOD$hint")
   fi
 fi
+[[ -z "$QUANT_BIT" || "$QUANT_BIT" == 4 || "$QUANT_BIT" == 8 ]] || \
+  problems+=("QUANT_BIT=$QUANT_BIT: 4 (NF4) or 8 (LLM.int8) quantized base weights under LoRA, or unset")
 GROUP_SIZE=8   # sort_and_group --group_size: packs (or samples) per optimizer step
 [[ ${#problems[@]} -eq 0 ]] && GROUP_SIZE=$((NUM_GPUS * NUM_NODES / SP_SIZE * PER_DEVICE_BATCH * GRAD_ACC))
 if [[ "$DRY_RUN" != 1 ]]; then   # the model folder, as main.py checks it (before anything is launched or created)
@@ -146,7 +152,7 @@ else
   fi
   [[ -n "$MASTER_ADDR" ]] && CMD+=(--master_addr "$MASTER_ADDR")
 fi
-CMD+=(main.py "${TRAIN_ARGS[@]}" "$@")
+CMD+=(main.py "${TRAIN_ARGS[@]}" ${QUANT_BIT:+--quantization_bit "$QUANT_BIT"} "$@")
 
 # ---- effective global batch ------------------------------------------------------------------------------
 unit=samples

@@ -80,8 +80,20 @@ def _has_chat_template(folder: str) -> bool:
         return False
 
 
+def _base_config(model_dir: str, base_dir: str, config_class=None) -> dict:
+    """{"config": ...} for an adapter folder whose run changed its base's config (RoPE scaling:
+    models.BASE_CONFIG_FILE), else {}."""
+    if base_dir == model_dir:
+        return {}
+    if config_class is None:
+        from transformers import AutoConfig as config_class
+    config = models.adapter_base_config(model_dir, config_class)
+    return {"config": config} if config is not None else {}
+
+
 def load(model_dir: str, dtype: torch.dtype = torch.float32, stock_fallback: bool = False):
-    """(model, tokenizer, family); a LoRA adapter folder is applied to its base model. transformers-native model
+    """(model, tokenizer, family); a LoRA adapter folder is applied to its base model (built from the adapter
+    folder's base_model_config.json when the run wrote one: RoPE scaling). transformers-native model
     types load as transformers' own class with the packed forward (patch/modeling_native.py). With stock_fallback,
     a folder no family claims but with a chat template loads as stock transformers (family None)."""
     base_dir, tok_dir = base_folder(model_dir), tokenizer_folder(model_dir)
@@ -93,12 +105,12 @@ def load(model_dir: str, dtype: torch.dtype = torch.float32, stock_fallback: boo
             logger.info("%s: no registered family claims its tokenizer; stock transformers and its own chat "
                         "template (template auto)", model_dir)
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
-            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, **_base_config(model_dir, base_dir))
         else:
             cls = models.model_class(models.read_model_type(base_dir))
             family = models.require_family(tok_dir, "--model_dir", config_from=base_dir)
             tokenizer = models.load_tokenizer(tok_dir, family)
-            model = cls.from_pretrained(base_dir, dtype=dtype)
+            model = cls.from_pretrained(base_dir, dtype=dtype, **_base_config(model_dir, base_dir, cls.config_class))
     except InputError as e:
         raise SystemExit(str(e)) from e
     if base_dir != model_dir:

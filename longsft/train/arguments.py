@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from longsft.evaluate.after_training import test_file_problems
-from longsft.train import dpo_settings
+from longsft.train import dpo_settings, quantization, rope
 from longsft.train import settings as train_settings
 from longsft.train.deepspeed_checks import deepspeed_config_problems, sequence_parallel_problems
 from longsft.train.dpo_settings import PreferenceArguments
@@ -41,6 +41,23 @@ class ModelArguments:
     loss_chunk_size: Optional[int] = field(
         default=None, metadata={"help": "Tokens per chunk of the lm_head + cross-entropy (memory vs. speed); "
                                         "default: the model config's loss_chunk_size."})
+    # fit and extend (longsft/train/quantization.py, rope.py)
+    quantization_bit: Optional[int] = field(
+        default=None, metadata={"help": "Load the base weights in 4 bits (NF4, double quantization) or 8 bits "
+                                        "(LLM.int8) through bitsandbytes and train LoRA adapters on them (QLoRA; "
+                                        "needs --use_lora). Embeddings and lm_head stay unquantized.",
+                                "choices": [4, 8]})
+    rope_scaling: Optional[str] = field(
+        default=None, metadata={"help": "Extend the context by scaling RoPE: linear (positions / F), dynamic (NTK), "
+                                        "yarn, llama3, base (RoPE base x F); chatglm-format models: linear "
+                                        "(ChatGLM2-6B-32K) or base (ChatGLM3 / GLM-4). With --rope_factor or "
+                                        "--model_max_length.", "choices": ["linear", "dynamic", "yarn", "llama3",
+                                                                           "base"]})
+    rope_factor: Optional[float] = field(
+        default=None, metadata={"help": "RoPE scaling factor F: the new context / the model's context."})
+    model_max_length: Optional[int] = field(
+        default=None, metadata={"help": "The context to reach with --rope_scaling: F = ceil(N / the model's "
+                                        "context) (max_position_embeddings; chatglm: seq_length); none if N fits."})
 
 
 @dataclass
@@ -178,6 +195,7 @@ def checked_settings(argv: list[str], parser, settings: tuple, check_start: bool
     problems = config_problems + train_settings.setting_problems(ns) + deepspeed_config_problems(ns.deepspeed) \
         + sequence_parallel_problems(ns.sequence_parallel_size, int(os.environ.get("WORLD_SIZE", "1")),
                                      ns.batch_method, ns.deepspeed) + dpo_settings.setting_problems(ns, explicit)
+    problems += quantization.setting_problems(ns) + rope.setting_problems(ns)
     if check_start:
         problems += train_settings.start_problems(ns, BATCH_METHODS)
         problems += test_file_problems(ns.test_file)

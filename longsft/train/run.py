@@ -36,9 +36,11 @@ from longsft.train import sequence_parallel as sp_lib
 from longsft.train import settings as train_settings
 from longsft.train.arguments import explicit_settings, parse_args
 from longsft.train.batches import make_collator
-from longsft.train.data import build_datasets, check_data, data_order
+from longsft.train import quantization, rope
+from longsft.train.data import build_datasets, check_data, context_warning, data_order
 from longsft.train.model import (apply_lora, copy_remote_code, count_parameters, load_model, load_tokenizer,
-                                 model_class, model_family, read_model_type, save_merged, vocab_rows)
+                                 model_class, model_config, model_family, read_model_type, save_base_config,
+                                 save_merged, vocab_rows)
 from longsft.train.trainer import TrainerNoShuffle, planned_steps
 from longsft.train import dpo_settings
 from longsft.train import dpo_setup
@@ -92,9 +94,7 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
         model_class(model_type)  # unsupported model_type -> one clear error
     family = model_family(model_args.model_name_or_path, model_args.trust_remote_code)
     tokenizer = load_tokenizer(model_args.model_name_or_path, family, model_args.trust_remote_code)
-    config = transformers.AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=True) \
-        if model_args.trust_remote_code else model_class(model_type).config_class.from_pretrained(
-            model_args.model_name_or_path)
+    config, rope_plan = model_config(model_args, model_type)  # with --rope_scaling applied (rope.py)
     rows = vocab_rows(config)
     heads = sp_lib.head_problems(config, layout.size)  # the model config, the same on every rank: printed once
     if heads:
@@ -108,6 +108,10 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
             problems += p + dpo_setup.data_problems(path, role, args.stage)
     if problems:
         raise SystemExit("the training data cannot be used:\n  - " + "\n  - ".join(problems))
+    for role, path in (("train", data_args.train_file), ("validation", data_args.validation_file)):
+        warning = context_warning(path, role, config, rope_plan, family) if path else None
+        if warning:
+            logger.warning("%s", warning)
     train_ds, eval_ds = build_datasets(data_args) if args.stage == "sft" else dpo_setup.datasets(data_args)
     train_meta = TokenizedData(data_args.train_file).meta
     pad_id = pad_token_id(tokenizer, family, train_meta.get("template")) if family else tokenizer.pad_token_id
@@ -129,6 +133,9 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
                     args.output_dir, done.get("global_step"), steps, ckpt.MARKER)
         return None
     resume = ckpt.resolve_resume(args.output_dir, resume_req, steps)
+    mismatch = rope.resume_mismatch(resume, config, model_args.quantization_bit) if resume else None
+    if mismatch:  # the same on every rank: the checkpoint's settings and this run's flags
+        raise same_on_every_rank(mismatch)
     if resume and (ckpt.checkpoint_step(resume) or 0) >= steps:
         logger.info("%s is at step %s of %d: nothing left to train; the final output is written from it",
                     resume, ckpt.checkpoint_step(resume), steps)
@@ -151,7 +158,8 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
     # ---- model ----
     dtype = torch.bfloat16 if (args.bf16 and args.deepspeed) else torch.float32
     transformers.set_seed(args.seed)  # LoRA's initial weights (and anything the model initialises) from --seed
-    model = load_model(model_args, model_type, dtype)
+    model = load_model(model_args, model_type, dtype, compute_dtype=quantization.compute_dtype(args))
+    quantized = quantization.describe_quantized(model) if model_args.quantization_bit else None
     if lora_args.use_lora:
         model = apply_lora(model, lora_args, family, args.gradient_checkpointing)
     total, trainable = count_parameters(model)
@@ -189,7 +197,9 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
                 "lora": dataclasses.asdict(lora_args), "training": json.loads(args.to_json_string()),
                 "resolved": {"model_type": model_type, "model_family": family.name if family else None,
                              "dtype": str(dtype), **resolved, "resume_from_checkpoint": resume,
-                             "parameters": total, "trainable_parameters": trainable},
+                             "parameters": total, "trainable_parameters": trainable,
+                             "quantization": quantized, "rope": rope.rope_settings(config),
+                             "rope_scaling": rope_plan.describe() if rope_plan else None},
                 "data_stats": stats,
                 "versions": {"torch": torch.__version__, "transformers": transformers.__version__}}
     before = ckpt.begin_output(args.output_dir) if args.should_save else set()
@@ -206,6 +216,8 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
                           sequence_parallel=layout, gradient_divisor=divisor, **extra)
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
+    if args.should_save and lora_args.use_lora and rope_plan:
+        save_base_config(config, args.output_dir)  # the scaled RoPE, for tools/generate.py and merges
     if args.should_save and not lora_args.use_lora:
         copy_remote_code(model_args.model_name_or_path, args.output_dir)
     if eval_ds is not None:
