@@ -171,7 +171,7 @@ class JudgeClient:
         headers = {"Content-Type": "application/json"}
         if self.s.api_key:
             headers["Authorization"] = f"Bearer {self.s.api_key}"
-        last = "no request sent"
+        last, retry_after = "no request sent", None
         for attempt in range(self.s.http_retries + 1):
             if attempt:
                 self._wait(attempt - 1, retry_after)

@@ -131,8 +131,7 @@ GLM_EDGE_IGNORED = {  # top-level keys of GLM-Edge's configs that main.py has no
     "freezeV": "the vision tower of GLM-Edge-V (main.py trains text models only)",
     "swanlab": "use report_to (training_args) for a logger",
 }
-SEQ2SEQ_ONLY = ("predict_with_generate", "generation_config", "generation_max_length", "generation_num_beams",
-                "sortish_sampler")
+SEQ2SEQ_ONLY = ("generation_max_length", "generation_num_beams", "sortish_sampler")  # noted, not used
 JSONL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 
 
@@ -163,12 +162,14 @@ def glm_edge_settings(config: dict, path: str, known: set[str], sources: dict | 
         GLM-Edge key                          main.py setting
         data_config.train_file                train_file (a pre_tokenize.py folder; a raw file is a problem)
         data_config.val_file                  validation_file (the same)
-        data_config.test_file                 ignored, noted (main.py evaluates on validation_file only)
+        data_config.test_file                 test_file (a raw chat file: generated from and scored after training)
         data_config.num_proc                  ignored, noted (pre_tokenize.py --num_proc tokenizes)
         max_input_length, max_output_length   ignored, noted (pre_tokenize.py --max_length, their sum)
         combine, freezeV, swanlab             ignored, noted
-        training_args.NAME                    NAME (a TrainingArguments flag); generation keys of
-                                              Seq2SeqTrainingArguments ignored, noted; others a problem
+        training_args.NAME                    NAME (a TrainingArguments flag); others a problem
+        training_args.generation_config.max_new_tokens   test_max_new_tokens (other generation keys noted)
+        training_args.predict_with_generate   - (main.py generates on test_file when there is one)
+        training_args.generation_max_length, generation_num_beams, sortish_sampler   ignored, noted
         peft_config.peft_type LORA            use_lora: true (another peft_type is a problem)
         peft_config.task_type CAUSAL_LM       - (another task_type is a problem)
         peft_config.r, lora_alpha, lora_dropout   lora_r, lora_alpha, lora_dropout
@@ -191,9 +192,12 @@ def glm_edge_settings(config: dict, path: str, known: set[str], sources: dict | 
     data = section("data_config")
     _data_file("train_file", "train_file", data.get("train_file"), where, problems, out)
     _data_file("val_file", "validation_file", data.get("val_file"), where, problems, out)
-    if data.get("test_file") is not None:
-        notes.append(f"{where}: data_config.test_file {data['test_file']} ignored: main.py evaluates the loss on "
-                     f"val_file only (tools/generate.py generates from a trained model)")
+    if data.get("test_file") is not None:  # GLM-Edge's predict_with_generate: a raw chat file, scored after training
+        if isinstance(data["test_file"], str):
+            out["test_file"] = data["test_file"]
+            sources["test_file"] = "data_config.test_file"
+        else:
+            problems.append(f"{where}: data_config.test_file: {data['test_file']!r} is not a file path (text)")
     if data.get("num_proc") is not None:
         notes.append(f"{where}: data_config.num_proc ignored: the tokenizing processes are pre_tokenize.py's "
                      f"--num_proc")
@@ -217,7 +221,23 @@ def glm_edge_settings(config: dict, path: str, known: set[str], sources: dict | 
 
     for k, v in section("training_args").items():
         if k in SEQ2SEQ_ONLY:
-            notes.append(f"{where}: training_args.{k} ignored: main.py evaluates the loss, it does not generate")
+            notes.append(f"{where}: training_args.{k} ignored: main.py's generation on data_config.test_file is "
+                         f"greedy, up to generation_config.max_new_tokens")
+        elif k == "predict_with_generate":
+            if v and data.get("test_file") is None:
+                notes.append(f"{where}: training_args.predict_with_generate: no data_config.test_file to generate "
+                             f"from")
+        elif k == "generation_config":
+            gen = v if isinstance(v, dict) else {}
+            if not isinstance(v, dict):
+                problems.append(f"{where}: training_args.generation_config must be a mapping, got "
+                                f"{type(v).__name__}")
+            if gen.get("max_new_tokens") is not None:
+                out["test_max_new_tokens"] = gen["max_new_tokens"]
+                sources["test_max_new_tokens"] = "training_args.generation_config.max_new_tokens"
+            for g in sorted(set(gen) - {"max_new_tokens"}):
+                notes.append(f"{where}: training_args.generation_config.{g} ignored: main.py's generation on "
+                             f"data_config.test_file is greedy")
         elif k in known:
             out[k] = v
             sources[k] = f"training_args.{k}"
