@@ -254,7 +254,6 @@ def run_ours(args: BenchArguments, method: str) -> dict:
 def run_trl(args: BenchArguments) -> dict:
     import tempfile
 
-    import torch
     import transformers
 
     try:

@@ -43,7 +43,6 @@ import torch
 from longsft.data.storage import IGNORE_INDEX
 from longsft.train.batches import PackCollator, count_targets
 from patch.packed_attention import ATTN_IMPLEMENTATION, shift_targets
-from longsft.train.deepspeed_checks import sequence_parallel_problems as setting_problems  # noqa: F401
 from longsft.train.deepspeed_checks import zero_stage
 
 PACK_COUNT_KEYS = ("num_targets", "num_sequences")  # the batch's share of the step's normaliser (see module doc)

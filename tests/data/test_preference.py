@@ -7,8 +7,6 @@ Run: python -m pytest -q tests/data/test_preference.py
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest

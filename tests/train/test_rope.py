@@ -8,7 +8,6 @@ Run: python -m pytest -q tests/train/test_rope.py
 """
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
