@@ -25,6 +25,8 @@ import transformers
 from longsft import models
 from longsft.models import BASE_CONFIG_FILE
 from longsft.data.inputs import InputError
+from longsft.data.storage import DatasetFormatError, read_meta
+from longsft.templates.registry import family_for_template
 from longsft.atomic_dir import write_json_atomic
 from longsft.train import quantization, rope
 from longsft.train.arguments import LoraArguments, ModelArguments
@@ -48,9 +50,25 @@ def model_class(model_type: str):
     return _or_exit(models.model_class, model_type)
 
 
-def model_family(model_dir: str, trust_remote_code: bool = False) -> Optional[Family]:
-    """The registry family of the model folder; None only with --trust_remote_code (the folder's own code)."""
-    return models.family_of(model_dir) if trust_remote_code else _or_exit(models.require_family, model_dir)
+def model_family(model_dir: str, trust_remote_code: bool = False, train_file: Optional[str] = None
+                 ) -> Optional[Family]:
+    """The registry family of the model folder; None only with --trust_remote_code (the folder's own code).
+    With `train_file`: the family its data was made for when pre_tokenize.py's explicit --template read the folder
+    as a sibling family our tokenizer also builds (a ChatGLM3 folder that declares no role tokens, detected as
+    ChatGLM2, tokenized with --template chatglm3), so the model side loads the same tokenizer."""
+    fam = models.family_of(model_dir) if trust_remote_code else _or_exit(models.require_family, model_dir)
+    if fam is None or not train_file:
+        return fam
+    try:
+        meta = read_meta(train_file)
+    except DatasetFormatError:  # reported by the data checks
+        return fam
+    chosen = family_for_template(fam, meta.get("template"))
+    if chosen is not fam and meta.get("model_family") == chosen.name:
+        logger.info("%s looks like %s; its data was tokenized with --template %s, which reads it as %s: loading it "
+                    "as %s", model_dir, fam.name, meta.get("template"), chosen.name, chosen.name)
+        return chosen
+    return fam
 
 
 def load_tokenizer(model_dir: str, family: Optional[Family | str], trust_remote_code: bool = False):

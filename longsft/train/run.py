@@ -92,7 +92,7 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
     model_type = read_model_type(model_args.model_name_or_path)
     if not model_args.trust_remote_code:
         model_class(model_type)  # unsupported model_type -> one clear error
-    family = model_family(model_args.model_name_or_path, model_args.trust_remote_code)
+    family = model_family(model_args.model_name_or_path, model_args.trust_remote_code, data_args.train_file)
     tokenizer = load_tokenizer(model_args.model_name_or_path, family, model_args.trust_remote_code)
     config, rope_plan = model_config(model_args, model_type)  # with --rope_scaling applied (rope.py)
     rows = vocab_rows(config)
