@@ -35,19 +35,52 @@ checks the data against the model and tokenizer (and fails once, naming every pr
 trains with `trainer.TrainerNoShuffle` (exact token-mean or --pack_loss per-sequence loss over each
 optimizer step, on any number of ranks), optionally with LoRA, and saves the model (or adapter) with
 its tokenizer to --output_dir, plus `train_settings.json` with every setting of the run.
+--stage dpo trains preference pairs (pre_tokenize.py --stage dpo, then sort_and_group.py) with DPO / IPO / SimPO,
+packed and exact on any GPU count (longsft/train/dpo.py; README "Preference training").
 --resume_from_checkpoint PATH|true|N continues a run with the same data order (true or yes: the newest complete
 checkpoint; N: OUTPUT_DIR/checkpoint-N; a run that already finished is left as it is). A config file in GLM-Edge's
 finetune.py layout (data_config / training_args / peft_config; longsft.train.settings.glm_edge_settings maps it) works too:
 
-    python main.py configs/lora.yaml --model_name_or_path THUDM/glm-edge-4b-chat --resume_from_checkpoint 600 Before anything loads, every setting, the model
-folder and the output folder are checked (longsft/train/settings.py), and one error names every problem; a new run writes
-only into a new or empty --output_dir or one holding an earlier run's outputs (longsft/train/checkpoints.py).
+    python main.py configs/lora.yaml --model_name_or_path THUDM/glm-edge-4b-chat --resume_from_checkpoint 600
+
+Before anything loads, every setting, the model folder and the output folder are checked (longsft/train/settings.py),
+first without importing torch or transformers (longsft/train/early_checks.py: a typo fails in about a second), and one
+error names every problem; a new run writes only into a new or empty --output_dir or one holding an earlier run's
+outputs, a resume only into one holding main.py runs' outputs, and one run at a time (longsft/train/checkpoints.py).
 """
 
+import sys
+
 from longsft.errors import run_cli
-from longsft.train.arguments import ARG_CLASSES, make_parser, parse_args  # noqa: F401  (what callers use)
-from longsft.train.run import SETTINGS_FILE, main, shutdown_distributed  # noqa: F401
+from longsft.train.checkpoints import SETTINGS_FILE  # noqa: F401  (what callers use)
+
+
+def main(argv: list[str] | None = None, callbacks: list | None = None):
+    """Check the settings before torch and transformers are imported (a typo fails in about a second:
+    longsft/train/early_checks.py), then train (longsft.train.run.main, which checks them all again)."""
+    from longsft.train.early_checks import check_early
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_early(argv)
+    from longsft.train.run import main as train
+
+    return train(argv, callbacks)
+
+
+def __getattr__(name: str):
+    """ARG_CLASSES, make_parser, parse_args (longsft.train.arguments) and shutdown_distributed, imported on first use:
+    they bring transformers and torch, which `import main` alone does not."""
+    if name in ("ARG_CLASSES", "make_parser", "parse_args"):
+        from longsft.train import arguments
+
+        return getattr(arguments, name)
+    if name == "shutdown_distributed":
+        from longsft.train.run import shutdown_distributed
+
+        return shutdown_distributed
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 if __name__ == "__main__":
     run_cli(main)
-    shutdown_distributed()
+    __getattr__("shutdown_distributed")()

@@ -14,6 +14,8 @@
         --input LongAlign-10k.jsonl sharegpt.jsonl --output_dir data/chatglm/10k --max_length 65536   # LongAlign
     python pre_tokenize.py --model_name_or_path meta-llama/Llama-3.1-8B-Instruct --template auto \\
         --input glaive_toolcall_en_demo.json --output_dir data/llama3/tools     # the tokenizer's chat template
+    python pre_tokenize.py --stage dpo --model_name_or_path output/glm4/longwriter --input pairs.jsonl \\
+        --output_dir data/glm4/longwriter_dpo     # preference pairs (chosen / rejected) for main.py --stage dpo
 
 The model family comes from the folder (patch/families.py: config.json `model_type` and the tokenizer files;
 a tokenizer-only folder works too), `--template` defaults to the family's first template:
@@ -36,6 +38,8 @@ lists the available templates. The folder's own tokenizer code runs only with --
 Flags, inputs, skip reasons, the report, atomic output and `--num_proc` (byte-identical output for any count)
 are longsft/data/pretokenize.py's; `pre_tokenize_glm4.py` and `pre_tokenize_llama3.py` are the same code with the family fixed.
 meta.json records `model_family` and `template`; main.py checks them against the model it trains.
+`--stage dpo` reads preference records (messages / TRL / ShareGPT / Alpaca pairwise) into (chosen, rejected) pairs
+of samples that share their prompt: longsft/data/preference.py.
 """
 
 from __future__ import annotations
@@ -55,10 +59,18 @@ class Arguments(PretokenizeArguments):
     template: Optional[str] = field(default=None, metadata={
         "help": f"Chat template: {', '.join(implemented_templates())}; default: the model family's default "
                 f"(pre_tokenize.py docstring)."})
-    rewritten_replies: Literal["skip", "unsupervised"] = field(default="skip", metadata={
+    rewritten_replies: Literal["split", "skip", "unsupervised"] = field(default="split", metadata={
         "help": "Template auto: a reply the chat template writes differently once later messages follow (Qwen3 "
-                "drops past reasoning, Mistral moves the system prompt): skip the record (reason "
-                "template_rewrites_history), or leave those replies unsupervised and train the others."})
+                "drops past reasoning, Mistral v0.3 writes the system prompt into the last user message only): "
+                "split = train it as its own sample (its prompt with the generation prompt, then the reply as the "
+                "template writes a final one; the report counts those samples and their extra tokens); skip = skip "
+                "the record (reason template_rewrites_history); unsupervised = leave those replies unsupervised."})
+    render_timeout: float = field(default=10.0, metadata={
+        "help": "Template auto: seconds one record's chat-template rendering may take (real templates: ms); past "
+                "it the record is skipped as template_error, naming the template (at start-up: an error)."})
+    render_max_chars: int = field(default=64 * 2 ** 20, metadata={
+        "help": "Template auto: the most characters a chat template may write for one record, or build in one "
+                "string or list ('x' * N); past it: as --render_timeout."})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -55,10 +55,14 @@ import numpy as np
 import torch
 from transformers import HfArgumentParser
 
+try:  # the markdown of the report: a sibling module (bench/ is not a package)
+    from bench.gpu_report import (GIB, GOAL_MFU, GOAL_PACK_VS_NAIVE, TABLE, gib, goal_lines,  # noqa: F401
+                                  model_line, profile_lines, table_row)
+except ImportError:  # run as `python bench/bench_gpu.py` without the checkout on sys.path: bench/ is
+    from gpu_report import (GIB, GOAL_MFU, GOAL_PACK_VS_NAIVE, TABLE, gib, goal_lines,  # noqa: F401
+                            model_line, profile_lines, table_row)
 
-GIB = 1024**3
-GOAL_PACK_VS_NAIVE = 2.5
-GOAL_MFU = 0.45
+
 METHODS = ("naive", "sort", "pack")
 
 
@@ -162,10 +166,6 @@ class Memory:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def gib(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x / GIB:.2f}"
 
 
 def environment(device: torch.device, dtype: torch.dtype) -> dict:
@@ -473,57 +473,6 @@ def profile_pack(model, opt, steps: list[list[dict]], device: torch.device, n: i
                     for e in sorted(kernels, key=self_s, reverse=True)[:12]]}
 
 
-# ---- markdown -----------------------------------------------------------------------------------
-TABLE = ["| model | method | micro-batch x accumulation | steps | seconds | supervised tok/s | vs naive | token slots "
-         "| padding | peak GiB | model TFLOP/s | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-
-
-def _row(model_name: str, r: dict, base: Optional[dict], peak_rate: float, step_desc: str) -> str:
-    if "error" in r:
-        error = r["error"].replace("|", "/")
-        return f"| {model_name} | {r['method']} | {step_desc} | - | - | {error} | - |" + " - |" * 5
-    ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base and "error" not in base else "-"
-    steps = f"{r['steps']}" + ("" if r["steps"] == r["of_steps"] else f" of {r['of_steps']}")
-    return (f"| {model_name} | {r['method']} | {step_desc} | {steps} | {r['seconds']:.2f} | {r['tokens_per_s']:,.0f} "
-            f"| {ratio} | {r['slots']:,} | {1 - r['tokens'] / r['slots']:.1%} | {gib(r['peak_bytes'])} "
-            f"| {r['flops_per_s'] / 1e12:.3g} | {r['flops_per_s'] / peak_rate:.1%} |")
-
-
-def _model_line(name: str, part: dict, what: str) -> str:
-    n = part["shape"]["params"]
-    size = f"{n / 1e9:.3f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
-    return (f"{name}: {what}: {size} parameters, {part['shape']['checkpointed']} of {part['shape']['layers']} "
-            f"layers checkpointed (built in {part['init_s']:.1f} s)")
-
-
-def goal_lines(res: dict, peak_rate: float, attention: list[str]) -> list[str]:
-    lines = ["## Goals", "", "| goal | measured | status |", "|---|---|---|"]
-    pack, base = res.get("pack"), res.get("naive")
-    ok = lambda r: r is not None and "error" not in r  # noqa: E731
-    if ok(pack) and ok(base):
-        ratio = pack["tokens_per_s"] / base["tokens_per_s"]
-        lines.append(f"| pack >= {GOAL_PACK_VS_NAIVE}x naive supervised tokens/s | {ratio:.2f}x | "
-                     f"{'met' if ratio >= GOAL_PACK_VS_NAIVE else 'NOT met'} |")
-    if ok(pack):
-        mfu = pack["flops_per_s"] / peak_rate
-        lines.append(f"| MFU of pack >= {GOAL_MFU:.0%} | {mfu:.1%} | {'met' if mfu >= GOAL_MFU else 'NOT met'} |")
-    return lines + ["", "Attention that ran: " + ("; ".join(attention) or "none logged")]
-
-
-def profile_lines(prof: dict, device: torch.device) -> list[str]:
-    if "error" in prof:
-        return ["## Profile", "", f"**profiler FAILED**: `{prof['error']}`"]
-    busy = (f"; {prof['what']} busy {prof['busy_s']:.2f} s = {prof['busy_s'] / prof['wall_s']:.0%} of it"
-            if device.type == "cuda" else "")
-    total = max(prof["busy_s"], 1e-12)
-    return [f"## Profile: {prof['steps']} Llama pack step(s), {prof['wall_s']:.2f} s wall{busy}", "",
-            "| category | seconds | share |", "|---|---|---|",
-            *[f"| {c} | {s:.3f} | {s / total:.1%} |" for c, s in prof["categories"].items()],
-            "", f"| top {prof['what']} | calls | seconds | share |", "|---|---|---|---|",
-            *[f"| `{t['name'][:100]}` | {t['calls']} | {t['seconds']:.3f} | {t['seconds'] / total:.1%} |"
-              for t in prof["top"]]]
-
-
 # ---- main: the parts in order; a part that fails is reported and the next one still runs ------------
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -591,8 +540,8 @@ def main(argv: list[str] | None = None) -> dict:
             what = (f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV, ffn "
                     f"{args.ffn}, vocab {args.vocab:,} (tied)")
             report.add("train", [f"## Training throughput (same samples, one epoch per method after "
-                                 f"{args.warmup_steps} warm-up step(s))", "", _model_line("Llama", llama, what), "",
-                                 *TABLE, *[_row("llama", r, res.get("naive"), peak, desc[m]) for m, r in res.items()]])
+                                 f"{args.warmup_steps} warm-up step(s))", "", model_line("Llama", llama, what), "",
+                                 *TABLE, *[table_row("llama", r, res.get("naive"), peak, desc[m]) for m, r in res.items()]])
             report.add("goals", goal_lines(res, peak, llama["attention"]))
             if llama.get("profile"):
                 report.add("profile", profile_lines(llama["profile"], device))
@@ -617,8 +566,8 @@ def main(argv: list[str] | None = None) -> dict:
             what = (f"{args.layers} layers, hidden {args.hidden}, {args.glm_heads} heads of "
                     f"{args.hidden // args.glm_heads} / {args.glm_kv_groups} KV groups, ffn {args.glm_ffn}, vocab "
                     f"{args.glm_vocab:,}")
-            report.add("train", ["", _model_line("GLM-4 architecture", glm, what), "", *TABLE,
-                                 _row("glm4", glm["results"]["pack"], None, peak, desc["pack"])])
+            report.add("train", ["", model_line("GLM-4 architecture", glm, what), "", *TABLE,
+                                 table_row("glm4", glm["results"]["pack"], None, peak, desc["pack"])])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if failed:

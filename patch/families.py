@@ -60,12 +60,17 @@ class Detect:
     markers_any: at least one of these must be declared, or `template_text` be in a chat_template.
     setting: (key, value): when tokenizer_config.json has `key`, it decides alone (value equal: this family).
     tokenizer_class: the tokenizer_config.json tokenizer_class or its AutoTokenizer auto_map class name.
+    code_text: `markers_any` may also be found in the text of the folder's tokenizer code (`code_text`, e.g.
+        tokenization_chatglm.py, and the modules its AutoTokenizer auto_map names), read as text, never run.
     ChatGLM3 vs ChatGLM2 follows patch/tokenization_chatglm.py's own rule (detect_chatglm_version: chatglm_version,
-    else role tokens named, else a chat_template with `<|` tags), so the family and the tokenizer always agree."""
+    else role tokens named, else a chat_template with `<|` tags), extended by the tokenizer code's text (older
+    chatglm3-6b / LongAlign-6B-64k snapshots declare nothing but their tokenization_chatglm.py builds the role
+    tokens); models.load_tokenizer passes the family's `chatglm_version`, so the family and the tokenizer agree."""
     kinds: tuple[str, ...]
     markers: tuple[str, ...] = ()
     markers_any: tuple[str, ...] = ()
     template_text: Optional[str] = None
+    code_text: tuple[str, ...] = ()
     setting: Optional[tuple] = None
     tokenizer_class: Optional[str] = None
 
@@ -225,7 +230,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     _chatglm("chatglm3", "ChatGLM3-6B (chatglm3-6b, LongAlign-6B-64k)", _CHATGLM_SP, ("chatglm3", "chatglm2"),
              ("pad", "<unk>", "eos"),
              Detect(kinds=("sentencepiece",), markers_any=_CHATGLM3_ROLES, template_text="<|",
-                    setting=("chatglm_version", 3), tokenizer_class="ChatGLMTokenizer")),
+                    setting=("chatglm_version", 3), tokenizer_class="ChatGLMTokenizer",
+                    code_text=("tokenization_chatglm.py",))),
     _chatglm("chatglm2", "ChatGLM2-6B (chatglm2-6b; LongAlign, LL-BaiYang)", _CHATGLM_SP, ("chatglm2",),
              ("pad", "<unk>", "eos"),
              Detect(kinds=("sentencepiece",), setting=("chatglm_version", 2), tokenizer_class="ChatGLMTokenizer")),
@@ -344,6 +350,7 @@ def resolve_pad(rule: tuple[str, ...], lookup: Callable[[str], Optional[int]]) -
 # Detection: which family a folder is, from config.json and the tokenizer files (no code runs, nothing loads)
 # ---------------------------------------------------------------------------------------------------------------
 
+_OWN_CODE_MARK = "def detect_chatglm_version("  # in patch/tokenization_chatglm.py, not in the hub's files
 Reader = Callable[[str], Optional[bytes]]  # file name in the folder -> its bytes, or None when absent
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+\r?\n")
 
@@ -396,6 +403,8 @@ class TokenizerFacts:
     chat_templates: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     layer_kinds: set = field(default_factory=set)  # config.json's *layer_types values
+    code: dict = field(default_factory=dict)  # tokenizer code file name -> its text (read, never run)
+    problems: list = field(default_factory=list)  # malformed settings (e.g. a chat_template that is no template)
 
     def describe(self) -> str:
         kinds = ", ".join(sorted(self.kinds)) or "none found"
@@ -433,16 +442,21 @@ def tokenizer_facts(read: Reader) -> TokenizerFacts:
                 facts.tokens.add(v)
         if isinstance(cfg.get("tokenizer_class"), str):
             facts.classes.add(cfg["tokenizer_class"])
-        templates = cfg.get("chat_template") or []
-        templates = templates.values() if isinstance(templates, dict) else [templates] if isinstance(templates, str) \
-            else [t.get("template") for t in templates if isinstance(t, dict)]
-        facts.chat_templates += [t for t in templates if isinstance(t, str)]
+        templates, problem = chat_templates(cfg.get("chat_template"))
+        facts.chat_templates += templates
+        if problem:
+            facts.problems.append(f"{name}: {problem}")
         if name == "tokenizer_config.json":
             facts.settings = cfg
-        auto = (cfg.get("auto_map") or {}).get("AutoTokenizer")
+        auto = (cfg.get("auto_map") or {}).get("AutoTokenizer") if isinstance(cfg.get("auto_map"), dict) else None
         for ref in auto if isinstance(auto, list) else [auto]:
             if isinstance(ref, str):
                 facts.classes.add(ref.rsplit(".", 1)[-1])
+    for file in {f for fam in FAMILIES.values() for f in fam.detect.code_text}:
+        raw = read(file)  # read as text only: the folder's code never runs here
+        text = raw.decode("utf-8", errors="replace") if raw is not None else None
+        # our own patch/ copy (patch/install.py) names every version's tokens: its version is in tokenizer_config
+        facts.code[file] = None if text is None or _OWN_CODE_MARK in text else text
     return facts
 
 
@@ -450,6 +464,24 @@ def unchecked_layer_kinds(facts: TokenizerFacts) -> list[str]:
     """Layer kinds of the folder's config (layer_types) the packed check of its model type did not cover."""
     entry = MODEL_TYPES["accepted"].get(facts.model_type) or {}
     return sorted(facts.layer_kinds - set(entry.get("layer_types") or ()) - {"full_attention"})  # (plain causal)
+
+
+def chat_templates(value) -> tuple[list[str], Optional[str]]:
+    """The template texts of a tokenizer_config.json `chat_template` value (a string, a list of {"name",
+    "template"} objects, or a name -> string object) and a sentence naming what is wrong with it, if anything."""
+    if value is None:
+        return [], None
+    if isinstance(value, str):
+        return [value], None
+    if isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in value.items()):
+        return list(value.values()), None
+    if isinstance(value, list) and all(isinstance(t, dict) and isinstance(t.get("name"), str)
+                                       and isinstance(t.get("template"), str) for t in value):
+        return [t["template"] for t in value], None
+    shown = json.dumps(value, ensure_ascii=False)
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return [], (f"`chat_template` is {type(value).__name__} {shown}; it must be a Jinja template string or a list of "
+                f"{{\"name\": ..., \"template\": \"...\"}} objects: fix or remove the key")
 
 
 def matches(fam: Family, facts: TokenizerFacts) -> bool:
@@ -465,7 +497,8 @@ def matches(fam: Family, facts: TokenizerFacts) -> bool:
     if not all(m in facts.tokens for m in d.markers):
         return False
     if d.markers_any and not (facts.tokens & set(d.markers_any)
-                              or (d.template_text and any(d.template_text in t for t in facts.chat_templates))):
+                              or (d.template_text and any(d.template_text in t for t in facts.chat_templates))
+                              or any(m in (facts.code.get(f) or "") for f in d.code_text for m in d.markers_any)):
         return False
     return True
 
@@ -501,6 +534,7 @@ def why_undetected(read: Reader) -> str:
             continue
         need = " or ".join(d.kinds) + (f" declaring {', '.join(d.markers)}" if d.markers else "") \
             + (f" declaring one of {', '.join(d.markers_any)}" if d.markers_any else "") \
+            + (f" (or naming one in {', '.join(d.code_text)})" if d.code_text else "") \
             + (f" with tokenizer class {d.tokenizer_class}" if d.tokenizer_class else "")
         needs.append(f"{f.name}: {need}")
     return f"{facts.describe()}: matches no family ({'; '.join(needs)})"

@@ -9,7 +9,8 @@ Against upstream's file it changes:
   - packed batches: a 1-D int `attention_mask` = cu_seqlens [0, e1, ..., L] (input_ids [1, L]); each sample
     attends only to itself (flash-attn varlen -> torch varlen_attn -> per-sample SDPA: no crash without
     flash-attn), positions restart per sample unless `position_ids` are given;
-  - partial interleaved RoPE computed for any position from `rope_ratio` (no RoPE cache sized by `seq_length`);
+  - partial interleaved RoPE computed for any position from `rope_ratio` (no RoPE cache sized by `seq_length`),
+    as a base factor (ChatGLM3, GLM-4) or a position divisor (ChatGLM2-6B-32K): the config's `rope_ratio_mode`;
   - loss = sum_t w_t * CE_t / D (w_t = `weights` if `pack_loss` else 1, D = `num_items_in_batch` or sum w_t),
     computed in chunks so fp32 logits of a whole pack never exist; `logits` is None when labels are given;
   - transformers' own KV cache (DynamicCache), masks and GenerationMixin, so `generate()` works on transformers 5
@@ -63,14 +64,18 @@ def make_norm(config: ChatGLMConfig):
 
 class RotaryEmbedding(nn.Module):
     """Partial interleaved RoPE: the first rot_dim = kv_channels / 2 dims of each head rotate in pairs
-    (x[2j], x[2j+1]) by pos * theta_j, theta_j = (10000 * rope_ratio) ** (-2j / rot_dim); the rest pass through.
+    (x[2j], x[2j+1]) by p * theta_j; the rest pass through. `rope_ratio` r applies by the config's rope_rule
+    (configuration_chatglm.py): "base" (ChatGLM3, GLM-4): p = position, theta_j = (10000 * r) ** (-2j / rot_dim);
+    "positions" (ChatGLM2-6B-32K): p = position / r, theta_j = 10000 ** (-2j / rot_dim).
     Angles are computed from positions on the fly (fp32), so any position works. `inv_freq` is kept only because
     checkpoints carry it (same key and shape as upstream); the math recomputes it from the config."""
 
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
         self.rot_dim = config.kv_channels // 2
-        self.base = 10000.0 * config.rope_ratio
+        ratio = float(config.rope_ratio)
+        self.position_divisor = ratio if config.rope_rule == "positions" else 1.0
+        self.base = 10000.0 * (1.0 if config.rope_rule == "positions" else ratio)
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=True)  # [rot_dim / 2]
 
     def compute_inv_freq(self, device=None):  # fp32, the same expression upstream and transformers' Glm use
@@ -78,7 +83,10 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, position_ids, dtype):  # position_ids [B, T] -> cos, sin [B, T, rot_dim / 2]
         inv_freq = self.compute_inv_freq(position_ids.device)
-        angles = position_ids[..., None].float() * inv_freq  # [B, T, rot_dim / 2]
+        positions = position_ids.float()
+        if self.position_divisor != 1.0:
+            positions = positions / self.position_divisor  # ChatGLM2-6B-32K: linear position interpolation
+        angles = positions[..., None] * inv_freq  # [B, T, rot_dim / 2]
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
 

@@ -23,6 +23,8 @@ module provides what both model files need for it:
 - `causal_lm_loss`: sum_t w_t * CE_t / D over supervised targets (labels shifted inside, never across a sample
   boundary), computed `chunk_size` tokens at a time through the lm_head module under activation checkpointing,
   so fp32 logits for the whole pack exist neither in forward nor in backward.
+- `causal_lm_token_logps`: the same chunked path giving log p(target) of every supervised position instead of a
+  loss (the forward's `return_token_logps=True`): what preference training (DPO) sums per sequence.
 
 Tiny CPU check (from the repository root):
     python -c "import torch, patch.packed_attention as P; q=torch.randn(7,4,8); k=v=torch.randn(7,2,8); \
@@ -35,6 +37,7 @@ import importlib.util
 import inspect
 import logging
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,7 @@ from torch.utils.checkpoint import checkpoint
 
 try:  # transformers >= 5: attention/mask registries and the stock SDPA path for unpacked batches
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 except ImportError as exc:  # pragma: no cover - only on unsupported transformers versions
@@ -407,6 +411,73 @@ def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=Fa
     return total
 
 
+class _TargetLogProbs(torch.autograd.Function):
+    """log softmax(logits_i)[target_i] in fp32 for one chunk of rows -> [c]; backward builds the logits' gradient
+    g_i * (onehot - softmax) in one fp32 [rows, V] buffer, like _WeightedCrossEntropy."""
+
+    @staticmethod
+    def forward(ctx, logits, target):
+        x = logits.float()  # [c, V]
+        lse = torch.logsumexp(x, dim=-1)  # [c]
+        picked = x.gather(1, target[:, None]).squeeze(1)  # [c]
+        ctx.save_for_backward(logits, target, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, target, lse = ctx.saved_tensors
+        grad = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        grad.copy_(logits).sub_(lse[:, None]).exp_().neg_()  # -softmax [c, V]
+        grad.scatter_add_(1, target[:, None], torch.ones_like(lse[:, None]))  # onehot - softmax
+        grad.mul_(grad_out.float()[:, None])
+        return grad.to(logits.dtype), None
+
+
+def _chunk_logps(hidden, target, lm_head, scale=1.0, softcap=None):
+    logits = transform_logits(lm_head(hidden), scale, softcap)  # lm_head: [c, H] -> [c, V]
+    return _TargetLogProbs.apply(logits, target)  # -> [c] fp32
+
+
+def causal_lm_token_logps(hidden_states, lm_head, labels, *, cu_seqlens=None, chunk_size=None, shift_labels=None,
+                          logit_scale=1.0, logit_softcap=None):
+    """log p(target) at every position whose (shifted) target is supervised, 0 elsewhere: fp32 [B, T].
+
+    Arguments as causal_lm_loss: `labels` [B, T] aligned with input_ids and shifted here (never across a sample
+    boundary), or `shift_labels` [B, T] already shifted (a sequence-parallel shard). Only supervised positions go
+    through lm_head, `chunk_size` rows at a time under activation checkpointing: at most one chunk of logits exists
+    at a time, forward and backward. Summing the result over a sample's positions gives the sample's completion
+    log-prob, differentiable (what DPO compares). Every rank makes the same number of lm_head calls (ZeRO-3), and
+    a rank without supervised positions still touches every weight (a zero-weighted row), as in causal_lm_loss.
+    `logit_scale`, `logit_softcap`: the model's logits transform (`transform_logits`), as in causal_lm_loss."""
+    b, t, hid = hidden_states.shape
+    if shift_labels is not None:
+        targets = shift_labels.to(hidden_states.device).reshape(-1)  # [B*T]
+    else:
+        targets, _ = shift_targets(labels.to(hidden_states.device), None, cu_seqlens)
+    rows = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # [N]
+    flat = hidden_states.reshape(-1, hid)  # [B*T, H]
+    chunk = int(chunk_size or DEFAULT_LOSS_CHUNK_SIZE)
+    if chunk <= 0:
+        raise ValueError(f"loss_chunk_size must be a positive number of tokens, got {chunk_size}")
+    hidden, target = flat.index_select(0, rows), targets[rows]  # [N, H], [N]
+    parts = [(hidden[i:i + chunk], target[i:i + chunk]) for i in range(0, rows.numel(), chunk)]
+    n_real = len(parts)
+    # dummy 1-row chunks, weighted 0: ZeRO-3's equal lm_head call counts, and every weight touched without rows
+    dummy = (flat[:1], torch.zeros(1, dtype=torch.long, device=flat.device))
+    parts += [dummy] * (max(_max_chunks_across_ranks(n_real, lm_head, flat.device), 1 if n_real == 0 else 0)
+                        - n_real)
+    values = []
+    for h, tg in parts:
+        values.append(checkpoint(_chunk_logps, h, tg, lm_head, logit_scale, logit_softcap, use_reentrant=False)
+                      if torch.is_grad_enabled() else _chunk_logps(h, tg, lm_head, logit_scale, logit_softcap))
+    out = torch.zeros(b * t, dtype=torch.float32, device=flat.device)
+    if n_real:
+        out = out.index_put((rows,), torch.cat(values[:n_real]))
+    if len(values) > n_real:  # zero, but part of the graph: the dummy chunks run in backward too
+        out = out + 0.0 * torch.stack([v.sum() for v in values[n_real:]]).sum()
+    return out.view(b, t)
+
+
 def _max_chunks_across_ranks(n_chunks: int, lm_head, device) -> int:
     """The largest chunk count of any rank when lm_head's weight is partitioned by DeepSpeed ZeRO-3 (it carries a
     `ds_id`), else `n_chunks`. One all-reduce of a single integer per forward."""
@@ -422,6 +493,14 @@ def _max_chunks_across_ranks(n_chunks: int, lm_head, device) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # The packed forward of a transformers *ForCausalLM (transformers' own modules below it)
 # ---------------------------------------------------------------------------------------------------------------
+@dataclass
+class PackedCausalLMOutput(CausalLMOutputWithPast):
+    """CausalLMOutputWithPast plus `token_logps` [B, T] fp32 (forward(..., return_token_logps=True)): a ModelOutput
+    field, so wrappers that rebuild outputs (DDP, DeepSpeed, peft) keep it."""
+
+    token_logps: torch.FloatTensor | None = None
+
+
 class PackedCausalLM:
     """Mixin for a transformers causal LM with `base_model` (the decoder) and an output embedding (lm_head):
     `class XForCausalLM(PackedCausalLM, transformers.XForCausalLM)` (see `packed_causal_lm`). Only forward()
@@ -432,7 +511,9 @@ class PackedCausalLM:
       labels [B, T] (-100 = not supervised), weights [B, T], pack_loss, num_items_in_batch, loss_chunk_size:
         loss = sum_t w_t * CE_t / D (causal_lm_loss); with labels given, `logits` is None;
       shift_labels [B, T] instead of labels: targets already shifted, for one rank's shard of a sequence-parallel
-        pack, whose boundaries then come as kwargs cu_seq_lens_q/k, max_length_q/k (the whole pack's)."""
+        pack, whose boundaries then come as kwargs cu_seq_lens_q/k, max_length_q/k (the whole pack's);
+      return_token_logps: with labels / shift_labels, `token_logps` [B, T] (causal_lm_token_logps: log p(target)
+        at each supervised position, chunked) instead of the loss."""
 
     def logits_transform(self) -> tuple[float, float | None]:
         """(scale, softcap) of `transform_logits`, from the config fields transformers' classes read after lm_head:
@@ -464,10 +545,9 @@ class PackedCausalLM:
         num_items_in_batch=None,  # normaliser D (number or 0-d tensor); default: sum of the token weights
         loss_chunk_size=None,  # tokens per lm_head/CE chunk; default config.loss_chunk_size or 1024
         return_dict=None,  # False: a tuple, as transformers models return
+        return_token_logps=False,  # with labels/shift_labels: `token_logps` [B, T] instead of the loss (DPO)
         **kwargs,
     ):
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
         ref = input_ids if input_ids is not None else inputs_embeds
         attention_mask, position_ids, packed_kwargs, cu_seqlens = prepare_packed_inputs(
             attention_mask, position_ids, ref.shape[0], ref.shape[1], ref.device
@@ -487,8 +567,14 @@ class PackedCausalLM:
         hidden_states = outputs.last_hidden_state  # [B, T, H]
         lm_head = self.get_output_embeddings()  # [H] -> [V]
         scale, softcap = self.logits_transform()
-        loss = logits = None
-        if labels is not None or shift_labels is not None:
+        loss = logits = token_logps = None
+        if return_token_logps and (labels is not None or shift_labels is not None):
+            token_logps = causal_lm_token_logps(
+                hidden_states, lm_head, labels, cu_seqlens=cu_seqlens, shift_labels=shift_labels,
+                chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
+                logit_scale=scale, logit_softcap=softcap,
+            )
+        elif labels is not None or shift_labels is not None:
             loss = causal_lm_loss(
                 hidden_states, lm_head, labels, weights=weights, pack_loss=pack_loss,
                 num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens, shift_labels=shift_labels,
@@ -500,12 +586,13 @@ class PackedCausalLM:
             # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
             logits = transform_logits(lm_head(hidden_states[:, keep, :]), scale, softcap)  # [B, T', V]
-        output = CausalLMOutputWithPast(
+        output = (CausalLMOutputWithPast if token_logps is None else PackedCausalLMOutput)(
             loss=loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
+            **({} if token_logps is None else {"token_logps": token_logps}),  # [B, T] fp32, 0 where no target
         )
         return output if return_dict is not False else output.to_tuple()
 

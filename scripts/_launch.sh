@@ -9,6 +9,9 @@
 # "$SP_SIZE" to main.py; longsft/train/sequence_parallel.py); it needs BATCH_METHOD=pack, NUM_GPUS x NUM_NODES a multiple of
 # SP_SIZE, and makes the data-parallel size (NUM_GPUS x NUM_NODES) / SP_SIZE:
 #   SP_SIZE=4 NUM_GPUS=8 bash scripts/glm4_longwriter.sh          # 2 groups of 4 GPUs, each group shares a pack
+# QUANT_BIT=4|8: the base weights in 4 bits (NF4) or 8 bits (LLM.int8), LoRA adapters on top (QLoRA: main.py
+# --quantization_bit, needs the script's LoRA flags: the _lora scripts, or USE_LORA=1 for sft.sh):
+#   QUANT_BIT=4 bash scripts/glm4_longwriter_lora.sh
 # LAUNCH_CHECK_ONLY=1 (set by scripts/sft.sh before it prepares the data): run the settings checks, skip the
 # data checks, and return to the caller (GROUP_SIZE then holds sort_and_group's --group_size).
 #
@@ -23,7 +26,9 @@
 #                         LAUNCHER=torchrun NUM_NODES=2 NODE_RANK=$i MASTER_ADDR=10.0.0.1 bash ...
 # Every node needs the repository and the data at the same path (a shared filesystem is simplest); variables
 # the other nodes need (NCCL_*, HF_HOME, ...) go into .deepspeed_env (lines NAME=value) for the ssh launcher.
-# DRY_RUN=1 prints the command and exits.  Without a CUDA GPU the run goes to the CPU (gloo), which only makes
+# Checked before anything is launched or created (every problem at once, exit status 2): the numbers (GPUs, nodes,
+# per-device batch and accumulation at least 1), SP_SIZE, the DeepSpeed config, the model folder (as main.py checks
+# it) and the data. DRY_RUN=1 prints the command and exits.  Without a CUDA GPU the run goes to the CPU (gloo), which only makes
 # sense for tiny models (see scripts/quickstart.sh).
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,6 +45,7 @@ PYTHON=${PYTHON:-python3}
 PACK_LENGTH=${PACK_LENGTH:-32768}
 SP_SIZE=${SP_SIZE:-1}
 LAUNCH_CHECK_ONLY=${LAUNCH_CHECK_ONLY:-0}
+QUANT_BIT=${QUANT_BIT:-}
 
 has_cuda() { "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; }
 
@@ -64,7 +70,18 @@ fi
 problems=()
 case "$LAUNCHER" in deepspeed|torchrun) ;; *) problems+=("LAUNCHER=$LAUNCHER: use deepspeed or torchrun") ;; esac
 for v in NUM_GPUS NUM_NODES NODE_RANK PER_DEVICE_BATCH GRAD_ACC MASTER_PORT; do
-  [[ "${!v}" =~ ^[0-9]+$ && "${!v}" -ge 0 ]] || problems+=("$v=${!v}: must be a whole number")
+  if [[ ! "${!v}" =~ ^[0-9]+$ ]]; then
+    problems+=("$v=${!v}: must be a whole number")
+  elif [[ "$v" != NODE_RANK && "${!v}" -lt 1 ]]; then   # deepspeed reads --num_gpus 0 as "every GPU"
+    case "$v" in
+      NUM_GPUS) what="processes per node (deepspeed --num_gpus 0 would mean every GPU of the node)" ;;
+      NUM_NODES) what="nodes" ;;
+      PER_DEVICE_BATCH) what="packs or samples per GPU per micro-step" ;;
+      GRAD_ACC) what="micro-steps per optimizer step" ;;
+      *) what="a port number" ;;
+    esac
+    problems+=("$v=${!v}: must be at least 1 ($what)")
+  fi
 done
 if [[ "$NUM_NODES" =~ ^[0-9]+$ && "$NUM_NODES" -gt 1 ]]; then
   if [[ "$LAUNCHER" == deepspeed && -z "$HOSTFILE" ]]; then
@@ -89,8 +106,16 @@ elif [[ "$SP_SIZE" -gt 1 ]]; then
     problems+=("SP_SIZE=$SP_SIZE needs BATCH_METHOD=pack (the ranks of a group share one pack), not BATCH_METHOD=$BATCH_METHOD$hint")
   fi
 fi
+[[ -z "$QUANT_BIT" || "$QUANT_BIT" == 4 || "$QUANT_BIT" == 8 ]] || \
+  problems+=("QUANT_BIT=$QUANT_BIT: 4 (NF4) or 8 (LLM.int8) quantized base weights under LoRA, or unset")
 GROUP_SIZE=8   # sort_and_group --group_size: packs (or samples) per optimizer step
 [[ ${#problems[@]} -eq 0 ]] && GROUP_SIZE=$((NUM_GPUS * NUM_NODES / SP_SIZE * PER_DEVICE_BATCH * GRAD_ACC))
+if [[ "$DRY_RUN" != 1 ]]; then   # the model folder, as main.py checks it (before anything is launched or created)
+  while IFS= read -r p; do
+    [[ -n "$p" ]] && problems+=("MODEL=$p")
+  done < <("$PYTHON" -c 'import sys; from longsft.train.settings import model_dir_problems
+for p in model_dir_problems(sys.argv[1]): print(p.split(" ", 1)[1])' "$MODEL")
+fi
 if [[ "$DRY_RUN" != 1 && "$LAUNCH_CHECK_ONLY" != 1 ]]; then
   if [[ ! -f "$DATA/meta.json" ]]; then
     problems+=("DATA=$DATA is not a tokenized dataset (no meta.json). Make it with
@@ -129,7 +154,7 @@ else
   fi
   [[ -n "$MASTER_ADDR" ]] && CMD+=(--master_addr "$MASTER_ADDR")
 fi
-CMD+=(main.py "${TRAIN_ARGS[@]}" "$@")
+CMD+=(main.py "${TRAIN_ARGS[@]}" ${QUANT_BIT:+--quantization_bit "$QUANT_BIT"} "$@")
 
 # ---- effective global batch ------------------------------------------------------------------------------
 unit=samples
@@ -145,5 +170,4 @@ echo "[launch] $(printf '%q ' "${CMD[@]}")"
 if [[ "$DRY_RUN" == 1 ]]; then
   exit 0
 fi
-mkdir -p "$OUTPUT"
-exec "${CMD[@]}"
+exec "${CMD[@]}"   # main.py creates $OUTPUT (and removes it again if it fails before writing anything)

@@ -11,7 +11,8 @@
 # Parts, in order; each has its own time limit, and a part that fails or times out does not stop the next:
 #   1. python packages: `.whl/*.whl`, if that folder exists, installed into /tmp/site (PYTHONPATH)  <= 45 s
 #   2. python3 -m pytest -m gpu on the test files holding gpu tests (tests/patch/test_models_gpu.py): every packed-
-#      attention backend vs per-sample SDPA in bf16, packed vs unpacked gradients, the chunked loss on CUDA
+#      attention backend vs per-sample SDPA in bf16, packed vs unpacked gradients, the chunked loss on CUDA (and,
+#      with bitsandbytes, tests/train/test_quantization.py: a 4/8-bit LoRA step, packed vs unpacked)
 #      (GPU_CHECK_PYTEST_S, default 120 s; expected ~40 s: CUDA start-up, then small tensors)
 #   3. python3 bench/bench_gpu.py --profile --out DIR/RESULTS.md (GPU_CHECK_BENCH_S, default 300 s; expected
 #      ~2-3 min: matmul 15 s, data 5 s, Llama-1.2B naive / sort / pack 45-90 s, profile 10 s, loss memory
@@ -30,6 +31,8 @@
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #     hjson==3.1.0 pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2
 #   python3 -m pip wheel --no-deps --no-build-isolation -w .whl deepspeed==0.19.8   # PyPI has no deepspeed wheel
+# bitsandbytes (the QLoRA gpu tests in tests/train/test_quantization.py; skipped without it) is not in the image
+# either: python3 -m pip download --no-deps -d .whl bitsandbytes==0.50.2   (43 MB: one wheel for CUDA and CPU)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's longsft for tools/ and bench/ (no install needed)
@@ -72,7 +75,7 @@ print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {tor
 EOF
 
 # ---- 2. pytest -m gpu --------------------------------------------------------------------------------------
-mapfile -t GPU_TESTS < <(grep -l "mark.gpu" tests/test_*.py)
+mapfile -t GPU_TESTS < <(grep -rl --include='test_*.py' "mark.gpu" tests | sort)
 PYTEST_RC=0 PYTEST_STATUS="skipped (GPU_CHECK_PYTEST=0)" PYTEST_SUMMARY=""
 if [[ "$RUN_PYTEST" == 1 ]]; then
   say "pytest -m gpu ${GPU_TESTS[*]} (limit ${PYTEST_S}s)"

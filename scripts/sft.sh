@@ -9,6 +9,9 @@
 #   PREPARE=0 TOKENIZED=data/sft/mine bash scripts/sft.sh     # the tokenized folder exists: train only
 #   SP_SIZE=2 MODEL=THUDM/glm-edge-4b-chat DATA=long.jsonl bash scripts/sft.sh  # 2 GPUs share each pack
 #   DRY_RUN=1 bash scripts/sft.sh                             # print the three commands, run nothing
+#   STAGE=dpo MODEL=output/sft/glm-edge-4b-chat DATA=pairs.jsonl bash scripts/sft.sh   # preference training (DPO)
+#     on pairs (pre_tokenize.py --stage dpo: chosen / rejected records), packed; DPO_LOSS, DPO_BETA, DPO_SFT_WEIGHT,
+#     PRECOMPUTE_REF (1: reference log-probs computed once, one model in memory), REF_MODEL (README "Preference")
 # Multi-node settings (HOSTFILE, LAUNCHER=torchrun, NUM_NODES, NODE_RANK, MASTER_ADDR) as in glm4_longwriter.sh.
 set -euo pipefail
 
@@ -16,8 +19,9 @@ set -euo pipefail
 MODEL=${MODEL:-THUDM/glm-edge-4b-chat}          # model folder or hub id of any registered family
 DATA=${DATA:-data/sample.jsonl}                 # raw chat files (JSONL / JSON; space-separated; FILE:COUNT ok)
 TEMPLATE=${TEMPLATE:-auto}                      # auto | a template of the family (pre_tokenize.py --help)
-OUTPUT=${OUTPUT:-output/sft/$(basename "$MODEL")}
-TOKENIZED=${TOKENIZED:-data/sft/$(basename "$MODEL")-$TEMPLATE}  # the pre-tokenized (and packed) folder
+STAGE=${STAGE:-sft}                             # sft | dpo (preference pairs; the DPO_* settings below)
+OUTPUT=${OUTPUT:-output/$STAGE/$(basename "$MODEL")}
+TOKENIZED=${TOKENIZED:-data/$STAGE/$(basename "$MODEL")-$TEMPLATE}  # the pre-tokenized (and packed) folder
 PREPARE=${PREPARE:-1}                           # 1: run pre_tokenize.py + sort_and_group.py first; 0: train only
 MAX_LENGTH=${MAX_LENGTH:-32768}                 # longest sample = tokens per pack
 NUM_GPUS=${NUM_GPUS:-}                          # per node; empty = all the GPUs nvidia-smi lists
@@ -32,12 +36,23 @@ LORA_TARGETS=${LORA_TARGETS:-}
 DS_CONFIG=${DS_CONFIG:-$([[ $USE_LORA == 1 ]] && echo ds_config/stage2.json || echo ds_config/stage3.json)}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}         # packs per GPU per micro-step
 GRAD_ACC=${GRAD_ACC:-1}
-LR=${LR:-$([[ $USE_LORA == 1 ]] && echo 1e-4 || echo 1e-5)}
-EPOCHS=${EPOCHS:-3}
+if [[ "$STAGE" == dpo ]]; then                  # DPO's usual scale: smaller steps, fewer epochs
+  LR=${LR:-$([[ $USE_LORA == 1 ]] && echo 5e-6 || echo 1e-6)}
+  EPOCHS=${EPOCHS:-1}
+else
+  LR=${LR:-$([[ $USE_LORA == 1 ]] && echo 1e-4 || echo 1e-5)}
+  EPOCHS=${EPOCHS:-3}
+fi
+DPO_LOSS=${DPO_LOSS:-sigmoid}                   # STAGE=dpo: sigmoid (DPO) | ipo | simpo (reference-free)
+DPO_BETA=${DPO_BETA:-0.1}
+DPO_SFT_WEIGHT=${DPO_SFT_WEIGHT:-0}             # + this x NLL of the chosen replies (token mean)
+PRECOMPUTE_REF=${PRECOMPUTE_REF:-1}             # 1: reference log-probs in one pass before training (stored beside
+                                                # the data, reused on resume): one model in memory
+REF_MODEL=${REF_MODEL:-}                        # reference folder; empty: MODEL (with LoRA: its adapters disabled)
 BATCH_METHOD=${BATCH_METHOD:-pack}              # pack | sort | naive
 SP_SIZE=${SP_SIZE:-1}                           # ranks sharing each pack (sequence parallelism, pack only);
                                                 # data-parallel size = GPUs x nodes / SP_SIZE
-PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign per-sequence mean; 0: token mean
+PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign per-sequence mean; 0: token mean (SFT only)
 BF16=${BF16:-auto}                              # auto: bf16 where the GPU has it, fp32 on CPU (main.py decides);
                                                 # 1: --bf16 True; 0: --bf16 False
 GRAD_CKPT=${GRAD_CKPT:-1}
@@ -50,6 +65,11 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's longsft for tools/ and bench/ (no install needed)
 PY=${PYTHON:-python3}
 read -r -a INPUTS <<< "$DATA"
+case "$STAGE" in
+  sft) STAGE_ARGS=() ;;
+  dpo) STAGE_ARGS=(--stage dpo); PRETOKENIZE_ARGS="--stage dpo" ;;   # (PRETOKENIZE_ARGS: _launch.sh's data hint)
+  *) echo "[launch] cannot start: STAGE=$STAGE: use sft or dpo" >&2; exit 2 ;;
+esac
 # the launch settings first (GPUs, nodes, SP_SIZE, ...: every problem at once, before any data is prepared); this
 # also counts sort_and_group's --group_size, the packs per optimizer step: GPUs x nodes / SP_SIZE x batch x GRAD_ACC
 LAUNCH_CHECK_ONLY=1
@@ -63,7 +83,7 @@ step() {  # print a preparation command, then run it (DRY_RUN=1: print only)
 }
 if [[ "$PREPARE" == 1 ]]; then
   step "$PY" pre_tokenize.py --model_name_or_path "$MODEL" --template "$TEMPLATE" --input "${INPUTS[@]}" \
-    --output_dir "$TOKENIZED" --max_length "$MAX_LENGTH"
+    --output_dir "$TOKENIZED" --max_length "$MAX_LENGTH" "${STAGE_ARGS[@]}"
   if [[ "$BATCH_METHOD" != naive ]]; then
     step "$PY" sort_and_group.py --train_file "$TOKENIZED" --max_length "$MAX_LENGTH" --group_size "$GROUP"
   fi
@@ -85,5 +105,12 @@ TRAIN_ARGS=(
 if [[ "$USE_LORA" == 1 ]]; then
   TRAIN_ARGS+=(--use_lora True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA")
   [[ -n "$LORA_TARGETS" ]] && TRAIN_ARGS+=(--lora_target_modules "$LORA_TARGETS")
+fi
+if [[ "$STAGE" == dpo ]]; then
+  TRAIN_ARGS+=(--stage dpo --dpo_loss "$DPO_LOSS" --dpo_beta "$DPO_BETA" --dpo_sft_weight "$DPO_SFT_WEIGHT")
+  if [[ "$DPO_LOSS" != simpo ]]; then
+    if [[ "$PRECOMPUTE_REF" == 1 ]]; then TRAIN_ARGS+=(--precompute_ref_logps True); fi
+    if [[ -n "$REF_MODEL" ]]; then TRAIN_ARGS+=(--ref_model "$REF_MODEL"); fi
+  fi
 fi
 source scripts/_launch.sh

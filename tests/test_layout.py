@@ -19,7 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_MODULES = {"pre_tokenize", "pre_tokenize_glm4", "pre_tokenize_llama3", "sort_and_group", "main", "trainer",
-                 "dataset"}
+                 "dataset", "evaluate"}
 GOLDEN = Path(__file__).parent / "golden" / "sample_outputs.json"
 # (case, tokenizer builder, builder kwargs, --template): every hand-written template and `auto` on two families
 CASES = [("glm4", "make_glm4_tokenizer", {}, None), ("llama3-longwriter", "make_llama3_tokenizer", {}, "longwriter"),

@@ -9,9 +9,11 @@
     python tools/make_tiny.py chat-tokenizer --kind qwen2 --out /tmp/tiny-qwen2     # chat templates: see below
     python tools/make_tiny.py decoder --model_type gemma --out /tmp/tiny-gemma   # any type patch/model_types.json
                                                                                  # accepts (family `transformers`)
+    python tools/make_tiny.py pairs --out /tmp/pairs.jsonl --num_pairs 64           # generated preference pairs
 
 The builders: longsft/tiny/tokenizers.py (tokenizer folders, each like its hub layout) and longsft/tiny/models.py
-(tiny random-weight models); the chat templates of the native families' tiny tokenizers: longsft/tiny/chat_templates.py.
+(tiny random-weight models); the chat templates of the native families' tiny tokenizers: longsft/tiny/chat_templates.py;
+the preference pairs (pre_tokenize.py --stage dpo input): longsft/tiny/preference_pairs.py.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from longsft.errors import run_cli
 from longsft.tiny.models import make_tiny_decoder, make_tiny_model
+from longsft.tiny.preference_pairs import FORMATS, make_preference_pairs
 from longsft.tiny.tokenizers import CHAT_TOKENIZERS, TOKENIZER_BUILDERS, make_chat_template_tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -50,10 +53,26 @@ def main(argv: list[str] | None = None) -> Path:
     d.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
     d.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: a tiny Qwen2.5-style one)")
     d.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    q = sub.add_parser("pairs", help="write generated preference pairs (JSONL) for pre_tokenize.py --stage dpo",
+                       allow_abbrev=False)
+    q.add_argument("--out", required=True, help="JSONL file to write (replaced)")
+    q.add_argument("--num_pairs", type=int, default=64)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--min_words", type=int, default=20, help="shortest requested reply, in words")
+    q.add_argument("--max_words", type=int, default=300, help="longest requested reply (long-tailed in between)")
+    q.add_argument("--formats", choices=[*FORMATS, "mixed"], default="messages", help="record layout (mixed: in turn)")
     args = parser.parse_args(argv)
     if args.what == "decoder":
         out = make_tiny_decoder(args.out, args.model_type, args.tokenizer, seed=args.seed)
         print(f"wrote tiny {args.model_type} model to {out}")
+        return out
+    if args.what == "pairs":
+        try:
+            out = make_preference_pairs(args.out, args.num_pairs, args.seed, args.min_words, args.max_words,
+                                        args.formats)
+        except ValueError as e:
+            parser.error(str(e))
+        print(f"wrote {args.num_pairs} preference pairs to {out}")
         return out
     if args.what == "chat-tokenizer":
         out = make_chat_template_tokenizer(args.out, args.kind)

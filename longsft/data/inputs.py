@@ -25,6 +25,7 @@ import numpy as np
 from longsft.errors import UserError
 
 CHUNK_RECORDS, CHUNK_BYTES = 256, 4 << 20  # largest work unit sent to a worker
+MAX_JSON_DEPTH = 100  # deeper JSON is invalid_json: real records (tool schemas included) nest ~10 levels
 JSON_WINDOW_BYTES = 4 << 20  # a JSON array is decoded this much at a time (more for a larger element)
 BOM = b"\xef\xbb\xbf"
 _WHITESPACE = frozenset(b" \t\n\r\x0b\x0c")  # what bytes.strip() removes
@@ -65,6 +66,47 @@ class Source:
     @property
     def num_records(self) -> int:
         return len(self.lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# JSON with bounded nesting: no parser ever sees a record nested deeper than MAX_JSON_DEPTH
+# ----------------------------------------------------------------------------------------------
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[]{}')  # deleted before counting
+_OPEN, _CLOSE = np.zeros(256, np.int8), np.zeros(256, np.int8)
+_OPEN[[ord("["), ord("{")]] = 1
+_CLOSE[[ord("]"), ord("}")]] = 1
+
+
+def json_depth_problem(data: bytes | str, limit: int = MAX_JSON_DEPTH) -> str | None:
+    """Why `data` (JSON text) may not be parsed: nested deeper than `limit` arrays/objects, else None.
+
+    Parsers recurse once per level: Python's json stops at its recursion limit (RecursionError, ~1,000 levels),
+    orjson crashes the process (a segfault at ~200,000 levels), and a record that parses still makes every later
+    recursive step (templates, copies) deep. So the depth is measured on the text first, without parsing: the
+    escaped backslashes and quotes removed, everything but quotes and brackets deleted, the strings (every other
+    piece between quotes) dropped, and a cumulative sum over the brackets left. A text with at most `limit`
+    opening brackets cannot be deeper (the common case: two bytes.count calls)."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return None
+    if b"\\" in raw:  # backslashes occur only in strings: an escaped quote is not a string's end
+        raw = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    outside = b"".join(raw.translate(None, _NOT_STRUCTURE).split(b'"')[0::2])
+    code = np.frombuffer(outside, np.uint8)
+    depth = int(np.cumsum(_OPEN[code] - _CLOSE[code], dtype=np.int64).max(initial=0))
+    if depth <= limit:
+        return None
+    return f"nested {depth:,} levels deep (arrays/objects; at most {limit} are read, real records nest ~10)"
+
+
+def load_json(data: bytes | str, where: str = ""):
+    """json.loads with bounded nesting: Skip("invalid_json") for text nested deeper than MAX_JSON_DEPTH (`where`
+    names the field in the detail); a text that is not JSON raises ValueError, for the caller's own message."""
+    problem = json_depth_problem(data)
+    if problem:
+        raise Skip("invalid_json", f"{where}: {problem}" if where else problem)
+    return json.loads(data)
 
 
 def check_surrogates(obj) -> None:
@@ -159,7 +201,12 @@ def _index_json_array(src: Source, mm) -> None:
         line += text.count("\n", last, i)
         last = i
         try:
-            _, j = dec.raw_decode(text, i)
+            try:
+                _, j = dec.raw_decode(text, i)
+            except RecursionError:  # nested too deep to decode: its span all the same (the worker skips it)
+                j = _nested_value_end(text, i)
+                if j is None:
+                    raise json.JSONDecodeError("unterminated array or object", text, i) from None
             k = ws.match(text, j).end()  # a number cut by the window's end parses too: want the delimiter seen
             cut = not w["end"] and (k == len(text) or text[k] not in ",]")
         except json.JSONDecodeError as e:
@@ -192,6 +239,24 @@ def _index_json_array(src: Source, mm) -> None:
         fail(rest, "more content after the closing ']', e.g. a second array; merge them or use JSONL")
     src.starts, src.ends = np.frombuffer(starts, np.int64), np.frombuffer(ends, np.int64)
     src.lines = np.frombuffer(lines, np.int64)
+
+
+_BRACKET_OR_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
+
+
+def _nested_value_end(text: str, i: int) -> int | None:
+    """End of the array or object starting at text[i], found by matching brackets outside strings (no recursion;
+    for values too deep for the json decoder), or None when it does not close within `text`."""
+    depth = 0
+    for m in _BRACKET_OR_STRING.finditer(text, i):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+        elif c in "]}":
+            depth -= 1
+            if depth == 0:
+                return m.end()
+    return None
 
 
 def _split_spec(spec: str) -> tuple[Path, int | None, str | None]:

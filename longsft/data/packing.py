@@ -21,6 +21,8 @@
   good; nothing that affects the loss depends on it (weights are 1/N_i; normalization happens at training).
 - Sorted batching (LMSortDataset): samples sorted by length, cut into groups of group_size, groups shuffled
   with --seed (a shorter last group at the end).
+- Preference pairs (longsft/data/pair_packing.py) are items of two samples, never split: their length is the
+  pair's and their attention term the sum of both samples' squares (`squares` of pack_costs / repack_uneven_steps).
 """
 
 from __future__ import annotations
@@ -145,12 +147,19 @@ PACKERS = {"bfd": pack_bfd, "sequential": pack_sequential}
 # ----------------------------------------------------------------------------------------------
 
 def pack_costs(lengths: np.ndarray, order: np.ndarray, pack_offsets: np.ndarray,
-               attn_cost_length: float) -> np.ndarray:
-    """Modeled cost of every pack: tokens + sum of squared sample lengths / attn_cost_length, float64 [packs]."""
+               attn_cost_length: float, squares: np.ndarray | None = None) -> np.ndarray:
+    """Modeled cost of every pack: tokens + sum of squared sample lengths / attn_cost_length, float64 [packs].
+    `squares`: each item's sum of squared sample lengths when an item holds several samples (a preference pair);
+    default lengths ** 2."""
     if pack_offsets.size < 2:
         return np.zeros(0)
-    ell = np.asarray(lengths, dtype=np.float64)[order]
-    return np.add.reduceat(ell + ell * ell / attn_cost_length, pack_offsets[:-1])
+    return np.add.reduceat(_item_costs(lengths, attn_cost_length, squares)[order], pack_offsets[:-1])
+
+
+def _item_costs(lengths: np.ndarray, attn_cost_length: float, squares: np.ndarray | None = None) -> np.ndarray:
+    ell = np.asarray(lengths, dtype=np.float64)
+    sq = ell * ell if squares is None else np.asarray(squares, dtype=np.float64)
+    return ell + sq / attn_cost_length
 
 
 def arrange_steps(costs: np.ndarray, group_size: int, seed: int, balance: bool = True,
@@ -176,15 +185,14 @@ def reorder_packs(order: np.ndarray, pack_offsets: np.ndarray, perm: np.ndarray)
 
 
 def repack_uneven_steps(lengths: np.ndarray, order: np.ndarray, pack_offsets: np.ndarray, group_size: int,
-                        max_length: int, attn_cost_length: float,
-                        tol: float = 1.01) -> tuple[np.ndarray, np.ndarray, int]:
+                        max_length: int, attn_cost_length: float, tol: float = 1.01,
+                        squares: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Steps (runs of group_size packs, the last one may be shorter) whose slowest pack costs more than tol x
     their mean are re-packed: their samples, most expensive first, go to the cheapest of the step's packs that
     has room (LPT), kept only if that is more even. Same packs count; only a few tail steps (e.g. the last,
     part-filled bfd pack) qualify. Returns the new order (pack_offsets may change) and the steps re-packed."""
     order, offsets = order.copy(), pack_offsets.copy()
-    cost = np.asarray(lengths, dtype=np.float64)
-    cost = cost + cost * cost / attn_cost_length
+    cost = _item_costs(lengths, attn_cost_length, squares)
     per_pack = np.add.reduceat(cost[order], offsets[:-1]) if offsets.size > 1 else np.zeros(0)
     repacked = 0
     for first in range(0, per_pack.size, group_size):

@@ -23,9 +23,14 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    itself: tool calls, tool results, tools, reasoning).
 3. Every selected record ends up either in the dataset or in DIR/skipped.jsonl with file, line and one reason:
    invalid_json, wrong_schema, unknown_role, too_long (with --truncate skip), nothing_to_supervise (template auto
-   adds template_error and template_rewrites_history).
+   adds template_error and template_rewrites_history). JSON nested deeper than inputs.MAX_JSON_DEPTH levels (in the
+   record, or in a `tools` / `function_call` JSON string) is invalid_json: its depth is measured before any parser
+   runs, so no record can crash or hang the run.
    `--strict` makes the first three fatal. DIR/report.json has the totals; the first few skips are printed.
-4. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
+4. `--stage dpo`: preference records -> (chosen, rejected) pairs of samples (longsft/data/preference.py's PairFormat
+   wraps the template: it encodes whole work units, each side through this module's SFT path, and marks the dataset
+   as pairs when it is written).
+5. Parallel over `--num_proc` processes (this one and num_proc - 1 workers; bounded in-flight chunks, results
    consumed in input order), so the output is byte-identical for any process count; written through
    `longsft.data.storage.TokenizedWriter`, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves the previous output intact,
    an --output_dir holding anything but one of our datasets is refused, and a symlinked one is written through.
@@ -48,9 +53,11 @@ from typing import Any, Callable, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks, parse_record, plan_order)
+from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks,
+                                json_depth_problem, parse_record, plan_order)
 from longsft.errors import run_cli
-from longsft.atomic_dir import default_signals, describe_removed, signals_as_exit
+from longsft.atomic_dir import (default_signals, describe_removed, signals_as_exit, writable_problem,
+                                write_failures_reported)
 from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, TokenizedWriter, dataset_replace_problem
 
 try:  # optional: a faster JSON reader for JSONL lines (same results, see _parse)
@@ -86,6 +93,9 @@ class PretokenizeArguments:
     trust_remote_code: bool = field(default=False, metadata={
         "help": "Allow the tokenizer code shipped inside the model folder to run (never needed for the families of "
                 "patch/families.py: their tokenizers load without it)."})
+    stage: Literal["sft", "dpo"] = field(default="sft", metadata={
+        "help": "sft: conversations -> samples; dpo: preference records (chosen / rejected) -> pairs of samples that "
+                "share their prompt, for main.py --stage dpo (longsft/data/preference.py)."})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +170,8 @@ def _load_json(payload: bytes):
         obj = json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise Skip("invalid_json", str(e)[:200]) from None
+    except RecursionError:  # _parse measured the depth first: only a much lower recursion limit gets here
+        raise Skip("invalid_json", "nested too deep for Python's json") from None
     if "\\ud" in text or "\\uD" in text:
         check_surrogates(obj)
     return obj
@@ -178,7 +190,11 @@ def _validate(obj, chat_format) -> tuple[str, list[Message]]:
 
 
 def _parse(payload: bytes, chat_format) -> tuple[str, list[Message]]:
-    """Decode and validate one record (raises Skip)."""
+    """Decode and validate one record (raises Skip). Its nesting depth is measured before any parser sees it
+    (inputs.json_depth_problem: orjson crashes the process on ~200,000 levels, json raises at ~1,000)."""
+    problem = json_depth_problem(payload)
+    if problem:
+        raise Skip("invalid_json", problem)
     if orjson is not None:
         # orjson accepts only strictly valid JSON (no lone surrogates, NaN, BOM: those fail and take the json
         # path below) but reads integers over 64 bits as floats, which can only change a skip's message; so a
@@ -201,6 +217,8 @@ class ChunkResult:
     truncated: int  # kept samples cut to --max_length
     formats: dict  # record format -> kept samples
     problems: list  # (k, reason, detail) per skipped record, (k, "error", traceback) per bug; by k
+    split: tuple = (0, 0, 0)  # records kept as several samples (template auto: --rewritten_replies split), their
+    # samples, and their tokens beyond each record's longest sample (the history the extra samples repeat)
 
 
 def _encode_parts(todo: list, chat_format, problems: list):
@@ -265,12 +283,16 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
             problems += [(k, "error", error) for k, *_ in todo]
             todo = []
     if joined is not None:
-        ids, supervised, lengths, *skips = joined  # skips: per conversation, None (encoded) or a Skip
-        if skips:
-            problems += [(k, s.reason, s.detail) for (k, *_), s in zip(todo, skips[0]) if s is not None]
-            todo = [t for t, s in zip(todo, skips[0]) if s is None]
+        # skips: per conversation, None (encoded) or a Skip; owners: the conversation of each sample (a format may
+        # make several samples of one record); without them, one sample per encoded conversation
+        ids, supervised, lengths, *extra = joined
+        if extra:
+            problems += [(k, s.reason, s.detail) for (k, *_), s in zip(todo, extra[0]) if s is not None]
+        owners = extra[1].tolist() if len(extra) > 1 else None
+        if extra:
+            todo = [t for t, s in zip(todo, extra[0]) if s is None] if owners is None else todo
         labels = np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)
-        rows = [(k, fmt) for k, fmt, _ in todo]
+        rows = [(k, fmt) for k, fmt, _ in (todo if owners is None else [todo[o] for o in owners])]
         n_sup = np.add.reduceat(supervised, np.cumsum(lengths) - lengths, dtype=np.int64) if rows \
             else np.zeros(0, np.int64)
     else:
@@ -281,9 +303,19 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
     if over.size:  # rare: cut (or drop) those samples' tokens with masks over the joined arrays
         keep_token, keep_row = np.ones(len(ids), bool), np.ones(len(rows), bool)
         starts = np.cumsum(lengths) - lengths
+        if truncate == "skip":  # a record is skipped whole: every sample it made
+            long = {rows[i][0] for i in over.tolist()}
+            over = np.asarray([i for i, (k, _) in enumerate(rows) if k in long], np.int64)
+        reported = set()
         for i in over.tolist():
             a, n, k = int(starts[i]), int(lengths[i]), rows[i][0]
             if truncate == "skip":
+                keep_token[a:a + n] = False
+                keep_row[i] = False
+                if k in reported:
+                    continue
+                reported.add(k)
+                n = max(int(lengths[j]) for j, (kk, _) in enumerate(rows) if kk == k)
                 problem = (k, "too_long", f"{n} tokens > --max_length {max_length}")
             else:  # keep the first `head` tokens and the last max_length - head
                 head = chat_format.prefix_len if truncate == "left" else max_length
@@ -306,11 +338,22 @@ def encode_chunk(payloads: list, chat_format, max_length: int, truncate: str) ->
     formats: dict[str, int] = {}
     for _, fmt in rows:
         formats[fmt] = formats.get(fmt, 0) + 1
-    return ChunkResult(ids, labels, lengths, n_sup, kept, truncated, formats, sorted(problems, key=lambda p: p[0]))
+    per_record: dict[int, list[int]] = {}
+    for (k, _), n in zip(rows, lengths.tolist()):
+        per_record.setdefault(k, []).append(n)
+    many = [v for v in per_record.values() if len(v) > 1]
+    split = (len(many), sum(map(len, many)), sum(sum(v) - max(v) for v in many))
+    seen: set = set()  # a kept record is not skipped; a skipped one is reported once
+    problems = [p for p in problems if p[1] == "error" or (p[0] not in per_record and not (p[0] in seen
+                                                                                           or seen.add(p[0])))]
+    return ChunkResult(ids, labels, lengths, n_sup, kept, truncated, formats, sorted(problems, key=lambda p: p[0]),
+                       split)
 
 
 def _work(unit: np.ndarray) -> ChunkResult:
     w = _WORKER
+    if hasattr(w["fmt"], "encode_chunk"):  # a format that encodes whole work units itself (preference pairs)
+        return w["fmt"].encode_chunk(_payloads(unit), w["max_length"], w["truncate"])
     return encode_chunk(_payloads(unit), w["fmt"], w["max_length"], w["truncate"])
 
 
@@ -359,6 +402,9 @@ def _check_output_dir(out: Path, sources: list[Source], problems: list[str]) -> 
     if problem:
         problems.append(f"--output_dir {out}: {problem}; refusing to replace it (replacing deletes everything in "
                         f"it). Move those files elsewhere, or pick another --output_dir.")
+    problem = writable_problem(Path(os.path.realpath(out)).parent, f"--output_dir {out}")  # the new copy's place
+    if problem:
+        problems.append(problem)
     for src in sources:
         if out.resolve() in src.path.resolve().parents:
             problems.append(f"--output_dir {out} contains the input {src.path}; write the dataset elsewhere")
@@ -390,10 +436,19 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                  "selected": 0, "kept": 0, "skipped": 0} for src in sources]
     formats: dict[str, int] = {}
     lengths, supervised, shown = [], [], []
+    split = {"records": 0, "samples": 0, "extra_tokens": 0}
     start = time.perf_counter()
+    written = {"bytes": 0, "records": 0}  # for the space a failed write needed: extrapolated from the share done
+    intact = (f"The previous dataset in {out_dir} is intact (nothing was replaced)" if out_dir.exists() else
+              f"Nothing was written to {out_dir}") + "; the unfinished copy was removed."
 
-    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays
-    with signals_as_exit(), TokenizedWriter(out_dir, meta) as writer, \
+    def needed() -> int | None:
+        return written["bytes"] * len(plan) // written["records"] if written["records"] else None
+
+    # SIGTERM / SIGHUP stop the run like Ctrl-C: the temp folder is removed, the previous output stays; a write that
+    # fails for disk reasons (full, file-size limit, read-only) is one message saying so
+    with signals_as_exit(), write_failures_reported(f"pre_tokenize.py writing {out_dir}", out_dir, intact, needed), \
+            TokenizedWriter(out_dir, meta) as writer, \
             open(writer.tmp_dir / "skipped.jsonl", "w", encoding="utf-8") as skipped, \
             tqdm(total=len(plan), unit="rec", desc=f"pre-tokenize ({num_proc} proc)", mininterval=1.0,
                  dynamic_ncols=True) as bar:
@@ -401,11 +456,15 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             print("note: " + describe_removed(writer.swept), flush=True)
 
         def handle(unit: np.ndarray, out: ChunkResult) -> None:
+            written["bytes"] += out.input_ids.nbytes + out.labels.nbytes + 8 * len(out.lengths)
+            written["records"] += len(unit)
             writer.add_batch(out.input_ids, out.labels, out.lengths)
             lengths.append(out.lengths)
             supervised.append(out.supervised)
             counts["kept"] += len(out.lengths)
             counts["truncated"] += out.truncated
+            for key, n in zip(("records", "samples", "extra_tokens"), out.split):
+                split[key] += n
             for fmt, n in out.formats.items():
                 formats[fmt] = formats.get(fmt, 0) + n
             selected = np.bincount(unit[:, 0], minlength=len(sources)).tolist()
@@ -468,9 +527,13 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
             "supervised_percentiles": _percentiles(sup_a), "inputs": per_file,
             "max_length": args.max_length, "truncate": args.truncate,
         }
+        if split["records"]:  # records trained as several samples: lines_read = samples_kept - extra + skipped
+            report["split"] = {**split, "extra_samples": split["samples"] - split["records"]}
         if counts["kept"] == 0:
             raise InputError(f"no sample left to write (all {len(plan)} records skipped: {report['skipped']}); "
                              f"the first skips:\n" + "\n".join(shown))
+        if hasattr(chat_format, "finish"):  # preference pairs: pairs.bin, meta.json's stage, the report's pairs
+            chat_format.finish(writer, report)
         writer.write_json("report.json", report)
         skipped.close()
         try:
@@ -489,11 +552,16 @@ def print_report(report: dict, shown: list[str], out_dir: Path, elapsed: float) 
         f"wrote {out_dir}: {report['samples_kept']} samples, {report['tokens']:,} tokens "
         f"({report['supervised_tokens']:,} supervised) in {elapsed:.1f}s "
         f"({report['tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)",
-        f"  records read {report['lines_read']}, kept {report['samples_kept']}, truncated {report['truncated']}, "
+        f"  records read {report['lines_read']}, kept {report.get('pairs_kept', report['samples_kept'])}, "
+        f"truncated {report['truncated']}, "
         f"skipped {report['skipped_total']} " + str({k: v for k, v in report["skipped"].items() if v}),
         f"  formats {report['formats']}; length min/p50/p90/p99/max "
         f"{pct['min']}/{pct['p50']:.0f}/{pct['p90']:.0f}/{pct['p99']:.0f}/{pct['max']}",
-    ]
+    ] + ([f"  {report['split']['records']} records trained as {report['split']['samples']} samples (the chat "
+           f"template rewrites earlier replies: --rewritten_replies split), {report['split']['extra_tokens']:,} extra "
+           f"tokens"] if "split" in report else [])
+    if report.get("pairs_kept") is not None:
+        lines.insert(1, f"  preference pairs {report['pairs_kept']} (chosen, rejected: samples 2p, 2p + 1)")
     if shown:
         lines.append(f"  first skipped records (all in {out_dir / 'skipped.jsonl'}):")
         lines += shown

@@ -1,19 +1,12 @@
 """What `sort_and_group.py` runs: sorted-batching order and near-perfect packs for a tokenized dataset, nothing lost.
 
 Reads the folder pre_tokenize.py (or its front ends pre_tokenize_glm4.py / pre_tokenize_llama3.py) wrote and
-adds DIR/packs/ to it (layout in longsft/data/storage.py's docstring; no torch is imported); `dataset.LMPackDataset(DIR)`
-and `dataset.LMSortDataset(DIR)` read the result.
+adds DIR/packs/ to it (layout in storage.py's docstring; no torch is imported); `LMPackDataset(DIR)` and
+`LMSortDataset(DIR)` (longsft/train/batches.py, `from dataset import ...`) read the result.
 
-    python sort_and_group.py --train_file data/glm4/longwriter                       # defaults below
-    python sort_and_group.py --train_file data/glm4/longwriter --max_length 32768 --group_size 8 \\
-        --pack_algorithm bfd --seed 42 --over_length error
-    # a tiny CPU run on the bundled sample
-    python tools/make_tiny.py tokenizer --family glm4 --out /tmp/tiny-glm4
-    python pre_tokenize.py --model_name_or_path /tmp/tiny-glm4 --input data/sample.jsonl \\
-        --output_dir /tmp/glm4-sample --max_length 8192
-    python sort_and_group.py --train_file /tmp/glm4-sample --max_length 8192 --group_size 2
-    # data prepared by the upstream LongWriter/LongAlign scripts (inputs.npy, labels.npy): converted in place
-    python sort_and_group.py --train_file data/glm4/longwriter --pad_token_id 151330
+    from longsft.data.sort_and_group import main
+    report = main(["--train_file", "/tmp/glm4-sample", "--max_length", "8192", "--group_size", "2"])
+    # the commands (the root entry, a tiny CPU run, upstream's layout): sort_and_group.py's docstring
 
 What it does, top to bottom:
 - Lengths come from the offsets (no token is read for packing); labels are read once to count N_i, the
@@ -21,11 +14,14 @@ What it does, top to bottom:
 - The token ids themselves are checked first (longsft.data.storage.check_token_ids: no negative id, none past the vocabulary
   of the tokenizer meta.json names, meta.json's max_token_id true), and an existing DIR/packs/ must be ours
   alone (a user's file in it is an error, not a deletion). packs/ is replaced atomically (a symlinked one is
-  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed.
+  written through); SIGTERM cleans up like Ctrl-C, and temp folders of killed runs are removed. If DIR is replaced
+  while packing (pre_tokenize.py writing it again), that is an error and no packs are kept (storage.write_packs).
 - A sample longer than --max_length is an error naming the samples and the fix, unless --over_length
   truncate (keep its first max_length tokens) or skip (leave it out); either way it is counted in the report.
 - Packing, compute balance and the sorted-batching order: longsft/data/packing.py (its docstring).
 - Report: printed, saved as DIR/packs/report.json, and DIR/packs/report.png (length histogram, pack fill).
+- Preference pairs (`pre_tokenize.py --stage dpo`): the same command packs whole pairs, never split, and
+  --over_length applies to the pair (longsft/data/pair_packing.py).
 
 Upstream layout (LongAlign / LongWriter pre_tokenize: dense inputs.npy + labels.npy): converted in place first,
 without re-tokenizing (longsft/data/upstream_layout.py: row-length and pad-id rules; upstream LongWriter padded GLM-4 data
@@ -45,11 +41,13 @@ import numpy as np
 from tqdm import tqdm
 from transformers import HfArgumentParser
 
-from longsft.atomic_dir import describe_removed, signals_as_exit, sweep_stale
+from longsft.atomic_dir import describe_removed, signals_as_exit, sweep_stale, writable_problem, write_failures_reported
 from longsft.data.packing import (PACKERS, arrange_steps, lower_bound, pack_costs, pack_sequential, repack_uneven_steps,
                                   reorder_packs, sorted_batching_order, step_imbalance)
 from longsft.data.upstream_layout import (CONVERT_STAGE, SortAndGroupError, convert_legacy, inspect_legacy)
-from longsft.data.storage import (IGNORE_INDEX, META_FILE, PACKS_DIR, DatasetFormatError, TokenizedData, check_token_ids, packs_replace_problem, write_packs)
+from longsft.data.pair_packing import over_length_pairs_problem, pair_items, pairs_summary
+from longsft.data.storage import (IGNORE_INDEX, META_FILE, PACKS_DIR, SAMPLE_LENGTHS_FILE, DatasetFormatError, TokenizedData,
+                                  check_token_ids, packs_replace_problem, write_packs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,12 +222,17 @@ def run(args: Arguments) -> dict:
             problems.append(f"{data_dir}: the dataset has no samples; re-run pre-tokenization with data.")
         vocab = (data.meta.get("tokenizer") or {}).get("vocab_size")
         problems += check_token_ids(data, vocab, f"the {vocab} tokens of the tokenizer it was made with (meta.json)")
+    if data_dir.is_dir() and (problem := writable_problem(data_dir, f"--train_file {data_dir}")):
+        problems.append(f"{problem} (sort_and_group.py writes {PACKS_DIR}/ inside it)")
     packs_problem = packs_replace_problem(data_dir)
     if packs_problem:
         problems.append(f"{packs_problem}; sort_and_group.py replaces {PACKS_DIR}/ whole, so move those files out "
                         f"of it (or remove {PACKS_DIR}/ yourself) and run again.")
     if not problems and legacy is not None:
         problem = over_length_problem(raw_lengths, args, np.flatnonzero(legacy["lengths"] > 0), "inputs.npy row")
+        problems += [problem] if problem else []
+    elif not problems and data.pairs is not None:  # preference pairs: the policy applies to whole pairs
+        problem = over_length_pairs_problem(raw_lengths, np.asarray(data.pairs), args.max_length, args.over_length)
         problems += [problem] if problem else []
     elif not problems:
         problem = over_length_problem(raw_lengths, args)
@@ -249,34 +252,45 @@ def run(args: Arguments) -> dict:
         data = TokenizedData(data_dir)
     t_read = time.perf_counter()
     raw = data.lengths                                               # int64 [num_samples]
-    over = raw > args.max_length
-    lengths = np.minimum(raw, args.max_length)
-    included = np.flatnonzero(~over) if args.over_length == "skip" else np.arange(raw.size)
-    targets = count_targets(data, lengths)                           # int32 [num_samples]
+    squares, pairs = None, None                                      # items: samples, or preference pairs
+    if data.pairs is None:
+        over = raw > args.max_length
+        lengths = np.minimum(raw, args.max_length)
+        included = np.flatnonzero(~over) if args.over_length == "skip" else np.arange(raw.size)
+        targets = count_targets(data, lengths)                       # int32 [num_samples]
+        inc_len, item_samples = lengths[included], included[:, None]
+    else:  # longsft/data/pair_packing.py: the items are whole pairs
+        pairs, targets = pair_items(raw, np.asarray(data.pairs), args.max_length, args.over_length,
+                                    lambda n: count_targets(data, n))
+        lengths, inc_len, squares, item_samples = pairs.lengths, pairs.item_lengths, pairs.item_squares, \
+            pairs.item_samples
+        included = item_samples.reshape(-1)
+        over = pairs.over_samples
     t_targets = time.perf_counter()
 
-    inc_len = lengths[included]
     order, pack_offsets = PACKERS[args.pack_algorithm](inc_len, args.max_length)
     t_pack = time.perf_counter()
-    costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length)
+    costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length, squares)
     order, pack_offsets = reorder_packs(order, pack_offsets, arrange_steps(
         costs, args.group_size, args.seed, args.balance_steps, args.shuffle))
     repacked = 0
     if args.balance_steps:
         order, pack_offsets, repacked = repack_uneven_steps(inc_len, order, pack_offsets, args.group_size,
-                                                            args.max_length, args.attn_cost_length)
-    costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length)   # in training order
-    sizes = np.diff(pack_offsets)
-    pack_samples = included[order]
-    sort_order = included[sorted_batching_order(inc_len, args.group_size, args.seed, args.shuffle)]
+                                                            args.max_length, args.attn_cost_length, squares=squares)
+    costs = pack_costs(inc_len, order, pack_offsets, args.attn_cost_length, squares)   # in training order
+    width = item_samples.shape[1]                                    # samples per item: 1, or 2 for a pair
+    sizes = np.diff(pack_offsets) * width
+    pack_samples = item_samples[order].reshape(-1)
+    sort_order = item_samples[sorted_batching_order(inc_len, args.group_size, args.seed, args.shuffle)].reshape(-1)
     t_arrange = time.perf_counter()
 
     # ---- report
     nf_order, nf_offsets = pack_sequential(inc_len, args.max_length)
-    nf_costs = pack_costs(inc_len, nf_order, nf_offsets, args.attn_cost_length)
+    nf_costs = pack_costs(inc_len, nf_order, nf_offsets, args.attn_cost_length, squares)
     num_packs = sizes.size
     fill = np.add.reduceat(inc_len[order], pack_offsets[:-1]) / args.max_length if num_packs else np.zeros(0)
     lb = lower_bound(inc_len, args.max_length)
+    pack_offsets = pack_offsets * width                              # into pack_samples
     g = args.group_size
     sorted_len = lengths[sort_order]
     full = sorted_len.size // g
@@ -289,7 +303,7 @@ def run(args: Arguments) -> dict:
                     "skipped": int(over.sum()) if args.over_length == "skip" else 0,
                     "without_targets": int((targets[included] == 0).sum())},
         "tokens": {"in_dataset": int(raw.sum()), "packed": int(inc_len.sum()),
-                   "cut": int((raw - lengths).sum()) if args.over_length == "truncate" else 0,
+                   "cut": int((raw - lengths)[included].sum()) if args.over_length == "truncate" else 0,
                    "skipped": int(raw[over].sum()) if args.over_length == "skip" else 0,
                    "supervised_targets": int(targets[included].sum(dtype=np.int64))},
         "packs": int(num_packs), "lower_bound": lb,
@@ -308,6 +322,7 @@ def run(args: Arguments) -> dict:
         "sorted_batching": {"samples": int(sort_order.size), "groups": int(-(-sort_order.size // g)),
                             "padding_efficiency": round(float(sorted_len.sum()) / max(1, int(padded)), 6)},
         "legacy": None if legacy is None else data.meta["legacy"],
+        **({} if pairs is None else {"pairs": pairs.report}),
         "seconds": {"read": round(t_read - t0, 3), "count_targets": round(t_targets - t_read, 3),
                     "pack": round(t_pack - t_targets, 3), "arrange": round(t_arrange - t_pack, 3)},
     }
@@ -322,9 +337,16 @@ def run(args: Arguments) -> dict:
     meta.update({"num_packs": int(num_packs), "steps": report["steps"], "lower_bound": lb, "samples": report["samples"],
                  "efficiency": report["efficiency"],
                  "source": {"num_samples": data.meta["num_samples"], "num_tokens": data.meta["num_tokens"]}})
-    write_packs(data_dir, {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order,
-                           "targets": targets}, meta, extra)
-    print("\n".join(summary_lines(report)))
+    if pairs is not None:  # which samples' tokens enter the packs: stored, since a pair is cut as a whole
+        meta.update({"stage": "dpo", "pairs": pairs.report, "sample_lengths_file": SAMPLE_LENGTHS_FILE})
+        extra[SAMPLE_LENGTHS_FILE] = np.ascontiguousarray(lengths, dtype=np.int64).tobytes()
+    arrays = {"pack_offsets": pack_offsets, "pack_samples": pack_samples, "sort_order": sort_order, "targets": targets}
+    intact = (f"The previous packs in {data_dir / PACKS_DIR} are intact" if (data_dir / PACKS_DIR).exists() else
+              f"{data_dir} is unchanged (no {PACKS_DIR}/ was added)") + "; the unfinished copy was removed."
+    with write_failures_reported(f"sort_and_group.py writing {data_dir / PACKS_DIR}", data_dir, intact,
+                                 lambda: sum(a.nbytes for a in arrays.values()) + sum(map(len, extra.values()))):
+        write_packs(data_dir, arrays, meta, extra, made_from=data.identity)
+    print("\n".join(summary_lines(report) + ([pairs_summary(report)] if pairs is not None else [])))
     print(f"  wrote {data_dir / 'packs'} (report.json{', report.png' if args.plot else ''})")
     return report
 

@@ -12,6 +12,11 @@ and every array is memory-mapped, so a training rank does not load the data into
     DIR/offsets.bin      int64 [num_samples + 1] sample i is tokens[offsets[i]:offsets[i + 1]]
     DIR/report.json      what pre-tokenization read, kept and skipped (and why)
     DIR/skipped.jsonl    one line per skipped input line: file, line, reason
+    DIR/pairs.bin        int64 [num_pairs, 2]    preference data only (meta "stage": "dpo", `pre_tokenize.py
+                                                 --stage dpo`): the (chosen, rejected) samples of every pair,
+                                                 always (2p, 2p + 1); SFT datasets have no such file
+    DIR/ref_logps/       preference data only: reference log-probs that `main.py --stage dpo
+                         --precompute_ref_logps` stored (longsft/train/dpo_reference.py; replaced whole)
 
 Writing (TokenizedWriter, write_packs; the mechanics in longsft/atomic_dir.py): a new folder is built in a hidden sibling
 and put in place in one atomic step, so readers and crashes only ever see the old or the new complete folder; a
@@ -31,6 +36,8 @@ Sample i enters it with its first min(length, max_length) tokens:
     DIR/packs/targets.bin       int32 [num_samples]    N_i: supervised target tokens of sample i as trained
                                                        (its first token excluded: nothing precedes it)
     DIR/packs/report.json, report.png                  what sort_and_group.py did (lengths, pack fill, balance)
+    DIR/packs/sample_lengths.bin int64 [num_samples]   preference data only: the tokens of every sample that
+                                                       enter the packs (a pair over the limit is cut as a pair)
 
 A folder in the upstream LongAlign/LongWriter layout (dense inputs.npy / labels.npy) is converted in place by
 sort_and_group.py: input_ids.bin, labels.bin, offsets.bin, then meta.json (meta["legacy"]: rows, width, pad id
@@ -54,7 +61,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from longsft.errors import UserError
-from longsft.atomic_dir import (FolderReader, recover_dir, replace_dir, replace_problem, sweep_stale, work_name, write_json_atomic)
+from longsft.atomic_dir import (FolderReader, folder_identity, recover_dir, replace_dir, replace_problem, sweep_stale,
+                                work_name, write_json_atomic)
 
 IGNORE_INDEX = -100
 FORMAT_NAME = "longsft-tokenized"
@@ -70,18 +78,27 @@ class DatasetFormatError(UserError):
     """A folder that is not a (complete, consistent) tokenized dataset."""
 
 
+class DatasetChangedError(UserError):
+    """The dataset folder was replaced (pre_tokenize.py wrote it again) while packs for it were being made."""
+
+
 # ----------------------------------------------------------------------------------------------
 # Which folders may be replaced (atomic_dir.replace_problem): ours, holding nothing but our files
 # ----------------------------------------------------------------------------------------------
 
-DATASET_NAMES = {META_FILE, OFFSETS_FILE, *(fn for fn, _ in ARRAY_FILES.values()), "report.json", "skipped.jsonl"}
+PAIRS_FILE = "pairs.bin"  # preference data: int64 [num_pairs, 2] (chosen, rejected) sample indices
+DATASET_NAMES = {META_FILE, OFFSETS_FILE, *(fn for fn, _ in ARRAY_FILES.values()), "report.json", "skipped.jsonl",
+                 PAIRS_FILE}
+REF_LOGPS_DIR = "ref_logps"  # preference data: stored reference log-probs (longsft/train/dpo_reference.py)
+REF_LOGPS_FORMAT = "longsft-ref-logps"
+REF_LOGPS_NAMES = {META_FILE, "logps.bin"}
 
 
 def dataset_replace_problem(out_dir: str | os.PathLike) -> str | None:
     """Why `out_dir` may not be replaced by a new dataset (None: missing, empty, or one of ours with only our files:
     the dataset's files and its packs/)."""
     return replace_problem(out_dir, "tokenized dataset", FORMAT_NAME, DATASET_NAMES,
-                           {PACKS_DIR: (PACKS_FORMAT, PACKS_NAMES)})
+                           {PACKS_DIR: (PACKS_FORMAT, PACKS_NAMES), REF_LOGPS_DIR: (REF_LOGPS_FORMAT, REF_LOGPS_NAMES)})
 
 
 def packs_replace_problem(data_dir: str | os.PathLike) -> str | None:
@@ -201,8 +218,10 @@ class TokenizedWriter:
 
     def abort(self) -> None:
         for f in self._files.values():
-            if not f.closed:
+            try:
                 f.close()
+            except OSError:  # its buffered bytes cannot be written (the disk trouble that stopped the run)
+                pass
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> "TokenizedWriter":
@@ -292,15 +311,22 @@ class TokenizedData:
         if problems:
             raise DatasetFormatError(f"{self.data_dir}: truncated or inconsistent dataset ("
                                      + "; ".join(problems) + "); re-run pre-tokenization.")
+        self.identity = folder.identity()  # this version of the folder (write_packs checks it is still there)
         self.offsets = _memmap(folder, OFFSETS_FILE, OFFSET_DTYPE, n + 1)
         self.input_ids = _memmap(folder, *ARRAY_FILES["input_ids"], t)
         self.labels = _memmap(folder, *ARRAY_FILES["labels"], t)
         if n and (self.offsets[0] != 0 or self.offsets[-1] != t or np.any(np.diff(self.offsets) <= 0)):
             raise DatasetFormatError(f"{self.data_dir}/{OFFSETS_FILE}: offsets are not increasing from 0 to "
                                      f"{t}; the dataset is corrupt, re-run pre-tokenization.")
+        self.pairs = _read_pairs(self.data_dir, folder, self.meta, n) if is_pair_data(self.meta) else None
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    @property
+    def num_pairs(self) -> int:
+        """Preference pairs (0 for an SFT dataset)."""
+        return 0 if self.pairs is None else len(self.pairs)
 
     @property
     def lengths(self) -> np.ndarray:
@@ -313,6 +339,42 @@ class TokenizedData:
             raise IndexError(f"sample {i} out of range [0, {len(self)})")
         a, b = int(self.offsets[i]), int(self.offsets[i + 1])
         return self.input_ids[a:b], self.labels[a:b]
+
+
+def is_pair_data(meta: dict) -> bool:
+    """Whether a dataset's meta.json describes preference pairs (`pre_tokenize.py --stage dpo`)."""
+    return meta.get("stage") == "dpo"
+
+
+def pair_index(num_pairs: int) -> np.ndarray:
+    """int64 [num_pairs, 2]: pair p is samples (2p, 2p + 1), chosen then rejected (what pairs.bin holds)."""
+    return np.arange(2 * num_pairs, dtype=np.int64).reshape(num_pairs, 2)
+
+
+def mark_pairs(writer: TokenizedWriter) -> None:
+    """Make the dataset `writer` is writing a preference dataset (before its commit): its samples, added as
+    (chosen, rejected) pair after pair, get pairs.bin and meta.json's "stage": "dpo" and "num_pairs"."""
+    if writer.num_samples % 2:
+        raise ValueError(f"{writer.num_samples} samples: a preference dataset holds (chosen, rejected) pairs")
+    pair_index(writer.num_samples // 2).tofile(writer.tmp_dir / PAIRS_FILE)
+    writer.meta.update(stage="dpo", num_pairs=writer.num_samples // 2)
+
+
+def _read_pairs(data_dir: Path, folder: FolderReader, meta: dict, num_samples: int) -> np.ndarray:
+    """pairs.bin of a preference dataset, checked: every sample in exactly one pair, as (2p, 2p + 1)."""
+    num_pairs = int(meta.get("num_pairs", -1))
+    want = num_pairs * 2 * np.dtype(np.int64).itemsize
+    got = folder.size(PAIRS_FILE)
+    if num_pairs * 2 != num_samples or got != want:
+        raise DatasetFormatError(f"{data_dir}: a preference dataset (stage dpo) of {num_samples} samples needs "
+                                 f"{PAIRS_FILE} with {num_samples // 2} pairs ({num_samples // 2 * 16} bytes), found "
+                                 f"{'no file' if got is None else f'{got} bytes'} and num_pairs {num_pairs} in "
+                                 f"{META_FILE}; re-run pre_tokenize.py --stage dpo.")
+    pairs = _memmap(folder, PAIRS_FILE, np.int64, 2 * num_pairs).reshape(num_pairs, 2)
+    if not np.array_equal(pairs, pair_index(num_pairs)):
+        raise DatasetFormatError(f"{data_dir}/{PAIRS_FILE}: pair p must be samples (2p, 2p + 1); the file is corrupt, "
+                                 f"re-run pre_tokenize.py --stage dpo.")
+    return pairs
 
 
 def check_token_ids(data: TokenizedData, limit: int | None = None, limit_name: str = "the vocabulary",
@@ -376,23 +438,27 @@ PACK_FILES = {  # name -> (file, dtype); the lengths are in meta.json
     "sort_order": ("sort_order.bin", np.int64),      # [num_sorted_samples]
     "targets": ("targets.bin", np.int32),            # [num_samples]
 }
-PACKS_NAMES = {META_FILE, *(fn for fn, _ in PACK_FILES.values()), "report.json", "report.png"}
+SAMPLE_LENGTHS_FILE = "sample_lengths.bin"  # preference packs only: int64 [num_samples], tokens entering the packs
+PACKS_NAMES = {META_FILE, *(fn for fn, _ in PACK_FILES.values()), "report.json", "report.png", SAMPLE_LENGTHS_FILE}
 
 
 def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict,
-                extra_files: dict[str, bytes] | None = None) -> Path:
+                extra_files: dict[str, bytes] | None = None, made_from: tuple | None = None) -> Path:
     """Write DIR/packs atomically: built in a hidden temp folder, meta.json last, then put in place in one step.
     Like TokenizedWriter: an existing packs/ must be ours with only our files, a symlinked one is written through,
-    and what dead runs left there is removed first."""
+    and what dead runs left there is removed first. `made_from`: the identity of the dataset version the packs were
+    computed from (TokenizedData.identity); if DIR is another version before or after the write (pre_tokenize.py
+    replaced it meanwhile), DatasetChangedError: the packs would describe data that is not there."""
     data_dir = Path(data_dir)
     problem = packs_replace_problem(data_dir)
     if problem:
         raise _refuse(problem)
+    _check_unchanged(data_dir, made_from)
     pdir = Path(os.path.realpath(data_dir / PACKS_DIR))
     sweep_stale(pdir)
     tmp = work_name(pdir)
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         for key, (fn, dt) in PACK_FILES.items():
             np.ascontiguousarray(arrays[key], dtype=dt).tofile(tmp / fn)
         for name, blob in (extra_files or {}).items():
@@ -401,10 +467,31 @@ def write_packs(data_dir: str | os.PathLike, arrays: dict[str, np.ndarray], meta
                 **{f"num_{k}": int(np.asarray(arrays[k]).size) for k in PACK_FILES}}
         write_json_atomic(tmp / META_FILE, full)
         replace_dir(tmp, pdir)
-    except BaseException:
+        written = folder_identity(pdir)
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):  # the folder it was written in may have been swapped away: say so first
+            _check_unchanged(data_dir, made_from, e)
+        raise
+    try:
+        _check_unchanged(data_dir, made_from)
+    except DatasetChangedError:
+        if written is not None and folder_identity(pdir) == written:  # they landed in the new version: remove them
+            shutil.rmtree(pdir, ignore_errors=True)
         raise
     return data_dir / PACKS_DIR
+
+
+def _check_unchanged(data_dir: Path, made_from: tuple | None, cause: BaseException | None = None) -> None:
+    if made_from is None:
+        return
+    now = folder_identity(os.path.realpath(data_dir))
+    if now != made_from:
+        what = "is gone" if now is None else "was replaced by another version (pre_tokenize.py wrote it again?)"
+        raise DatasetChangedError(
+            f"{data_dir} {what} while its packs were being made: packs of the version read would not match the "
+            f"data there, so none were kept. Run `python sort_and_group.py --train_file {data_dir}` again once "
+            f"pre_tokenize.py has finished.") from cause
 
 
 class PackedData:
@@ -412,7 +499,8 @@ class PackedData:
     version, like TokenizedData).
 
     Sample i enters packs and the sorted order with its first `sample_lengths[i]` tokens
-    (= min(length, max_length); `--over_length truncate` is the only way that cuts anything)."""
+    (= min(length, max_length); `--over_length truncate` is the only way that cuts anything; preference packs
+    store them in sample_lengths.bin, since a pair is cut as a whole)."""
 
     def __init__(self, data_dir: str | os.PathLike):
         data_dir = Path(data_dir)
@@ -465,6 +553,15 @@ class PackedData:
         self.max_length = int(m["max_length"])
         self.group_size = int(m["group_size"])
         self.sample_lengths = np.minimum(self.data.lengths, self.max_length)  # int64 [num_samples]
+        if m.get("sample_lengths_file"):  # preference packs: each side of an over-length pair cut its own way
+            got = packs.size(SAMPLE_LENGTHS_FILE)
+            if got != n * 8:
+                found = "missing" if got is None else f"{got} bytes"
+                raise DatasetFormatError(f"{pdir}: {SAMPLE_LENGTHS_FILE}: {found}, expected {n * 8} bytes; {fix} again.")
+            stored = np.asarray(_memmap(packs, SAMPLE_LENGTHS_FILE, np.int64, n))
+            if stored.size and (stored.min() < 0 or np.any(stored > self.data.lengths)):
+                raise DatasetFormatError(f"{pdir}/{SAMPLE_LENGTHS_FILE}: lengths outside the samples; {fix} again.")
+            self.sample_lengths = stored
 
     @property
     def num_packs(self) -> int:

@@ -11,16 +11,23 @@ chat template (GLM-Edge, GLM-4-0414, Qwen2.5, Qwen3, Mistral, Llama-3.1-Instruct
 
 Records are read by auto_records.py (messages / ShareGPT / Alpaca, tools, tool calls, tool results).
 
-Rendering and tokens. A conversation is rendered by transformers' own renderer (`render_jinja_template`, what
-apply_chat_template calls; the template is compiled once and cached) with the tokenizer's template (its
-`tool_use` one when the record has tools), and the text of a whole work unit is encoded in one tokenizer call:
-the ids are exactly `apply_chat_template(messages, tools=tools, tokenize=True)`'s. Special-token text inside the
-data (any string of a message, a tool call or a tool schema) stays text, as in the other templates: such a record
-is rendered with a private-use character in place of each such token, so every special token left in the text is
-one the template wrote; the text between those tokens is then encoded without special tokens (with the original
-text back) and the template's tokens put between. Token positions (for the spans below) come from the tokens'
-byte lengths for a byte-level BPE (checked to add up to the text), else from the tokenizer's offsets. Non-special added tokens (Qwen's `<tool_call>`, `<think>`) keep
-the tokenizer's plain-text behaviour: they are matched wherever they occur, as for tool calls written into content.
+Rendering and tokens. A conversation is rendered as apply_chat_template renders it (longsft/templates/render.py:
+transformers' compiled template and environment, bounded in time and size: --render_timeout, --render_max_chars)
+with the tokenizer's template (its `tool_use` one when the record has tools), and the text of a whole work unit is
+encoded in one call of the tokenizer's own Rust backend: the ids are `apply_chat_template(..., tokenize=True)`'s.
+Special-token text inside the data (any string of a message, a tool call or a tool schema) stays text, as in the
+other templates: such a record is rendered with a private-use character in place of each such token, so every
+special token left in the text is one the template wrote; the text between those tokens is then encoded without
+special tokens (with the original text back) and the template's tokens put between. Token positions (for the
+spans below) come from the tokens' byte lengths for a byte-level BPE (checked to add up to the text), else from
+the tokenizer's offsets. Non-special added tokens (Qwen's `<tool_call>`, `<think>`) keep the tokenizer's
+plain-text behaviour: they are matched wherever they occur, as for tool calls written into content.
+
+What the template can express is found once, by rendering probe conversations (_probe_tools): calls as OpenAI
+`tool_calls` or GLM's metadata + observation messages (`call_shape`), schemas as `tools` or on a system message
+(`tools_key`), results under `tool_role`; records are fed in that shape (_shaped), and a record holding calls,
+results or schemas the template cannot write is skipped as `template_cannot_render_tools`; a trained reply that
+renders as nothing (or without its call) is skipped as `template_drops_reply` / `template_cannot_render_tools`.
 
 Supervision. A token is supervised when its first character is in a supervised span:
 - with `{% generation %}` blocks in the template (`return_assistant_tokens_mask`), each trained assistant
@@ -33,14 +40,20 @@ Supervision. A token is supervised when its first character is in a supervised s
   that follows the reply in the conversation (GLM's next `<|user|>` / `<|observation|>` / `<|assistant|>`). A
   reply that ends the conversation with no such token (GLM) gets the tokenizer's eos appended and supervised, as
   GLM's own finetune scripts append it: the one departure from apply_chat_template's ids.
+- A template that always writes a generation prompt after the last message (`trailing`: GLM-Edge's `<|assistant|>`,
+  whatever add_generation_prompt says) has it dropped after a final reply, which then gets the eos as above.
 - A template that writes an earlier reply differently once later messages follow (Qwen3 drops past reasoning and
-  writes `<think>\\n\\n</think>` only on a final turn; Mistral moves the system prompt and tools to the last user
-  message) is not prefix-stable there: the record is skipped with reason `template_rewrites_history` (the detail
-  names the message and the first differing text), never labelled by guess. With pre_tokenize.py
-  `--rewritten_replies unsupervised` (AutoFormat.rewritten) those replies are left unsupervised instead and the
-  record keeps the others (Qwen3: its final turn); replies opted out with `"loss": false` are never checked.
+  writes `<think>\n\n</think>` only on a final turn; Mistral v0.3 writes the system prompt into the last user
+  message only) is not prefix-stable there. `rewritten` (pre_tokenize.py --rewritten_replies): "split" (default)
+  trains such a reply as a sample of its own, its prompt (messages[:i] with the generation prompt) + the reply as
+  its own turn's rendering writes it (_own_sample); "skip" skips the record (`template_rewrites_history`, the
+  detail names the message and the first differing text); "unsupervised" leaves those replies unsupervised.
+  encode_batch then returns several samples for the record (its fifth item: the conversation of each sample).
+- Linear in the turns (single_pass, decided per template by a self-test in _probe): the conversation is rendered
+  once while the template's reads of the messages are logged with the output position, and the renderings of
+  messages[:j] are taken from it (_prefix_renderer, with checks per record); otherwise every prefix is rendered.
 - A template that raises (Mistral's roles-must-alternate, Llama-3.1's one-tool-call rule) or cannot render a
-  record skips it with reason `template_error`.
+  record within the bounds skips it with reason `template_error`.
 stop_token_ids: the folder's generation_config.json eos_token_id (models.generation_stop_ids), the tokenizer's eos
 and the token that ends a reply in the template. `prefix_len` (kept by --truncate left): the tokens every conversation starts with.
 """
@@ -49,17 +62,20 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 
 import numpy as np
 
-from longsft.templates.base import ChatFormat, PlainEncoder, check_plain_encoding
+from longsft.templates.base import ChatFormat, PlainEncoder
 from longsft.data.inputs import Message, Skip
 from longsft.models import generation_stop_ids
 from longsft.templates.auto_records import Conversation, RecordReader, Turn
+from longsft.templates.auto_tokens import TemplateTokens, utf8_len
+from longsft.templates.auto_tools import ToolShapes, reply_marks
+from longsft.templates.render import Renderer, RenderLimitError, RenderLimits
 from longsft.data.storage import IGNORE_INDEX
 
-SKIP_REASONS = ("template_error", "template_rewrites_history")
+SKIP_REASONS = ("template_error", "template_rewrites_history", "template_cannot_render_tools", "template_drops_reply")
+REWRITTEN = ("split", "skip", "unsupervised")  # --rewritten_replies, the default first
 MARK_BASE = 0xF0000  # Supplementary Private Use Area-A: a data special token while rendering (one char per token)
 _PRIVATE = re.compile("[\U000F0000-\U000FFFFD]")
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
@@ -75,9 +91,12 @@ def _common_prefix(a: str, b: str) -> int:
     return lo
 
 
-def _utf8_len(text: str, pos: int) -> int:
-    """Bytes of text[:pos] (a position past the end counts one byte per character beyond)."""
-    return len(text[:pos].encode("utf-8")) + max(0, pos - len(text))
+def _common_suffix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    k = 0
+    while k < n and a[-1 - k] == b[-1 - k]:
+        k += 1
+    return k
 
 
 def _strings(obj):
@@ -112,14 +131,19 @@ def _replace(obj, sub):
 # The chat format
 # ----------------------------------------------------------------------------------------------
 
-class AutoFormat(RecordReader, ChatFormat):
+class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
     name = "auto"
     roles = frozenset({"system", "user", "assistant", "observation"})
     skip_reasons = SKIP_REASONS
     prefix_len = 0
-    rewritten = "skip"  # a reply the template rewrites later: skip the record, or leave it "unsupervised"
+    rewritten = REWRITTEN[0]  # a reply the template rewrites later: its own sample, skip the record, unsupervised
+    trailing = ""  # what the template writes after the last message whatever add_generation_prompt says
+    single_pass = False  # prefixes from one rendering (linear) when the template passed _probe's self-test
+    after_last = ("", "")  # what it writes after its last message: without, with the generation prompt
 
-    def __init__(self, tokenizer):
+    takes_args = True  # registry.chat_format passes pre_tokenize.py's arguments (the limits apply to the probes too)
+
+    def __init__(self, tokenizer, args=None):
         self.tokenizer = tokenizer
         self.problems: list[str] = []
         self.stop_token_ids: list[int] = []
@@ -140,9 +164,10 @@ class AutoFormat(RecordReader, ChatFormat):
             return
         self.marked = {k: bool(_GENERATION_TAG.search(t)) for k, t in self.templates.items()}
         self.template_kwargs = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
-        text = " ".join(self.templates.values())
-        self.tool_role = next((r for r in ("tool", "observation", "ipython") if f"'{r}'" in text or f'"{r}"' in text),
-                              "tool")
+        self.what = f"the chat template of {str(tokenizer.name_or_path)!r}"
+        self._set_limits(RenderLimits())
+        if args is not None:
+            self.configure(args)
         added = tokenizer.backend_tokenizer.get_added_tokens_decoder()
         specials = {t.content: (i, t.lstrip, t.rstrip) for i, t in sorted(added.items()) if t.special}
         self.special_ids = {t: v[0] for t, v in specials.items()}
@@ -155,62 +180,130 @@ class AutoFormat(RecordReader, ChatFormat):
         self.unmark = {ord(c): t for t, c in self.mark.items()}
         self.eos_id = self.special_ids.get(tokenizer.eos_token) if tokenizer.eos_token else None
         self.plain = PlainEncoder(tokenizer)
-        check_plain_encoding(self.plain, self.special_ids, self.problems)
+        text = "".join(self.special_ids)  # special-token text inside content must stay text
+        if text and set(self._backend(True).encode(text, add_special_tokens=False).ids) & set(self.special_ids.values()):
+            self.problems.append("the tokenizer turns special-token text inside content into special tokens even with "
+                                 "encode_special_tokens; pick another --template")
         self._probe()
 
-    def configure(self, args) -> None:
-        """pre_tokenize.py's settings for this template (--rewritten_replies)."""
-        self.rewritten = getattr(args, "rewritten_replies", None) or self.rewritten
+    def _set_limits(self, limits: RenderLimits) -> None:
+        tool_use = self.templates[True] != self.templates[False]
+        self.renderers = {k: Renderer(t, self.what + (" (its tool_use template)" if k and tool_use else ""), limits,
+                                      self.template_kwargs) for k, t in self.templates.items()}
 
-    def __getstate__(self):  # the tokenizers copies are rebuilt where they are used
+    def configure(self, args) -> None:
+        """pre_tokenize.py's settings for this template (--rewritten_replies, --render_timeout, --render_max_chars)."""
+        self.rewritten = getattr(args, "rewritten_replies", None) or self.rewritten
+        if self.rewritten not in REWRITTEN:
+            self.problems.append(f"--rewritten_replies {self.rewritten}: expected one of {', '.join(REWRITTEN)}")
+        limits = RenderLimits(*(getattr(args, k, None) or d for k, d in (("render_timeout", RenderLimits.seconds),
+                                                                            ("render_max_chars", RenderLimits.chars))))
+        if limits.seconds <= 0 or limits.chars <= 0:
+            self.problems.append(f"--render_timeout {limits.seconds} / --render_max_chars {limits.chars}: must be > 0")
+        elif hasattr(self, "renderers") and (limits.seconds, limits.chars) != (self.renderers[False].limits.seconds,
+                                                                                self.renderers[False].limits.chars):
+            self._set_limits(limits)
+
+    def __getstate__(self):  # the backend and byte table are found again where they are used
         return {**self.__dict__, "_backends": {}}
 
-    def _backend(self, plain: bool):
-        """A private copy of the Rust tokenizer without post-processor (apply_chat_template adds nothing), with
-        offsets; `plain`: special tokens never matched (special-token text stays text)."""
-        if plain not in self._backends:
-            from tokenizers import Tokenizer
-
-            tk = Tokenizer.from_str(self.tokenizer.backend_tokenizer.to_str())
-            tk.no_truncation()
-            tk.no_padding()
-            tk.post_processor = None
-            tk.encode_special_tokens = plain
-            self._backends[plain] = tk
-        return self._backends[plain]
-
     def _probe(self) -> None:
-        """stop_token_ids and prefix_len, from the folder and from rendering two small conversations."""
+        """From the folder and from rendering small probe conversations: stop_token_ids, prefix_len, the trailing
+        text the template always writes, and what it can express of tools (call shape, schemas, result role)."""
         stops = generation_stop_ids(str(self.tokenizer.name_or_path)) + [self.eos_id]
+        user, reply = {"role": "user", "content": "Alpha"}, {"role": "assistant", "content": "Beta"}
         try:
-            text = self._render([{"role": "user", "content": "Alpha"}, {"role": "assistant", "content": "Beta"},
-                                 {"role": "user", "content": "Gamma"}], None)[0]
+            text = self._render([user, reply, {"role": "user", "content": "Gamma"}], None)[0]
             m = self.special_re.search(text, text.index("Beta") + 4)
             stops.append(self.special_ids[m.group()] if m else None)
             first = [self._backend(False).encode(self._render([{"role": "user", "content": c}], None)[0],
                                                  add_special_tokens=False).ids for c in ("Alpha", "Zulu")]
             self.prefix_len = next((k for k, (a, b) in enumerate(zip(*first)) if a != b), min(map(len, first)))
+            asked, plain = self._render([user], None, prompt=True)[0], self._render([user], None)[0]
+            answered = self._render([user, reply], None)[0]
+            after = answered[answered.rindex("Beta") + 4:]
+            if asked == plain and after.strip() and plain.endswith(after) and self.special_re.search(after) \
+                    and plain[plain.rindex("Alpha") + 5:] == after:
+                self.trailing = after  # GLM-Edge: `<|assistant|>` after the last message, asked for or not
+        except RenderLimitError as e:
+            self.problems.append(f"--template auto: {e}")
+            return
         except (Skip, ValueError):  # a template that cannot render these: no end-of-turn token, no prefix
             pass
         self.stop_token_ids = list(dict.fromkeys(int(i) for i in stops if i is not None))
+        try:
+            self._probe_tools()
+            self._probe_single_pass()
+        except RenderLimitError as e:
+            self.problems.append(f"--template auto: {e}")
+
+    def _probe_single_pass(self) -> None:
+        """Whether the prefixes of a conversation may come from its one rendering (_prefix_renderer): learn what
+        the template writes after its last message, then require the single-rendering layout of probe
+        conversations (system prompt, several rounds, tool calls and results in this template's shape) to equal
+        the layout from rendering every prefix."""
+        user = [{"role": "user", "content": "Alpha"}]
+        after = []
+        for prompt in (False, True):
+            reads: list = []
+            raw = self._render(user, None, prompt=prompt, reads=reads)[0]
+            ends = [pos for k, pos in reads if k >= 1 or k < 0]
+            if not ends or not ends[0] or any(k < 0 for k, _ in reads):  # read it all before writing: no use
+                return
+            after.append(raw[ends[0]:])
+        self.after_last = tuple(after)
+        call = {"name": "get_weather", "arguments": {"city": "Paris"}}
+        probes = [
+            {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "And you?"},
+                          {"role": "assistant", "content": "Fine."}]},
+            {"conversations": [{"from": "human", "value": "Weather?"}, {"from": "function_call",
+                                                                          "value": json.dumps(call)},
+                               {"from": "observation", "value": '{"t": 17}'}, {"from": "gpt", "value": "17 C."},
+                               {"from": "human", "value": "Both?"},
+                               {"from": "function_call", "value": json.dumps([call, call])},
+                               {"from": "observation", "value": '{"t": 18}'},
+                               {"from": "observation", "value": '{"t": 19}'}, {"from": "gpt", "value": "18, 19."}],
+             "tools": [{"name": "get_weather", "parameters": {"type": "object",
+                                                              "properties": {"city": {"type": "string"}}}}]}]
+        for record in probes:
+            outcomes = []
+            for single in (False, True):
+                self.single_pass = single
+                try:
+                    outcomes.append(self._layout(self.parse_record(record)[1]))
+                except Skip as e:
+                    outcomes.append(("skip", e.reason))
+            if outcomes[0] != outcomes[1]:
+                self.single_pass = False
+                return
+        self.single_pass = True
 
     # ---- rendering -------------------------------------------------------------------------------------------
 
-    def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False):
-        """(text, generation blocks or None) exactly as apply_chat_template renders it; Skip on a template error."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-
+    def _render(self, messages: list[dict], tools, prompt: bool = False, marks: bool = False, reads=None):
+        """(text, generation blocks or None) exactly as apply_chat_template renders it, within the render limits
+        (longsft/templates/render.py: RenderLimitError past one); Skip on a template error."""
         try:
-            texts, blocks = render_jinja_template(
-                [messages], tools=tools, chat_template=self.templates[tools is not None],
-                return_assistant_tokens_mask=marks, add_generation_prompt=prompt, **self.template_kwargs)
+            return self.renderers[tools is not None].render(messages, tools, prompt, marks, reads, plain=True)
+        except RenderLimitError:
+            raise
         except Exception as e:  # the template's raise_exception, or a record it cannot render
             raise Skip("template_error", f"the chat template cannot render this record: {type(e).__name__}: "
                                          f"{str(e)[:300]}") from None
-        return texts[0], (blocks[0] if marks else None)
 
-    def _layout(self, conv: Conversation) -> tuple[str, list[tuple[int, int]], bool, bool]:
-        """(rendered text, supervised character spans, eos appended, special-token text marked in the data)."""
+    def _untrail(self, text: str, conv) -> str:
+        """The rendering without the template's always-written trailing prompt after a final assistant message
+        (GLM-Edge): the reply then ends with a stop token, as GLM-Edge's finetune.py ends it."""
+        if self.trailing and conv and conv[-1].role == "assistant" and text.endswith(self.trailing):
+            return text[:-len(self.trailing)]
+        return text
+
+    def _layout(self, conv: Conversation) -> tuple[list, bool]:
+        """([(rendered text, supervised character spans, eos appended)] one per sample, special-token text marked
+        in the data). One sample is the whole conversation; with --rewritten_replies split, each reply the whole
+        rendering rewrites is one more sample: its own turn's rendering."""
+        conv = self._shaped(conv)
         messages, tools = [t.message for t in conv], conv.tools
         marked = any(self.special_re.search(s) for s in _strings([messages, tools]))
         if marked:
@@ -219,43 +312,123 @@ class AutoFormat(RecordReader, ChatFormat):
                                              "text; template auto uses those characters to keep that text plain")
             sub = (lambda s: self.special_re.sub(lambda m: self.mark[m.group()], s))
             messages, tools = _replace(messages, sub), _replace(tools, sub)
-        text, blocks = self._render(messages, tools, marks=self.marked[tools is not None])
+        reads = [] if self.single_pass and not self.marked[tools is not None] else None
+        raw, blocks = self._render(messages, tools, marks=self.marked[tools is not None], reads=reads)
+        text = self._untrail(raw, conv)
+        prefix = self._prefix_renderer(conv, messages, tools, raw, reads)
+        self._check_rendered(conv, messages, tools, text)
         if blocks is not None:
             assistants = [i for i, t in enumerate(conv) if t.role == "assistant"]
             if len(blocks) != len(assistants):
                 raise Skip("template_error", f"the chat template has {len(blocks)} {{% generation %}} blocks for "
                                              f"{len(assistants)} assistant messages")
-            return text, [tuple(b) for i, b in zip(assistants, blocks) if conv[i].train], False, marked
-        spans, eos = [], False
+            spans = [(*b, i) for i, b in zip(assistants, blocks) if conv[i].train]
+            self._check_replies(conv, messages, text, spans)
+            return [(text, spans, False)], marked
+        spans, samples, eos = [], [], False
         for i, turn in enumerate(conv):
             if not turn.train:
                 continue
-            own = text if i == len(conv) - 1 else self._render(messages[:i + 1], tools)[0]
-            prompt = self._render(messages[:i], tools, prompt=True)[0]
+            own = text if i == len(conv) - 1 else self._untrail(prefix(i + 1, False), conv[:i + 1])
+            prompt = prefix(i, True)
             start = _common_prefix(prompt, own)
-            if not text.startswith(own) or (start < len(prompt) and not self._continues(messages[:i], tools, text,
-                                                                                          start)):
-                if self.rewritten == "unsupervised":
-                    continue
+            consistent = start == len(prompt) or self._continues(prefix(i, False) if i else "", own, start)
+            if text.startswith(own) and consistent:
+                end, e = self._turn_end(own, start, text)
+                spans.append((start, end + e, i))  # the appended eos sits at len(text)
+                eos = eos or e
+                continue
+            if self.rewritten == "unsupervised":
+                continue
+            sample = self._own_sample(prompt, own, start, consistent, i) if self.rewritten == "split" else None
+            if sample is None:
                 d = _common_prefix(own, text) if not text.startswith(own) else start
                 show = (lambda s: s[d:d + 40].translate(self.unmark))
                 raise Skip("template_rewrites_history", f"{turn.where}: the chat template writes this reply "
                            f"differently once later messages follow ({show(own)!r} at its own turn, "
-                           f"{show(text)!r} in the whole conversation), so its tokens would not be the ones the "
-                           f"model writes at that turn; --rewritten_replies unsupervised trains only the replies it "
-                           f"keeps (or mark the others \"loss\": false, or give one record per reply)")
-            end, eos = self._turn_end(own, start, text)
-            spans.append((start, end + eos))  # the appended eos sits at len(text)
-        if not spans:
+                           f"{show(text)!r} in the whole conversation)" + (
+                               ", and its own turn's rendering does not continue its prompt" if self.rewritten
+                               == "split" else ", so its tokens would not be the ones the model writes at that turn;"
+                               " the default --rewritten_replies split trains it as its own sample"))
+            self._check_replies(conv, messages, sample[0], sample[1])
+            samples.append(sample)
+        if spans:
+            self._check_replies(conv, messages, text, spans)
+            samples.append((text, spans, eos))  # last: the sample that holds the final reply (encode)
+        if not samples:
             raise Skip("template_rewrites_history", "the chat template rewrites every trained reply once later "
                                                     "messages follow (--rewritten_replies unsupervised)")
-        return text, spans, eos, marked
+        return samples, marked
 
-    def _continues(self, history: list[dict], tools, text: str, start: int) -> bool:
+    def _own_sample(self, prompt: str, own: str, start: int, consistent: bool, i: int):
+        """A reply the whole rendering rewrites, as the model writes it at inference: its prompt (the history with
+        the generation prompt), then the reply as its own turn's rendering (messages[:i+1]) writes a final reply.
+        When that rendering does not start with the prompt (Mistral v0.3 writes the system prompt only into a last
+        user message), the reply's part is what follows the point where both end alike (the prompt's last special
+        token and what comes before it). None when no such point exists."""
+        if consistent:
+            end, e = self._turn_end(own, start, own)
+            return own, [(start, end + e, i)], e
+        last = None
+        for last in self.special_re.finditer(prompt):
+            pass
+        if last is None or not prompt.endswith(last.group()) and prompt[last.end():].strip():
+            return None
+        tail = prompt[last.start():]  # e.g. "[/INST]": the reply starts after its match in `own`
+        best, cut = 0, None
+        for m in re.finditer(re.escape(tail), own):
+            n = _common_suffix(prompt, own[:m.end()])
+            if n >= best and n > len(tail):
+                best, cut = n, m.end()
+        if cut is None:
+            return None
+        sample = prompt + own[cut:]
+        end, e = self._turn_end(sample, len(prompt), sample)
+        return sample, [(len(prompt), end + e, i)], e
+
+    @staticmethod
+    def _continues(before: str, text: str, start: int) -> bool:
         """When the inference prompt is not a prefix of the reply's rendering: the two may part only after the
-        conversation before the reply (so the span never takes in earlier turns)."""
-        before = self._render(history, tools)[0] if history else ""
+        conversation before the reply (`before`: its rendering), so the span never takes in earlier turns."""
         return text.startswith(before) and start >= len(before)
+
+    def _prefix_renderer(self, conv: Conversation, messages: list[dict], tools, raw: str, reads):
+        """prefix(j, prompt) -> the rendering of messages[:j] (with the generation prompt when `prompt`). From the
+        one rendering `raw` when its reads allow it (linear in the conversation): the template read only messages
+        before j up to position D(j) (the first read of message j or later), so a rendering of the first j
+        messages is raw[:D(j)] followed by what the template writes after its last message (`after_last`,
+        learned by _probe and checked on this record: raw must end with it). Checked per reply: its text lies
+        between D(i) and D(i+1), and raw continues at D(i) with the generation prompt (else the template looked
+        at message i from inside the one before, as Qwen2.5 does after a tool result: that prefix is rendered).
+        Without usable reads (and always with `reads` None) every prefix is rendered: quadratic, exact for any
+        template."""
+        def render(j: int, prompt: bool) -> str:
+            return self._render(messages[:j], tools, prompt=prompt)[0]
+
+        n = len(messages)
+        if reads is None or not reads or any(k < 0 for k, _ in reads):
+            return render
+        first = [None] * (n + 1)  # D(j): the position of the first read of message j or later
+        for k, pos in reads:
+            for j in range(k, -1, -1):
+                if first[j] is not None:
+                    break
+                first[j] = pos
+        after0, after1 = self.after_last
+        if None in first or raw[first[n]:] != after0:
+            return render
+        clean = [j < n and conv[j].role == "assistant" and raw.startswith(after1, first[j]) for j in range(n + 1)]
+        for i, t in enumerate(conv):
+            if t.train and not all(x in raw[first[i]:first[i + 1]] for x in reply_marks(t.message)):
+                return render
+
+        def prefix(j: int, prompt: bool) -> str:
+            # after a reply that starts cleanly and holds its text before D(j), or before a reply that does
+            if j == n and not prompt or clean[j] or not prompt and j and conv[j - 1].train:
+                return raw[:first[j]] + (after1 if prompt else after0)
+            return render(j, prompt)
+
+        return prefix
 
     def _turn_end(self, own: str, start: int, text: str) -> tuple[int, bool]:
         """(end of the supervised span, eos appended) for a reply rendered as own[start:]."""
@@ -269,130 +442,31 @@ class AutoFormat(RecordReader, ChatFormat):
             return after.end(), False
         return end, end == len(text) and self.eos_id is not None
 
-    # ---- tokens ----------------------------------------------------------------------------------------------
-
-    def _split_marked(self, text: str) -> list:
-        """A text rendered from marked data -> its pieces: ("special", id, position) for the template's special
-        tokens (with the whitespace their lstrip/rstrip take), ("text", original text, position, marks) between."""
-        pieces, pos = [], 0
-        for m in self.special_re.finditer(text):
-            a, b = m.span()
-            lstrip, rstrip = self.strips[m.group()]
-            if lstrip:
-                a = pos + len(text[pos:a].rstrip())
-            if rstrip:
-                b += len(text[b:]) - len(text[b:].lstrip())
-            if a > pos:
-                pieces.append(self._text_piece(text[pos:a], pos))
-            pieces.append(("special", self.special_ids[m.group()], m.start()))
-            pos = b
-        if pos < len(text):
-            pieces.append(self._text_piece(text[pos:], pos))
-        return pieces
-
-    def _text_piece(self, piece: str, pos: int) -> tuple:
-        out, marks, n = [], [], 0  # marks: (start, end) in the original text, the marker's index in `piece`
-        for j, ch in enumerate(piece):
-            token = self.unmark.get(ord(ch))
-            out.append(ch if token is None else token)
-            if token is not None:
-                marks.append((n, n + len(token), j))
-            n += 1 if token is None else len(token)
-        return ("text", "".join(out), pos, marks)
-
-    @staticmethod
-    def _marked_position(offset: int, marks: list) -> int:
-        """A character offset in a text piece's original text -> its position in the marked text."""
-        shift = 0
-        for a, b, j in marks:
-            if offset >= b:
-                shift += b - a - 1
-            elif offset >= a:
-                return j
-            else:
-                break
-        return offset - shift
-
-    def _encode_marked(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
-        """(ids, start positions) of texts rendered from marked data, the text pieces in one plain call."""
-        split = [self._split_marked(t) for t in texts]
-        plain = [p[1] for pieces in split for p in pieces if p[0] == "text"]
-        encoded = iter(self._backend(True).encode_batch(plain, add_special_tokens=False) if plain else ())
-        out = []
-        for pieces in split:
-            ids, starts = [], []
-            for p in pieces:
-                if p[0] == "special":
-                    ids.append(p[1])
-                    starts.append(p[2])
-                    continue
-                e = next(encoded)
-                ids += e.ids
-                starts += [p[2] + self._marked_position(a, p[3]) for a, _ in e.offsets]
-            out.append((ids, starts))
-        return out
-
-    def _byte_table(self):
-        """Per token id, how many UTF-8 bytes it stands for, when the tokenizer is a byte-level BPE (no normalizer
-        but NFC): its tokens' bytes then add up to the text, so token positions need no offsets. Else None."""
-        if "bytes" not in self._backends:
-            tk = self._backend(False)
-            state = json.loads(tk.to_str())
-            norm = state.get("normalizer")
-            table = None
-            if state["model"]["type"] == "BPE" and "ByteLevel" in json.dumps(state.get("pre_tokenizer")) \
-                    and (norm is None or norm.get("type") == "NFC"):
-                vocab = tk.get_vocab(with_added_tokens=True)
-                table = np.zeros(max(vocab.values()) + 1, np.int64)
-                for token, i in vocab.items():
-                    table[i] = len(token)  # one character of the byte-level alphabet per byte
-                for i, t in tk.get_added_tokens_decoder().items():
-                    table[i] = len(t.content.encode("utf-8"))
-            self._backends["bytes"], self._backends["nfc"] = table, norm is not None
-        return self._backends["bytes"]
-
-    def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-        """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
-        byte lengths of a byte-level BPE's tokens give the positions (checked to add up to the text's bytes; a
-        text that does not goes through the offsets, as do all texts of other tokenizers)."""
-        table, out, redo = self._byte_table(), [None] * len(texts), list(range(len(texts)))
-        if table is not None:
-            nfc, redo = self._backends["nfc"], []
-            for k, (text, e) in enumerate(zip(texts, self._backend(False).encode_batch_fast(
-                    texts, add_special_tokens=False))):
-                ids = np.array(e.ids, np.int32)
-                n = table[ids]
-                if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",
-                                                                                                           text)):
-                    out[k] = (ids, np.cumsum(n) - n, True)
-                else:
-                    redo.append(k)
-        if redo:
-            for k, e in zip(redo, self._backend(False).encode_batch([texts[k] for k in redo],
-                                                                    add_special_tokens=False)):
-                out[k] = (np.array(e.ids, np.int32), np.array([a for a, _ in e.offsets], np.int64), False)
-        return out
-
     def encode_batch(self, conversations: list[Conversation]):
-        """Many conversations -> (ids int32[T], supervised bool[T], length of each encoded one int64[K], a Skip
-        or None per conversation). The texts without special-token text in their data go through one call."""
-        outcomes, layouts = [], []
-        for conv in conversations:
+        """Many conversations -> (ids int32[T], supervised bool[T], length of each sample int64[K], a Skip or None
+        per conversation, the conversation of each sample int64[K]). A conversation gives one sample, or more with
+        --rewritten_replies split. The texts without special-token text in their data go through one call."""
+        outcomes, samples = [], []  # samples: (conversation index, text, spans, eos, marked)
+        for k, conv in enumerate(conversations):
             try:
-                layouts.append(self._layout(conv))
+                laid, marked = self._layout(conv)
+                samples += [(k, text, spans, eos, marked) for text, spans, eos in laid]
                 outcomes.append(None)
             except Skip as s:
                 outcomes.append(s)
-        clean = iter(self._encode_clean([lay[0] for lay in layouts if not lay[3]]))
+            except RenderLimitError as e:  # this record only: the template passed a bound (it names it)
+                outcomes.append(Skip("template_error", str(e)))
+        clean = iter(self._encode_clean([s[1] for s in samples if not s[4]]))
         marked = iter([(np.asarray(i, np.int32), np.asarray(a, np.int64), False)
-                       for i, a in self._encode_marked([lay[0] for lay in layouts if lay[3]])])
+                       for i, a in self._encode_marked([s[1] for s in samples if s[4]])])
         ids, supervised, lengths = [], [], []
-        for text, spans, eos, was_marked in layouts:
+        for _, text, spans, eos, was_marked in samples:
             tok, starts, in_bytes = next(marked if was_marked else clean)
+            spans = [(a, b) for a, b, _ in spans]
             if in_bytes and not text.isascii():  # the spans in bytes too (a position past the text: the eos)
-                spans = [(_utf8_len(text, a), _utf8_len(text, b)) for a, b in spans]
+                spans = [(utf8_len(text, a), utf8_len(text, b)) for a, b in spans]
             if eos:  # the appended eos stands at the end of the text
-                end = _utf8_len(text, len(text)) if in_bytes else len(text)
+                end = utf8_len(text, len(text)) if in_bytes else len(text)
                 tok, starts = np.append(tok, np.int32(self.eos_id)), np.append(starts, np.int64(end))
             sup = np.zeros(len(tok), bool)
             for a, b in spans:  # a token is supervised when its first character is in a span
@@ -400,15 +474,17 @@ class AutoFormat(RecordReader, ChatFormat):
             ids.append(tok)
             supervised.append(sup)
             lengths.append(len(tok))
+        owners = np.asarray([s[0] for s in samples], np.int64)
         if not ids:
-            return np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), outcomes
-        return np.concatenate(ids), np.concatenate(supervised), np.asarray(lengths, np.int64), outcomes
+            return np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), outcomes, owners
+        return np.concatenate(ids), np.concatenate(supervised), np.asarray(lengths, np.int64), outcomes, owners
 
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of one conversation of chat_inputs Messages (tools/generate.py's prompt)."""
         turns = [Turn(m.role, {"role": self.tool_role if m.role == "observation" else m.role, "content": m.content,
                                **({"metadata": m.metadata} if m.metadata else {})}, m.train) for m in messages]
-        ids, supervised, _, outcomes = self.encode_batch([Conversation(turns)])
+        ids, supervised, lengths, outcomes, _ = self.encode_batch([Conversation(turns)])
         if outcomes[0] is not None:
             raise outcomes[0]
+        ids, supervised = ids[-int(lengths[-1]):], supervised[-int(lengths[-1]):]  # the last reply's own sample
         return ids, np.where(supervised, ids, IGNORE_INDEX).astype(np.int32)

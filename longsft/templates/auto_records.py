@@ -11,7 +11,8 @@ Records (messages / ShareGPT / Alpaca as for every template, longsft/data/pretok
   `reasoning_content`, `metadata` (GLM); a tool message `name`, `tool_call_id`. ShareGPT `function_call` turns
   (the value: {"name", "arguments"} JSON, or a list of them) become assistant messages with `tool_calls`, and
   `observation` / `function_response` / `tool` turns tool messages. Tool results go to the role the template
-  names: "tool" (the Hugging Face convention; Llama-3.1 writes it as `ipython`), else "observation" or "ipython".
+  renders them under (AutoFormat's probes: "tool", the Hugging Face convention, else "observation" or
+  "ipython"); AutoFormat._shaped rewrites calls into GLM's own shape for templates that read that instead.
 - tools: the record's `tools` (a list of function schemas or that list as a JSON string, LLaMA-Factory's Glaive
   layout), else a system message's `tools` (GLM-4 finetune layout); bare {"name", ...} schemas are wrapped as
   {"type": "function", "function": ...}. Arguments given as a JSON string are parsed; tool calls without an `id`
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 from collections import deque
 
-from longsft.data.inputs import ZERO_WIDTH, ZERO_WIDTH_CHARS, Skip, _opted_out, _parse_alpaca, _text
+from longsft.data.inputs import ZERO_WIDTH, ZERO_WIDTH_CHARS, Skip, _opted_out, _parse_alpaca, _text, load_json
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "model": "assistant", "function_call": "tool_call", "system": "system",
@@ -58,7 +59,7 @@ def _tools(value, where: str):
         return None
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = load_json(value, where)
         except ValueError:
             raise Skip("wrong_schema", f"{where}: not JSON; expected a list of function schemas") from None
     if isinstance(value, dict):
@@ -75,7 +76,7 @@ def _call(c, where: str) -> dict:
     args = f.get("arguments", f.get("parameters"))
     if isinstance(args, str):
         try:
-            parsed = json.loads(args)
+            parsed = load_json(args, f"{where}: arguments")
             args = parsed if isinstance(parsed, dict) else args
         except ValueError:
             pass
@@ -88,7 +89,7 @@ def _call(c, where: str) -> dict:
 def _calls(value, where: str) -> list[dict]:
     if isinstance(value, str):
         try:
-            value = json.loads(value)
+            value = load_json(value, where)
         except ValueError:
             raise Skip("wrong_schema", f"{where}: a function_call value must be JSON {{\"name\", \"arguments\"}}") \
                 from None

@@ -77,7 +77,8 @@ class ChatFormat:
     may also define `encode_batch(conversations)` -> (ids, supervised, lengths) or None: the driver then tries it
     first for a whole work unit (GLM-4 does); a fourth item, a Skip or None per conversation, skips records (their
     samples left out). `parse_record(obj)` replaces longsft.data.inputs.parse_record and `skip_reasons` adds report
-    reasons (template auto has both)."""
+    reasons (template auto has both). A fifth item of `encode_batch`, the conversation index of each sample, lets a
+    format make several samples of one record (template auto's --rewritten_replies split); the report counts them."""
 
     name: str
     roles: frozenset

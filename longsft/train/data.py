@@ -1,5 +1,6 @@
 """The training data as main.py reads it: checks of a dataset folder against the model and its tokenizer (every
-problem named with its fix), statistics for the start-up log, and the torch datasets of each --batch_method.
+problem named with its fix), statistics for the start-up log, samples longer than the model's context (a warning
+naming the RoPE flags that cover them), and the torch datasets of each --batch_method.
 
     from longsft.train.data import check_data, build_datasets
     problems, stats = check_data("data/glm4/longwriter", "train", "pack", rows, tokenizer, family)
@@ -9,14 +10,16 @@ No processes, no model: only the tokenized folder (longsft/data/storage.py), its
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from longsft.train import rope
 from longsft.train.batches import LMDataset, LMPackDataset, LMSortDataset
-from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, TokenizedData, check_token_ids
+from longsft.data.storage import IGNORE_INDEX, DatasetFormatError, PackedData, TokenizedData, check_token_ids
 from patch.families import Family
 
 logger = logging.getLogger("longsft.train")
@@ -107,6 +110,42 @@ def check_data(path: str, role: str, batch_method: str, rows: int, tokenizer, fa
         else:
             stats.update(samples_not_sorted=int(len(data) - np.unique(np.asarray(p.sort_order)).size))
     return problems, stats
+
+
+def context_warning(path: str, role: str, config, rope_plan=None, family: Optional[Family] = None) -> Optional[str]:
+    """A sentence naming the samples of `path` longer than the model's context (positions restart per sample, so
+    the sample length counts, packed or not) and the flags that would cover them; None when all fit."""
+    context = rope.context_length(config)
+    lengths = np.asarray(TokenizedData(path).lengths)
+    over = int((lengths > context).sum())
+    if not over:
+        return None
+    longest = int(lengths.max())
+    if rope_plan is not None:
+        return (f"--{role}_file {path}: {over:,} of {len(lengths):,} samples are longer than the model's "
+                f"{context:,}-token context even after {rope_plan.describe()} (the longest: {longest:,} tokens): "
+                f"--model_max_length {longest} (instead of --rope_factor) would cover them")
+    kind = rope.suggested_scaling(config, family)
+    return (f"--{role}_file {path}: {over:,} of {len(lengths):,} samples are longer than the model's {context:,}-token "
+            f"context (the longest: {longest:,} tokens; positions past it were never trained"
+            f"{f' in this {family.name} model' if family else ''}): --rope_scaling {kind} --model_max_length "
+            f"{longest} would cover them (types: {', '.join(rope.ROPE_SCALINGS)}; README 'Fit and extend')")
+
+
+def data_order(path: str, batch_method: str, num_items: int, shuffle_seed: Optional[int]) -> dict:
+    """What fixes the order the training items come in (train_settings.json "resolved", checked when a run is
+    resumed): the batch method, the item count, the shuffle seed (naive only), and a sha256 of the arrays that
+    order and shape the items (the samples' offsets; for sort / pack the sorted order or the packs)."""
+    h = hashlib.sha256()
+    data = TokenizedData(path)
+    h.update(np.ascontiguousarray(data.offsets).tobytes())
+    if batch_method in ("sort", "pack"):
+        packs = PackedData(path)
+        arrays = (packs.pack_offsets, packs.pack_samples) if batch_method == "pack" else (packs.sort_order,)
+        for a in arrays:
+            h.update(np.ascontiguousarray(a).tobytes())
+    return {"batch_method": batch_method, "items": int(num_items),
+            "shuffle_seed": shuffle_seed if batch_method == "naive" else None, "sha256": h.hexdigest()}
 
 
 def _open_dataset(path: str, batch_method: str):

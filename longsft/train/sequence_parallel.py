@@ -43,7 +43,7 @@ import torch
 from longsft.data.storage import IGNORE_INDEX
 from longsft.train.batches import PackCollator, count_targets
 from patch.packed_attention import ATTN_IMPLEMENTATION, shift_targets
-from longsft.train.settings import read_deepspeed_config
+from longsft.train.deepspeed_checks import zero_stage
 
 PACK_COUNT_KEYS = ("num_targets", "num_sequences")  # the batch's share of the step's normaliser (see module doc)
 
@@ -68,38 +68,6 @@ class SPLayout:
         return cls(size=size, rank=global_rank % size, dp_size=world_size // size, dp_rank=global_rank // size)
 
 
-def setting_problems(size: int, world_size: int, batch_method: str, deepspeed) -> list[str]:
-    """What stops --sequence_parallel_size SIZE from running (before anything loads); [] when fine or SIZE is 1."""
-    flag = f"--sequence_parallel_size {size}"
-    if size < 1:
-        return [f"{flag}: must be at least 1 (1 = no sequence parallelism)"]
-    if size == 1:
-        return []
-    p = []
-    if world_size % size:
-        p.append(f"{flag}: the {world_size} rank(s) must be a multiple of it (data-parallel size = ranks / it); "
-                 f"launch a multiple of {size} processes")
-    if batch_method != "pack":
-        p.append(f"{flag} needs --batch_method pack (a shard is a slice of one pack), not {batch_method}")
-    if not deepspeed:
-        p.append(f"{flag} runs on DeepSpeed's Ulysses: add --deepspeed ds_config/stage3.json (or stage1/2)")
-        return p
-    try:
-        cfg = read_deepspeed_config(deepspeed)
-    except (OSError, ValueError) as e:
-        return p + [f"--deepspeed {deepspeed}: cannot read it ({e})"]
-    zero = cfg.get("zero_optimization") or {}
-    if int(zero.get("stage", 0) or 0) == 3 and zero.get("reduce_scatter", True) is False:
-        p.append(f"{flag} with ZeRO-3 and \"reduce_scatter\": false: DeepSpeed then averages some gradient buckets "
-                 f"over the world and others over world / sequence-parallel size, so no loss scale is exact; remove "
-                 f"\"reduce_scatter\" from zero_optimization in --deepspeed")
-    given = cfg.get("sequence_parallel_size")
-    if given not in (None, "auto") and int(given) != size:
-        p.append(f"--deepspeed sets sequence_parallel_size {given}, {flag} asks for {size}: remove the key from the "
-                 f"DeepSpeed config (main.py sets it)")
-    return p
-
-
 def head_problems(config, size: int) -> list[str]:
     """DeepSpeed Ulysses' head rule for a model config (read as DeepSpeed reads it, from the text config)."""
     if size <= 1:
@@ -109,8 +77,10 @@ def head_problems(config, size: int) -> list[str]:
     kv = int(getattr(cfg, "num_key_value_heads", None) or q)
     p = []
     if q % size:
+        fits = divisors(q)[1:]
         p.append(f"--sequence_parallel_size {size}: the model has {q} attention heads, which {size} ranks cannot share "
-                 f"(it must divide them): use one of {divisors(q)[1:]}")
+                 f"(it must divide them): " + (f"use one of {fits}" if fits else
+                                               "this model cannot use sequence parallelism; leave it at 1"))
     elif kv % size and size % kv:
         p.append(f"--sequence_parallel_size {size}: the model's {kv} key/value heads are neither divisible by {size} "
                  f"nor a divisor of it (DeepSpeed Ulysses' rule)")
@@ -126,8 +96,7 @@ def gradient_divisor(deepspeed_config: dict, world_size: int, size: int) -> int:
     world / size for ZeRO 0/1/2 (engine and stage_1_and_2 reduce over the sequence-data-parallel group and divide
     by dp = world / sp), the world size for ZeRO-3's reduce-scatter (reduce_scatter_coalesced pre-divides by the
     group size). tests/train/test_sequence_parallel.py checks both against one process."""
-    stage = int(((deepspeed_config or {}).get("zero_optimization") or {}).get("stage", 0) or 0)
-    return world_size if stage == 3 else world_size // size
+    return world_size if zero_stage(deepspeed_config or {}) == 3 else world_size // size
 
 
 def configure_deepspeed(hf_deepspeed_config, layout: SPLayout, per_device: int, grad_acc: int) -> None:

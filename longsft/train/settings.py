@@ -19,7 +19,6 @@ main.py collects all of these into one error; needs no torch.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Optional
 from longsft.train.checkpoints import numbered_checkpoint_problem, output_dir_problems
 
 CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+BATCH_METHODS = ("naive", "sort", "pack")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,12 +68,17 @@ def _is_config_token(argv: list[str], i: int, parser) -> bool:
     return action.nargs == "+" and Path(tok).is_file()  # a list flag would take it as an item otherwise
 
 
-def read_settings(argv: list[str], arg_classes, parser=None) -> tuple[dict, list[str], list[str], list[str]]:
+def read_settings(argv: list[str], arg_classes, parser=None, specs=None) -> tuple[dict, list[str], list[str],
+                                                                                list[str]]:
     """(settings of the YAML/JSON config file among argv, or {}; the remaining flags; problems; notes).
 
     The file may come anywhere (not as the value of a flag), its suffix in any case (.yaml .yml .json). A file in
     GLM-Edge's layout is mapped by `glm_edge_settings`: what cannot be mapped is in problems, what is ignored in
-    notes."""
+    notes. Every value is checked against its setting's type and converted (setting_types.config_type_problems;
+    `specs`: the settings' FieldSpecs, default: read from arg_classes), and against the parser's choices; each
+    problem names the config key that set it (`peft_config.r`, not --lora_r)."""
+    from longsft.train.setting_types import config_type_problems, dataclass_specs
+
     argv = list(argv)
     found = [i for i in range(len(argv)) if _is_config_token(argv, i, parser)]
     if not found:
@@ -83,14 +88,25 @@ def read_settings(argv: list[str], arg_classes, parser=None) -> tuple[dict, list
                          f"give one; flags after or before it override it")
     path = argv.pop(found[0])
     config = read_config_file(path)
-    known = {f.name for cls in arg_classes for f in dataclasses.fields(cls) if f.init}
-    problems, notes = [], []
+    specs = specs if specs is not None else [s for cls in arg_classes for s in dataclass_specs(cls)]
+    known = {s.name for s in specs}
+    problems, notes, sources = [], [], {}
     if is_glm_edge_layout(config):
-        config, problems, notes = glm_edge_settings(config, path, known)
+        config, problems, notes = glm_edge_settings(config, path, known, sources)
     unknown = sorted(set(config) - known)
     if unknown:
         raise SystemExit(f"config file {path}: unknown settings {unknown}; use the names of main.py's "
                          f"flags without the leading -- (python main.py --help lists them)")
+    if isinstance(config.get("lora_target_modules"), (list, tuple)):  # a YAML list of module names
+        config["lora_target_modules"] = ",".join(map(str, config["lora_target_modules"]))
+    config, type_problems = config_type_problems(config, {s.name: s.kind for s in specs}, sources, path)
+    problems += type_problems
+    for key, value in config.items():
+        action = parser._option_string_actions.get(f"--{key}") if parser is not None else None
+        choices = [str(getattr(c, "value", c)) for c in (getattr(action, "choices", None) or [])]
+        if choices and value is not None and str(getattr(value, "value", value)) not in choices:
+            problems.append(f"config file {path}: {sources.get(key, key)}: {value!r} is not one of "
+                            f"{', '.join(choices)}")
     return config, argv, problems, notes
 
 
@@ -115,8 +131,7 @@ GLM_EDGE_IGNORED = {  # top-level keys of GLM-Edge's configs that main.py has no
     "freezeV": "the vision tower of GLM-Edge-V (main.py trains text models only)",
     "swanlab": "use report_to (training_args) for a logger",
 }
-SEQ2SEQ_ONLY = ("predict_with_generate", "generation_config", "generation_max_length", "generation_num_beams",
-                "sortish_sampler")
+SEQ2SEQ_ONLY = ("generation_max_length", "generation_num_beams", "sortish_sampler")  # noted, not used
 JSONL_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet", ".csv")
 
 
@@ -127,7 +142,10 @@ def is_glm_edge_layout(config: dict) -> bool:
 def _data_file(setting: str, flag: str, value, where: str, problems: list[str], out: dict) -> None:
     if value is None:
         return
-    v = str(value)
+    if not isinstance(value, str):
+        problems.append(f"{where}: data_config.{setting}: {value!r} is not a folder path (text)")
+        return
+    v = value
     if Path(v).is_file() or Path(v).suffix.lower() in JSONL_SUFFIXES:
         problems.append(f"{where}: data_config.{setting} {v} is a raw chat file (GLM-Edge's finetune.py tokenizes "
                         f"it at start); main.py trains on a pre-tokenized folder: run `python pre_tokenize.py "
@@ -137,27 +155,32 @@ def _data_file(setting: str, flag: str, value, where: str, problems: list[str], 
         out[flag] = v
 
 
-def glm_edge_settings(config: dict, path: str, known: set[str]) -> tuple[dict, list[str], list[str]]:
+def glm_edge_settings(config: dict, path: str, known: set[str], sources: dict | None = None
+                      ) -> tuple[dict, list[str], list[str]]:
     """GLM-Edge's finetune.py config layout -> (main.py settings, problems, notes).
 
         GLM-Edge key                          main.py setting
         data_config.train_file                train_file (a pre_tokenize.py folder; a raw file is a problem)
         data_config.val_file                  validation_file (the same)
-        data_config.test_file                 ignored, noted (main.py evaluates on validation_file only)
+        data_config.test_file                 test_file (a raw chat file: generated from and scored after training)
         data_config.num_proc                  ignored, noted (pre_tokenize.py --num_proc tokenizes)
         max_input_length, max_output_length   ignored, noted (pre_tokenize.py --max_length, their sum)
         combine, freezeV, swanlab             ignored, noted
-        training_args.NAME                    NAME (a TrainingArguments flag); generation keys of
-                                              Seq2SeqTrainingArguments ignored, noted; others a problem
+        training_args.NAME                    NAME (a TrainingArguments flag); others a problem
+        training_args.generation_config.max_new_tokens   test_max_new_tokens (other generation keys noted)
+        training_args.predict_with_generate   - (main.py generates on test_file when there is one)
+        training_args.generation_max_length, generation_num_beams, sortish_sampler   ignored, noted
         peft_config.peft_type LORA            use_lora: true (another peft_type is a problem)
         peft_config.task_type CAUSAL_LM       - (another task_type is a problem)
         peft_config.r, lora_alpha, lora_dropout   lora_r, lora_alpha, lora_dropout
         peft_config.target_modules            lora_target_modules (a list or a comma-separated string)
         any other top-level key               itself (main.py's flag names, as in a plain config file)
 
-    A key that is not in the table and not a main.py flag is a problem too."""
+    A key that is not in the table and not a main.py flag is a problem too. `sources` (if given) is filled with
+    main.py setting -> the GLM-Edge key that set it, for messages about its value."""
     where = f"config file {path} (GLM-Edge layout)"
     out, problems, notes = {}, [], []
+    sources = {} if sources is None else sources
 
     def section(name):
         v = config.get(name) or {}
@@ -169,9 +192,12 @@ def glm_edge_settings(config: dict, path: str, known: set[str]) -> tuple[dict, l
     data = section("data_config")
     _data_file("train_file", "train_file", data.get("train_file"), where, problems, out)
     _data_file("val_file", "validation_file", data.get("val_file"), where, problems, out)
-    if data.get("test_file") is not None:
-        notes.append(f"{where}: data_config.test_file {data['test_file']} ignored: main.py evaluates the loss on "
-                     f"val_file only (tools/generate.py generates from a trained model)")
+    if data.get("test_file") is not None:  # GLM-Edge's predict_with_generate: a raw chat file, scored after training
+        if isinstance(data["test_file"], str):
+            out["test_file"] = data["test_file"]
+            sources["test_file"] = "data_config.test_file"
+        else:
+            problems.append(f"{where}: data_config.test_file: {data['test_file']!r} is not a file path (text)")
     if data.get("num_proc") is not None:
         notes.append(f"{where}: data_config.num_proc ignored: the tokenizing processes are pre_tokenize.py's "
                      f"--num_proc")
@@ -179,19 +205,42 @@ def glm_edge_settings(config: dict, path: str, known: set[str]) -> tuple[dict, l
         problems.append(f"{where}: data_config.{k}: unknown (GLM-Edge's data_config has train_file, val_file, "
                         f"test_file, num_proc)")
 
+    lengths = {}
+    for k in ("max_input_length", "max_output_length"):
+        v = config.get(k)
+        if v is not None and not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            problems.append(f"{where}: {k}: {v!r} is not a whole number > 0 (GLM-Edge's finetune.py needs one)")
+        elif v is not None:
+            lengths[k] = v
     for k, why in GLM_EDGE_IGNORED.items():
         if k in config and why:
-            total = (config.get("max_input_length") or 0) + (config.get("max_output_length") or 0)
-            notes.append(f"{where}: {k} ignored: " + why.format(total=total))
+            notes.append(f"{where}: {k} ignored: " + why.format(total=sum(lengths.values())))
     if "max_output_length" in config and "max_input_length" not in config:
         notes.append(f"{where}: max_output_length ignored: " + GLM_EDGE_IGNORED["max_input_length"].format(
-            total=config["max_output_length"]))
+            total=sum(lengths.values())))
 
     for k, v in section("training_args").items():
         if k in SEQ2SEQ_ONLY:
-            notes.append(f"{where}: training_args.{k} ignored: main.py evaluates the loss, it does not generate")
+            notes.append(f"{where}: training_args.{k} ignored: main.py's generation on data_config.test_file is "
+                         f"greedy, up to generation_config.max_new_tokens")
+        elif k == "predict_with_generate":
+            if v and data.get("test_file") is None:
+                notes.append(f"{where}: training_args.predict_with_generate: no data_config.test_file to generate "
+                             f"from")
+        elif k == "generation_config":
+            gen = v if isinstance(v, dict) else {}
+            if not isinstance(v, dict):
+                problems.append(f"{where}: training_args.generation_config must be a mapping, got "
+                                f"{type(v).__name__}")
+            if gen.get("max_new_tokens") is not None:
+                out["test_max_new_tokens"] = gen["max_new_tokens"]
+                sources["test_max_new_tokens"] = "training_args.generation_config.max_new_tokens"
+            for g in sorted(set(gen) - {"max_new_tokens"}):
+                notes.append(f"{where}: training_args.generation_config.{g} ignored: main.py's generation on "
+                             f"data_config.test_file is greedy")
         elif k in known:
             out[k] = v
+            sources[k] = f"training_args.{k}"
         else:
             problems.append(f"{where}: training_args.{k}: not a TrainingArguments setting "
                             f"(python main.py --help lists them)")
@@ -212,6 +261,7 @@ def glm_edge_settings(config: dict, path: str, known: set[str]) -> tuple[dict, l
                          ("target_modules", "lora_target_modules")):
             if peft.get(src) is not None:
                 out[dst] = peft[src]
+                sources[dst] = f"peft_config.{src}"
         for k in sorted(set(peft) - {"peft_type", "task_type", "r", "lora_alpha", "lora_dropout",
                                      "target_modules"}):
             problems.append(f"{where}: peft_config.{k}: not supported (main.py's LoRA takes r, lora_alpha, "

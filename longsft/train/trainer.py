@@ -43,18 +43,21 @@ at its last step trains nothing (transformers would run one more step).
 from __future__ import annotations
 
 import math
+import shutil
 from pathlib import Path
 
 import torch
 import transformers
 from torch.utils.data import Dataset, Sampler
 
-from longsft.train.checkpoints import mark_in_progress, new_run_id, read_marker, rotate_own_checkpoints, write_marker
+from longsft.atomic_dir import write_failures_reported
+from longsft.train.checkpoints import (SETTINGS_FILE, choose_checkpoint, folder_bytes, mark_in_progress, new_run_id,
+                                       read_marker, rotate_own_checkpoints, write_marker)
 from longsft.data.storage import IGNORE_INDEX
 from longsft.train.batches import count_targets
 from longsft.train.sequence_parallel import PACK_COUNT_KEYS, SPLayout, sp_order
 
-BATCH_METHODS = ("naive", "sort", "pack")
+from longsft.train.settings import BATCH_METHODS  # noqa: E402,F401  (trainer.BATCH_METHODS, as before)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -83,7 +86,8 @@ class PaddedToMultiple(Dataset):
         self.dataset = dataset
         self.num_real = len(dataset)
         self.num_items = math.ceil(self.num_real / multiple) * multiple if self.num_real else 0
-        self._empty = _empty_item(dataset[0]) if self.num_real else None
+        empty = getattr(dataset, "empty_item", _empty_item)  # a dataset may say what its padding item is (pairs)
+        self._empty = empty(dataset[0]) if self.num_real else None
 
     def __len__(self) -> int:
         return self.num_items
@@ -227,14 +231,64 @@ class TrainerNoShuffle(transformers.Trainer):
         # transformers' rotation deletes any checkpoint-* folder in output_dir: ours runs after the marker
         limit, self.args.save_total_limit = self.args.save_total_limit, None
         try:
-            super()._save_checkpoint(model, trial)
+            with self.save_failures_reported(f"saving {folder}", folder):
+                super()._save_checkpoint(model, trial)
         finally:
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's files (ZeRO partitions, RNG states) are on disk
         if self.args.should_save:
+            settings = run_dir / SETTINGS_FILE  # the run's settings travel with it (a resume checks its data order)
+            if settings.is_file():
+                shutil.copyfile(settings, folder / SETTINGS_FILE)
             write_marker(folder, kind="checkpoint", global_step=self.state.global_step,
                          max_steps=self.state.max_steps, run_id=self.run_id)
             rotate_own_checkpoints(run_dir, self.run_id, limit, keep=(self.state.best_model_checkpoint,))
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if _internal_call:  # inside a checkpoint's save: _save_checkpoint reports a failure
+            return super().save_model(output_dir, _internal_call)
+        folder = Path(output_dir or self.args.output_dir)
+        with self.save_failures_reported(f"saving the final output to {folder}", folder, final=True):
+            return super().save_model(output_dir, _internal_call)
+
+    def save_state(self):
+        folder = Path(self.args.output_dir)
+        with self.save_failures_reported(f"saving the trainer state to {folder}", folder, final=True):
+            return super().save_state()
+
+    def save_failures_reported(self, what: str, folder: Path, final: bool = False):
+        """A context manager: a save that fails for disk reasons (full, file-size limit, read-only) stops the run
+        with one message (errors.UserError): what failed, the space a save needs (the newest complete checkpoint's
+        size, else the weights and optimizer states held now), what is intact and how to continue."""
+        run_dir = Path(self.args.output_dir)
+
+        def needed() -> int | None:
+            if final:  # the weights (or adapter) and small files
+                return self._state_bytes(optimizer=False)
+            done, _ = choose_checkpoint(run_dir)
+            return folder_bytes(done) if done is not None else self._state_bytes()
+
+        done, _ = choose_checkpoint(run_dir)
+        intact = ((f"The final output in {folder} is marked incomplete. " if final else
+                   f"{folder} is marked incomplete (a resume skips it; delete it to free its space). ")
+                  + (f"The newest complete checkpoint, {done}, is intact: once there is space, continue with "
+                     f"--resume_from_checkpoint true" if done is not None else
+                     "No complete checkpoint exists yet: once there is space, start the run again"))
+        return write_failures_reported(what, folder, intact, needed)
+
+    def _state_bytes(self, optimizer: bool = True) -> int:
+        """Bytes of the weights (all of them, also where ZeRO-3 partitions them; only the trainable ones of a peft
+        model, which saves its adapter) and of the optimizer states this process holds: about what one checkpoint
+        writes (the final output: the weights alone)."""
+        adapter = hasattr(self.model, "peft_config")
+        n = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in self.model.parameters()
+                if p.requires_grad or not adapter)
+        opt = self.optimizer if optimizer else None
+        while opt is not None and not isinstance(getattr(opt, "state", None), dict) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        for state in (getattr(opt, "state", None) or {}).values():
+            n += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+        return n
 
     def _finalize_training(self, trial, *args, **kwargs):
         # transformers deletes every checkpoint-* but the best with save_total_limit=1: only ours here

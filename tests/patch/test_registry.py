@@ -272,3 +272,54 @@ print("loaded:", sorted(m for m in ("torch", "longsft.train", "transformers.mode
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == "loaded: []"
     assert (tmp_path / "data" / "packs" / "meta.json").is_file()
+
+
+HUB_CHATGLM3_CODE = '''\
+# Stand-in for the tokenizer code of an older chatglm3-6b / LongAlign-6B-64k snapshot (written for this test): its
+# SentencePiece wrapper builds the four role tokens after [MASK] [gMASK] [sMASK] sop eop. Read as text, never run.
+raise SystemExit("the folder's tokenizer code must never run")
+role_special_tokens = ["<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+'''
+HUB_CHATGLM2_CODE = '''\
+# Stand-in for chatglm2-6b's tokenizer code: no role tokens. Read as text, never run.
+raise SystemExit("the folder's tokenizer code must never run")
+special_tokens = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop"]
+'''
+
+
+def test_chatglm3_told_from_its_tokenizer_code_read_as_text(tmp_path, chatglm2_tokenizer_dir):
+    """Issue 19 part 4: a ChatGLM3 folder whose tokenizer_config.json names no role tokens and has no chat template
+    (older hub snapshots) was taken for ChatGLM2; its tokenization_chatglm.py tells (read as text, never run), and
+    the tokenizer is then built with the role tokens."""
+    for name, code, want in (("c3", HUB_CHATGLM3_CODE, "chatglm3"), ("c2", HUB_CHATGLM2_CODE, "chatglm2")):
+        folder = chatglm_folder(tmp_path / name)
+        shutil.copy(chatglm2_tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+        (folder / "tokenization_chatglm.py").write_text(code)
+        assert detect(folder) == want
+        tok = models.load_tokenizer(str(folder), want)
+        assert tok.chatglm_version == int(want[-1])
+    assert "(or naming one in tokenization_chatglm.py)" in families.why_undetected(families.folder_reader(
+        chatglm_folder(tmp_path / "sp", model_type="chatglm")))
+
+
+def test_template_chatglm3_honoured_on_a_folder_taken_for_chatglm2(tmp_path, chatglm2_tokenizer_dir):
+    """`--template chatglm3` on a folder that declares nothing (and has no tokenizer code): our ChatGLMTokenizer
+    builds the role tokens, so the folder is read as ChatGLM3 (a note says so) instead of the refusal."""
+    import pre_tokenize
+    from longsft.data.storage import TokenizedData
+
+    folder = chatglm_folder(tmp_path / "c")
+    shutil.copy(chatglm2_tokenizer_dir / "tokenizer.model", folder / "tokenizer.model")
+    assert detect(folder) == "chatglm2"
+    src = tmp_path / "in.jsonl"
+    src.write_text(json.dumps({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello"}]}) + "\n")
+    rep = pre_tokenize.main(["--model_name_or_path", str(folder), "--template", "chatglm3", "--input", str(src),
+                             "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
+    data = TokenizedData(tmp_path / "out")
+    assert rep["samples_kept"] == 1 and data.meta["model_family"] == "chatglm3"
+    tok = models.load_tokenizer(str(folder), "chatglm3")
+    ids = data.sample(0)[0].tolist()
+    assert tok.convert_tokens_to_ids("<|assistant|>") in ids and tok.convert_tokens_to_ids("<|system|>") in ids
+    with pytest.raises(InputError, match="not a template of the glm4 family"):  # another tokenizer: still refused
+        registry.check_template(families.FAMILIES["glm4"], "chatglm3")

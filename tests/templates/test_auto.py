@@ -71,10 +71,22 @@ def fmt(chat_tokenizer_dir):
 
 
 def encode(f: AutoFormat, record: dict):
-    """(ids, supervised, Skip or None) of one record through the driver's calls (parse_record, encode_batch)."""
+    """(ids, supervised, Skip or None) of one record through the driver's calls (parse_record, encode_batch); the
+    samples of a record split by --rewritten_replies split come concatenated (`samples` has them one by one)."""
     _, conv = f.parse_record(record)
-    ids, supervised, lengths, outcome = f.encode_batch([conv])
+    ids, supervised, lengths, outcome, owners = f.encode_batch([conv])
+    assert (owners == 0).all() and lengths.sum() == len(ids)
     return ids, supervised, outcome[0]
+
+
+def samples(f: AutoFormat, record: dict) -> list:
+    """[(ids, supervised)] per sample of one record (several with --rewritten_replies split)."""
+    _, conv = f.parse_record(record)
+    ids, supervised, lengths, outcome, _ = f.encode_batch([conv])
+    if outcome[0] is not None:
+        raise outcome[0]
+    cuts = np.cumsum(lengths)[:-1]
+    return list(zip(np.split(ids, cuts), np.split(supervised, cuts)))
 
 
 def reference(f: AutoFormat, record: dict, **kwargs) -> list[int]:
@@ -193,6 +205,7 @@ def test_tool_calls_through_each_templates_tool_format(fmt):
 
 def test_qwen3_rewrites_history_skip_or_leave_unsupervised(fmt):
     f = fmt("qwen3")
+    f.rewritten = "skip"
     multi = {"messages": TOOL_CHAT, "tools": [WEATHER]}
     _, _, skip = encode(f, multi)
     assert skip.reason == "template_rewrites_history" and skip.detail.startswith("message 2:")
@@ -225,6 +238,7 @@ def test_qwen3_rewrites_history_skip_or_leave_unsupervised(fmt):
 
 def test_mistral_system_prompt_moves_to_the_last_user_message(fmt):
     f = fmt("mistral")
+    f.rewritten = "skip"
     _, _, skip = encode(f, {"messages": TOOL_CHAT[:4] + [{"role": "assistant", "content": "Sunny."}]})
     assert skip.reason == "template_rewrites_history" and skip.detail.startswith("message 2:")
     ids, supervised, skip = encode(f, {"messages": TOOL_CHAT[:3]})  # one turn: stable
@@ -238,14 +252,18 @@ def test_generation_blocks_decide_when_the_template_has_them(fmt):
     ids, supervised, _ = encode(f, record)
     assert ids.tolist() == reference(f, record)
     assert runs(f.tokenizer, ids, supervised) == HAND_CHECKED["qwen2_marked"][1:]  # the opted-out reply is not
-    # blocks that do not pair with the assistant messages (here: none for a tool call) cannot be told apart
+    # blocks that do not pair with the assistant messages (here: none for one reply) cannot be told apart
     tok = PreTrainedTokenizerFast.from_pretrained(f.tokenizer.name_or_path)
-    tok.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and not m.tool_calls %}{% generation %}"
+    tok.chat_template = ("{% for m in messages %}{% if m.role == 'assistant' and m.content != 'plain' %}{% generation %}"
                          "{{ m.content }}{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
     partial = AutoFormat(tok)
     assert partial.marked[False] and encode(partial, {"messages": TOOL_CHAT[1:3]})[2] is None
-    _, _, skip = encode(partial, {"messages": TOOL_CHAT[1:]})
-    assert skip.reason == "template_error" and "2 {% generation %} blocks for 3 assistant messages" in skip.detail
+    _, _, skip = encode(partial, {"messages": TOOL_CHAT[1:3] + [{"role": "user", "content": "more"},
+                                                                {"role": "assistant", "content": "plain"}]})
+    assert skip.reason == "template_error" and "1 {% generation %} blocks for 2 assistant messages" in skip.detail
+    # and that template writes no tool calls: a record with one is skipped for it, never trained without its call
+    assert partial.call_shape is None
+    assert encode(partial, {"messages": TOOL_CHAT[1:]})[2].reason == "template_cannot_render_tools"
 
 
 @pytest.mark.parametrize("kind", ["glm", "qwen2", "llama3"])
@@ -365,7 +383,8 @@ def test_pre_tokenize_auto_end_to_end(tmp_path, chat_tokenizer_dir):
                              "--no_shuffle"])
     assert rep["samples_kept"] == 4 and rep["skipped"] == {
         "invalid_json": 1, "wrong_schema": 0, "unknown_role": 0, "too_long": 0, "nothing_to_supervise": 1,
-        "template_error": 1, "template_rewrites_history": 0}
+        "template_error": 1, "template_rewrites_history": 0, "template_cannot_render_tools": 0,
+        "template_drops_reply": 0}
     data = TokenizedData(tmp_path / "out")
     assert data.meta["template"] == "auto" and data.meta["model_family"] == "llama3"
     f = registry.chat_format("auto", PreTrainedTokenizerFast.from_pretrained(folder))
@@ -455,3 +474,29 @@ def test_native_model_folders_default_to_auto(tmp_path, family):
     stops = json.loads((model / "generation_config.json").read_text())["eos_token_id"]
     stops = stops if isinstance(stops, list) else [stops]
     assert meta["stop_token_ids"][:len(stops)] == stops
+
+
+def test_split_records_in_the_report(tmp_path, chat_tokenizer_dir):
+    """--rewritten_replies split (the default): a Qwen3 multi-turn record becomes one sample per rewritten reply plus
+    the whole conversation; the report counts them (lines_read = samples_kept - extra_samples + skipped) and a
+    record with a sample over --max_length is skipped once, whole."""
+    long_reply = {"role": "assistant", "content": "word " * 900}
+    records = [{"messages": TOOL_CHAT, "tools": [WEATHER]}, {"messages": TOOL_CHAT[1:3]},
+               {"messages": TOOL_CHAT[1:3] + [TOOL_CHAT[3], long_reply]}, "not json"]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    rep = pre_tokenize.main(["--model_name_or_path", str(chat_tokenizer_dir("qwen3")), "--template", "auto",
+                             "--input", str(src), "--output_dir", str(tmp_path / "out"), "--num_proc", "1",
+                             "--no_shuffle", "--max_length", "700"])
+    split = rep["split"]
+    assert split["records"] == 1 and split["samples"] == 3 and split["extra_samples"] == 2  # 2 earlier replies
+    assert split["extra_tokens"] > 0
+    assert rep["lines_read"] == rep["samples_kept"] - split["extra_samples"] + rep["skipped_total"] == 4
+    assert rep["skipped"]["too_long"] == 1 and rep["skipped"]["invalid_json"] == 1
+    skipped = [json.loads(x) for x in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["line"], s["reason"]) for s in skipped] == [(3, "too_long"), (4, "invalid_json")]
+    data = TokenizedData(tmp_path / "out")
+    assert len(data) == 4
+    rep = pre_tokenize.main(["--model_name_or_path", str(chat_tokenizer_dir("qwen3")), "--template", "auto",
+                             "--input", str(src), "--output_dir", str(tmp_path / "skip"), "--num_proc", "1",
+                             "--rewritten_replies", "skip", "--max_length", "700"])
+    assert "split" not in rep and rep["skipped"]["template_rewrites_history"] == 2

@@ -68,10 +68,12 @@ def test_glm_edge_yaml_maps_onto_main_flags(tmp_path, caplog):
     assert (args.output_dir, args.max_steps, args.per_device_train_batch_size) == (str(tmp_path / "out"), 4, 2)
     assert (args.save_steps, args.logging_steps, args.learning_rate) == (2, 1, 1e-4)  # flags override the file
     log = "\n".join(r.getMessage() for r in caplog.records)
-    for note in ("data_config.test_file", "data_config.num_proc ignored", "pre_tokenize.py's --num_proc",
-                 "--max_length (max_input_length + max_output_length = 1536)", "training_args.predict_with_generate",
-                 "training_args.generation_config"):
+    # GLM-Edge's predict_with_generate on its test_file: main.py's --test_file, with generation_config's budget
+    assert (d.test_file, d.test_max_new_tokens) == (str(tmp_path / "tok-val"), 64)
+    for note in ("data_config.num_proc ignored", "pre_tokenize.py's --num_proc",
+                 "--max_length (max_input_length + max_output_length = 1536)"):
         assert note in log, log
+    assert "predict_with_generate" not in log and "generation_config" not in log, log
 
 
 def test_glm_edge_yaml_problems_are_collected(tmp_path):
@@ -81,6 +83,7 @@ def test_glm_edge_yaml_problems_are_collected(tmp_path):
     text = text.replace("peft_type: LORA", "peft_type: PREFIX_TUNING").replace("task_type: CAUSAL_LM",
                                                                              "task_type: SEQ_2_SEQ_LM")
     text = text.replace("  log_level: info\n", "  log_level: info\n  not_a_setting: 1\n") + "  bias: all\n"
+    text = text.replace("max_new_tokens: 64", "max_new_tokens: lots")
     cfg = tmp_path / "bad.yaml"
     cfg.write_text(text + "gradient_accumulation_steps: 0\n")
     with pytest.raises(SystemExit) as e:
@@ -91,7 +94,8 @@ def test_glm_edge_yaml_problems_are_collected(tmp_path):
                      "data_config.val_file dev.jsonl is a raw chat file",
                      "peft_config.peft_type PREFIX_TUNING: main.py trains LORA adapters only",
                      "peft_config.task_type SEQ_2_SEQ_LM", "training_args.not_a_setting: not a TrainingArguments",
-                     "peft_config.bias: not supported", "--gradient_accumulation_steps 0: must be at least 1"):
+                     "peft_config.bias: not supported", "--gradient_accumulation_steps 0: must be at least 1",
+                     "training_args.generation_config.max_new_tokens: 'lots' is not a whole number"):
         assert expected in msg, msg
     assert msg.startswith("main.py cannot start:")  # one error, with main.py's own setting problems
 

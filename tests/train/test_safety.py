@@ -280,6 +280,7 @@ def test_main_refuses_flag_prefixes():
     ("pre_tokenize_llama3", ["--model_name_or_path", "m", "--input", "x.jsonl", "--num_pro", "1"]),
     ("sort_and_group", ["--train_file", "d", "--group_siz", "2"]),
     ("tools.generate", ["--model_dir", "m", "--max_new_token", "3"]),
+    ("evaluate", ["--output_dir", "o", "--predictions", "p.jsonl", "--length_bucket", "9"]),
     ("tools.plot_loss", ["--run_dir", "r", "--outpu", "x.png"]),
     ("tools.make_tiny", ["model", "--family", "llama3", "--out", "o", "--see", "1"]),
     ("patch.install", ["--model_dir", "m", "--verif", "false"]),

@@ -21,6 +21,7 @@ from torch.utils.data import BatchSampler
 import main as train_main
 from longsft.train import model as train_model
 from longsft.train import sequence_parallel as sp_lib
+from longsft.train.deepspeed_checks import sequence_parallel_problems
 from longsft.data.storage import IGNORE_INDEX
 from longsft.train.batches import PackCollator, count_targets
 from patch.packed_attention import shift_targets
@@ -96,12 +97,12 @@ def test_sampler_gives_every_rank_of_a_group_the_same_packs(dp, size, per_device
 def test_settings_and_heads_are_checked_before_anything_loads(tmp_path, llama_dir):  # noqa: F811
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "reduce_scatter": False}}))
-    p = sp_lib.setting_problems(3, 4, "sort", str(ds))
+    p = sequence_parallel_problems(3, 4, "sort", str(ds))
     assert any("multiple of it" in x for x in p) and any("--batch_method pack" in x for x in p)
     assert any("reduce_scatter" in x for x in p)
-    assert any("--deepspeed" in x for x in sp_lib.setting_problems(2, 2, "pack", None))
-    assert sp_lib.setting_problems(2, 4, "pack", str(ROOT / "ds_config" / "stage3.json")) == []
-    assert sp_lib.setting_problems(1, 3, "naive", None) == []
+    assert any("--deepspeed" in x for x in sequence_parallel_problems(2, 2, "pack", None))
+    assert sequence_parallel_problems(2, 4, "pack", str(ROOT / "ds_config" / "stage3.json")) == []
+    assert sequence_parallel_problems(1, 3, "naive", None) == []
     cfg = train_model.model_class("llama").config_class.from_pretrained(llama_dir)  # 4 query heads, 2 kv heads
     assert sp_lib.head_problems(cfg, 2) == [] and sp_lib.head_problems(cfg, 4) == []  # kv replicated for 4
     (msg,) = sp_lib.head_problems(cfg, 8)

@@ -1,0 +1,176 @@
+"""Template `auto`'s rendered text -> token ids and token positions (AutoFormat mixes in TemplateTokens): one call of
+the tokenizer's own Rust backend per work unit; special-token text of the data kept as text (the marked path);
+positions from a byte-level BPE's token byte lengths, else from offsets.
+
+    from longsft.templates.registry import chat_format
+    fmt = chat_format("auto", tokenizer)                      # an AutoFormat: a TemplateTokens
+    (ids, starts, in_bytes), = fmt._encode_clean(["<|im_start|>user\nHi<|im_end|>\n"])
+
+    python -m pytest -q tests/templates/test_auto.py -k "byte_positions or special_token_text"   # its tests (CPU)
+
+Uses the AutoFormat attributes `tokenizer`, `_backends` (per-process caches), `special_re`, `strips`,
+`special_ids` and `unmark` (the private-use marks of special-token text in the data).
+"""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+
+import numpy as np
+
+
+def utf8_len(text: str, pos: int) -> int:
+    """Bytes of text[:pos] (a position past the end counts one byte per character beyond)."""
+    return len(text[:pos].encode("utf-8")) + max(0, pos - len(text))
+
+
+
+class _PlainCalls:
+    """A Rust tokenizer's encode calls with `encode_special_tokens` on (special-token text stays plain text)."""
+
+    def __init__(self, tk):
+        self.tk = tk
+
+    def _call(self, name: str, *args, **kwargs):
+        before = self.tk.encode_special_tokens
+        self.tk.encode_special_tokens = True
+        try:
+            return getattr(self.tk, name)(*args, **kwargs)
+        finally:
+            self.tk.encode_special_tokens = before
+
+    def encode(self, *args, **kwargs):
+        return self._call("encode", *args, **kwargs)
+
+    def encode_batch(self, *args, **kwargs):
+        return self._call("encode_batch", *args, **kwargs)
+
+
+
+class TemplateTokens:
+    def _backend(self, plain: bool):
+        """The Rust tokenizer, with offsets: the tokenizer's own (always called with add_special_tokens=False, so
+        its post-processor adds nothing; a private copy only if it has truncation or padding set: copying a
+        150k-token vocabulary takes seconds); `plain`: special tokens never matched (special-token text stays
+        text), set on it for each call."""
+        if "tk" not in self._backends:
+            tk = self.tokenizer.backend_tokenizer
+            if tk.truncation is not None or tk.padding is not None:
+                from tokenizers import Tokenizer
+
+                tk = Tokenizer.from_str(tk.to_str())
+                tk.no_truncation()
+                tk.no_padding()
+            self._backends["tk"] = tk
+        tk = self._backends["tk"]
+        return _PlainCalls(tk) if plain else tk
+
+
+    # ---- tokens ----------------------------------------------------------------------------------------------
+
+    def _split_marked(self, text: str) -> list:
+        """A text rendered from marked data -> its pieces: ("special", id, position) for the template's special
+        tokens (with the whitespace their lstrip/rstrip take), ("text", original text, position, marks) between."""
+        pieces, pos = [], 0
+        for m in self.special_re.finditer(text):
+            a, b = m.span()
+            lstrip, rstrip = self.strips[m.group()]
+            if lstrip:
+                a = pos + len(text[pos:a].rstrip())
+            if rstrip:
+                b += len(text[b:]) - len(text[b:].lstrip())
+            if a > pos:
+                pieces.append(self._text_piece(text[pos:a], pos))
+            pieces.append(("special", self.special_ids[m.group()], m.start()))
+            pos = b
+        if pos < len(text):
+            pieces.append(self._text_piece(text[pos:], pos))
+        return pieces
+
+    def _text_piece(self, piece: str, pos: int) -> tuple:
+        out, marks, n = [], [], 0  # marks: (start, end) in the original text, the marker's index in `piece`
+        for j, ch in enumerate(piece):
+            token = self.unmark.get(ord(ch))
+            out.append(ch if token is None else token)
+            if token is not None:
+                marks.append((n, n + len(token), j))
+            n += 1 if token is None else len(token)
+        return ("text", "".join(out), pos, marks)
+
+    @staticmethod
+    def _marked_position(offset: int, marks: list) -> int:
+        """A character offset in a text piece's original text -> its position in the marked text."""
+        shift = 0
+        for a, b, j in marks:
+            if offset >= b:
+                shift += b - a - 1
+            elif offset >= a:
+                return j
+            else:
+                break
+        return offset - shift
+
+    def _encode_marked(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(ids, start positions) of texts rendered from marked data, the text pieces in one plain call."""
+        split = [self._split_marked(t) for t in texts]
+        plain = [p[1] for pieces in split for p in pieces if p[0] == "text"]
+        encoded = iter(self._backend(True).encode_batch(plain, add_special_tokens=False) if plain else ())
+        out = []
+        for pieces in split:
+            ids, starts = [], []
+            for p in pieces:
+                if p[0] == "special":
+                    ids.append(p[1])
+                    starts.append(p[2])
+                    continue
+                e = next(encoded)
+                ids += e.ids
+                starts += [p[2] + self._marked_position(a, p[3]) for a, _ in e.offsets]
+            out.append((ids, starts))
+        return out
+
+    def _byte_table(self):
+        """Per token id, how many UTF-8 bytes it stands for, when the tokenizer is a byte-level BPE (no normalizer
+        but NFC): its tokens' bytes then add up to the text, so token positions need no offsets. Else None."""
+        if "bytes" not in self._backends:
+            from tokenizers import models
+
+            tk = self._backend(False)
+            norm = tk.normalizer
+            nfc = norm is not None and json.loads(norm.__getstate__()).get("type") == "NFC"
+            table = None
+            if isinstance(tk.model, models.BPE) and tk.pre_tokenizer is not None \
+                    and "ByteLevel" in tk.pre_tokenizer.__getstate__().decode("utf-8", "replace") \
+                    and (norm is None or nfc):
+                vocab = tk.get_vocab(with_added_tokens=True)
+                table = np.zeros(max(vocab.values()) + 1, np.int64)
+                for token, i in vocab.items():
+                    table[i] = len(token)  # one character of the byte-level alphabet per byte
+                for i, t in tk.get_added_tokens_decoder().items():
+                    table[i] = len(t.content.encode("utf-8"))
+            self._backends["bytes"], self._backends["nfc"] = table, norm is not None
+        return self._backends["bytes"]
+
+    def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+        """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
+        byte lengths of a byte-level BPE's tokens give the positions (checked to add up to the text's bytes; a
+        text that does not goes through the offsets, as do all texts of other tokenizers)."""
+        table, out, redo = self._byte_table(), [None] * len(texts), list(range(len(texts)))
+        if table is not None:
+            nfc, redo = self._backends["nfc"], []
+            for k, (text, e) in enumerate(zip(texts, self._backend(False).encode_batch_fast(
+                    texts, add_special_tokens=False))):
+                ids = np.array(e.ids, np.int32)
+                n = table[ids]
+                if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",
+                                                                                                           text)):
+                    out[k] = (ids, np.cumsum(n) - n, True)
+                else:
+                    redo.append(k)
+        if redo:
+            for k, e in zip(redo, self._backend(False).encode_batch([texts[k] for k in redo],
+                                                                    add_special_tokens=False)):
+                out[k] = (np.array(e.ids, np.int32), np.array([a for a, _ in e.offsets], np.int64), False)
+        return out
+

@@ -1,0 +1,113 @@
+"""Bounded chat-template rendering (longsft/templates/render.py) and its use by template `auto`: a hostile template
+fails fast with a message naming it (issue 21 item 6); the rendering stays apply_chat_template's."""
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers.utils.chat_template_utils import render_jinja_template
+
+import pre_tokenize
+from longsft.data.inputs import InputError
+from longsft.templates.render import Renderer, RenderLimitError, RenderLimits
+from longsft.tiny.chat_templates import GLM_EDGE, LLAMA31, QWEN2_MARKED, QWEN3
+from tests.records import write_jsonl
+
+LOOP = "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}"  # 10^10 iterations
+CHAT = [{"role": "system", "content": "S"}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+
+
+@pytest.mark.parametrize("template", [GLM_EDGE, LLAMA31, QWEN2_MARKED, QWEN3])
+def test_same_text_and_blocks_as_transformers(template):
+    r = Renderer(template, "t", RenderLimits(), {"eos_token": "</s>", "bos_token": "<s>"})
+    for prompt in (False, True):
+        for marks in (False, True):
+            want = render_jinja_template([CHAT], chat_template=template, add_generation_prompt=prompt,
+                                         return_assistant_tokens_mask=marks, eos_token="</s>", bos_token="<s>")
+            text, blocks = r.render(CHAT, None, prompt, marks)
+            assert text == want[0][0] and (blocks or []) == [tuple(b) for b in (want[1][0] if marks else [])]
+
+
+@pytest.mark.parametrize("template, what", [
+    (LOOP, "did not finish rendering one record in 1 s (--render_timeout)"),
+    ("{{ 'x' * 300000000 }}", "builds a value of 300,000,000 items or characters, over the limit"),
+    ("{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s }}",
+     "over the limit of 1,048,576 (--render_max_chars)"),
+    ("{{ 7 ** 100000000 }}", "over the limit"),
+    ("{% for i in range(100000) %}{{ 'y' * 1000 }}{% endfor %}", "wrote over 1,048,576 characters for one record"),
+])
+def test_bounds_name_the_template(template, what):
+    r = Renderer(template, "the chat template of 'X'", RenderLimits(seconds=1, chars=2 ** 20), {})
+    start = time.perf_counter()
+    with pytest.raises(RenderLimitError, match="the chat template of 'X'") as e:
+        r.render(CHAT)
+    assert what in str(e.value) and time.perf_counter() - start < 5
+
+
+def _folder(tmp_path, chat_tokenizer_dir, template: str) -> Path:
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    for p in Path(chat_tokenizer_dir("qwen2")).iterdir():
+        (folder / p.name).write_bytes(p.read_bytes())
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder
+
+
+def test_pre_tokenize_fails_fast_on_a_looping_template(tmp_path, chat_tokenizer_dir):
+    folder = _folder(tmp_path, chat_tokenizer_dir, LOOP)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": CHAT}])
+    start = time.perf_counter()
+    with pytest.raises(InputError, match=r"--template auto: the chat template of '.*tok' did not finish rendering "
+                                         r"one record in 1 s \(--render_timeout\)"):
+        pre_tokenize.main(["--model_name_or_path", str(folder), "--template", "auto", "--input", str(src),
+                           "--output_dir", str(tmp_path / "out"), "--num_proc", "1", "--render_timeout", "1"])
+    assert time.perf_counter() - start < 10 and not (tmp_path / "out").exists()
+
+
+def test_huge_string_stays_small(tmp_path, chat_tokenizer_dir):
+    """{{ 'x' * 300000000 }} stops before it is built: the process stays far from GBs (17.6 GB before)."""
+    folder = _folder(tmp_path, chat_tokenizer_dir, "{{ 'x' * 300000000 }}")
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": CHAT}])
+    argv = ["pre_tokenize.py", "--model_name_or_path", str(folder), "--template", "auto", "--input", str(src),
+            "--output_dir", str(tmp_path / "out"), "--num_proc", "1"]
+    run = (f"import resource, runpy, sys\nsys.argv = {argv!r}\ntry:\n    runpy.run_path('pre_tokenize.py', "
+           f"run_name='__main__')\nfinally:\n    print('peak', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    proc = subprocess.run([sys.executable, "-c", run], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "builds a value of 300,000,000 items or characters" in proc.stderr and "tok" in proc.stderr
+    peak_mb = int(proc.stdout.split("peak")[-1]) / 1024
+    assert peak_mb < 1500, peak_mb
+
+
+def test_a_record_that_passes_a_bound_is_skipped_with_the_templates_name(tmp_path, chat_tokenizer_dir):
+    template = ("{% for m in messages %}{% if m.content == 'slow' %}" + LOOP + "{% endif %}"
+                "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")
+    folder = _folder(tmp_path, chat_tokenizer_dir, template)
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": CHAT}, {"messages": [
+        {"role": "user", "content": "slow"}, {"role": "assistant", "content": "x"}]}])
+    rep = pre_tokenize.main(["--model_name_or_path", str(folder), "--template", "auto", "--input", str(src),
+                             "--output_dir", str(tmp_path / "out"), "--num_proc", "1", "--render_timeout", "1",
+                             "--no_shuffle"])
+    assert rep["samples_kept"] == 1 and rep["skipped"]["template_error"] == 1
+    skipped = json.loads((tmp_path / "out" / "skipped.jsonl").read_text())
+    assert skipped["line"] == 2 and "did not finish rendering one record in 1 s" in skipped["detail"]
+
+
+@pytest.mark.parametrize("value", [12345, True, [1, 2], [{"name": "default"}], {"default": 3}])
+def test_a_chat_template_of_a_wrong_type_is_a_clear_error(tmp_path, chat_tokenizer_dir, value):
+    """Issue 21 item 11: `"chat_template": 12345` was `TypeError: 'int' object is not iterable` (patch/families.py)."""
+    folder = _folder(tmp_path, chat_tokenizer_dir, "x")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = value
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    src = write_jsonl(tmp_path / "in.jsonl", [{"messages": CHAT}])
+    with pytest.raises(InputError, match=r"tokenizer_config.json: `chat_template` is \w+ .*; it must be a Jinja "
+                                         r"template string or a list of .* fix or remove the key"):
+        pre_tokenize.main(["--model_name_or_path", str(folder), "--template", "auto", "--input", str(src),
+                           "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
