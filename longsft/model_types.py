@@ -1,9 +1,9 @@
 """Which transformers model types train through the packed path: one check per model type, and the table the
 registry reads (patch/model_types.json: accepted types with their class, refused ones with the reason).
 
-    python -m longsft.model_types --types gemma phi3 mamba   # check some types (tiny CPU run: about 1 s each)
+    python -m longsft.model_types --types gemma phi3 mamba   # check some types (tiny CPU run: well under 1 s each)
     python -m longsft.model_types                            # check every causal LM of the installed transformers
-    python -m longsft.model_types --write                    # ... and write patch/model_types.json (about 2 min)
+    python -m longsft.model_types --write                    # ... and write patch/model_types.json (18 s on 2 cores)
 
 The check of a model type (`check`), on a tiny random config of it (`tiny_config`: 2-4 layers of width 64, 4 query
 heads, every kind of layer the type has, sliding windows of 6 tokens, dropout 0, logit scalings and soft-caps set):
@@ -280,6 +280,8 @@ def _check_pair(model_type: str, name: str, upstream, verdict: Verdict, extra_ki
         raise Refused(f"its attention needs what the packed attention kernels lack: {str(e)[:200]}") from e
     except Refused:
         raise
+    except RecursionError as e:  # its message varies from run to run
+        raise Refused("the packed forward fails on it: RecursionError: maximum recursion depth exceeded") from e
     except Exception as e:  # noqa: BLE001 - any failure is the verdict's reason
         raise Refused(f"the packed forward fails on it: {type(e).__name__}: {str(e)[:200]}") from e
     verdict.logits_err, verdict.grad_err = logits_err, grad_err
