@@ -111,10 +111,14 @@ def test_check_catches_what_the_packed_path_lacks(monkeypatch):
     verdict = MT.check("granite")  # logits_scaling no longer applied
     assert not verdict.accepted and "differ from the packed forward's on a single sample" in verdict.reason
     monkeypatch.undo()
-    real = PA.varlen_attention
-    monkeypatch.setattr(PA, "varlen_attention",  # one causal sequence over the whole pack: samples see each other
-                        lambda q, k, v, cu, m, s, backend=None, window=None: real(
-                            q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), q.shape[0], s, window=window))
+    # the registered attention function's own module (an installed copy of packed_attention.py loaded by another
+    # test registers its own): one causal sequence over the whole pack, so samples see each other
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    module_globals = ALL_ATTENTION_FUNCTIONS[PA.ATTN_IMPLEMENTATION].__globals__
+    real = module_globals["varlen_attention"]
+    monkeypatch.setitem(module_globals, "varlen_attention", lambda q, k, v, cu, m, s, backend=None, window=None: real(
+        q, k, v, torch.tensor([0, q.shape[0]], dtype=torch.int32), q.shape[0], s, window=window))
     verdict = MT.check("phi3")
     assert not verdict.accepted and "packed logits differ from one sample at a time" in verdict.reason
 
