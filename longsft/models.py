@@ -5,13 +5,21 @@
     tok = load_tokenizer("/models/glm-4-9b", fam)   # patch/'s ChatGLM4Tokenizer: no code from the folder runs
     cls = model_class("chatglm")                    # patch.modeling_chatglm.ChatGLMForConditionalGeneration
     model_class("qwen2")                            # patch.modeling_native.Qwen2ForCausalLM (transformers' + packing)
+    model_class("gemma")                            # family `transformers`: built from transformers' GemmaForCausalLM
     stop_token_ids("/models/Qwen2.5-7B-Instruct", "qwen2")  # its generation_config.json eos_token_id list
+    decoder_linear_names(model)                     # LoRA's default for the `transformers` family
+
+Model types: the named families' (patch/families.py) and every type patch/model_types.json accepts (the
+`transformers` family: any tokenizer transformers loads, template auto); that table is made by a check of each
+type (longsft/model_types.py) on the transformers version it names. On another installed version, a type only the
+`transformers` family covers is checked again here, once per process (about a second), before its class is used.
 
 Tokenizers: a family with its own class in patch/ (GLM-4, ChatGLM2/3) loads it on the folder's tokenizer.model;
 the Llama families load transformers' fast tokenizer from tokenizer.json (`PreTrainedTokenizerFast`, which does
 not import torch; a local folder without tokenizer.json goes through AutoTokenizer, which does). The folder's own
-tokenizer code runs only with trust_remote_code (AutoTokenizer). Nothing here imports torch; `model_class`
-imports the patch/ modeling module, which does. User mistakes raise longsft.data.inputs.InputError.
+tokenizer code runs only with trust_remote_code (AutoTokenizer). Nothing here imports torch at import time;
+`model_class` imports the patch/ modeling module, `decoder_linear_names` and a run-time check torch itself. User
+mistakes raise longsft.data.inputs.InputError.
 """
 
 from __future__ import annotations
@@ -105,19 +113,74 @@ def native_class_name(model_type: str) -> Optional[str]:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
 
 
+def _installed_transformers() -> Optional[str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
+_RECHECKED: dict[str, str] = {}  # model_type -> reason ("" = passed) of the run-time check on this transformers
+
+
+def recheck_reason(model_type: str) -> str:
+    """"" when `model_type` passes the packed check on the installed transformers (run here when that is not the
+    version patch/model_types.json was made with, and the type is only the `transformers` family's), else why not."""
+    table_version = families.MODEL_TYPES["transformers"]
+    if model_type in families.named_model_types() or table_version == _installed_transformers():
+        return ""
+    if model_type not in _RECHECKED:
+        import logging
+
+        from longsft import model_types
+
+        verdict = model_types.check(model_type)
+        _RECHECKED[model_type] = "" if verdict.accepted else verdict.reason
+        logging.getLogger("longsft").info(
+            "model_type %s: packed check on transformers %s (patch/model_types.json is from %s): %s", model_type,
+            _installed_transformers(), table_version, "passed" if verdict.accepted else verdict.reason)
+    return _RECHECKED[model_type]
+
+
 def model_class(model_type: str):
     """The patched model class for a config.json model_type (one class serves all of its families): for the
     transformers-native types, transformers' own class with the packed forward (patch/modeling_native.py)."""
     path = families.model_class_of(model_type)
+    native = native_class_name(model_type) if model_type else None
     if path is None:
-        native = native_class_name(model_type) if model_type else None
-        hint = (f"; transformers implements it ({native}), but packed training is checked here only for the "
-                f"types above: add a family to patch/families.py (model_types, model_class built with "
-                f"patch/packed_attention.packed_causal_lm, template auto, LoRA targets) and its tests"
+        refused = families.refused_reason(model_type) if model_type else None
+        if refused:
+            raise InputError(f"config.json model_type {model_type!r} ({native}) is not supported by packed training: "
+                             f"{refused}")
+        hint = (f"; transformers {_installed_transformers()} implements it ({native}), but patch/model_types.json "
+                f"(transformers {families.MODEL_TYPES['transformers']}) has not checked it: run `python -m "
+                f"longsft.model_types --types {model_type}`, and `--write` to record it"
                 if native else " (or pass --trust_remote_code to use the folder's own code)")
         raise InputError(f"config.json model_type {model_type!r} is not supported: expected one of "
                          f"{families.model_types()}{hint}")
+    reason = recheck_reason(model_type)
+    if reason:
+        raise InputError(f"config.json model_type {model_type!r} ({native}) is not supported by packed training on "
+                         f"transformers {_installed_transformers()}: {reason}")
     return _import(path)
+
+
+def decoder_linear_names(model) -> list[str]:
+    """The names (last part) of every linear layer inside the model's decoder blocks (transformers'
+    GradientCheckpointingLayer, else the longest ModuleList), lm_head and anything outside the blocks left out:
+    the LoRA targets of a model type no family names."""
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    from transformers.pytorch_utils import Conv1D
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        blocks = list(max(lists, key=len)) if lists else []
+    return sorted({name.rsplit(".", 1)[-1] for block in blocks for name, m in block.named_modules()
+                   if name and isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
 def generation_stop_ids(name_or_path: str) -> list[int]:

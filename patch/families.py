@@ -191,6 +191,38 @@ def _native(name: str, title: str, model_type: str, cls: str, lora_targets: tupl
                   generation_stops=True)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# The family of every other decoder transformers implements: patch/model_types.json, made by a check of each model
+# type (longsft/model_types.py: a tiny config, packed == one sample at a time, logits and gradients)
+# ---------------------------------------------------------------------------------------------------------------
+
+GENERIC = "transformers"
+MODEL_TYPES_FILE = PATCH_DIR / "model_types.json"
+_NATIVE_FILES = ("packed_attention.py", "modeling_native.py")
+
+
+def _read_model_types() -> dict:
+    try:
+        data = json.loads(MODEL_TYPES_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = {}
+    return {"transformers": data.get("transformers"), "accepted": dict(data.get("accepted") or {}),
+            "refused": dict(data.get("refused") or {})}
+
+
+MODEL_TYPES = _read_model_types()  # {"transformers": version, "accepted": {type: {class, layer_types}}, "refused"}
+
+
+def _generic(model_types: tuple[str, ...], model_class: str, install: Install) -> Family:
+    """Any model type of patch/model_types.json's accepted list, with any tokenizer transformers loads
+    (tokenizer.json, a SentencePiece tokenizer.model, vocab.json + merges.txt) and its own chat template
+    (template auto); LoRA targets: every linear layer of the decoder blocks (read from the model)."""
+    return Family(GENERIC, "any decoder transformers implements that passes the packed check (patch/model_types.json),"
+                  " with its own tokenizer and chat template", model_types, model_class, None, None,
+                  ("tokenizer.json",), ("auto",), (), ("pad", "eos"),
+                  Detect(kinds=("tokenizers", "sentencepiece", "vocab")), install, generation_stops=True)
+
+
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     _chatglm("glm4", "GLM-4-9B (glm-4-9b, glm-4-9b-chat, LongWriter-glm4-9b; chatglm format)",
              "tokenization_chatglm.ChatGLM4Tokenizer", ("glm4",), ("pad", "<|endoftext|>"),
@@ -220,7 +252,28 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
             "Qwen3ForCausalLM", _LLAMA_LORA),
     _native("mistral", "Mistral (Mistral-7B v0.1-v0.3 and Instruct; transformers' MistralForCausalLM)", "mistral",
             "MistralForCausalLM", _LLAMA_LORA),
+    # last: tried after every family above; its model class and install depend on the type (generic_family)
+    _generic(tuple(sorted(MODEL_TYPES["accepted"])), "modeling_native", Install(_NATIVE_FILES, {})),
 )}
+
+
+def generic_family(model_type: Optional[str]) -> Optional[Family]:
+    """The `transformers` family for one model type (its patch/ class and install), None for a type the check did
+    not accept. A type a family above names keeps that family's class (llama: modeling_llama.LlamaForCausalLM)."""
+    entry = MODEL_TYPES["accepted"].get(model_type) if model_type else None
+    if entry is None:
+        return FAMILIES[GENERIC] if model_type is None else None
+    named = [f for f in FAMILIES.values() if f.name != GENERIC and model_type in f.model_types]
+    if named:
+        return _generic((model_type,), named[0].model_class, named[0].install)
+    cls = f"modeling_native.{entry['class']}"
+    return _generic((model_type,), cls, Install(_NATIVE_FILES, {"AutoModelForCausalLM": cls}))
+
+
+def refused_reason(model_type: str) -> Optional[str]:
+    """Why patch/model_types.json refuses a model type (None: not refused there)."""
+    reason = MODEL_TYPES["refused"].get(model_type)
+    return f"{reason} (patch/model_types.json, transformers {MODEL_TYPES['transformers']})" if reason else None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -249,12 +302,20 @@ def implemented_templates() -> list[str]:
 
 
 def of_model_type(model_type: Optional[str]) -> list[Family]:
-    """The families a config.json model_type covers, in detection order (all of them for None)."""
-    return [f for f in FAMILIES.values() if model_type is None or model_type in f.model_types]
+    """The families a config.json model_type covers, in detection order (all of them for None); the `transformers`
+    family last, specialised to the type (generic_family)."""
+    named = [f for f in FAMILIES.values() if f.name != GENERIC and (model_type is None or model_type in f.model_types)]
+    generic = generic_family(model_type)
+    return named + ([generic] if generic else [])
 
 
 def model_types() -> list[str]:
     return sorted({t for f in FAMILIES.values() for t in f.model_types})
+
+
+def named_model_types() -> list[str]:
+    """The model types of the families with a name of their own (not only the `transformers` family)."""
+    return sorted({t for f in FAMILIES.values() if f.name != GENERIC for t in f.model_types})
 
 
 def model_class_of(model_type: str) -> Optional[str]:
@@ -341,6 +402,7 @@ class TokenizerFacts:
     classes: set = field(default_factory=set)
     chat_templates: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
+    layer_kinds: set = field(default_factory=set)  # config.json's *layer_types values
     code: dict = field(default_factory=dict)  # tokenizer code file name -> its text (read, never run)
     problems: list = field(default_factory=list)  # malformed settings (e.g. a chat_template that is no template)
 
@@ -360,6 +422,11 @@ def tokenizer_facts(read: Reader) -> TokenizerFacts:
     if tok_json is not None:
         facts.kinds.add("tokenizers")
         facts.tokens.update(_added_tokens(tok_json))
+    if read("vocab.json") is not None and read("merges.txt") is not None:
+        facts.kinds.add("vocab")  # a GPT-2-style BPE transformers converts
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    facts.layer_kinds = {str(k) for c in (config, text_config) for key, v in c.items()
+                         if key.endswith("layer_types") and isinstance(v, list) for k in v}
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         cfg = _json(read, name)
         for entry in (cfg.get("added_tokens_decoder") or {}).values():
@@ -393,6 +460,12 @@ def tokenizer_facts(read: Reader) -> TokenizerFacts:
     return facts
 
 
+def unchecked_layer_kinds(facts: TokenizerFacts) -> list[str]:
+    """Layer kinds of the folder's config (layer_types) the packed check of its model type did not cover."""
+    entry = MODEL_TYPES["accepted"].get(facts.model_type) or {}
+    return sorted(facts.layer_kinds - set(entry.get("layer_types") or ()) - {"full_attention"})  # (plain causal)
+
+
 def chat_templates(value) -> tuple[list[str], Optional[str]]:
     """The template texts of a tokenizer_config.json `chat_template` value (a string, a list of {"name",
     "template"} objects, or a name -> string object) and a sentence naming what is wrong with it, if anything."""
@@ -414,6 +487,8 @@ def chat_templates(value) -> tuple[list[str], Optional[str]]:
 def matches(fam: Family, facts: TokenizerFacts) -> bool:
     d = fam.detect
     if not facts.kinds & set(d.kinds):
+        return False
+    if fam.name == GENERIC and facts.model_type is not None and unchecked_layer_kinds(facts):
         return False
     if d.tokenizer_class and d.tokenizer_class not in facts.classes:
         return False
@@ -443,10 +518,20 @@ def why_undetected(read: Reader) -> str:
     facts = tokenizer_facts(read)
     candidates = of_model_type(facts.model_type)
     if not candidates:
-        return (f"{facts.describe()}: no family covers this model_type (supported: {', '.join(model_types())})")
+        refused = refused_reason(facts.model_type) if facts.model_type else None
+        if refused:
+            return f"{facts.describe()}: packed training does not support this model_type: {refused}"
+        return (f"{facts.describe()}: no family covers this model_type (supported: {', '.join(model_types())}; "
+                f"a model type new in transformers {MODEL_TYPES['transformers']} or later: check it with "
+                f"`python -m longsft.model_types --types {facts.model_type}`)")
     needs = []
     for f in candidates:
         d = f.detect
+        if f.name == GENERIC and unchecked_layer_kinds(facts):
+            note = (MODEL_TYPES["accepted"].get(facts.model_type) or {}).get("note")
+            needs.append(f"{f.name}: layer kinds {', '.join(unchecked_layer_kinds(facts))} (config.json layer_types)"
+                         f" did not pass the packed check of {facts.model_type}" + (f" ({note})" if note else ""))
+            continue
         need = " or ".join(d.kinds) + (f" declaring {', '.join(d.markers)}" if d.markers else "") \
             + (f" declaring one of {', '.join(d.markers_any)}" if d.markers_any else "") \
             + (f" (or naming one in {', '.join(d.code_text)})" if d.code_text else "") \

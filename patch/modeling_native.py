@@ -9,10 +9,15 @@ with packed_attention.PackedCausalLM mixed in (no modeling code is copied):
   - everything else (weights and key names, RoPE from position_ids, norms, KV cache, generate) is transformers'.
 The class names are transformers' own, so a saved folder's config.json names transformers' class (no auto_map)
 and loads in stock transformers: `AutoModelForCausalLM.from_pretrained(DIR)`. modeling_llama.LlamaForCausalLM is
-the same thing for `llama`. Other model types: `packed_causal_lm(transformers_class)` builds one at run time.
+the same thing for `llama`. Any other transformers causal LM is built on first use under its own name (a module
+`__getattr__` over `packed_causal_lm`): `modeling_native.GemmaForCausalLM`, `modeling_native.Phi3ForCausalLM`, ...;
+which model types train correctly that way is decided by a check of each (longsft/model_types.py ->
+patch/model_types.json, the registry family `transformers`), not by this module.
 
     from patch.modeling_native import Qwen2ForCausalLM
     model = Qwen2ForCausalLM.from_pretrained("/models/Qwen2.5-7B-Instruct")
+    from patch import modeling_native
+    model = modeling_native.GemmaForCausalLM.from_pretrained("/models/gemma-2b-it")   # built on first use
 Tiny CPU check:
     python -c "import torch; from transformers import Qwen3Config; from patch.modeling_native import \
 Qwen3ForCausalLM as M; m = M(Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,\
@@ -57,3 +62,18 @@ class MistralForCausalLM(PackedCausalLM, modeling_mistral.MistralForCausalLM):
 
 __all__ = ["GlmForCausalLM", "Glm4ForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM",
            "packed_causal_lm"]
+
+
+def __getattr__(name: str):
+    """transformers.<name> (a causal LM whose attention goes through the attention interface) with the packed
+    forward, built once and kept in this module: pickling, `from_pretrained` and an installed auto_map entry
+    (`modeling_native.<name>`) find it like the classes above. packed_causal_lm raises ValueError for a class whose
+    attention bypasses the interface."""
+    import transformers
+
+    upstream = None if name.startswith("_") else getattr(transformers, name, None)
+    if not isinstance(upstream, type) or not hasattr(upstream, "get_output_embeddings"):
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r} (not a transformers model class)")
+    cls = packed_causal_lm(upstream, module=__name__)
+    globals()[name] = cls
+    return cls

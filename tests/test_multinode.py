@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 def run_two_nodes(root: Path, name: str, model: Path, data: Path,
-                  batch: str = "1 GPUs x 2 node(s) x 1 per device x 1 accumulation = 2 packs",
+                  batch: str = "1 CPU processes x 2 node(s) x 1 per device x 1 accumulation = 2 packs",
                   **launch_env) -> list[float]:
     """Start both nodes of the script at once, wait for both, return the logged per-step losses."""
     out = root / name
@@ -107,7 +107,7 @@ def test_two_nodes_share_each_pack_with_sequence_parallelism(tiny_glm4_run):
     """SP_SIZE=2 across the two "nodes" (torchrun rendezvous): one sequence-parallel group spans both."""
     root, model, data = tiny_glm4_run
     sp = run_two_nodes(root, "torchrun_sp", model, data, LAUNCHER="torchrun", SP_SIZE="2",
-                       batch="1 GPUs x 2 node(s) / SP_SIZE 2 (ranks sharing each pack) x 1 per device x 1 "
+                       batch="1 CPU processes x 2 node(s) / SP_SIZE 2 (ranks sharing each pack) x 1 per device x 1 "
                              "accumulation = 1 packs")
     assert len(sp) == STEPS and all(0 < x < 20 for x in sp)
     log = (root / "torchrun_sp.node0.log").read_text()

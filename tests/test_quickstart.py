@@ -1,7 +1,9 @@
-"""The DeepSpeed configs, the launch scripts' command lines, and scripts/quickstart.sh end to end.
+"""The DeepSpeed configs, the launch scripts' command lines, the quickstart's data generator
+(longsft/tiny/format_data.py) and scripts/quickstart.sh end to end: the real model (SmolLM2-135M-Instruct) by
+default, the tiny random families with FAMILY.
 
-    python -m pytest -q tests/test_quickstart.py              # ~3 min on 2 CPU cores (the quickstart is slow)
-    python -m pytest -q tests/test_quickstart.py -m "not slow"  # configs and scripts only, seconds
+    python -m pytest -q tests/test_quickstart.py              # ~10 min on 2 CPU cores (the quickstarts are slow)
+    python -m pytest -q tests/test_quickstart.py -m "not slow"  # configs, scripts and data only, seconds
 """
 
 import json
@@ -268,20 +270,97 @@ def test_quickstart_names_the_families():
     out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env={**os.environ, "FAMILY": "gpt2"},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "use llama3, glm4, chatglm3, chatglm2, llama2, glm, glm4_0414, qwen2, qwen3 or mistral" in out.stderr
+    assert "leave it empty for the real model, or use llama3, glm4, chatglm3, chatglm2, llama2, glm, glm4_0414, " \
+           "qwen2, qwen3 or mistral (tiny random models)" in out.stderr
+
+
+def _dry_run_commands(**env) -> tuple[str, list[list[str]]]:
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")],
+                         env={**os.environ, "DRY_RUN": "1", "PYTHON": sys.executable, **env},
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout, [shlex.split(line[len("[quickstart] $ "):]) for line in out.stdout.splitlines()
+                        if line.startswith("[quickstart] $ ")]
+
+
+def _launch(stdout: str) -> list[str]:
+    (launch,) = [shlex.split(line[len("[launch] "):]) for line in stdout.splitlines()
+                 if line.startswith("[launch] ") and " main.py " in line]
+    return launch
+
+
+def test_quickstart_dry_run_real_model(tmp_path):
+    """The default: SmolLM2-135M-Instruct (python -m longsft.pretrained), the format data, template auto, packs
+    for one process, the reply before, a one-process LoRA launch (scripts/sft.sh, ZeRO-2, lora_alpha 16), the reply
+    after (the adapter folder), the loss curve; nothing run, OUT untouched."""
+    out_dir = tmp_path / "qs"
+    stdout, cmds = _dry_run_commands(OUT=str(out_dir))
+    assert not out_dir.exists()
+    assert [c[1] if c[1] != "-m" else c[2] for c in cmds] == [
+        "longsft.pretrained", "longsft.tiny.format_data", "pre_tokenize.py", "sort_and_group.py", "tools/generate.py",
+        "tools/generate.py", "tools/plot_loss.py"]
+    _, data, pre, group, before, after, _ = cmds
+    assert flag(data, "--out") == str(out_dir / "format.jsonl") and flag(data, "--hold_out") == "What is 14 plus 23?"
+    assert flag(pre, "--template") == "auto" and flag(pre, "--input") == str(out_dir / "format.jsonl")
+    assert flag(pre, "--max_length") == "512" == flag(group, "--max_length")
+    ranks = "2" if _cuda_count() >= 2 else "1"
+    assert flag(group, "--group_size") == ranks
+    assert flag(before, "--model_dir") == flag(pre, "--model_name_or_path") == "$(python -m longsft.pretrained)"
+    assert flag(before, "--prompt") == flag(after, "--prompt") == "What is 14 plus 23?"
+    assert flag(after, "--model_dir") == str(out_dir / "run")
+    assert f"train: scripts/sft.sh, {ranks}-process deepspeed launch, LoRA, ZeRO-2" in stdout
+    launch = _launch(stdout)
+    assert launch[:3] == ["deepspeed", "--num_gpus", ranks]
+    assert flag(launch, "--use_lora") == "True" and flag(launch, "--lora_alpha") == "16"
+    assert flag(launch, "--deepspeed") == "ds_config/stage2.json" and flag(launch, "--learning_rate") == "1e-3"
+    assert flag(launch, "--gradient_checkpointing") == "False" and flag(launch, "--warmup_steps") == "0"
+    assert flag(launch, "--num_train_epochs") == "1" and flag(launch, "--batch_method") == "pack"
+    # all weights: ZeRO-3; a hub id: used as it is everywhere (no local build)
+    stdout, cmds = _dry_run_commands(OUT=str(out_dir), FULL="1", MODEL="HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert "longsft.pretrained" not in stdout
+    launch = _launch(stdout)
+    assert "--use_lora" not in launch and flag(launch, "--deepspeed") == "ds_config/stage3.json"
+    assert flag(launch, "--model_name_or_path") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert flag(launch, "--learning_rate") == "1e-4" and "every weight, ZeRO-3" in stdout
+    pre = [c for c in cmds if c[1] == "pre_tokenize.py"][0]
+    assert flag(pre, "--model_name_or_path") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # sequence parallelism is the tiny families' (SmolLM2-135M has 9 query heads)
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")],
+                         env={**os.environ, "DRY_RUN": "1", "SP_SIZE": "2"}, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "FAMILY=llama3 SP_SIZE=2" in out.stderr and "[quickstart] $" not in out.stdout
+
+
+def test_format_data_records():
+    """The quickstart's records: every reply in the one format, answers computed, deterministic, held-out prompt."""
+    import re
+
+    from longsft.tiny import format_data
+
+    recs = format_data.records(120, seed=0, hold_out=("What is 14 plus 23?",))
+    assert recs == format_data.records(120, seed=0, hold_out=("What is 14 plus 23?",))
+    assert recs != format_data.records(120, seed=1)
+    questions = [r["messages"][0]["content"] for r in recs]
+    assert "What is 14 plus 23?" not in questions and len(set(questions)) > 100
+    for r in recs:
+        (user, assistant) = r["messages"]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        m = re.fullmatch(r"ANSWER: (\S+)\nWORKING: (.+)", assistant["content"])
+        assert m, assistant["content"]
+        answer, working = m.groups()
+        sums = re.fullmatch(r"(\d+) ([-+x]) (\d+) = (\d+)", working)
+        if sums:
+            a, op, b, c = sums.groups()
+            assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "x": int(a) * int(b)}[op] == int(answer)
+    counts = [r["messages"][1]["content"] for r in recs if "letters" in r["messages"][1]["content"]]
+    assert counts and all(c.split("\n")[0] == f"ANSWER: {len(c.split()[-4].replace('-', ''))}" for c in counts)
 
 
 def test_quickstart_dry_run_native_family(tmp_path):
     """FAMILY=qwen2 DRY_RUN=1: the six steps' commands (the launch printed by scripts/sft.sh itself, training the
     packed data of step 3 without preparing it again), nothing run, OUT untouched."""
     out_dir = tmp_path / "qs"
-    env = {**os.environ, "FAMILY": "qwen2", "DRY_RUN": "1", "OUT": str(out_dir), "PYTHON": sys.executable}
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
+    stdout, cmds = _dry_run_commands(FAMILY="qwen2", OUT=str(out_dir))
     assert not out_dir.exists()
-    cmds = [shlex.split(line[len("[quickstart] $ "):]) for line in out.stdout.splitlines()
-            if line.startswith("[quickstart] $ ")]
     assert [c[1] for c in cmds] == ["tools/make_tiny.py", "pre_tokenize.py", "sort_and_group.py", "tools/generate.py",
                                     "tools/plot_loss.py"]
     tiny, pre, group, gen, _ = cmds
@@ -290,9 +369,8 @@ def test_quickstart_dry_run_native_family(tmp_path):
     assert flag(pre, "--output_dir") == str(out_dir / "data") == flag(group, "--train_file")
     ranks = "1" if _cuda_count() == 1 else "2"  # the quickstart's NUM_PROCS
     assert flag(group, "--group_size") == ranks
-    assert "4/6 train: scripts/sft.sh" in out.stdout and "[sft] " not in out.stdout  # PREPARE=0: data is ready
-    (launch,) = [shlex.split(line[len("[launch] "):]) for line in out.stdout.splitlines()
-                 if line.startswith("[launch] ") and " main.py " in line]
+    assert "train: scripts/sft.sh" in stdout and "[sft] " not in stdout  # PREPARE=0: data is ready
+    launch = _launch(stdout)
     assert launch[:3] == ["deepspeed", "--num_gpus", ranks]
     assert flag(launch, "--model_name_or_path") == str(out_dir / "model")
     assert flag(launch, "--train_file") == str(out_dir / "data") and flag(launch, "--output_dir") == str(out_dir / "run")
@@ -301,12 +379,11 @@ def test_quickstart_dry_run_native_family(tmp_path):
     assert flag(gen, "--model_dir") == str(out_dir / "run") and flag(gen, "--data") == str(out_dir / "data")
 
 
-@pytest.mark.parametrize("family", [None, "glm4"])
+@pytest.mark.parametrize("family", ["llama3", "glm4"])
 def test_quickstart_dry_run_sequence_parallel(tmp_path, family):
     """SP_SIZE=2: the 2 processes share each pack: packs grouped for 1 data-parallel rank, SP 2 passed on."""
-    env = {**os.environ, "SP_SIZE": "2", "DRY_RUN": "1", "OUT": str(tmp_path / "qs"), "PYTHON": sys.executable}
-    if family:
-        env["FAMILY"] = family
+    env = {**os.environ, "SP_SIZE": "2", "DRY_RUN": "1", "OUT": str(tmp_path / "qs"), "PYTHON": sys.executable,
+           "FAMILY": family}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
                          timeout=60)
     if _cuda_count() == 1:  # one GPU: one process, nothing to share a pack with
@@ -322,7 +399,7 @@ def test_quickstart_dry_run_sequence_parallel(tmp_path, family):
                  if line.startswith("[launch] ") and " main.py " in line]
     assert launch[:3] == ["deepspeed", "--num_gpus", "2"] and flag(launch, "--sequence_parallel_size") == "2"
     assert flag(launch, "--batch_method") == "pack" and flag(launch, "--deepspeed") == "ds_config/stage3.json"
-    assert f"scripts/{family or 'llama3'}_longwriter.sh" in out.stdout
+    assert f"scripts/{family}_longwriter.sh" in out.stdout
     assert "x 1 node(s) / SP_SIZE 2 (ranks sharing each pack) x 1 per device x 1 accumulation = 1 packs" in out.stdout
     # refused before anything runs: SP_SIZE not a whole number, or not dividing the processes
     for bad_env, message in ((dict(SP_SIZE="x"), "SP_SIZE=x: must be a whole number >= 1"),
@@ -355,13 +432,11 @@ def _cuda_count() -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(_cuda_count() == 1, reason="the quickstart's 2-rank launch needs 2 GPUs on a GPU machine")
-# the default (llama3); LongAlign's round format; a transformers-native class with template auto (scripts/sft.sh)
-@pytest.mark.parametrize("family", [None, "chatglm2", "qwen2"])
+# Llama-3.1's LongWriter path; LongAlign's round format; a transformers-native class with template auto (sft.sh)
+@pytest.mark.parametrize("family", ["llama3", "chatglm2", "qwen2"])
 def test_quickstart_end_to_end(tmp_path, family):
     out_dir = tmp_path / "qs"
-    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable}
-    if family:
-        env["FAMILY"] = family
+    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable, "FAMILY": family}
     run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
                          timeout=600, cwd=ROOT)
     log = run.stdout + run.stderr
@@ -370,14 +445,15 @@ def test_quickstart_end_to_end(tmp_path, family):
     # a real 2-process deepspeed launch on ZeRO-3
     train_log = (out_dir / "train.log").read_text()
     assert "dist_world_size=2" in train_log
-    assert "global batch = 2 GPUs x 1 node(s) x 1 per device x 1 accumulation = 2 packs" in train_log
+    devices = "GPUs" if _cuda_count() else "CPU processes"  # what NUM_GPUS counts on this machine
+    assert f"global batch = 2 {devices} x 1 node(s) x 1 per device x 1 accumulation = 2 packs" in train_log
     assert "ZeRO stage 3, 2 partitions, 2 rank files" in train_log
     settings = json.loads((out_dir / "run" / "train_settings.json").read_text())
     assert settings["data"]["batch_method"] == "pack"
     assert settings["data"]["pack_loss"] == (family == "chatglm2")  # LongAlign's scripts: the per-sequence loss
     meta = json.loads((out_dir / "data" / "meta.json").read_text())
-    template = {None: "longwriter", "chatglm2": "chatglm2", "qwen2": "auto"}[family]
-    assert (meta["model_family"], meta["template"]) == (family or "llama3", template)
+    template = {"llama3": "longwriter", "chatglm2": "chatglm2", "qwen2": "auto"}[family]
+    assert (meta["model_family"], meta["template"]) == (family, template)
 
     # the loss fell
     history = json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"]
@@ -385,7 +461,32 @@ def test_quickstart_end_to_end(tmp_path, family):
     assert len(losses) >= 6 and losses[-1] < losses[0] - 0.5, losses
 
     # the saved model was reloaded and generated; the loss curve exists
-    reply = json.loads((out_dir / "reply.json").read_text())
+    reply = json.loads((out_dir / "reply_after.json").read_text())
     assert reply["new_tokens"] > 0 and reply["prompt_tokens"] > 0 and isinstance(reply["reply"], str)
     assert (out_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert f"Outputs in {out_dir}" in run.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_cuda_count() == 1, reason="sized for the CPU; one GPU runs it too, but not timed here")
+def test_quickstart_real_model_end_to_end(tmp_path):
+    """The README's main command: SmolLM2-135M-Instruct learns the reply format; the loss falls, and the reply to
+    the held-out prompt takes the format after training (it had not before)."""
+    out_dir = tmp_path / "qs"
+    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable}
+    env.pop("FAMILY", None)
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
+                         timeout=1500, cwd=ROOT)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-6000:]
+    meta = json.loads((out_dir / "data" / "meta.json").read_text())
+    assert (meta["model_family"], meta["template"]) == ("transformers", "auto")
+    history = json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
+    assert len(losses) >= 15 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:3]) / 3, losses
+    before = json.loads((out_dir / "reply_before.json").read_text())["reply"]
+    after = json.loads((out_dir / "reply_after.json").read_text())["reply"]
+    assert not before.startswith("ANSWER:") and after.startswith("ANSWER: ") and "\nWORKING: " in after, (before, after)
+    assert (out_dir / "run" / "adapter_config.json").is_file() and (out_dir / "loss.png").is_file()
+    assert "[quickstart] --- before:" in run.stdout and "[quickstart] --- after:" in run.stdout
+    print("\n" + "\n".join(line for line in run.stdout.splitlines() if line.startswith("[quickstart]")))

@@ -60,3 +60,13 @@ def test_sft_script_checks_the_launch_settings_before_preparing(tmp_path):
     assert out.returncode == 2 and "[sft] " not in out.stdout, out.stdout
     assert "SP_SIZE=3: NUM_GPUS x NUM_NODES = 8 x 1 = 8 processes must be a multiple of it" in out.stderr
     assert "SP_SIZE=3 needs BATCH_METHOD=pack" in out.stderr and not (tmp_path / "tok").exists()
+
+
+def test_sft_script_precision_and_lora_defaults():
+    """bf16 is main.py's choice unless BF16 says (no --bf16 True on a CPU); lora_alpha 16, main.py's default."""
+    import main as train_main
+
+    _, cmd = dry_run("sft", USE_LORA="1")
+    assert "--bf16" not in cmd and flag(cmd, "--lora_alpha") == "16"
+    assert train_main.parse_args(["--output_dir", "/tmp/x"])[2].lora_alpha == 16
+    assert flag(dry_run("sft", BF16="1")[1], "--bf16") == "True" and flag(dry_run("sft", BF16="0")[1], "--bf16") == "False"

@@ -7,6 +7,8 @@
     python tools/make_tiny.py model --family chatglm3 --out /tmp/tiny-chatglm3   # also chatglm2, llama2
     python tools/make_tiny.py model --family qwen2 --out /tmp/tiny-qwen2   # also glm, glm4_0414, qwen3, mistral
     python tools/make_tiny.py chat-tokenizer --kind qwen2 --out /tmp/tiny-qwen2     # chat templates: see below
+    python tools/make_tiny.py decoder --model_type gemma --out /tmp/tiny-gemma   # any type patch/model_types.json
+                                                                                 # accepts (family `transformers`)
     python tools/make_tiny.py pairs --out /tmp/pairs.jsonl --num_pairs 64           # generated preference pairs
 
 The builders: longsft/tiny/tokenizers.py (tokenizer folders, each like its hub layout) and longsft/tiny/models.py
@@ -20,7 +22,7 @@ import argparse
 from pathlib import Path
 
 from longsft.errors import run_cli
-from longsft.tiny.models import make_tiny_model
+from longsft.tiny.models import make_tiny_decoder, make_tiny_model
 from longsft.tiny.preference_pairs import FORMATS, make_preference_pairs
 from longsft.tiny.tokenizers import CHAT_TOKENIZERS, TOKENIZER_BUILDERS, make_chat_template_tokenizer
 
@@ -45,6 +47,12 @@ def main(argv: list[str] | None = None) -> Path:
     m.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
     m.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: build a tiny one)")
     m.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    d = sub.add_parser("decoder", help="write a tiny random-weight folder of a model type the family `transformers` "
+                       "covers (patch/model_types.json), with a tiny chat tokenizer", allow_abbrev=False)
+    d.add_argument("--model_type", required=True, help="a config.json model_type, e.g. gemma, phi3, olmo2")
+    d.add_argument("--out", required=True, help="output folder (created; files in it are overwritten)")
+    d.add_argument("--tokenizer", default=None, help="tokenizer folder to copy (default: a tiny Qwen2.5-style one)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random weights")
     q = sub.add_parser("pairs", help="write generated preference pairs (JSONL) for pre_tokenize.py --stage dpo",
                        allow_abbrev=False)
     q.add_argument("--out", required=True, help="JSONL file to write (replaced)")
@@ -54,6 +62,10 @@ def main(argv: list[str] | None = None) -> Path:
     q.add_argument("--max_words", type=int, default=300, help="longest requested reply (long-tailed in between)")
     q.add_argument("--formats", choices=[*FORMATS, "mixed"], default="messages", help="record layout (mixed: in turn)")
     args = parser.parse_args(argv)
+    if args.what == "decoder":
+        out = make_tiny_decoder(args.out, args.model_type, args.tokenizer, seed=args.seed)
+        print(f"wrote tiny {args.model_type} model to {out}")
+        return out
     if args.what == "pairs":
         try:
             out = make_preference_pairs(args.out, args.num_pairs, args.seed, args.min_words, args.max_words,

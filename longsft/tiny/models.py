@@ -170,3 +170,41 @@ def make_tiny_model(out_dir: str | Path, family: str, tokenizer_dir: str | Path 
     if family in SP_CHATGLM_VERSIONS and "rope_ratio" not in overrides:
         _drop_config_keys(out / "config.json", ["rope_ratio"])  # chatglm2-6b / chatglm3-6b carry none (= 1)
     return out
+
+
+def make_tiny_decoder(out_dir: str | Path, model_type: str, tokenizer_dir: str | Path | None = None, seed: int = 0,
+                      **overrides) -> Path:
+    """A tiny random-weight folder of any model type patch/model_types.json accepts (registry family
+    `transformers`): the config of the packed check (longsft.model_types.tiny_config: 2-4 layers of width 64, every
+    layer kind of the config, logit scalings set) sized to the tokenizer, whose special ids it takes; the tokenizer
+    of `tokenizer_dir`, else a tiny Qwen2.5-style chat tokenizer (template auto). generation_config.json stops on
+    the tokenizer's eos and `<|im_end|>` / `<|endoftext|>` where it has them.
+
+        make_tiny_decoder("/tmp/tiny-gemma", "gemma")      # python tools/make_tiny.py decoder --model_type gemma ..."""
+    import torch
+
+    from longsft.model_types import tiny_config
+    from longsft.models import load_tokenizer, model_class
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_dir is None:
+        tokenizer_dir = make_chat_template_tokenizer(out, "qwen2")
+    tokenizer_dir = Path(tokenizer_dir)
+    tok = load_tokenizer(str(tokenizer_dir), families.GENERIC)
+    vocab = tok.get_vocab()
+    stops = list(dict.fromkeys(i for i in [tok.eos_token_id] + [vocab.get(t) for t in ("<|im_end|>", "<|endoftext|>")]
+                               if i is not None))
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": stops[0],
+           "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else stops[0]}
+    cls = model_class(model_type)
+    config = tiny_config(model_type, vocab_size=len(tok), extra_kinds=[], **ids, **overrides)
+    torch.manual_seed(seed)
+    model = cls(config)
+    model.generation_config.eos_token_id = stops
+    model.save_pretrained(out)
+    if tokenizer_dir.resolve() != out.resolve():
+        for f in tokenizer_dir.iterdir():
+            if f.is_file():
+                shutil.copyfile(f, out / f.name)
+    return out

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -95,7 +96,8 @@ class LoraArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: Optional[str] = field(
         default=None, metadata={"help": "Comma-separated module names; default per family: " + "; ".join(
-            f"{f.name} {','.join(f.lora_targets)}" for f in families.FAMILIES.values()) + "."})
+            f"{f.name} {','.join(f.lora_targets) or 'every linear layer of the decoder blocks'}"
+            for f in families.FAMILIES.values()) + "."})
     save_merged_model: bool = field(
         default=False, metadata={"help": "With --use_lora, also save base + adapter merged to OUTPUT_DIR/merged."})
 
@@ -113,7 +115,17 @@ def _training_arguments():
 
         @dataclass
         class TrainingArguments(PreferenceArguments, HFTrainingArguments):
-            """transformers' TrainingArguments plus the preference-training settings (dpo_settings.py)."""
+            """transformers' TrainingArguments plus the preference-training settings (dpo_settings.py), with a
+            warmup that never wastes a step: a fraction (--warmup_steps < 1, the scripts' WARMUP=0.03) rounds down
+            instead of up, and a warmup of a single step is none. transformers' linear warmup trains its first step
+            at learning rate 0, so ceil(0.03 x 20 steps) = 1 step of warmup only meant that step 1 of a short run
+            trained nothing."""
+
+            def get_warmup_steps(self, num_training_steps: int) -> int:
+                if self.warmup_steps >= 1:
+                    return int(self.warmup_steps)
+                steps = math.floor(num_training_steps * self.warmup_steps)
+                return steps if steps >= 2 else 0
 
         TrainingArguments.__module__ = __name__  # pickled with checkpoints: found again through __getattr__
         TrainingArguments.__qualname__ = "TrainingArguments"

@@ -152,7 +152,7 @@ def apply_lora(model, lora_args: LoraArguments, family: Optional[Family], gradie
 
     targets = lora_args.lora_target_modules
     targets = [t.strip() for t in targets.split(",") if t.strip()] if targets else \
-        list(family.lora_targets) if family else None
+        list(family.lora_targets or models.decoder_linear_names(model)) if family else None
     if not targets:
         raise SystemExit("--use_lora: no default target modules for a model no family of patch/families.py "
                          "covers; pass --lora_target_modules")

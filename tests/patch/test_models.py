@@ -574,8 +574,8 @@ def test_tiny_sentencepiece_family_folders(tmp_path, family):
 
 
 def test_install_rejects_unknown_family(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mamba"}))  # refused: patch/model_types.json
+    with pytest.raises(ValueError, match="model_type 'mamba' is not supported"):
         patch_install.install(tmp_path)
 
 

@@ -125,7 +125,8 @@ def test_native_families_and_classes():
     for name, model_type in MODEL_TYPES.items():
         fam = families.family(name)
         assert fam.model_types == (model_type,) and fam.default_template == "auto" and fam.generation_stops
-        assert families.of_model_type(model_type) == [fam]
+        assert families.of_model_type(model_type) == [fam, families.generic_family(model_type)]  # `transformers` last
+        assert families.generic_family(model_type).model_class == fam.model_class
         cls = models.model_class(model_type)
         assert cls.__module__ == "patch.modeling_native" and issubclass(cls, PA.PackedCausalLM)
         upstream = getattr(transformers, cls.__name__)  # transformers' own class of the same name
@@ -150,12 +151,16 @@ def test_native_families_and_classes():
     assert built.__name__ == "Qwen2ForCausalLM" and issubclass(built, modeling_native.PackedCausalLM)
 
 
-def test_unsupported_model_types_are_one_clear_error(tmp_path, native_dirs):
+def test_unsupported_model_types_are_one_clear_error(tmp_path, native_dirs, monkeypatch):
     with pytest.raises(InputError, match=r"model_type 'baichuan' is not supported: expected one of \[.*'qwen3'.*"
                                          r"--trust_remote_code"):
         models.model_class("baichuan")  # no transformers class: the folder's own code is the way
-    with pytest.raises(InputError, match=r"transformers implements it \(GPT2LMHeadModel\).*add a family"):
-        models.model_class("gpt2")
+    # a type transformers implements that patch/model_types.json has not checked (e.g. new in transformers)
+    monkeypatch.delitem(families.MODEL_TYPES["refused"], "mamba")
+    with pytest.raises(InputError, match=r"implements it \(MambaForCausalLM\), but patch/model_types.json .* has "
+                                         r"not checked it: run `python -m longsft.model_types --types mamba`"):
+        models.model_class("mamba")
+    monkeypatch.undo()
     model_dir = shutil.copytree(native_dirs["qwen2"], tmp_path / "model")
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "model_type": "baichuan"}))

@@ -32,13 +32,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_registry_is_consistent():
     assert list(families.FAMILIES) == ["glm4", "chatglm3", "chatglm2", "llama3", "llama2", "glm", "glm4_0414", "qwen2",
-                                      "qwen3", "mistral"]
+                                      "qwen3", "mistral", families.GENERIC]
     assert families.implemented_templates() == ["glm4", "chatglm3", "chatglm2", "longwriter", "llama3", "llama2",
                                                 "auto"]
     listed = set()
     for fam in families.FAMILIES.values():
         assert fam.templates and set(fam.templates) <= set(families.TEMPLATES), fam.name
         listed |= set(fam.templates)
+        if fam.name == families.GENERIC:  # per model type (tests/patch/test_model_types.py); LoRA: every linear layer
+            assert fam.templates == ("auto",) and not fam.lora_targets and fam.generation_stops
+            continue
         assert fam.lora_targets and fam.pad and fam.stop_tokens == families.TEMPLATES[fam.default_template].stop_tokens
         assert fam.model_class.startswith("modeling_")
         assert all((ROOT / "patch" / f).is_file() for f in fam.install.files)
@@ -51,13 +54,13 @@ def test_registry_is_consistent():
     for name in families.implemented_templates():  # each names a ChatFormat whose `name` is the template's
         cls = registry.format_class(name)
         assert issubclass(cls, ChatFormat) and cls.name == name
-    for model_type in families.model_types():  # one patched model class per model_type
+    for model_type in families.named_model_types():  # one patched model class per model_type
         assert models.model_class(model_type).__name__ == families.model_class_of(model_type).split(".")[-1]
     assert families.of_model_type("chatglm") == [families.FAMILIES[n] for n in ("glm4", "chatglm3", "chatglm2")]
     with pytest.raises(families.RegistryError, match="unknown model family 'gpt2'"):
         families.family("gpt2")
     with pytest.raises(InputError, match="not supported"):
-        models.model_class("gpt2")
+        models.model_class("mamba")
     # the first template of a family is its default, and a template shared by families keeps its own rules
     assert families.family("chatglm3").templates == ("chatglm3", "chatglm2")
     assert families.pad_rule(families.family("llama3"), "longwriter")[0] == "<|finetune_right_pad_id|>"
@@ -154,12 +157,20 @@ def test_detection_tells_families_apart(tmp_path, glm4_tokenizer_dir, llama3_tok
     # Llama-2: <s> </s> declared, no <|begin_of_text|>; Llama-3 model folder; neither; other model types
     assert detect(llama_folder(tmp_path / "l2", ["<unk>", "<s>", "</s>"])) == "llama2"
     assert detect(llama_folder(tmp_path / "l3", ["<|begin_of_text|>", "<|end_of_text|>"])) == "llama3"
-    odd = llama_folder(tmp_path / "odd", ["<|im_start|>"])
+    # a Llama model with another tokenizer (SmolLM2's ChatML BPE): the family of any decoder, template auto
+    assert detect(llama_folder(tmp_path / "odd", ["<|im_start|>"])) == families.GENERIC
+    odd = llama_folder(tmp_path / "odd2", ["<|im_start|>"])
+    (odd / "tokenizer.json").unlink()  # no tokenizer file transformers could load
     assert detect(odd) is None
     why = families.why_undetected(families.folder_reader(odd))
     assert "model_type 'llama'" in why and "llama3: tokenizers declaring <|begin_of_text|>" in why
-    assert detect(chatglm_folder(tmp_path / "gpt2", model_type="gpt2")) is None
-    assert "no family covers" in families.why_undetected(families.folder_reader(tmp_path / "gpt2"))
+    assert f"{families.GENERIC}: tokenizers or sentencepiece or vocab" in why
+    assert detect(chatglm_folder(tmp_path / "gpt2", model_type="gpt2")) == families.GENERIC  # SentencePiece
+    assert detect(chatglm_folder(tmp_path / "mamba", model_type="mamba")) is None
+    assert "packed training does not support this model_type: MambaForCausalLM" in families.why_undetected(
+        families.folder_reader(tmp_path / "mamba"))
+    assert detect(chatglm_folder(tmp_path / "baichuan", model_type="baichuan")) is None
+    assert "no family covers" in families.why_undetected(families.folder_reader(tmp_path / "baichuan"))
     # the model_type narrows the candidates: a tiktoken tokenizer.model in a llama folder is not glm4
     shutil.copy(glm4_tokenizer_dir / "tokenizer.model", tmp_path / "l3" / "tokenizer.model")
     assert detect(tmp_path / "l3") == "llama3"

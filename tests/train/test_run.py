@@ -349,3 +349,19 @@ def test_bad_data_fails_with_one_message(tmp_path, llama_dir):
     (glm_family / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="pre_tokenize_llama3.py"):
         run(llama_dir, glm_family, tmp_path / "o2", "--batch_method", "naive")
+
+
+def test_warmup_fraction_never_trains_a_step_at_lr_0(tmp_path):
+    """--warmup_steps 0.03 (the scripts' WARMUP): rounded down, and 1 step of warmup is none, so a short run's step 1
+    trains (transformers' linear warmup gives its first step lr 0; ceil(0.03 x 20) = 1 wasted it)."""
+    args = train_main.parse_args(["--output_dir", str(tmp_path), "--warmup_steps", "0.03"])[3]
+    assert [args.get_warmup_steps(n) for n in (20, 33, 40, 66, 67, 1000)] == [0, 0, 0, 0, 2, 30]
+    assert train_main.parse_args(["--output_dir", str(tmp_path), "--warmup_steps", "1"])[3].get_warmup_steps(20) == 1
+    args = train_main.parse_args(["--output_dir", str(tmp_path), "--warmup_steps", "0.03", "--learning_rate", "1e-3",
+                                  "--lr_scheduler_type", "cosine"])[3]
+    from transformers.optimization import get_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(20),
+                          num_training_steps=20)
+    assert sched.get_last_lr()[0] == 1e-3  # the learning rate of step 1
