@@ -83,3 +83,19 @@ def chat_tokenizer_dir(tmp_path_factory):
         return built[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def glm(glm4_tokenizer_dir):
+    """The tiny GLM-4 tokenizer loaded as the hub folder's own code would load it (AutoTokenizer, remote code)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(glm4_tokenizer_dir, trust_remote_code=True)
+
+
+@pytest.fixture(scope="session")
+def llama(llama3_tokenizer_dir):
+    """The tiny Llama-3.1 tokenizer (AutoTokenizer on tokenizer.json)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
