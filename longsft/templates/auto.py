@@ -140,6 +140,7 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
     trailing = ""  # what the template writes after the last message whatever add_generation_prompt says
     single_pass = False  # prefixes from one rendering (linear) when the template passed _probe's self-test
     after_last = ("", "")  # what it writes after its last message: without, with the generation prompt
+    _one_rendering = None  # whether the last _prefix_renderer took the prefixes from the one rendering
 
     takes_args = True  # registry.chat_format passes pre_tokenize.py's arguments (the limits apply to the probes too)
 
@@ -241,7 +242,9 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         """Whether the prefixes of a conversation may come from its one rendering (_prefix_renderer): learn what
         the template writes after its last message, then require the single-rendering layout of probe
         conversations (system prompt, several rounds, tool calls and results in this template's shape) to equal
-        the layout from rendering every prefix."""
+        the layout from rendering every prefix, and the plain rounds to take their prefixes from the one rendering
+        (GLM-4-0414's template reads every message in a first pass for system prompts: its reads place no message,
+        so it renders every prefix)."""
         user = [{"role": "user", "content": "Alpha"}]
         after = []
         for prompt in (False, True):
@@ -266,15 +269,15 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
                                {"from": "observation", "value": '{"t": 19}'}, {"from": "gpt", "value": "18, 19."}],
              "tools": [{"name": "get_weather", "parameters": {"type": "object",
                                                               "properties": {"city": {"type": "string"}}}}]}]
-        for record in probes:
+        for n, record in enumerate(probes):
             outcomes = []
             for single in (False, True):
-                self.single_pass = single
+                self.single_pass, self._one_rendering = single, None
                 try:
                     outcomes.append(self._layout(self.parse_record(record)[1]))
                 except Skip as e:
                     outcomes.append(("skip", e.reason))
-            if outcomes[0] != outcomes[1]:
+            if outcomes[0] != outcomes[1] or n == 0 and not self._one_rendering:
                 self.single_pass = False
                 return
         self.single_pass = True
@@ -406,6 +409,7 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
             return self._render(messages[:j], tools, prompt=prompt)[0]
 
         n = len(messages)
+        self._one_rendering = False  # (what _probe_single_pass checks)
         if reads is None or not reads or any(k < 0 for k, _ in reads):
             return render
         first = [None] * (n + 1)  # D(j): the position of the first read of message j or later
@@ -421,6 +425,8 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         for i, t in enumerate(conv):
             if t.train and not all(x in raw[first[i]:first[i + 1]] for x in reply_marks(t.message)):
                 return render
+
+        self._one_rendering = True
 
         def prefix(j: int, prompt: bool) -> str:
             # after a reply that starts cleanly and holds its text before D(j), or before a reply that does

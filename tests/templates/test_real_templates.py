@@ -5,8 +5,9 @@ mistral-common's SentencePiece v3 model, SmolLM2's GGUF), against apply_chat_tem
 
     python -m pytest -q tests/templates/test_real_templates.py     # slow: first run downloads and builds (~2 min)
 
-GLM-Edge and GLM-4-9b-chat have no vocabulary on the registry: their real templates (llama.cpp's
-tests/test-chat-template.cpp strings) run on the tiny tokenizers with their special tokens (longsft/tiny).
+GLM-Edge, GLM-4-9b-chat and GLM-4-0414 have no vocabulary on the registry: their real templates (llama.cpp's
+tests/test-chat-template.cpp strings; GLM-4-0414's from xinference's model registry, llama.cpp has none) run on the
+tiny tokenizers with their special tokens (longsft/tiny). GLM-Z1's template is in neither package: not tested.
 Mistral-Nemo's hub template runs on the v3 SentencePiece vocabulary (the same control tokens; tekken not built).
 """
 
@@ -15,13 +16,14 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from longsft.templates.auto import SKIP_REASONS, AutoFormat
-from longsft.vocabularies import (LLAMA_MODELS, MISTRAL_COMMON, cpp_template, hub_template, registry_module,
-                                  tokenizer_folder, _wheel_root)
+from longsft.vocabularies import (GLM_TEMPLATES, LLAMA_MODELS, MISTRAL_COMMON, glm_template, hub_template,
+                                  registry_module, tokenizer_folder, _wheel_root)
 from tests.records import alpaca_records, glaive_records, multi_turn_records
 
 pytestmark = pytest.mark.slow
 
-CASES = ["qwen2.5", "qwen3", "llama3.1", "mistral-v3", "mistral-nemo", "glm-edge", "glm-4-9b-chat", "smollm2"]
+CASES = ["qwen2.5", "qwen3", "llama3.1", "mistral-v3", "mistral-nemo", "glm-edge", "glm-4-9b-chat", "glm-4-0414",
+         "smollm2"]
 RECORDS = glaive_records(12) + alpaca_records(12) + multi_turn_records(8)
 DRIVER_REASONS = ("invalid_json", "wrong_schema", "unknown_role", "too_long", "nothing_to_supervise")
 
@@ -32,13 +34,13 @@ def real_format(tmp_path_factory):
 
     def get(case: str) -> AutoFormat:
         if case not in made:
-            if case in ("glm-edge", "glm-4-9b-chat"):
+            if case in GLM_TEMPLATES:
                 from longsft.tiny.tokenizers import make_chat_template_tokenizer
 
                 folder = make_chat_template_tokenizer(tmp_path_factory.mktemp(case), "glm" if case == "glm-edge"
                                                       else "glm4")
                 tok = PreTrainedTokenizerFast.from_pretrained(folder)
-                tok.chat_template = cpp_template("GLMEdge" if case == "glm-edge" else "ChatGLM4")
+                tok.chat_template = glm_template(case)
             else:
                 tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_folder(
                     "mistral-v3" if case == "mistral-nemo" else case))
@@ -157,6 +159,7 @@ def test_probed_tool_shapes(real_format):
         "mistral-nemo": ("openai", "kwarg", "tool"),
         "glm-edge": (None, None, "tool"),  # system/user/assistant only
         "glm-4-9b-chat": ("glm", "system", "observation"),  # metadata + observation; item['tools']
+        "glm-4-0414": ("glm", "kwarg", "observation"),  # metadata + observation; `tools` as a kwarg
         "smollm2": (None, None, "tool")}
     assert real_format("glm-edge").trailing == "<|assistant|>" and not real_format("glm-4-9b-chat").trailing
 
@@ -171,16 +174,20 @@ def test_glm_edge_trains_every_reply_through_the_next_role_token(real_format):
     assert f.eos_id in f.stop_token_ids
 
 
-def test_glm4_9b_chat_tool_calls_in_glms_own_shape(real_format):
-    f = real_format("glm-4-9b-chat")
+@pytest.mark.parametrize("case", ["glm-4-9b-chat", "glm-4-0414"])
+def test_glm4_tool_calls_in_glms_own_shape(real_format, case):
+    """GLM-4-9b-chat and GLM-4-0414 write a call as an assistant turn whose metadata line is the function name
+    (GLM-4-0414's with a space after it) and the arguments JSON as content, then the result as <|observation|>."""
+    f = real_format(case)
     conv, result = encode_record(f, glaive_records(1)[0])
     (ids, sup), = result
     text = f.tokenizer.decode(ids)
     call = next(t.message for t in conv if t.message.get("metadata"))
-    assert "# 可用工具" in text and f"<|assistant|>{call['metadata']}\n{call['content']}<|observation|>\n" in text
+    head = call["metadata"] + (" " if case == "glm-4-0414" else "")
+    assert "# 可用工具" in text and f"<|assistant|>{head}\n{call['content']}<|observation|>\n" in text
     assert "<|tool|>" not in text  # the result under GLM's own role, not as plain text
     texts = [f.tokenizer.decode(run) for _, run in runs(ids, sup)]
-    assert texts[0] == f"{call['metadata']}\n{call['content']}<|observation|>" and texts[1].endswith("<|endoftext|>")
+    assert texts[0] == f"{head}\n{call['content']}<|observation|>" and texts[1].endswith("<|endoftext|>")
     assert len(texts) == 2
 
 
@@ -273,7 +280,8 @@ def test_one_rendering_gives_the_same_samples_as_every_prefix(real_format, case)
         outs.append(got)
     f.single_pass = AutoFormat(f.tokenizer).single_pass
     assert outs[0] == outs[1]
-    expected = {"qwen3": False, "mistral-v3": False, "mistral-nemo": False}  # they read the whole list first
+    # they read the whole list first (GLM-4-0414's for its system prompts): every prefix is rendered
+    expected = {"qwen3": False, "mistral-v3": False, "mistral-nemo": False, "glm-4-0414": False}
     assert f.single_pass == expected.get(case, True), case
     if f.single_pass:  # one rendering per record, whatever its length
         calls = []
