@@ -141,6 +141,7 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
     single_pass = False  # prefixes from one rendering (linear) when the template passed _probe's self-test
     after_last = ("", "")  # what it writes after its last message: without, with the generation prompt
     _one_rendering = None  # whether the last _prefix_renderer took the prefixes from the one rendering
+    _json_visible = False  # no special token holds a character JSON escapes (_holds_special_text)
 
     takes_args = True  # registry.chat_format passes pre_tokenize.py's arguments (the limits apply to the probes too)
 
@@ -176,6 +177,7 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         longest = sorted(specials, key=len, reverse=True)
         alternatives = "|".join(map(re.escape, longest)) or "(?!)"
         self.special_re = re.compile(alternatives)
+        self._json_visible = not any(c in '"\\' or ord(c) < 0x20 for t in specials for c in t)
         self.special_after = re.compile(rf"\s*(?:{alternatives})")
         self.mark = {t: chr(MARK_BASE + k) for k, t in enumerate(longest)}
         self.unmark = {ord(c): t for t, c in self.mark.items()}
@@ -295,6 +297,18 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
             raise Skip("template_error", f"the chat template cannot render this record: {type(e).__name__}: "
                                          f"{str(e)[:300]}") from None
 
+    def _holds_special_text(self, data) -> bool:
+        """Whether a string in `data` holds special-token text. A special token without characters JSON escapes
+        appears in the JSON text of `data` if it appears in one of its strings, so a miss there (one C-speed dump and
+        one search) settles it; a hit (it may be a dict key) is checked string by string."""
+        if self._json_visible:
+            try:
+                if not self.special_re.search(json.dumps(data, ensure_ascii=False, check_circular=False)):
+                    return False
+            except (TypeError, ValueError):
+                pass
+        return any(self.special_re.search(s) for s in _strings(data))
+
     def _untrail(self, text: str, conv) -> str:
         """The rendering without the template's always-written trailing prompt after a final assistant message
         (GLM-Edge): the reply then ends with a stop token, as GLM-Edge's finetune.py ends it."""
@@ -308,7 +322,7 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         rendering rewrites is one more sample: its own turn's rendering."""
         conv = self._shaped(conv)
         messages, tools = [t.message for t in conv], conv.tools
-        marked = any(self.special_re.search(s) for s in _strings([messages, tools]))
+        marked = self._holds_special_text([messages, tools])
         if marked:
             if any(_PRIVATE.search(s) for s in _strings([messages, tools])):
                 raise Skip("template_error", "holds private-use characters U+F0000-U+FFFFD next to special-token "

@@ -131,8 +131,9 @@ class TemplateTokens:
         return out
 
     def _byte_table(self):
-        """Per token id, how many UTF-8 bytes it stands for, when the tokenizer is a byte-level BPE (no normalizer
-        but NFC): its tokens' bytes then add up to the text, so token positions need no offsets. Else None."""
+        """Per token id, how many UTF-8 bytes it stands for (-1: not looked up yet, see _token_bytes), when the
+        tokenizer is a byte-level BPE (no normalizer but NFC): its tokens' bytes then add up to the text, so token
+        positions need no offsets. Else None."""
         if "bytes" not in self._backends:
             from tokenizers import models
 
@@ -143,14 +144,31 @@ class TemplateTokens:
             if isinstance(tk.model, models.BPE) and tk.pre_tokenizer is not None \
                     and "ByteLevel" in tk.pre_tokenizer.__getstate__().decode("utf-8", "replace") \
                     and (norm is None or nfc):
-                vocab = tk.get_vocab(with_added_tokens=True)
-                table = np.zeros(max(vocab.values()) + 1, np.int64)
-                for token, i in vocab.items():
-                    table[i] = len(token)  # one character of the byte-level alphabet per byte
-                for i, t in tk.get_added_tokens_decoder().items():
+                table = np.full(tk.get_vocab_size(with_added_tokens=True), -1, np.int64)
+                added = tk.get_added_tokens_decoder()
+                if added and max(added) >= len(table):
+                    table = np.full(max(added) + 1, -1, np.int64)
+                for i, t in added.items():
                     table[i] = len(t.content.encode("utf-8"))
             self._backends["bytes"], self._backends["nfc"] = table, norm is not None
         return self._backends["bytes"]
+
+    def _token_bytes(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """table[ids], looking up the tokens not seen before (one character of the byte-level alphabet per byte):
+        a work unit meets a few thousand distinct tokens, where reading the whole vocabulary (get_vocab, 0.2 s for
+        Qwen's 151k) would cost every worker at start-up."""
+        if ids.size and int(ids.max()) >= len(table):  # a vocabulary with holes: ids past its size
+            grown = np.full(int(ids.max()) + 1, -1, np.int64)
+            grown[:len(table)] = table
+            table = self._backends["bytes"] = grown
+        n = table[ids]
+        if (n < 0).any():
+            tk = self._backend(False)
+            for i in np.unique(ids[n < 0]).tolist():
+                token = tk.id_to_token(i)
+                table[i] = len(token) if token is not None else 0
+            n = table[ids]
+        return n
 
     def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
         """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
@@ -159,9 +177,12 @@ class TemplateTokens:
         table, out, redo = self._byte_table(), [None] * len(texts), list(range(len(texts)))
         if table is not None:
             nfc, redo = self._backends["nfc"], []
-            for k, (text, e) in enumerate(zip(texts, self._backend(False).encode_batch_fast(
-                    texts, add_special_tokens=False))):
-                ids = np.array(e.ids, np.int32)
+            encoded = [np.array(e.ids, np.int32) for e in self._backend(False).encode_batch_fast(
+                texts, add_special_tokens=False)]
+            if encoded:
+                self._token_bytes(table, np.concatenate(encoded))
+                table = self._backends["bytes"]
+            for k, (text, ids) in enumerate(zip(texts, encoded)):
                 n = table[ids]
                 if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",
                                                                                                            text)):
