@@ -264,21 +264,43 @@ def _test_record(item: dict, o) -> dict:
             "response": o.text, "new_tokens": len(o.ids), "finish_reason": o.finish_reason}
 
 
+def _promptable(cases: list[dict], skipped: list[dict], gen, path: str) -> list[dict]:
+    """The cases whose context the model's chat format can write as a prompt (a system prompt has no place in
+    LongAlign's formats, for one), numbered again; the others go to `skipped` with the format's reason."""
+    from longsft.data.inputs import Skip
+
+    usable = []
+    for case in cases:
+        try:
+            gen.context_ids(case["context"])
+        except Skip as s:
+            skipped.append({"file": path, "line": case["line"], "reason": s.reason, "detail": s.detail})
+            continue
+        usable.append({**case, "index": len(usable)})
+    return usable
+
+
 def evaluate_test_set(args: EvaluateArguments, out: Path, gen=None) -> dict:
+    from longsft.evaluate.generate import Generator
+
     cases, skipped = read_test_set(args.test_file)
+    if cases:
+        gen = gen or Generator.load(args.model_dir, args.template, args.backend, args.dtype)
+        cases = _promptable(cases, skipped, gen, str(Path(args.test_file)))
     cases = cases[:args.max_samples] if args.max_samples else cases
+    skipped.sort(key=lambda s: s["line"])
     with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
         for s in skipped:
             f.write(json.dumps(s, ensure_ascii=False) + "\n")
     if not cases:
         raise UserError(f"--test_file {args.test_file}: no usable record ({len(skipped)} skipped, listed in "
-                        f"{out / 'skipped.jsonl'}): each needs a user message and a final assistant reply")
+                        f"{out / 'skipped.jsonl'}): each needs a user message and a final assistant reply that "
+                        f"the model's chat template can write")
     preds, stats, gen = generate_all(args, cases, out, _test_record, lambda g, it: g.context_ids(it["context"]), gen)
     scores = corpus_scores([(p["response"], p["reference"]) for p in preds])
     scores["skipped"] = {r: sum(1 for s in skipped if s["reason"] == r) for r in sorted({s["reason"]
                                                                                          for s in skipped})}
     if args.eval_loss:
-        from longsft.evaluate.generate import Generator
         from longsft.evaluate.loss import eval_loss
 
         if gen is None or gen.backend != "hf":  # the loss needs the transformers model

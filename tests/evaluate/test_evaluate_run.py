@@ -219,3 +219,22 @@ def test_unusable_test_file_and_missing_vllm(tmp_path, qwen2_gen):
         pass
     with pytest.raises(UserError, match=r"vLLM is not installed; on a CUDA machine `pip install vllm`"):
         Generator.load(str(qwen2_gen.model_dir), backend="vllm")
+
+
+def test_records_the_template_cannot_prompt_are_skipped_with_its_reason(tmp_path, tiny):
+    """ChatGLM2's format has no system role: a test record with a system prompt is skipped (unknown_role, its line)
+    and the others are evaluated, where it stopped evaluate.py with a traceback (the quickstart's FAMILY=chatglm2
+    evaluation on data/sample.jsonl)."""
+    gen = Generator.load(str(tiny("chatglm2")))
+    test_file = write_jsonl(tmp_path / "dev.jsonl", [
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                      {"role": "assistant", "content": "Hello."}]},
+        {"messages": [{"role": "user", "content": "Tea?"}, {"role": "assistant", "content": "Yes, tea."}]}])
+    out = tmp_path / "ev"
+    scores = evaluate_entry.main(["--model_dir", str(gen.model_dir), "--test_file", str(test_file), "--output_dir",
+                                  str(out), "--max_new_tokens", "4", "--temperature", "0"], generator=gen)
+    assert scores["count"] == 1 and scores["skipped"] == {"unknown_role": 1} and scores["eval_samples"] == 1
+    (skipped,) = [json.loads(x) for x in (out / "skipped.jsonl").read_text().splitlines()]
+    assert skipped["line"] == 1 and "system" in skipped["detail"]
+    (pred,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert pred["line"] == 2 and pred["index"] == 0
