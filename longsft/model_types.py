@@ -303,7 +303,6 @@ def _check_pair(model_type: str, name: str, upstream, verdict: Verdict, extra_ki
 
 def check(model_type: str) -> Verdict:
     """Whether `model_type` trains through the packed path (module docstring), and why not."""
-    import torch
     import transformers
 
     start = time.time()

@@ -87,4 +87,4 @@ def test_main_check_data_reads_the_ids_not_meta_json(tmp_path, llama3_tokenizer_
     ids.flush()
     problems, _ = check_data(str(out), "train", "naive", rows, tok, families.family("llama3"))
     assert any(p.startswith(f"--train_file {out}: {out / 'input_ids.bin'}: token id {rows + 5} at position 3 "
-                            f"(sample 1, its token 0)") and f"embedding rows" in p for p in problems), problems
+                            f"(sample 1, its token 0)") and "embedding rows" in p for p in problems), problems

@@ -342,7 +342,6 @@ def test_resume_logs_the_same_losses(tmp_path, llama_dir, reference):  # noqa: F
     reference read back, with it deleted (so computed again from the initial weights, not the checkpoint's), and with
     a live frozen copy of the initial model."""
     import shutil
-    stored = reference == "stored"
     data = write_pair_task(tmp_path / "pairs", llama_dir, n=8)
     common = ["--optim", "sgd", "--learning_rate", 2.0, "--max_steps", 3, "--lr_scheduler_type", "constant",
               "--stage", "dpo", "--dpo_beta", 0.5, "--dpo_sft_weight", 0.2]

@@ -43,7 +43,6 @@ def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int =
     (instead of n random ones)."""
     tok = train_model.load_tokenizer(str(model_dir), family)
     rng = np.random.default_rng(seed)
-    top = 200 if max_token is None else max_token
     meta = {"model_family": family, "template": template or family, "max_length": max_length,
             "tokenizer": {"name_or_path": str(model_dir), "class": type(tok).__name__, "vocab_size": len(tok),
                           "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
