@@ -170,6 +170,49 @@ def context_prompt_ids(fmt, context: list[Message]) -> list[int]:
     return [int(i) for i in ids[:supervised[0]]]
 
 
+def record_samples(fmt, record: dict) -> list[tuple[list[int], list[int]]]:
+    """Template auto: a test record as pre_tokenize.py trains it ((input_ids, labels) per sample): read by the
+    format itself, so its tools, tool calls and results reach the chat template in the shape it writes them (the
+    generic Messages carry no tool schemas). A Skip when the template cannot write it."""
+    _, conv = fmt.parse_record(record)
+    ids, supervised, lengths, outcomes, _ = fmt.encode_batch([conv])
+    if outcomes[0] is not None:
+        raise outcomes[0]
+    out, at = [], 0
+    for n in lengths.tolist():
+        sample, sup = ids[at:at + n], supervised[at:at + n]
+        out.append(([int(i) for i in sample], [int(i) if s else IGNORE_INDEX for i, s in zip(sample, sup)]))
+        at += n
+    return out
+
+
+def record_prompt_ids(fmt, record: dict) -> list[int]:
+    """Template auto: the prompt of a test record's final reply: every turn before it (unsupervised) with the
+    record's tools, then the inference prompt of the template, where a stand-in reply's supervision starts."""
+    from longsft.data.inputs import Skip
+    from longsft.templates.auto_records import Conversation, Turn
+
+    _, conv = fmt.parse_record(record)
+    if not conv or conv[-1].role != "assistant":
+        raise Skip("no_reference", "the record does not end with an assistant reply (the reference)")
+    turns = [Turn(t.role, t.message, False, t.where) for t in conv[:-1]]
+    turns.append(Turn("assistant", {"role": "assistant", "content": "x"}, True, "the reply"))
+    ids, supervised, lengths, outcomes, _ = fmt.encode_batch([Conversation(turns, conv.tools)])
+    if outcomes[0] is not None:
+        raise outcomes[0]
+    n = int(lengths[-1])  # the last sample holds the final reply
+    ids, supervised = ids[-n:], supervised[-n:]
+    first = [i for i, s in enumerate(supervised.tolist()) if s]
+    if not first:
+        raise UserError(f"the {fmt.name} template supervises nothing of a stand-in reply: no prompt")
+    return [int(i) for i in ids[:first[0]]]
+
+
+def reads_records(fmt) -> bool:
+    """Whether the format reads raw records itself (template auto) rather than the generic Messages."""
+    return getattr(fmt, "name", None) == "auto" and hasattr(fmt, "parse_record")
+
+
 # ----------------------------------------------------------------------------------------------
 # Generation
 # ----------------------------------------------------------------------------------------------
@@ -266,7 +309,10 @@ class Generator:
     def prompt_ids(self, prompt: str, system: Optional[str] = None) -> list[int]:
         return prompt_ids(self.fmt, prompt, system)
 
-    def context_ids(self, context: list[Message]) -> list[int]:
+    def context_ids(self, context: list[Message], record: Optional[dict] = None) -> list[int]:
+        """The prompt of a test case: from its raw `record` for template auto (tools included), else `context`."""
+        if record is not None and reads_records(self.fmt):
+            return record_prompt_ids(self.fmt, record)
         return context_prompt_ids(self.fmt, context)
 
     def _finish(self, new: list[int]) -> Output:

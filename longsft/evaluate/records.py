@@ -105,10 +105,10 @@ def read_predictions(path: str | os.PathLike, flag: str = "--predictions") -> tu
 
 
 def read_test_set(path: str | os.PathLike, flag: str = "--test_file") -> tuple[list[dict], list[dict]]:
-    """Chat records -> (cases [{"index", "line", "messages", "context", "reference"}], skipped [{"line", "reason",
-    "detail"}]). `messages` is the whole conversation as training reads it; `context` the messages before the
-    last reply (earlier replies unsupervised) followed by a stand-in supervised reply: where its supervision
-    starts is the model's prompt."""
+    """Chat records -> (cases [{"index", "line", "messages", "context", "record", "reference"}], skipped [{"line",
+    "reason", "detail"}]). `messages` is the whole conversation as training reads it; `context` the messages before
+    the last reply (earlier replies unsupervised) followed by a stand-in supervised reply: where its supervision
+    starts is the model's prompt; `record` the JSON record itself (template auto reads it, tools included)."""
     problems: list[str] = []
     sources = index_inputs([str(path)], problems)
     if problems:
@@ -136,7 +136,7 @@ def read_test_set(path: str | os.PathLike, flag: str = "--test_file") -> tuple[l
             skipped.append({"file": str(src.path), "line": line, "reason": s.reason, "detail": s.detail})
             continue
         context = [replace(m, train=False) for m in messages[:last]] + [Message("assistant", "x", train=True)]
-        cases.append({"index": len(cases), "line": line, "messages": messages, "context": context,
+        cases.append({"index": len(cases), "line": line, "messages": messages, "context": context, "record": obj,
                       "prompt": messages[last - 1].content if messages[last - 1].role == "user" else "",
                       "reference": reference})
     return cases, skipped

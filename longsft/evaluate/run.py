@@ -272,7 +272,7 @@ def _promptable(cases: list[dict], skipped: list[dict], gen, path: str) -> list[
     usable = []
     for case in cases:
         try:
-            gen.context_ids(case["context"])
+            gen.context_ids(case["context"], case["record"])
         except Skip as s:
             skipped.append({"file": path, "line": case["line"], "reason": s.reason, "detail": s.detail})
             continue
@@ -296,7 +296,8 @@ def evaluate_test_set(args: EvaluateArguments, out: Path, gen=None) -> dict:
         raise UserError(f"--test_file {args.test_file}: no usable record ({len(skipped)} skipped, listed in "
                         f"{out / 'skipped.jsonl'}): each needs a user message and a final assistant reply that "
                         f"the model's chat template can write")
-    preds, stats, gen = generate_all(args, cases, out, _test_record, lambda g, it: g.context_ids(it["context"]), gen)
+    preds, stats, gen = generate_all(args, cases, out, _test_record, lambda g, it: g.context_ids(it["context"], it["record"]),
+                                      gen)
     scores = corpus_scores([(p["response"], p["reference"]) for p in preds])
     scores["skipped"] = {r: sum(1 for s in skipped if s["reason"] == r) for r in sorted({s["reason"]
                                                                                          for s in skipped})}

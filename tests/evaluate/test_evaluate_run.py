@@ -238,3 +238,38 @@ def test_records_the_template_cannot_prompt_are_skipped_with_its_reason(tmp_path
     assert skipped["line"] == 1 and "system" in skipped["detail"]
     (pred,) = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert pred["line"] == 2 and pred["index"] == 0
+
+
+def test_template_auto_prompts_carry_the_records_tools(tmp_path, qwen2_gen):
+    """A test record with tool schemas, a call and its result: the prompt is apply_chat_template's of the history
+    WITH the tools (template auto reads the record as pre_tokenize.py does; the generic messages have no tools), and
+    its eval loss is taken over the same supervised tokens pre_tokenize.py trains."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                                "parameters": {"type": "object",
+                                                               "properties": {"city": {"type": "string"}}}}}]
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": '{"t": 17}'},
+                {"role": "assistant", "content": "It is 17 C in Paris."}]
+    record = {"messages": messages, "tools": tools}
+    want = qwen2_gen.tokenizer.apply_chat_template(messages[:-1], tools=tools, add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)
+    assert qwen2_gen.context_ids([], record) == list(want)
+    assert "get_weather" in qwen2_gen.tokenizer.decode(want[:len(want) // 2])  # the schema is in the prompt
+
+    test_file = write_jsonl(tmp_path / "tools.jsonl", [record])
+    out = tmp_path / "ev"
+    scores = evaluate_entry.main(["--model_dir", str(qwen2_gen.model_dir), "--test_file", str(test_file),
+                                  "--output_dir", str(out), "--max_new_tokens", "4", "--temperature", "0"],
+                                 generator=qwen2_gen)
+    import pre_tokenize
+    from longsft.data.storage import IGNORE_INDEX, TokenizedData
+
+    pre_tokenize.main(["--model_name_or_path", str(qwen2_gen.model_dir), "--input", str(test_file), "--output_dir",
+                       str(tmp_path / "tok"), "--num_proc", "1"])
+    trained = TokenizedData(tmp_path / "tok")
+    assert len(trained) == 1
+    _, labels = trained.sample(0)
+    assert scores["count"] == 1 and scores["eval_targets"] == int((labels[1:] != IGNORE_INDEX).sum())
