@@ -314,10 +314,10 @@ def turns_rows(turns: list[int], qwen: str, tmp: Path) -> None:
 
     from longsft.templates.registry import chat_format
     from longsft.tiny.tokenizers import make_chat_template_tokenizer
-    from longsft.vocabularies import cpp_template
+    from longsft.vocabularies import glm_template
 
     edge = PreTrainedTokenizerFast.from_pretrained(make_chat_template_tokenizer(tmp / "tok_glm_edge", "glm"))
-    edge.chat_template = cpp_template("GLMEdge")
+    edge.chat_template = glm_template("glm-edge")
     formats = {"qwen2.5": chat_format("auto", PreTrainedTokenizerFast.from_pretrained(qwen)),
                "glm-edge": chat_format("auto", edge)}
     print("\ntemplate auto, one record of N messages (seconds; one process; one rendering vs every prefix)")

@@ -508,18 +508,28 @@ def test_quickstart_end_to_end(tmp_path, family):
     assert f"Outputs in {out_dir}" in run.stdout
 
 
+def _real_quickstart(tmp_path, **settings) -> tuple[Path, subprocess.CompletedProcess]:
+    """scripts/quickstart.sh on the real model (no FAMILY) with these settings; (OUT, the finished run)."""
+    out_dir = tmp_path / "qs"
+    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable, **settings}
+    env.pop("FAMILY", None)
+    run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
+                         timeout=1500, cwd=ROOT)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-6000:]
+    return out_dir, run
+
+
+def _eval_scores(out_dir: Path) -> dict:
+    """evaluate.py's scores.json before and after training."""
+    return {w: json.loads((out_dir / f"eval_{w}" / "scores.json").read_text()) for w in ("before", "after")}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(_cuda_count() == 1, reason="sized for the CPU; one GPU runs it too, but not timed here")
 def test_quickstart_real_model_end_to_end(tmp_path):
     """The README's main command: SmolLM2-135M-Instruct learns the reply format; the loss falls, and the reply to
     the held-out prompt takes the format after training (it had not before)."""
-    out_dir = tmp_path / "qs"
-    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable}
-    env.pop("FAMILY", None)
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
-                         timeout=1500, cwd=ROOT)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-6000:]
+    out_dir, run = _real_quickstart(tmp_path)
     meta = json.loads((out_dir / "data" / "meta.json").read_text())
     assert (meta["model_family"], meta["template"]) == ("transformers", "auto")
     history = json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"]
@@ -531,7 +541,7 @@ def test_quickstart_real_model_end_to_end(tmp_path):
     assert (out_dir / "run" / "adapter_config.json").is_file() and (out_dir / "loss.png").is_file()
     assert "[quickstart] --- before:" in run.stdout and "[quickstart] --- after:" in run.stdout
     # the closing evaluation on the held-out test records: closer to the references, lower loss, in the format
-    scores = {w: json.loads((out_dir / f"eval_{w}" / "scores.json").read_text()) for w in ("before", "after")}
+    scores = _eval_scores(out_dir)
     assert scores["after"]["rouge-l"] > scores["before"]["rouge-l"] + 20, scores
     assert scores["after"]["eval_loss"] < scores["before"]["eval_loss"] and scores["after"]["count"] == 8
     formatted = [line for line in (out_dir / "eval_after" / "predictions.jsonl").read_text().splitlines()
@@ -543,16 +553,10 @@ def test_quickstart_real_model_end_to_end(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(_cuda_count() == 1, reason="sized for the CPU; one GPU runs it too, but not timed here")
 def test_quickstart_real_model_dpo_end_to_end(tmp_path):
-    """STAGE=dpo on SmolLM2-135M-Instruct (its 80 pairs, 20 steps): the rewards separate, and the model that preferred
+    """STAGE=dpo on SmolLM2-135M-Instruct (its 80 pairs, 21 steps): the rewards separate, and the model that preferred
     plain prose answers the held-out prompt and the test records in the chosen format (48 pairs, 12 steps, were too
     few: "Awesome question, my friend!")."""
-    out_dir = tmp_path / "qs"
-    env = {**os.environ, "OUT": str(out_dir), "PYTHON": sys.executable, "STAGE": "dpo", "EVAL_SAMPLES": "4"}
-    env.pop("FAMILY", None)
-    run = subprocess.run(["bash", str(ROOT / "scripts" / "quickstart.sh")], env=env, capture_output=True, text=True,
-                         timeout=1500, cwd=ROOT)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log[-6000:]
+    out_dir, run = _real_quickstart(tmp_path, STAGE="dpo", EVAL_SAMPLES="4")
     meta = json.loads((out_dir / "data" / "meta.json").read_text())
     assert meta["stage"] == "dpo" and meta["template"] == "auto"
     history = [h for h in json.loads((out_dir / "run" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
@@ -560,7 +564,7 @@ def test_quickstart_real_model_dpo_end_to_end(tmp_path):
     assert history[-1]["rewards/margins"] > 1, history
     after = json.loads((out_dir / "reply_after.json").read_text())["reply"]
     assert after.startswith("ANSWER: "), after
-    scores = {w: json.loads((out_dir / f"eval_{w}" / "scores.json").read_text()) for w in ("before", "after")}
+    scores = _eval_scores(out_dir)
     assert scores["after"]["rouge-l"] > scores["before"]["rouge-l"] + 20, scores
     preds = [json.loads(line) for line in (out_dir / "eval_after" / "predictions.jsonl").read_text().splitlines()]
     assert sum(p["response"].startswith("ANSWER:") for p in preds) >= 3, preds

@@ -161,13 +161,18 @@ def prompt_ids(fmt, prompt: str, system: Optional[str] = None) -> list[int]:
     return context_prompt_ids(fmt, messages)
 
 
+def _until_supervised(fmt, ids, supervised, roles: list[str]) -> list[int]:
+    """The tokens before the first supervised one: the prompt of a stand-in reply."""
+    first = next((i for i, s in enumerate(supervised) if s), None)
+    if first is None:
+        raise UserError(f"the {fmt.name} template supervises nothing in {roles}: no prompt")
+    return [int(i) for i in ids[:first]]
+
+
 def context_prompt_ids(fmt, context: list[Message]) -> list[int]:
     """The tokens of a conversation ending in a stand-in supervised reply, cut where its supervision starts."""
     ids, labels = fmt.encode(context)
-    supervised = [i for i, lab in enumerate(labels) if lab != IGNORE_INDEX]
-    if not supervised:
-        raise UserError(f"the {fmt.name} template supervises nothing in {[m.role for m in context]}: no prompt")
-    return [int(i) for i in ids[:supervised[0]]]
+    return _until_supervised(fmt, ids, [lab != IGNORE_INDEX for lab in labels], [m.role for m in context])
 
 
 def record_samples(fmt, record: dict) -> list[tuple[list[int], list[int]]]:
@@ -201,11 +206,7 @@ def record_prompt_ids(fmt, record: dict) -> list[int]:
     if outcomes[0] is not None:
         raise outcomes[0]
     n = int(lengths[-1])  # the last sample holds the final reply
-    ids, supervised = ids[-n:], supervised[-n:]
-    first = [i for i, s in enumerate(supervised.tolist()) if s]
-    if not first:
-        raise UserError(f"the {fmt.name} template supervises nothing of a stand-in reply: no prompt")
-    return [int(i) for i in ids[:first[0]]]
+    return _until_supervised(fmt, ids[-n:], supervised[-n:].tolist(), [t.role for t in turns])
 
 
 def reads_records(fmt) -> bool:

@@ -72,7 +72,8 @@ class EvaluateArguments:
     top_k: int = field(default=50, metadata={"help": "Top-k sampling (LongWriter's vLLM script: 50)."})
     seed: int = field(default=42, metadata={"help": "Sampling seed (each batch: seed + its first index)."})
     batch_size: int = field(default=4, metadata={"help": "Prompts generated together (left-padded)."})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "Only the first N records (a quick look)."})
+    max_samples: Optional[int] = field(default=None, metadata={"help": "Only the first N records (a quick look; --test_file: the first N its chat format can "
+                                     "write as a prompt)."})
     length_buckets: str = field(default=",".join(map(str, LENGTH_BUCKETS)),
                                 metadata={"help": "Required-length ranges of by_length (LongBench-Write's)."})
     eval_loss: bool = field(default=True, metadata={"help": "With --test_file: also the eval loss."})
@@ -264,19 +265,22 @@ def _test_record(item: dict, o) -> dict:
             "response": o.text, "new_tokens": len(o.ids), "finish_reason": o.finish_reason}
 
 
-def _promptable(cases: list[dict], skipped: list[dict], gen, path: str) -> list[dict]:
+def _promptable(cases: list[dict], skipped: list[dict], gen, path: str, limit: Optional[int]) -> list[dict]:
     """The cases whose context the model's chat format can write as a prompt (a system prompt has no place in
-    LongAlign's formats, for one), numbered again; the others go to `skipped` with the format's reason."""
+    LongAlign's formats, for one), numbered again, with their prompt's token ids: the first `limit` of them (None:
+    all); the others met on the way go to `skipped` with the format's reason."""
     from longsft.data.inputs import Skip
 
     usable = []
     for case in cases:
+        if limit and len(usable) == limit:
+            break
         try:
-            gen.context_ids(case["context"], case["record"])
+            prompt_ids = gen.context_ids(case["context"], case["record"])
         except Skip as s:
             skipped.append({"file": path, "line": case["line"], "reason": s.reason, "detail": s.detail})
             continue
-        usable.append({**case, "index": len(usable)})
+        usable.append({**case, "index": len(usable), "prompt_ids": prompt_ids})
     return usable
 
 
@@ -286,8 +290,7 @@ def evaluate_test_set(args: EvaluateArguments, out: Path, gen=None) -> dict:
     cases, skipped = read_test_set(args.test_file)
     if cases:
         gen = gen or Generator.load(args.model_dir, args.template, args.backend, args.dtype)
-        cases = _promptable(cases, skipped, gen, str(Path(args.test_file)))
-    cases = cases[:args.max_samples] if args.max_samples else cases
+        cases = _promptable(cases, skipped, gen, str(Path(args.test_file)), args.max_samples)
     skipped.sort(key=lambda s: s["line"])
     with open(out / "skipped.jsonl", "w", encoding="utf-8") as f:
         for s in skipped:
@@ -296,8 +299,7 @@ def evaluate_test_set(args: EvaluateArguments, out: Path, gen=None) -> dict:
         raise UserError(f"--test_file {args.test_file}: no usable record ({len(skipped)} skipped, listed in "
                         f"{out / 'skipped.jsonl'}): each needs a user message and a final assistant reply that "
                         f"the model's chat template can write")
-    preds, stats, gen = generate_all(args, cases, out, _test_record, lambda g, it: g.context_ids(it["context"], it["record"]),
-                                      gen)
+    preds, stats, gen = generate_all(args, cases, out, _test_record, lambda g, it: it["prompt_ids"], gen)
     scores = corpus_scores([(p["response"], p["reference"]) for p in preds])
     scores["skipped"] = {r: sum(1 for s in skipped if s["reason"] == r) for r in sorted({s["reason"]
                                                                                          for s in skipped})}

@@ -131,7 +131,7 @@ class TemplateTokens:
         return out
 
     def _byte_table(self):
-        """Per token id, how many UTF-8 bytes it stands for (-1: not looked up yet, see _token_bytes), when the
+        """Per token id, how many UTF-8 bytes it stands for (-1: not looked up yet, see _with_bytes_of), when the
         tokenizer is a byte-level BPE (no normalizer but NFC): its tokens' bytes then add up to the text, so token
         positions need no offsets. Else None."""
         if "bytes" not in self._backends:
@@ -153,22 +153,21 @@ class TemplateTokens:
             self._backends["bytes"], self._backends["nfc"] = table, norm is not None
         return self._backends["bytes"]
 
-    def _token_bytes(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """table[ids], looking up the tokens not seen before (one character of the byte-level alphabet per byte):
+    def _with_bytes_of(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """The byte table with every token of `ids` looked up (one character of the byte-level alphabet per byte):
         a work unit meets a few thousand distinct tokens, where reading the whole vocabulary (get_vocab, 0.2 s for
         Qwen's 151k) would cost every worker at start-up."""
         if ids.size and int(ids.max()) >= len(table):  # a vocabulary with holes: ids past its size
             grown = np.full(int(ids.max()) + 1, -1, np.int64)
             grown[:len(table)] = table
             table = self._backends["bytes"] = grown
-        n = table[ids]
-        if (n < 0).any():
+        missing = ids[table[ids] < 0]
+        if missing.size:
             tk = self._backend(False)
-            for i in np.unique(ids[n < 0]).tolist():
+            for i in np.unique(missing).tolist():
                 token = tk.id_to_token(i)
                 table[i] = len(token) if token is not None else 0
-            n = table[ids]
-        return n
+        return table
 
     def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
         """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
@@ -180,8 +179,7 @@ class TemplateTokens:
             encoded = [np.array(e.ids, np.int32) for e in self._backend(False).encode_batch_fast(
                 texts, add_special_tokens=False)]
             if encoded:
-                self._token_bytes(table, np.concatenate(encoded))
-                table = self._backends["bytes"]
+                table = self._with_bytes_of(table, np.concatenate(encoded))
             for k, (text, ids) in enumerate(zip(texts, encoded)):
                 n = table[ids]
                 if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",

@@ -20,7 +20,7 @@ from longsft.data import sort_and_group
 from longsft.data.storage import IGNORE_INDEX, TokenizedData, TokenizedWriter, mark_pairs
 from longsft.train import model as train_model
 from longsft.train.dpo_data import PairCollator, PairDataset, PairPackDataset
-from tests.train.test_run import EXACT, llama_dir, run, write_task  # noqa: F401 (fixture)
+from tests.train.test_run import EXACT, llama_dir, run, task_meta, write_task  # noqa: F401 (fixture)
 
 # ----------------------------------------------------------------------------------------------
 # Helpers: pair data written directly, and the stock reference
@@ -33,12 +33,8 @@ def write_pair_task(out: Path, model_dir: Path, family: str = "llama3", n: int =
     """Preference pairs as pre_tokenize.py --stage dpo lays them out: a shared random prompt (not supervised), a
     chosen reply counting up from the prompt's last token, a rejected reply of random tokens. `shapes`: (prompt,
     chosen, rejected) lengths of every pair. Then sort_and_group.py (whole pairs in packs)."""
-    tok = train_model.load_tokenizer(str(model_dir), family)
+    meta = task_meta(model_dir, family, template, max_length)
     rng = np.random.default_rng(seed)
-    meta = {"model_family": family, "template": template or family, "max_length": max_length,
-            "tokenizer": {"name_or_path": str(model_dir), "class": type(tok).__name__, "vocab_size": len(tok),
-                          "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-                          "bos_token_id": tok.bos_token_id}}
     with TokenizedWriter(out, meta) as w:
         for i in range(n if shapes is None else len(shapes)):
             p, c, r = (int(rng.integers(3, 9)), int(rng.integers(3, 14)), int(rng.integers(3, 14))) \

@@ -34,6 +34,16 @@ def glm_dir(tmp_path_factory, glm4_tokenizer_dir):
     return make_tiny_model(tmp_path_factory.mktemp("tiny_glm4"), "glm4", glm4_tokenizer_dir)
 
 
+def task_meta(model_dir: Path, family: str, template: str | None, max_length: int) -> dict:
+    """meta.json of a dataset written directly, as pre_tokenize_* writes it (template: the family's name unless
+    given)."""
+    tok = train_model.load_tokenizer(str(model_dir), family)
+    return {"model_family": family, "template": template or family, "max_length": max_length,
+            "tokenizer": {"name_or_path": str(model_dir), "class": type(tok).__name__, "vocab_size": len(tok),
+                          "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
+                          "bos_token_id": tok.bos_token_id}}
+
+
 def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int = 0, max_token: int | None = None,
                group: bool = True, max_length: int = 96, template: str | None = None,
                shapes: list[tuple[int, int]] | None = None) -> Path:
@@ -41,12 +51,8 @@ def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int =
     token. Written with TokenizedWriter (meta like pre_tokenize_*), then sort_and_group.py (packs + sort order).
     meta's template: `template`, else the family's name. `shapes`: the (prompt, reply) lengths of every sample
     (instead of n random ones)."""
-    tok = train_model.load_tokenizer(str(model_dir), family)
+    meta = task_meta(model_dir, family, template, max_length)
     rng = np.random.default_rng(seed)
-    meta = {"model_family": family, "template": template or family, "max_length": max_length,
-            "tokenizer": {"name_or_path": str(model_dir), "class": type(tok).__name__, "vocab_size": len(tok),
-                          "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-                          "bos_token_id": tok.bos_token_id}}
     with TokenizedWriter(out, meta) as w:
         for i in range(n if shapes is None else len(shapes)):
             p, r = (int(rng.integers(3, 12)), int(rng.integers(4, 30))) if shapes is None else shapes[i]
