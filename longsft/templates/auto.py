@@ -65,6 +65,11 @@ import re
 
 import numpy as np
 
+try:  # the fast JSON dump of _holds_special_text; json is the fallback
+    import orjson
+except ImportError:  # pragma: no cover
+    orjson = None
+
 from longsft.templates.base import ChatFormat, PlainEncoder
 from longsft.data.inputs import Message, Skip
 from longsft.models import generation_stop_ids
@@ -178,6 +183,8 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         alternatives = "|".join(map(re.escape, longest)) or "(?!)"
         self.special_re = re.compile(alternatives)
         self._json_visible = not any(c in '"\\' or ord(c) < 0x20 for t in specials for c in t)
+        self._special_bytes_re = re.compile(b"|".join(re.escape(t.encode("utf-8", "surrogatepass")) for t in longest)
+                                            or b"(?!)")
         self.special_after = re.compile(rf"\s*(?:{alternatives})")
         self.mark = {t: chr(MARK_BASE + k) for k, t in enumerate(longest)}
         self.unmark = {ord(c): t for t, c in self.mark.items()}
@@ -190,9 +197,10 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         self._probe()
 
     def _set_limits(self, limits: RenderLimits) -> None:
-        tool_use = self.templates[True] != self.templates[False]
-        self.renderers = {k: Renderer(t, self.what + (" (its tool_use template)" if k and tool_use else ""), limits,
-                                      self.template_kwargs) for k, t in self.templates.items()}
+        plain = Renderer(self.templates[False], self.what, limits, self.template_kwargs)
+        tools = self.templates[True]  # a template of its own for tools (tool_use), else the same one compiled once
+        self.renderers = {False: plain, True: plain if tools == self.templates[False] else
+                          Renderer(tools, self.what + " (its tool_use template)", limits, self.template_kwargs)}
 
     def configure(self, args) -> None:
         """pre_tokenize.py's settings for this template (--rewritten_replies, --render_timeout, --render_max_chars)."""
@@ -302,10 +310,13 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         appears in the JSON text of `data` if it appears in one of its strings, so a miss there (one C-speed dump and
         one search) settles it; a hit (it may be a dict key) is checked string by string."""
         if self._json_visible:
-            try:
-                if not self.special_re.search(json.dumps(data, ensure_ascii=False, check_circular=False)):
+            try:  # orjson writes every string character as json.dumps(ensure_ascii=False) does, in UTF-8
+                if orjson is not None and not self._special_bytes_re.search(orjson.dumps(data)):
                     return False
-            except (TypeError, ValueError):
+                if orjson is None and not self.special_re.search(json.dumps(data, ensure_ascii=False,
+                                                                            check_circular=False)):
+                    return False
+            except (TypeError, ValueError):  # (orjson: lone surrogates, keys that are not strings, huge ints)
                 pass
         return any(self.special_re.search(s) for s in _strings(data))
 

@@ -74,7 +74,21 @@ def _compiled(template: str, limits: RenderLimits, what: str):
 
     env.intercepted_binops = frozenset({"*", "+", "**"})
     env.call_binop = call_binop
+    sandbox_getattr = env.getattr
+
+    def getattr_(obj, attribute):
+        # `message.content` on a plain dict: the sandbox tries getattr first, which raises AttributeError for
+        # every key that is not a dict attribute (dicts have no instance attributes), then reads the item. The
+        # same answer without the exception; anything else (dict methods, other types, a missing key) as before.
+        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES and attribute in obj:
+            return obj[attribute]
+        return sandbox_getattr(obj, attribute)
+
+    env.getattr = getattr_
     return env.from_string(template)
+
+
+_DICT_ATTRIBUTES = frozenset(dir(dict))
 
 
 def _plain(value):
