@@ -1,10 +1,13 @@
 """What the data stages do when the world changes under them: a pre_tokenize.py run replacing the dataset while
-sort_and_group.py packs it, and the disk refusing writes (a file-size limit, a read-only folder).
+sort_and_group.py packs it, the disk refusing writes (a file-size limit, a read-only folder, a full disk) and a
+worker process killed mid-run.
 
 The replacement is a real commit of a new dataset (TokenizedWriter, what pre_tokenize.py runs) made at a chosen
-moment of a real sort_and_group.py run; the disk limits are real (`ulimit -f` in a child process, chmod).
+moment of a real sort_and_group.py run; the disk limits are real (`ulimit -f` in a child process, chmod, a small
+tmpfs mounted in a private mount namespace), and so is the SIGKILL.
 Run: python -m pytest -q tests/data/test_races_and_disk.py
 """
+import json
 import os
 import shutil
 import subprocess
@@ -140,3 +143,125 @@ def test_read_only_folders_are_named_before_any_work(tmp_path, glm4_tokenizer_di
         out.chmod(0o755)
         ro.chmod(0o755)
     assert tree(ro) == before
+
+
+# ----------------------------------------------------------------------------------------------
+# A worker process killed mid-run (the out-of-memory killer, a scheduler): the run fails at once, it does not hang
+# ----------------------------------------------------------------------------------------------
+
+SLOW = ("{%- if messages and messages[0]['content'] is string and 'SLOW' in messages[0]['content'] %}"
+        "{%- for i in range(400) %}{%- for j in range(1000) %}{%- endfor %}{%- endfor %}{%- endif %}")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc to find the worker processes")
+def test_a_killed_worker_fails_the_run_at_once_naming_its_records(tmp_path, chat_tokenizer_dir):
+    import signal
+    import time
+
+    tok = tmp_path / "tok"  # a chat template that takes a while on records that ask for it
+    shutil.copytree(chat_tokenizer_dir("qwen2"), tok)
+    config = json.loads((tok / "tokenizer_config.json").read_text())
+    (tok / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": SLOW + config["chat_template"]}))
+    slow = {"messages": [{"role": "user", "content": "SLOW question"}, {"role": "assistant", "content": "an answer"}]}
+    src = write_jsonl(tmp_path / "in.jsonl", [slow] * 400)
+    out = tmp_path / "data"
+    cmd = [sys.executable, str(ROOT / "pre_tokenize.py"), "--model_name_or_path", str(tok), "--template", "auto",
+           "--input", str(src), "--output_dir", str(out), "--num_proc", "3", "--no_shuffle"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while len(children(proc.pid)) < 2:  # the two pool workers are up (forked: same command line)
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        time.sleep(1.0)  # they are encoding
+        victim = children(proc.pid)[0]
+        os.kill(victim, signal.SIGKILL)
+        killed = time.time()
+        _, err = proc.communicate(timeout=60)  # multiprocessing.Pool waited here forever
+        assert time.time() - killed < 30
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in err, err[-3000:]
+    assert "error: a pre-tokenization worker process died (killed by SIGKILL) while it encoded one of these " \
+           f"records: {src} lines " in err, err[-3000:]
+    assert "with fewer --num_proc if memory ran out" in err and f"Nothing was written to {out}" in err
+    assert not out.exists() and entries(tmp_path) == ["in.jsonl", "tok"]  # no temp folder left
+    deadline = time.time() + 10
+    while children(proc.pid) and time.time() < deadline:  # (a reaped process has no children file)
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{c}").exists() and "pre_tokenize" in Path(f"/proc/{c}/cmdline").read_text()
+                   for c in children(proc.pid))
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk (ENOSPC), for real: a small tmpfs mounted in a private mount namespace (unshare)
+# ----------------------------------------------------------------------------------------------
+
+def _namespace_prefix() -> list[str] | None:
+    """`unshare` arguments that give a child its own mount namespace where it may mount a tmpfs (as root, or in a
+    user namespace where unprivileged ones are allowed), or None where neither works here."""
+    if not shutil.which("unshare"):
+        return None
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run([*prefix, "bash", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && "
+                                "umount $d && rmdir $d"], capture_output=True, timeout=60)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+def on_small_disk(disk: Path, size_kb: int, setup: str, command: list, keep: Path):
+    """Run `command` with a tmpfs of size_kb mounted at `disk` (in a private mount namespace): `setup` (bash) runs
+    first on it, and afterwards the whole disk is copied to `keep` (the tmpfs ends with the namespace)."""
+    prefix = _namespace_prefix()
+    script = (f'mount -t tmpfs -o size={size_kb}k tmpfs "{disk}" && {setup} && "$@"; rc=$?; '
+              f'cp -a "{disk}/." "{keep}/"; exit $rc')
+    keep.mkdir()
+    return subprocess.run([*prefix, "bash", "-c", script, "_", *map(str, command)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_namespace_prefix() is None, reason="cannot mount a tmpfs in a private mount namespace here")
+def test_pre_tokenize_and_sort_and_group_on_a_full_disk(tmp_path, glm4_tokenizer_dir):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello " * 40}]}
+    small, big = write_jsonl(tmp_path / "small.jsonl", [good] * 10), write_jsonl(tmp_path / "big.jsonl", [good] * 800)
+    prev = tmp_path / "prev"
+    args = ["--model_name_or_path", glm4_tokenizer_dir, "--num_proc", 1]
+    packing = ["--max_length", 256, "--group_size", 2, "--plot", "false"]
+    assert cli("pre_tokenize.py", *args, "--input", small, "--output_dir", prev).returncode == 0
+    assert cli("sort_and_group.py", "--train_file", prev, *packing).returncode == 0
+    before = tree(prev)
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    data = disk / "data"
+
+    # the previous dataset (~20 KB) on a 256 KB disk; the new one needs ~830 KB
+    proc = on_small_disk(disk, 256, f'cp -a "{prev}" "{data}"',
+                         [sys.executable, ROOT / "pre_tokenize.py", *args, "--input", big, "--output_dir", data],
+                         tmp_path / "after")
+    err = proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in err, err[-3000:]
+    assert f"pre_tokenize.py writing {data} failed: the disk is full" in err, err[-3000:]
+    assert "[Errno 28] No space left on device" in err and "it needs about" in err
+    assert f"The previous dataset in {data} is intact" in err
+    assert tree(tmp_path / "after" / "data") == before and entries(tmp_path / "after") == ["data"]
+
+    # packing the previous dataset again on a disk filled up: its packs stay as they were
+    proc = on_small_disk(disk, 1024, f'cp -a "{prev}" "{data}" && (cat /dev/zero > "{disk}/filler" || true)',
+                         [sys.executable, ROOT / "sort_and_group.py", "--train_file", data, *packing, "--seed", 7],
+                         tmp_path / "after2")
+    err = proc.stderr
+    assert proc.returncode == EXIT_USER_ERROR and "Traceback" not in err, err[-3000:]
+    assert f"sort_and_group.py writing {data / 'packs'} failed: the disk is full" in err, err[-3000:]
+    assert f"The previous packs in {data / 'packs'} are intact" in err
+    assert tree(tmp_path / "after2" / "data") == before and entries(tmp_path / "after2") == ["data", "filler"]

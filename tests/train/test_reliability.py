@@ -167,6 +167,45 @@ def test_the_lock_is_released_and_a_failed_start_leaves_nothing(tmp_path, llama_
     assert not (tmp_path / "new").exists()
 
 
+NO_FLOCK = """
+import errno, fcntl, sys, time
+def no_flock(fd, op):  # what a file system without flock support answers (some NFS mounts, FUSE)
+    raise OSError(errno.ENOLCK, "No locks available")
+fcntl.flock = no_flock
+from longsft.train.checkpoints import OutputLock
+lock = OutputLock(sys.argv[1])
+lock.acquire()
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_without_flock_the_lock_goes_by_whether_its_holder_lives(tmp_path, monkeypatch):
+    """Where flock() is refused (ENOLCK), a second run is stopped while the holder lives and takes over once it is
+    dead (its lock file left behind, as a SIGKILL leaves it): two real processes, only the kernel's flock simulated."""
+    import errno
+    import fcntl
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", NO_FLOCK, str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+
+        def no_flock(fd, op):
+            raise OSError(errno.ENOLCK, "No locks available")
+
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        with pytest.raises(SystemExit, match=rf"--output_dir {out} is in use by main.py process {holder.pid} on "):
+            ckpt.OutputLock(out).acquire()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert json.loads((out / ckpt.LOCK_FILE).read_text())["pid"] == holder.pid  # left behind by the dead holder
+    with ckpt.OutputLock(out) as lock:  # stale: its holder is dead on this host
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert not (out / ckpt.LOCK_FILE).exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Item 12: --resume_from_checkpoint yes on a first submission starts from scratch
 # ----------------------------------------------------------------------------------------------
