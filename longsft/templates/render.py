@@ -27,6 +27,12 @@ import threading
 from dataclasses import dataclass
 
 
+try:  # signal.getsignal without its conversion to an enum, which costs a ValueError per call for a Python handler
+    from _signal import getsignal as _getsignal
+except ImportError:  # pragma: no cover (not CPython)
+    _getsignal = signal.getsignal
+
+
 class RenderLimitError(Exception):
     """A template passed a bound: the message names the template, the bound and the flag that sets it."""
 
@@ -245,8 +251,7 @@ class _Alarm:
                 return False
             signal.signal(signal.SIGALRM, cls._expired)
             cls.installed = True
-        return signal.getsignal(signal.SIGALRM) == cls._expired and \
-            threading.current_thread() is threading.main_thread()
+        return _getsignal(signal.SIGALRM) == cls._expired and threading.current_thread() is threading.main_thread()
 
     def __enter__(self):
         if self.seconds and _Alarm.current is None and self._install():

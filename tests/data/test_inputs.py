@@ -6,6 +6,7 @@ their records.
 """
 import json
 
+import numpy as np
 import pytest
 
 import pre_tokenize_glm4
@@ -161,3 +162,19 @@ def test_json_array_index_holds_no_records(tmp_path, monkeypatch):
     assert peak < size / 3, (peak, size)
     first = arr.read_bytes()[src.starts[0]:src.ends[0]]
     assert json.loads(first) == rec and src.lines[:3].tolist() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("num_proc", [1, 2, 8])
+def test_work_units_cover_the_plan_in_order_and_the_tail_is_finer(tmp_path, num_proc):
+    from longsft.data.inputs import CHUNK_RECORDS, index_inputs, iter_chunks, plan_order
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"instruction": f"q{i}", "output": "a" * (i % 50)} for i in range(6000)])
+    problems = []
+    sources = index_inputs([str(src)], problems)
+    plan = plan_order(sources, 42, True)
+    units = list(iter_chunks(sources, plan, num_proc))
+    assert not problems and np.array_equal(np.concatenate(units), plan)  # every record once, in plan order
+    sizes = [len(u) for u in units]
+    assert max(sizes) == CHUNK_RECORDS and sizes[-2] <= CHUNK_RECORDS // 4  # the last units are cut finer
+    tail = sum(s for s in sizes if s <= CHUNK_RECORDS // 4 and s != sizes[-1]) + sizes[-1]
+    assert tail <= 2 * num_proc * CHUNK_RECORDS + CHUNK_RECORDS  # about two whole units' worth per process
