@@ -376,18 +376,48 @@ def _json(read: Reader, name: str) -> dict:
     return obj if isinstance(obj, dict) else {}
 
 
+_ADDED_TOKENS_KEY = re.compile(rb'"added_tokens"\s*:\s*(?=\[)')
+
+
+def added_token_entries(raw: Optional[bytes]) -> Optional[list]:
+    """tokenizer.json's top-level `added_tokens` list as written, read without decoding or parsing the (large)
+    vocabulary after it: the key is found in the bytes, where the text before it (strings left out) opens exactly one
+    object, and only the bytes from there to the list's end are decoded (a prefix, grown until the list is whole).
+    None when there is no such key or its value is not a readable list."""
+    if not raw:
+        return None
+    for m in _ADDED_TOKENS_KEY.finditer(raw):
+        head = raw[:m.start()].replace(b"\\\\", b"").replace(b'\\"', b"")
+        outside = b"".join(head.split(b'"')[0::2])
+        if head.count(b'"') % 2 == 0 and outside.count(b"{") + outside.count(b"[") - outside.count(b"}") \
+                - outside.count(b"]") == 1:
+            break
+    else:
+        return None
+    size = 1 << 16
+    while True:  # a cut list never parses: grow the prefix until it does (or the file ends)
+        end = m.end() + size
+        try:
+            items, _ = json.JSONDecoder().raw_decode(raw[m.end():end].decode("utf-8", "ignore"))
+            return items if isinstance(items, list) else None
+        except ValueError:
+            if end >= len(raw):
+                return None
+            size *= 4
+
+
 def _added_tokens(raw: Optional[bytes]) -> list[str]:
-    """Contents of tokenizer.json's added_tokens, without parsing the (large) vocabulary after it."""
+    """Contents of tokenizer.json's added_tokens (added_token_entries; a file where they cannot be found that way is
+    parsed whole)."""
     if raw is None:
         return []
-    text = raw.decode("utf-8", errors="replace")
-    key = text.find('"added_tokens"')
-    try:
-        if key >= 0:
-            items, _ = json.JSONDecoder().raw_decode(text, text.index("[", key))
-        else:
-            items = json.loads(text).get("added_tokens", [])
-    except (ValueError, AttributeError):
+    items = added_token_entries(raw)
+    if items is None:
+        try:
+            items = json.loads(raw.decode("utf-8", errors="replace")).get("added_tokens", [])
+        except (ValueError, AttributeError):
+            return []
+    if not isinstance(items, list):
         return []
     return [t.get("content") for t in items if isinstance(t, dict) and isinstance(t.get("content"), str)]
 

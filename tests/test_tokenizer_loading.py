@@ -59,21 +59,26 @@ def test_shortcut_stands_aside_where_transformers_reads_other_files(tmp_path, ch
     _same_tokenizer(folder, "transformers")
 
 
-def test_a_key_named_added_tokens_inside_a_string_is_not_taken_for_the_list(tmp_path, chat_tokenizer_dir):
-    folder = tmp_path / "tok"
-    shutil.copytree(chat_tokenizer_dir("qwen2"), folder)
-    raw = json.loads((folder / "tokenizer.json").read_text())
-    # the same tokenizer, written with a string holding '"added_tokens": [' before the real key
-    decoy = {"version": raw["version"], "truncation": None, "padding": None, "decoy": '"added_tokens": [{"id": 0}]'}
-    text = json.dumps({**decoy, **{k: v for k, v in raw.items() if k not in decoy}})
-    (folder / "tokenizer.json").write_text(text)
-    saved = saved_added_tokens(folder)
-    assert [t["content"] for t in saved.values()] == [t["content"] for t in raw["added_tokens"]]
-    nested = json.dumps({"version": raw["version"], "x": {"added_tokens": [{"id": 5, "content": "no"}]},
-                         **{k: v for k, v in raw.items() if k != "version"}})
-    (folder / "tokenizer.json").write_text(nested)
-    saved = saved_added_tokens(folder)  # the first key found is nested: no shortcut rather than a wrong list
-    assert saved is None
+def test_only_the_top_level_added_tokens_key_is_taken():
+    from patch.families import added_token_entries
+
+    real = [{"id": 7, "content": "<|im_end|>", "special": True}]
+    decoys = {"a": "added_tokens", "b": '"added_tokens": [{"id": 0}]',  # strings holding the key's text
+              "c": {"added_tokens": [{"id": 5, "content": "nested"}]}, "d": [{"added_tokens": []}]}  # nested keys
+    raw = json.dumps({"version": "1.0", **decoys, "added_tokens": real, "model": {"vocab": {}}}).encode()
+    assert added_token_entries(raw) == real
+    assert added_token_entries(json.dumps({"version": "1.0", **decoys}).encode()) is None
+
+
+def test_a_long_added_tokens_list_with_wide_characters_is_read_whole():
+    from patch.families import added_token_entries
+
+    entries = [{"id": i, "content": f"<|预留_{i}|>", "special": True} for i in range(3000)]  # ~200 KB of list
+    raw = json.dumps({"version": "1.0", "added_tokens": entries, "model": {"vocab": {"x": 0}}},
+                     ensure_ascii=False).encode()
+    assert added_token_entries(raw) == entries
+    assert added_token_entries(raw[:len(raw) // 2]) is None  # a file cut inside the list
+    assert added_token_entries(b'{"model": {"added_tokens": []}}') is None
 
 
 @pytest.mark.slow

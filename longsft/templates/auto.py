@@ -182,6 +182,9 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         longest = sorted(specials, key=len, reverse=True)
         alternatives = "|".join(map(re.escape, longest)) or "(?!)"
         self.special_re = re.compile(alternatives)
+        # a text that special_re.sub("", text).strip() empties: special_re's matches, taken as its scan takes them
+        # (longest first, no going back), and blanks
+        self.only_specials_re = re.compile(rf"(?>{alternatives}|\s)*+")
         self._json_visible = not any(c in '"\\' or ord(c) < 0x20 for t in specials for c in t)
         self._special_bytes_re = re.compile(b"|".join(re.escape(t.encode("utf-8", "surrogatepass")) for t in longest)
                                             or b"(?!)")

@@ -133,11 +133,11 @@ class ToolShapes:
     def _check_replies(self, conv: Conversation, messages: list[dict], text: str, spans: list) -> None:
         """Every supervised span holds its reply: some text (not only special tokens and blanks) and its calls."""
         for a, b, i in spans:
-            part = self.special_re.sub("", text[a:b])
             msg = messages[i]
-            if not part.strip():
+            if self.only_specials_re.fullmatch(text, a, b):  # nothing but special tokens and blanks
                 raise Skip("template_drops_reply", f"{conv[i].where}: {self.what} renders this reply as nothing; it "
                                                    f"would be trained as an empty answer")
+            part = self.special_re.sub("", text[a:b]) if msg.get("tool_calls") else ""
             for c in msg.get("tool_calls") or ():
                 if c["function"]["name"] not in part:
                     raise Skip("template_cannot_render_tools", f"{conv[i].where}: the call of "
