@@ -366,6 +366,21 @@ def iter_chunks(sources: list[Source], plan: np.ndarray, num_proc: int):
         yield plan[start:]
 
 
+def describe_lines(sources: list[Source], units: list[np.ndarray]) -> str:
+    """Where the records of these work units are, per input file: "FILE lines A-B", or "FILE: N lines: a, b, ..."
+    when they are not consecutive (a shuffled plan)."""
+    both = np.concatenate(units)
+    spans = []
+    for s in np.unique(both[:, 0]).tolist():
+        lines = np.unique(sources[s].lines[both[both[:, 0] == s, 1]]).tolist()
+        if lines[-1] - lines[0] + 1 == len(lines):
+            spans.append(f"{sources[s].path} lines {lines[0]}-{lines[-1]}")
+        else:
+            spans.append(f"{sources[s].path}: {len(lines)} lines: {', '.join(map(str, lines[:8]))}"
+                         + (f" and {len(lines) - 8} more" if len(lines) > 8 else ""))
+    return "; ".join(spans)
+
+
 # ----------------------------------------------------------------------------------------------
 # Records -> messages
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,8 @@ turns a parsed conversation into (input_ids, labels); this module does the rest:
    consumed in input order), so the output is byte-identical for any process count; written through
    `longsft.data.storage.TokenizedWriter`, so an interrupted run (Ctrl-C, SIGTERM, a crash) leaves the previous output intact,
    an --output_dir holding anything but one of our datasets is refused, and a symlinked one is written through.
+   A worker that dies (killed, or crashed) stops the run at once with a message naming the input lines it had in
+   hand (longsft/data/parallel.py).
 """
 
 from __future__ import annotations
@@ -41,14 +43,9 @@ from __future__ import annotations
 import gc
 import json
 import mmap
-import multiprocessing as mp
 import os
 import time
 import traceback
-from collections import deque
-from contextlib import contextmanager
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -56,8 +53,9 @@ from typing import Any, Callable, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, index_inputs, iter_chunks,
-                                json_depth_problem, parse_record, plan_order)
+from longsft.data.inputs import (InputError, Message, Skip, Source, check_surrogates, describe_lines, index_inputs,
+                                iter_chunks, json_depth_problem, parse_record, plan_order)
+from longsft.data.parallel import in_order, worker_pool
 from longsft.errors import run_cli
 from longsft.atomic_dir import (default_signals, describe_removed, signals_as_exit, writable_problem,
                                 write_failures_reported)
@@ -360,82 +358,6 @@ def _work(unit: np.ndarray) -> ChunkResult:
     return encode_chunk(_payloads(unit), w["fmt"], w["max_length"], w["truncate"])
 
 
-class WorkerDied(InputError):
-    """A worker process ended without a result (killed: the out-of-memory killer, a scheduler; or crashed)."""
-
-
-def _in_order(pool: ProcessPoolExecutor, units, num_proc: int, describe: Callable[[list], str], intact: str = ""):
-    """(unit, ChunkResult) in input order, encoded by the num_proc - 1 pool workers and by this process, which
-    encodes the next unit itself whenever the oldest unit in the pool is not done yet (rather than wait).
-    Bounded memory: at most 2 units per worker in flight and 2 * num_proc finished here waiting their turn.
-    A worker that dies fails its pool (concurrent.futures marks every unit in it broken; multiprocessing.Pool
-    would wait for the lost unit forever): WorkerDied names the units that were in the pool (`describe`) and ends
-    with `intact` (what became of the output)."""
-    pending: deque = deque()  # (unit, Future of a worker or ChunkResult made here), in input order
-    units, in_pool, done_here = iter(units), 0, 0
-    try:
-        while True:
-            while in_pool < 2 * (num_proc - 1) and (unit := next(units, None)) is not None:
-                pending.append((unit, None))  # (the unit is in the pool's hands from here)
-                pending[-1] = (unit, pool.submit(_work, unit))
-                in_pool += 1
-            if not pending:
-                return
-            unit, res = pending[0]
-            if not isinstance(res, ChunkResult) and not res.done() and done_here < 2 * num_proc:
-                mine = next(units, None)
-                if mine is not None:
-                    pending.append((mine, _work(mine)))
-                    done_here += 1
-                    continue
-            out = res if isinstance(res, ChunkResult) else res.result()
-            pending.popleft()
-            if isinstance(res, ChunkResult):
-                done_here -= 1
-            else:
-                in_pool -= 1
-            yield unit, out
-    except BrokenProcessPool:
-        lost = [u for u, r in pending if not isinstance(r, ChunkResult)]
-        raise WorkerDied(f"a pre-tokenization worker process died{_exit_statuses(pool)} while it encoded one of these "
-                         f"records: {describe(lost)}. A worker ends like this when the system kills it (the kernel's "
-                         f"out-of-memory killer, a scheduler) or when it crashes. Run again (with fewer --num_proc if "
-                         f"memory ran out: each process holds a tokenizer and its work units); --num_proc 1 encodes in "
-                         f"this process alone, where a crash shows its own error. {intact}") from None
-
-
-@contextmanager
-def _worker_pool(workers: int, ctx, init: tuple):
-    """A ProcessPoolExecutor of `workers` encoders. Left by an exception (a user error found in a result, Ctrl-C,
-    SIGTERM, a dead worker), it stops its workers at once, as multiprocessing.Pool did, instead of waiting for the
-    units in flight (the executor has no public way to: its process table is private, hence the getattr)."""
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_pool_worker, initargs=init)
-    try:
-        yield pool
-    except BaseException:
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)
-        raise
-    pool.shutdown(wait=True)
-
-
-def _exit_statuses(pool: ProcessPoolExecutor) -> str:
-    """' (killed by SIGKILL)' and the like: how the pool's dead workers ended, where the executor still knows
-    (its process table is private; empty when it is not there). The workers it stopped itself end by SIGTERM."""
-    import signal
-
-    ends = set()
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        code = proc.exitcode
-        if code is not None and code < 0 and -code != signal.SIGTERM:
-            ends.add(f"killed by {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_
-                     else f"killed by signal {-code}")
-        elif code is not None and code > 0:
-            ends.add(f"exit status {code}")
-    return f" ({', '.join(sorted(ends))})" if ends else ""
-
-
 # ----------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------
@@ -540,18 +462,6 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                     shown.append(f"  {where}: {reason}: {detail}")
             bar.update(len(unit))
 
-        def describe_units(lost: list) -> str:  # "FILE lines A-B" / "FILE: N lines: a, b, ..." per input file
-            both = np.concatenate(lost)
-            spans = []
-            for s in np.unique(both[:, 0]).tolist():
-                lines = np.unique(sources[s].lines[both[both[:, 0] == s, 1]]).tolist()
-                if lines[-1] - lines[0] + 1 == len(lines):
-                    spans.append(f"{sources[s].path} lines {lines[0]}-{lines[-1]}")
-                else:
-                    spans.append(f"{sources[s].path}: {len(lines)} lines: {', '.join(map(str, lines[:8]))}"
-                                 + (f" and {len(lines) - 8} more" if len(lines) > 8 else ""))
-            return "; ".join(spans)
-
         units = iter_chunks(sources, plan, num_proc)
         init = (chat_format, args.max_length, args.truncate, sources)
         # What is alive now (modules, tokenizer, index) lives through the run: keep the garbage collector's full
@@ -568,11 +478,11 @@ def run(args: PretokenizeArguments, chat_format, template: str, model_family: st
                     _close_worker_files()
             else:
                 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one core per worker process
-                ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-                with _worker_pool(num_proc - 1, ctx, init) as pool:
+                with worker_pool(num_proc - 1, _init_pool_worker, init) as pool:
                     _init_worker(*init)  # this process is the num_proc-th encoder
                     try:
-                        for unit, out in _in_order(pool, units, num_proc, describe_units, intact):
+                        for unit, out in in_order(pool, units, num_proc, _work,
+                                                  lambda lost: describe_lines(sources, lost), intact):
                             handle(unit, out)
                     finally:
                         _close_worker_files()
