@@ -203,23 +203,20 @@ def stop_token_ids(name_or_path: str, family: Union[Family, str], template_ids=(
     return list(dict.fromkeys(ids))
 
 
-def saved_added_tokens(folder: Path) -> Optional[dict]:
+def saved_added_tokens(folder: Path, facts: families.TokenizerFacts) -> Optional[dict]:
     """tokenizer.json's added tokens as transformers' from_pretrained reads them when tokenizer_config.json has no
-    added_tokens_decoder (folders saved by transformers 5): {id: the token's settings}. Given to from_pretrained,
-    they spare it a second parse of the whole tokenizer.json after the Rust one (0.4 s for Qwen's 151k tokens);
-    the tokenizer is the same (tests/test_tokenizer_loading.py). None wherever transformers would read something else:
-    a config that lists them, special_tokens_map.json or added_tokens.json present, another tokenizer file."""
-    if not folder.is_dir() or any((folder / f).exists() for f in ("special_tokens_map.json", "added_tokens.json")):
+    added_tokens_decoder (folders saved by transformers 5): {id: the token's settings}, from the folder's `facts`
+    (families.tokenizer_facts, which read both files). Given to from_pretrained, they spare it a second parse of the
+    whole tokenizer.json after the Rust one (0.4 s for Qwen's 151k tokens); the tokenizer is the same
+    (tests/test_tokenizer_loading.py). None wherever transformers would read something else: a config that lists
+    them, special_tokens_map.json or added_tokens.json present, another tokenizer file."""
+    if not folder.is_dir() or not (folder / "tokenizer_config.json").is_file() or \
+            any((folder / f).exists() for f in ("special_tokens_map.json", "added_tokens.json")):
         return None
-    try:
-        config = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
-        if not isinstance(config, dict) or {"added_tokens_decoder", "fast_tokenizer_files"} & config.keys():
-            return None
-        items = families.added_token_entries((folder / "tokenizer.json").read_bytes())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(items, list) or not all(isinstance(t, dict) and type(t.get("id")) is int and
-                                              isinstance(t.get("content"), str) for t in items):
+    items = facts.added_entries
+    if {"added_tokens_decoder", "fast_tokenizer_files"} & facts.settings.keys() or not isinstance(items, list) or \
+            not all(isinstance(t, dict) and type(t.get("id")) is int and isinstance(t.get("content"), str)
+                    for t in items):
         return None
     return {t["id"]: {k: v for k, v in t.items() if k != "id"} for t in items}
 
@@ -228,7 +225,8 @@ def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_c
     """The tokenizer of a `family` folder, loaded the way the registry says (see the module docstring)."""
     fam = as_family(family)
     path = Path(name_or_path)
-    bad = families.tokenizer_facts(file_reader(name_or_path)).problems
+    facts = families.tokenizer_facts(file_reader(name_or_path))
+    bad = facts.problems
     if bad:
         raise InputError(f"--model_name_or_path {name_or_path}: " + "; ".join(bad))
     if trust_remote_code:
@@ -254,7 +252,7 @@ def load_tokenizer(name_or_path: str, family: Union[Family, str], trust_remote_c
             return AutoTokenizer.from_pretrained(name_or_path)
         from transformers import PreTrainedTokenizerFast
 
-        saved = saved_added_tokens(path)
+        saved = saved_added_tokens(path, facts)
         return PreTrainedTokenizerFast.from_pretrained(name_or_path, **({"added_tokens_decoder": saved} if saved
                                                                          else {}))
     except (OSError, ValueError) as e:

@@ -406,12 +406,11 @@ def added_token_entries(raw: Optional[bytes]) -> Optional[list]:
             size *= 4
 
 
-def _added_tokens(raw: Optional[bytes]) -> list[str]:
-    """Contents of tokenizer.json's added_tokens (added_token_entries; a file where they cannot be found that way is
-    parsed whole)."""
+def _added_tokens(raw: Optional[bytes], items: Optional[list]) -> list[str]:
+    """Contents of tokenizer.json's added_tokens (`items`: added_token_entries(raw); a file where they cannot be
+    found that way is parsed whole)."""
     if raw is None:
         return []
-    items = added_token_entries(raw)
     if items is None:
         try:
             items = json.loads(raw.decode("utf-8", errors="replace")).get("added_tokens", [])
@@ -434,6 +433,7 @@ class TokenizerFacts:
     settings: dict = field(default_factory=dict)
     layer_kinds: set = field(default_factory=set)  # config.json's *layer_types values
     code: dict = field(default_factory=dict)  # tokenizer code file name -> its text (read, never run)
+    added_entries: Optional[list] = None  # tokenizer.json's added_tokens as written (added_token_entries)
     problems: list = field(default_factory=list)  # malformed settings (e.g. a chat_template that is no template)
 
     def describe(self) -> str:
@@ -451,7 +451,8 @@ def tokenizer_facts(read: Reader) -> TokenizerFacts:
     tok_json = read("tokenizer.json")
     if tok_json is not None:
         facts.kinds.add("tokenizers")
-        facts.tokens.update(_added_tokens(tok_json))
+        facts.added_entries = added_token_entries(tok_json)
+        facts.tokens.update(_added_tokens(tok_json, facts.added_entries))
     if read("vocab.json") is not None and read("merges.txt") is not None:
         facts.kinds.add("vocab")  # a GPT-2-style BPE transformers converts
     text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}

@@ -14,6 +14,12 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 from longsft.models import load_tokenizer, saved_added_tokens
+from patch.families import folder_reader, tokenizer_facts
+
+
+def saved(folder: Path):
+    """What load_tokenizer hands to from_pretrained for this folder."""
+    return saved_added_tokens(folder, tokenizer_facts(folder_reader(folder)))
 
 
 def _same_tokenizer(folder: Path, family: str) -> None:
@@ -33,9 +39,9 @@ def _same_tokenizer(folder: Path, family: str) -> None:
 @pytest.mark.parametrize("kind", ["qwen2", "llama3", "mistral", "glm4"])
 def test_added_tokens_handed_over_give_the_stock_tokenizer(chat_tokenizer_dir, kind):
     folder = chat_tokenizer_dir(kind)
-    saved = saved_added_tokens(folder)
-    assert saved, "the folder's tokenizer_config.json lists no added tokens: the shortcut must apply"
-    assert {t["content"] for t in saved.values()} == {t["content"] for t in
+    handed = saved(folder)
+    assert handed, "the folder's tokenizer_config.json lists no added tokens: the shortcut must apply"
+    assert {t["content"] for t in handed.values()} == {t["content"] for t in
                                                        json.loads((folder / "tokenizer.json").read_text())["added_tokens"]}
     _same_tokenizer(folder, "transformers")
 
@@ -47,7 +53,7 @@ def test_shortcut_stands_aside_where_transformers_reads_other_files(tmp_path, ch
     config = json.loads((folder / "tokenizer_config.json").read_text())
 
     (folder / "special_tokens_map.json").write_text(json.dumps({"eos_token": config["eos_token"]}))
-    assert saved_added_tokens(folder) is None
+    assert saved(folder) is None
     (folder / "special_tokens_map.json").unlink()
 
     stock = PreTrainedTokenizerFast.from_pretrained(str(base))
@@ -55,7 +61,7 @@ def test_shortcut_stands_aside_where_transformers_reads_other_files(tmp_path, ch
                        "normalized": t.normalized, "single_word": t.single_word}
               for i, t in stock.added_tokens_decoder.items()}
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "added_tokens_decoder": listed}))
-    assert saved_added_tokens(folder) is None  # the config lists them: transformers reads nothing more
+    assert saved(folder) is None  # the config lists them: transformers reads nothing more
     _same_tokenizer(folder, "transformers")
 
 
@@ -87,5 +93,5 @@ def test_real_folders_load_the_same(kind, family):
     from longsft.vocabularies import tokenizer_folder
 
     folder = tokenizer_folder(kind)
-    assert saved_added_tokens(folder), "these folders carry no added_tokens_decoder: the shortcut is exercised"
+    assert saved(folder), "these folders carry no added_tokens_decoder: the shortcut is exercised"
     _same_tokenizer(folder, family)

@@ -175,14 +175,19 @@ def context_prompt_ids(fmt, context: list[Message]) -> list[int]:
     return _until_supervised(fmt, ids, [lab != IGNORE_INDEX for lab in labels], [m.role for m in context])
 
 
+def _encode_one(fmt, conv):
+    """(ids, supervised, sample lengths) of one template-auto Conversation; its Skip raised."""
+    ids, supervised, lengths, outcomes, _ = fmt.encode_batch([conv])
+    if outcomes[0] is not None:
+        raise outcomes[0]
+    return ids, supervised, lengths
+
+
 def record_samples(fmt, record: dict) -> list[tuple[list[int], list[int]]]:
     """Template auto: a test record as pre_tokenize.py trains it ((input_ids, labels) per sample): read by the
     format itself, so its tools, tool calls and results reach the chat template in the shape it writes them (the
     generic Messages carry no tool schemas). A Skip when the template cannot write it."""
-    _, conv = fmt.parse_record(record)
-    ids, supervised, lengths, outcomes, _ = fmt.encode_batch([conv])
-    if outcomes[0] is not None:
-        raise outcomes[0]
+    ids, supervised, lengths = _encode_one(fmt, fmt.parse_record(record)[1])
     out, at = [], 0
     for n in lengths.tolist():
         sample, sup = ids[at:at + n], supervised[at:at + n]
@@ -202,9 +207,7 @@ def record_prompt_ids(fmt, record: dict) -> list[int]:
         raise Skip("no_reference", "the record does not end with an assistant reply (the reference)")
     turns = [Turn(t.role, t.message, False, t.where) for t in conv[:-1]]
     turns.append(Turn("assistant", {"role": "assistant", "content": "x"}, True, "the reply"))
-    ids, supervised, lengths, outcomes, _ = fmt.encode_batch([Conversation(turns, conv.tools)])
-    if outcomes[0] is not None:
-        raise outcomes[0]
+    ids, supervised, lengths = _encode_one(fmt, Conversation(turns, conv.tools))
     n = int(lengths[-1])  # the last sample holds the final reply
     return _until_supervised(fmt, ids[-n:], supervised[-n:].tolist(), [t.role for t in turns])
 

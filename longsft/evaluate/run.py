@@ -72,8 +72,9 @@ class EvaluateArguments:
     top_k: int = field(default=50, metadata={"help": "Top-k sampling (LongWriter's vLLM script: 50)."})
     seed: int = field(default=42, metadata={"help": "Sampling seed (each batch: seed + its first index)."})
     batch_size: int = field(default=4, metadata={"help": "Prompts generated together (left-padded)."})
-    max_samples: Optional[int] = field(default=None, metadata={"help": "Only the first N records (a quick look; --test_file: the first N its chat format can "
-                                     "write as a prompt)."})
+    max_samples: Optional[int] = field(default=None, metadata={
+        "help": "Only the first N records (a quick look; --test_file: the first N its chat format can write as a "
+                "prompt)."})
     length_buckets: str = field(default=",".join(map(str, LENGTH_BUCKETS)),
                                 metadata={"help": "Required-length ranges of by_length (LongBench-Write's)."})
     eval_loss: bool = field(default=True, metadata={"help": "With --test_file: also the eval loss."})

@@ -314,10 +314,9 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
         one search) settles it; a hit (it may be a dict key) is checked string by string."""
         if self._json_visible:
             try:  # orjson writes every string character as json.dumps(ensure_ascii=False) does, in UTF-8
-                if orjson is not None and not self._special_bytes_re.search(orjson.dumps(data)):
-                    return False
-                if orjson is None and not self.special_re.search(json.dumps(data, ensure_ascii=False,
-                                                                            check_circular=False)):
+                dumped = orjson.dumps(data) if orjson is not None else \
+                    json.dumps(data, ensure_ascii=False, check_circular=False).encode("utf-8", "surrogatepass")
+                if not self._special_bytes_re.search(dumped):
                     return False
             except (TypeError, ValueError):  # (orjson: lone surrogates, keys that are not strings, huge ints)
                 pass

@@ -37,11 +37,11 @@ def glm_dir(tmp_path_factory, glm4_tokenizer_dir):
 def task_meta(model_dir: Path, family: str, template: str | None, max_length: int) -> dict:
     """meta.json of a dataset written directly, as pre_tokenize_* writes it (template: the family's name unless
     given)."""
+    from longsft.data.pretokenize import token_info
+
     tok = train_model.load_tokenizer(str(model_dir), family)
     return {"model_family": family, "template": template or family, "max_length": max_length,
-            "tokenizer": {"name_or_path": str(model_dir), "class": type(tok).__name__, "vocab_size": len(tok),
-                          "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-                          "bos_token_id": tok.bos_token_id}}
+            "tokenizer": token_info(tok, tok.pad_token_id)}
 
 
 def write_task(out: Path, model_dir: Path, family: str, n: int = 16, seed: int = 0, max_token: int | None = None,
