@@ -119,12 +119,14 @@ class Renderer:
         self._compiled = None
 
     def __getstate__(self):  # compiled templates do not pickle; each process compiles its own
-        return {**self.__dict__, "_compiled": None}
+        return {**self.__dict__, "_compiled": None, "_globals": None, "_new_context": None}
 
     @property
     def compiled(self):
         if self._compiled is None:
             self._compiled = _compiled(self.template, self.limits, self.what)
+            self._globals = dict(self._compiled.globals)
+            self._new_context = self._compiled.environment.context_class
         return self._compiled
 
     def render(self, messages: list[dict], tools=None, prompt: bool = False, marks: bool = False,
@@ -145,17 +147,24 @@ class Renderer:
         at = [0]
         if reads is not None:
             chat = ReadMessages(chat, reads, at)
+        # compiled.generate(...) without its copy of the template's globals (a ChainMap, read key by key in Python:
+        # a third of a short record's rendering): the same Context over a plain dict of them, made once
+        context = self._new_context(compiled.environment, {
+            **self._globals, "messages": chat, "tools": tools, "documents": None, "add_generation_prompt": prompt,
+            **self.kwargs}, compiled.name, compiled.blocks, globals=self._globals)
         with self._timer():
-            context = compiled.environment.activate_tracker(blocks, indices) if marks else _NoTracker()
-            with context:
-                for block in compiled.generate(messages=chat, tools=tools, documents=None,
-                                               add_generation_prompt=prompt, **self.kwargs):
-                    size += len(block)
-                    if size > limit:
-                        raise RenderLimitError(f"{self.what} wrote over {limit:,} characters for one record "
-                                               f"(--render_max_chars)")
-                    blocks.append(block)
-                    at[0] = size
+            tracker = compiled.environment.activate_tracker(blocks, indices) if marks else _NoTracker()
+            with tracker:
+                try:
+                    for block in compiled.root_render_func(context):
+                        size += len(block)
+                        if size > limit:
+                            raise RenderLimitError(f"{self.what} wrote over {limit:,} characters for one record "
+                                                   f"(--render_max_chars)")
+                        blocks.append(block)
+                        at[0] = size
+                except Exception:  # as Template.generate: the template's error with its traceback in template lines
+                    compiled.environment.handle_exception()
         return "".join(blocks), ([tuple(i) for i in indices] if marks else None)
 
     def _timer(self):
