@@ -489,28 +489,33 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
                 outcomes.append(s)
             except RenderLimitError as e:  # this record only: the template passed a bound (it names it)
                 outcomes.append(Skip("template_error", str(e)))
-        clean = iter(self._encode_clean([s[1] for s in samples if not s[4]]))
-        marked = iter([(np.asarray(i, np.int32), np.asarray(a, np.int64), False)
-                       for i, a in self._encode_marked([s[1] for s in samples if s[4]])])
-        ids, supervised, lengths = [], [], []
-        for _, text, spans, eos, was_marked in samples:
-            tok, starts, in_bytes = next(marked if was_marked else clean)
-            spans = [(a, b) for a, b, _ in spans]
-            if in_bytes and not text.isascii():  # the spans in bytes too (a position past the text: the eos)
-                spans = [(utf8_len(text, a), utf8_len(text, b)) for a, b in spans]
-            if eos:  # the appended eos stands at the end of the text
-                end = utf8_len(text, len(text)) if in_bytes else len(text)
-                tok, starts = np.append(tok, np.int32(self.eos_id)), np.append(starts, np.int64(end))
-            sup = np.zeros(len(tok), bool)
-            for a, b in spans:  # a token is supervised when its first character is in a span
-                sup[np.searchsorted(starts, a, "left"):np.searchsorted(starts, b, "left")] = True
-            ids.append(tok)
-            supervised.append(sup)
-            lengths.append(len(tok))
         owners = np.asarray([s[0] for s in samples], np.int64)
-        if not ids:
+        if not samples:
             return np.zeros(0, np.int32), np.zeros(0, bool), np.zeros(0, np.int64), outcomes, owners
-        return np.concatenate(ids), np.concatenate(supervised), np.asarray(lengths, np.int64), outcomes, owners
+        ids, starts, counts, in_bytes = self._encode_texts([s[1] for s in samples], [s[4] for s in samples])
+        # Positions of all samples on one axis: sample j's from base[j], one spare position after each text (where
+        # an appended eos stands), so one search over all tokens finds every span's tokens
+        sizes = [utf8_len(text, len(text)) if b and not text.isascii() else len(text)
+                 for (_, text, *_), b in zip(samples, in_bytes)]
+        base = np.cumsum(np.asarray(sizes, np.int64) + 1) - np.asarray(sizes, np.int64) - 1
+        starts = starts + np.repeat(base, counts)
+        eos = [j for j, s in enumerate(samples) if s[3]]
+        if eos:  # the appended eos stands at the end of its text
+            at = np.cumsum(counts)[eos]
+            ids = np.insert(ids, at, np.int32(self.eos_id))
+            starts = np.insert(starts, at, base[eos] + np.asarray(sizes, np.int64)[eos])
+            counts[eos] += 1
+        edges = []  # a token is supervised when its first character is in a span: spans as [first, end) positions
+        for (_, text, spans, *_), b, origin, size in zip(samples, in_bytes, base.tolist(), sizes):
+            if b and not text.isascii():  # in bytes too (a position past the text: the eos)
+                spans = [(utf8_len(text, a), utf8_len(text, e), i) for a, e, i in spans]
+            edges += [(origin + a, origin + max(a, min(e, size + 1))) for a, e, _ in spans]
+        supervised = np.zeros(len(ids), bool)
+        if edges:
+            first, end = np.searchsorted(starts, np.asarray(edges, np.int64).T, "left")
+            inside = np.bincount(first, minlength=len(ids) + 1) - np.bincount(end, minlength=len(ids) + 1)
+            supervised = np.cumsum(inside[:-1]) > 0
+        return ids, supervised, counts, outcomes, owners
 
     def encode(self, messages: list[Message]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, labels) of one conversation of chat_inputs Messages (tools/generate.py's prompt)."""

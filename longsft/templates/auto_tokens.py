@@ -4,7 +4,7 @@ positions from a byte-level BPE's token byte lengths, else from offsets.
 
     from longsft.templates.registry import chat_format
     fmt = chat_format("auto", tokenizer)                      # an AutoFormat: a TemplateTokens
-    (ids, starts, in_bytes), = fmt._encode_clean(["<|im_start|>user\nHi<|im_end|>\n"])
+    ids, starts, counts, in_bytes = fmt._encode_clean(["<|im_start|>user\nHi<|im_end|>\n"])
 
     python -m pytest -q tests/templates/test_auto.py -k "byte_positions or special_token_text"   # its tests (CPU)
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from itertools import chain
 
 import numpy as np
 
@@ -169,27 +170,66 @@ class TemplateTokens:
                 table[i] = len(token) if token is not None else 0
         return table
 
-    def _encode_clean(self, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray, bool]]:
-        """(ids, token start positions, in bytes (True) or characters) of each text, in one tokenizer call: the
-        byte lengths of a byte-level BPE's tokens give the positions (checked to add up to the text's bytes; a
-        text that does not goes through the offsets, as do all texts of other tokenizers)."""
-        table, out, redo = self._byte_table(), [None] * len(texts), list(range(len(texts)))
-        if table is not None:
-            nfc, redo = self._backends["nfc"], []
-            encoded = [np.array(e.ids, np.int32) for e in self._backend(False).encode_batch_fast(
-                texts, add_special_tokens=False)]
-            if encoded:
-                table = self._with_bytes_of(table, np.concatenate(encoded))
-            for k, (text, ids) in enumerate(zip(texts, encoded)):
-                n = table[ids]
-                if int(n.sum()) == len(text.encode("utf-8")) and not (nfc and not unicodedata.is_normalized("NFC",
-                                                                                                           text)):
-                    out[k] = (ids, np.cumsum(n) - n, True)
-                else:
-                    redo.append(k)
-        if redo:
-            for k, e in zip(redo, self._backend(False).encode_batch([texts[k] for k in redo],
-                                                                    add_special_tokens=False)):
-                out[k] = (np.array(e.ids, np.int32), np.array([a for a, _ in e.offsets], np.int64), False)
-        return out
+    def _encode_texts(self, texts: list[str], marked: list[bool]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """_encode_clean's result for texts of both kinds, in their order: `marked` ones (rendered from data with
+        special-token text) through _encode_marked, the others in one _encode_clean call."""
+        clean = [t for t, m in zip(texts, marked) if not m]
+        ids, starts, counts, in_bytes = self._encode_clean(clean)
+        if len(clean) == len(texts):
+            return ids, starts, counts, in_bytes
+        other = iter(self._encode_marked([t for t, m in zip(texts, marked) if m]))
+        bounds = np.append(np.cumsum(counts) - counts, len(ids)).tolist()
+        parts, units, c = [], [], 0
+        for m in marked:
+            if m:
+                i, st = next(other)
+                parts.append((np.asarray(i, np.int32), np.asarray(st, np.int64)))
+                units.append(False)
+            else:
+                parts.append((ids[bounds[c]:bounds[c + 1]], starts[bounds[c]:bounds[c + 1]]))
+                units.append(in_bytes[c])
+                c += 1
+        return np.concatenate([i for i, _ in parts]), np.concatenate([st for _, st in parts]), \
+            np.asarray([len(i) for i, _ in parts], np.int64), units
 
+    def _encode_clean(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """Texts -> (ids int32[T], token start positions int64[T], tokens per text int64[K], per text its positions'
+        unit: True bytes, False characters), in one tokenizer call. The byte lengths of a byte-level BPE's tokens
+        give the positions (checked to add up to the text's bytes; a text that does not goes through the offsets,
+        as do all texts of other tokenizers). Positions are per text (each text's first token at 0); the lookups,
+        sums and the check are done for the whole batch at once."""
+        table = self._byte_table()
+        if table is None:
+            return self._offsets_of(texts, range(len(texts)))
+        nfc = self._backends["nfc"]
+        lists = [e.ids for e in self._backend(False).encode_batch_fast(texts, add_special_tokens=False)]
+        counts = np.fromiter(map(len, lists), np.int64, len(lists))
+        ids = np.fromiter(chain.from_iterable(lists), np.int32, int(counts.sum()))
+        table = self._with_bytes_of(table, ids)
+        ends = np.cumsum(counts)
+        passed = np.zeros(len(ids) + 1, np.int64)  # passed[t]: bytes of all texts before token t
+        np.cumsum(table[ids], out=passed[1:])
+        firsts = passed[ends - counts]  # per text: bytes before its first token
+        sizes = [len(t) if t.isascii() else -1 if nfc and not unicodedata.is_normalized("NFC", t) else
+                 len(t.encode("utf-8")) for t in texts]  # -1: NFC would change it, its tokens' bytes say nothing
+        wrong = np.flatnonzero(passed[ends] - firsts != np.asarray(sizes, np.int64)).tolist()
+        starts = passed[:-1] - np.repeat(firsts, counts)
+        if not wrong:
+            return ids, starts, counts, [True] * len(texts)
+        redo_ids, redo_starts, redo_counts, _ = self._offsets_of(texts, wrong)
+        cut = np.cumsum(redo_counts)[:-1]
+        redone = dict(zip(wrong, zip(np.split(redo_ids, cut), np.split(redo_starts, cut))))
+        bounds = np.append(ends - counts, len(ids)).tolist()
+        parts = [redone[k] if k in redone else (ids[bounds[k]:bounds[k + 1]], starts[bounds[k]:bounds[k + 1]])
+                 for k in range(len(texts))]
+        counts[wrong] = redo_counts
+        in_bytes = [k not in redone for k in range(len(texts))]
+        return np.concatenate([i for i, _ in parts]), np.concatenate([st for _, st in parts]), counts, in_bytes
+
+    def _offsets_of(self, texts: list[str], which) -> tuple[np.ndarray, np.ndarray, np.ndarray, list]:
+        """_encode_clean's result for texts[k], k in `which`, with positions from the tokenizer's offsets (characters)."""
+        encodings = self._backend(False).encode_batch([texts[k] for k in which], add_special_tokens=False)
+        counts = np.asarray([len(e.ids) for e in encodings], np.int64)
+        ids = np.asarray([i for e in encodings for i in e.ids], np.int32)
+        starts = np.asarray([a for e in encodings for a, _ in e.offsets], np.int64)
+        return ids, starts, counts, [False] * len(counts)
