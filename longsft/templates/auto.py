@@ -437,27 +437,27 @@ class AutoFormat(ToolShapes, TemplateTokens, RecordReader, ChatFormat):
 
         n = len(messages)
         self._one_rendering = False  # (what _probe_single_pass checks)
-        if reads is None or not reads or any(k < 0 for k, _ in reads):
+        if not reads or min(reads)[0] < 0:
             return render
         first = [None] * (n + 1)  # D(j): the position of the first read of message j or later
+        filled = -1  # first[:filled + 1] are set (a read of message k sets every unset D(j), j <= k)
         for k, pos in reads:
-            for j in range(k, -1, -1):
-                if first[j] is not None:
-                    break
-                first[j] = pos
+            if k > filled:
+                first[filled + 1:k + 1] = [pos] * (k - filled)
+                filled = k
         after0, after1 = self.after_last
-        if None in first or raw[first[n]:] != after0:
+        if filled < n or raw[first[n]:] != after0:
             return render
-        clean = [j < n and conv[j].role == "assistant" and raw.startswith(after1, first[j]) for j in range(n + 1)]
         for i, t in enumerate(conv):
-            if t.train and not all(x in raw[first[i]:first[i + 1]] for x in reply_marks(t.message)):
+            if t.train and not all(raw.find(x, first[i], first[i + 1]) >= 0 for x in reply_marks(t.message)):
                 return render
 
         self._one_rendering = True
 
         def prefix(j: int, prompt: bool) -> str:
             # after a reply that starts cleanly and holds its text before D(j), or before a reply that does
-            if j == n and not prompt or clean[j] or not prompt and j and conv[j - 1].train:
+            if j == n and not prompt or not prompt and j and conv[j - 1].train or \
+                    j < n and conv[j].role == "assistant" and raw.startswith(after1, first[j]):
                 return raw[:first[j]] + (after1 if prompt else after0)
             return render(j, prompt)
 

@@ -20,53 +20,23 @@ from itertools import chain
 
 import numpy as np
 
+from longsft.templates.base import PlainCalls, own_backend
+
 
 def utf8_len(text: str, pos: int) -> int:
     """Bytes of text[:pos] (a position past the end counts one byte per character beyond)."""
     return len(text[:pos].encode("utf-8")) + max(0, pos - len(text))
 
 
-
-class _PlainCalls:
-    """A Rust tokenizer's encode calls with `encode_special_tokens` on (special-token text stays plain text)."""
-
-    def __init__(self, tk):
-        self.tk = tk
-
-    def _call(self, name: str, *args, **kwargs):
-        before = self.tk.encode_special_tokens
-        self.tk.encode_special_tokens = True
-        try:
-            return getattr(self.tk, name)(*args, **kwargs)
-        finally:
-            self.tk.encode_special_tokens = before
-
-    def encode(self, *args, **kwargs):
-        return self._call("encode", *args, **kwargs)
-
-    def encode_batch(self, *args, **kwargs):
-        return self._call("encode_batch", *args, **kwargs)
-
-
-
 class TemplateTokens:
     def _backend(self, plain: bool):
-        """The Rust tokenizer, with offsets: the tokenizer's own (always called with add_special_tokens=False, so
-        its post-processor adds nothing; a private copy only if it has truncation or padding set: copying a
-        150k-token vocabulary takes seconds); `plain`: special tokens never matched (special-token text stays
-        text), set on it for each call."""
+        """The Rust tokenizer, with offsets: the tokenizer's own (base.own_backend: a private copy only where it
+        truncates or pads); `plain`: special tokens never matched (special-token text stays text), set on it for
+        each call (base.PlainCalls)."""
         if "tk" not in self._backends:
-            tk = self.tokenizer.backend_tokenizer
-            if tk.truncation is not None or tk.padding is not None:
-                from tokenizers import Tokenizer
-
-                tk = Tokenizer.from_str(tk.to_str())
-                tk.no_truncation()
-                tk.no_padding()
-            self._backends["tk"] = tk
+            self._backends["tk"] = own_backend(self.tokenizer)
         tk = self._backends["tk"]
-        return _PlainCalls(tk) if plain else tk
-
+        return PlainCalls(tk) if plain else tk
 
     # ---- tokens ----------------------------------------------------------------------------------------------
 

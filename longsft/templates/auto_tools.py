@@ -25,8 +25,9 @@ PROBE = {"fn": "zq_probe_fn", "arg": "zq_probe_arg", "value": "zq_probe_value", 
 def reply_marks(message: dict) -> list[str]:
     """Text a reply's rendering must hold: its content (stripped), or its calls' names."""
     marks = [c["function"]["name"] for c in message.get("tool_calls") or ()]
-    content = message.get("content") if isinstance(message.get("content"), str) else ""
-    return marks + ([content.strip()] if content.strip() else [])
+    content = message.get("content")
+    content = content.strip() if isinstance(content, str) else ""
+    return marks + [content] if content else marks
 
 
 

@@ -80,14 +80,16 @@ def _compiled(template: str, limits: RenderLimits, what: str):
 
     env.intercepted_binops = frozenset({"*", "+", "**"})
     env.call_binop = call_binop
-    sandbox_getattr = env.getattr
+    sandbox_getattr, undefined = env.getattr, env.undefined
 
     def getattr_(obj, attribute):
         # `message.content` on a plain dict: the sandbox tries getattr first, which raises AttributeError for
-        # every key that is not a dict attribute (dicts have no instance attributes), then reads the item. The
-        # same answer without the exception; anything else (dict methods, other types, a missing key) as before.
-        if type(obj) is dict and attribute not in _DICT_ATTRIBUTES and attribute in obj:
-            return obj[attribute]
+        # every key that is not a dict attribute (dicts have no instance attributes), then reads the item, and for
+        # a missing key (`message.tool_calls` on most messages) catches a KeyError too and returns an Undefined.
+        # The same answers without the exceptions; anything else (dict methods, other types) as before.
+        if type(obj) is dict and type(attribute) is str and attribute not in _DICT_ATTRIBUTES:
+            value = obj.get(attribute, _MISSING)
+            return undefined(obj=obj, name=attribute) if value is _MISSING else value
         return sandbox_getattr(obj, attribute)
 
     env.getattr = getattr_
@@ -95,6 +97,7 @@ def _compiled(template: str, limits: RenderLimits, what: str):
 
 
 _DICT_ATTRIBUTES = frozenset(dir(dict))
+_MISSING = object()
 
 
 def _plain(value):
@@ -205,7 +208,7 @@ class ReadMessages:
         self._read(len(self._items))
 
     def __bool__(self):
-        self._read(self._offset)
+        self._read(min(self._offset, len(self._items)))
         return len(self._items) > self._offset
 
     def __len__(self):
