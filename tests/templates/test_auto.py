@@ -458,6 +458,35 @@ def test_byte_positions_agree_with_the_offsets(fmt, chat_tokenizer_dir, tmp_path
     assert runs(nfc.tokenizer, ids, supervised) == ["résumé ok<|im_end|>"]
 
 
+@pytest.mark.parametrize("kind", ["glm", "qwen2"])
+def test_a_work_unit_is_its_records_one_by_one(fmt, kind):
+    """encode_batch lays every sample of a work unit on one position axis (one search finds all supervised tokens):
+    a batch mixing plain and non-ASCII text, special-token text in the data (the marked path), tools, several
+    turns, a skipped record and GLM's appended eos gives each record what it gives alone."""
+    f = fmt(kind)
+    records = [{"messages": [{"role": "user", "content": "长江 ünïcödé 🙂"}, {"role": "assistant", "content": "你好 é"}]},
+               {"messages": TOOL_CHAT, "tools": [WEATHER]}, GLAIVE,
+               {"messages": [{"role": "user", "content": "Q " + SPECIAL_TEXT}, {"role": "assistant",
+                                                                              "content": "A " + SPECIAL_TEXT}]},
+               {"messages": [{"role": "user", "content": "only a question"}, {"role": "assistant", "content": ""}]},
+               {"instruction": "Name a colour", "output": "Red"}, {"messages": TOOL_CHAT[1:3]}]
+    convs = [f.parse_record(r)[1] for r in records]
+    ids, supervised, lengths, outcomes, owners = f.encode_batch(convs)
+    cuts = np.cumsum(lengths)[:-1]
+    together = {}
+    for o, i, s in zip(owners.tolist(), np.split(ids, cuts), np.split(supervised, cuts)):
+        together.setdefault(o, []).append((i.tolist(), s.tolist()))
+    for k, conv in enumerate(convs):
+        ids1, sup1, lengths1, outcome1, _ = f.encode_batch([conv])
+        assert (outcomes[k] is None) == (outcome1[0] is None), k
+        alone = [(i.tolist(), s.tolist()) for i, s in zip(np.split(ids1, np.cumsum(lengths1)[:-1]),
+                                                          np.split(sup1, np.cumsum(lengths1)[:-1]))] if len(ids1) else []
+        assert together.get(k, []) == alone, k
+    assert sum(o is not None for o in outcomes) == 1 and len(together) == len(records) - 1
+    ends = [i[-1] for o in together.values() for i, _ in o]
+    assert (f.eos_id in ends) == appends_eos(f)
+
+
 @pytest.mark.parametrize("family", ["glm", "qwen2"])
 def test_native_model_folders_default_to_auto(tmp_path, family):
     """A tiny transformers-native model folder (tools/make_tiny.py: its model's tokenizer and chat template):
