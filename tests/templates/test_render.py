@@ -46,6 +46,74 @@ def test_bounds_name_the_template(template, what):
     assert what in str(e.value) and time.perf_counter() - start < 5
 
 
+GROW = "{% set ns = namespace(s='ab') %}{% for i in range(60) %}{% set ns.s = STEP %}{% endfor %}{{ ns.s|length }}"
+HOSTILE = {  # each builds, from small pieces, a value far past any memory: it must stop at the size bound
+    "concat ~": GROW.replace("STEP", "ns.s ~ ns.s"),
+    "join filter": GROW.replace("STEP", "[ns.s, ns.s]|join"),
+    "join method": GROW.replace("STEP", "''.join([ns.s, ns.s])"),
+    "printf %": GROW.replace("STEP", "'%s%s' % (ns.s, ns.s)"),
+    "format filter": GROW.replace("STEP", "'%s%s'|format(ns.s, ns.s)"),
+    "str.format": GROW.replace("STEP", "'{}{}'.format(ns.s, ns.s)"),
+    "replace filter": GROW.replace("STEP", "ns.s|replace('a', 'aa')"),
+    "replace method": GROW.replace("STEP", "ns.s.replace('a', 'aa')"),
+    "block capture": GROW.replace("{% set ns.s = STEP %}", "{% set b %}{{ ns.s }}{{ ns.s }}{% endset %}"
+                                                           "{% set ns.s = b %}"),
+    "macro output": "{% macro d(s, n) %}{% if n %}{{ d(s ~ s, n - 1) }}{% else %}{{ s }}{% endif %}{% endmacro %}"
+                    "{{ d('ab', 60)|length }}",
+    "int product": "{% set ns = namespace(n=10) %}{% for i in range(40) %}{% set ns.n = ns.n * ns.n %}{% endfor %}"
+                   "{{ ns.n > 0 }}",
+    "center filter": "{{ 'x'|center(10000000000)|length }}",
+    "ljust method": "{{ 'x'.ljust(10000000000)|length }}",
+    "printf width": "{{ ('%10000000000s' % 'x')|length }}",
+    "format width": "{{ '{:>10000000000}'.format('x')|length }}",
+    "indent filter": "{{ ('x\\n' * 100000)|indent(100000)|length }}",
+    "expandtabs": "{{ ('\\t' * 100000).expandtabs(100000)|length }}",
+    "tojson indent": "{{ range(100000)|list|tojson(indent=100000)|length }}",
+    "lipsum": "{{ lipsum(100000000)|length }}",
+}
+_RENDER_ALL = """
+import json, resource, sys, time
+resource.setrlimit(resource.RLIMIT_DATA, (3 * 2 ** 30, resource.getrlimit(resource.RLIMIT_DATA)[1]))
+from longsft.templates.render import Renderer, RenderLimits
+out = {}
+for name, template in json.loads(sys.argv[1]).items():
+    start = time.perf_counter()
+    try:
+        text = Renderer(template, f"the chat template {name!r}", RenderLimits(seconds=20, chars=2 ** 20),
+                        {}).render([])[0]
+        out[name] = ["rendered", text[:100], time.perf_counter() - start]
+    except BaseException as e:
+        out[name] = [type(e).__name__, str(e)[:300], time.perf_counter() - start]
+print(json.dumps(out))
+"""
+
+
+def test_no_template_operation_grows_a_value_past_the_bound():
+    """Doubling a string with ~, join, %, format, replace, a captured block or a macro, squaring an integer, and a
+    single width, indent, tab size or paragraph count far past the limit: each stops with the limit's message,
+    before it is built. Run in a process limited to 3 GB of data, so a hole shows as a MemoryError, not as a machine
+    out of memory."""
+    proc = subprocess.run([sys.executable, "-c", _RENDER_ALL, json.dumps(HOSTILE)], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[2], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    wrong = {k: v for k, v in results.items() if v[0] != "RenderLimitError" or f"the chat template {k!r}" not in v[1]
+             or "over the limit of 1,048,576 (--render_max_chars)" not in v[1] or v[2] > 5}
+    assert not wrong, wrong
+
+
+def test_bounded_operations_render_as_transformers_does():
+    """The operations the bounds watch, at ordinary sizes, give transformers' own text."""
+    template = ("{% macro m(x) %}<{{ x }}>{% endmacro %}{% set b %}[{{ messages[0].content }}]{% endset %}"
+                "{{ b ~ '|' ~ m('y') }}{{ '%s-%05d' % ('a', 7) }}{{ '{}:{:>4}'.format('k', 3) }}"
+                "{{ messages|map(attribute='role')|join(', ') }}{{ 'a\\tb'.expandtabs(4) }}{{ 'ab'.replace('a', 'xy') }}"
+                "{{ 'x'|center(5) }}{{ 'l1\\nl2'|indent(2, true) }}{{ messages[0]|tojson(indent=2) }}"
+                "{{ '%s!'|format('hi') }}{{ 'a b c d'|wordwrap(3) }}{{ [1, 2, 3]|batch(2)|list }}"
+                "{{ 6 * 7 }}{{ 'ab' * 2 }}{{ 2 ** 10 }}{{ 17 % 5 }}{{ 'hi'|replace('h', 'H') }}{{ 'a-b'.split('-') }}")
+    want = render_jinja_template([CHAT], chat_template=template)[0][0]
+    assert Renderer(template, "t", RenderLimits(), {}).render(CHAT)[0] == want
+
+
 def _folder(tmp_path, chat_tokenizer_dir, template: str) -> Path:
     folder = tmp_path / "tok"
     folder.mkdir()
@@ -121,3 +189,32 @@ def test_a_chat_template_of_a_wrong_type_is_a_clear_error(tmp_path, chat_tokeniz
                                          r"template string or a list of .* fix or remove the key"):
         pre_tokenize.main(["--model_name_or_path", str(folder), "--template", "auto", "--input", str(src),
                            "--output_dir", str(tmp_path / "out"), "--num_proc", "1"])
+
+
+@pytest.mark.slow
+def test_every_vendored_hub_template_renders_as_transformers_does():
+    """The bounds change no real template's text: every hub template llama-cpp-python's source distribution vendors
+    (llama.cpp's models/templates/*.jinja, read at test time), with and without tools, as render_jinja_template
+    renders it (or both raise)."""
+    from longsft.artifacts import extract
+    from longsft.vocabularies import LLAMA_CPP
+
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    chat = CHAT + [{"role": "user", "content": "More?"}]
+    kwargs = {"bos_token": "<s>", "eos_token": "</s>"}
+    paths = extract(LLAMA_CPP, "*/vendor/llama.cpp/models/templates/*.jinja", sdist=True)
+    assert len(paths) >= 20
+    for path in paths:
+        template = path.read_text(encoding="utf-8")
+        for given in (None, tools):
+            try:
+                want = render_jinja_template([chat], chat_template=template, tools=given, add_generation_prompt=True,
+                                             **kwargs)[0][0]
+            except Exception as e:
+                want = type(e).__name__
+            try:
+                got = Renderer(template, path.name, RenderLimits(), kwargs).render(chat, given, True)[0]
+            except Exception as e:
+                got = type(e).__name__
+            assert got == want, (path.name, given is not None)
