@@ -109,7 +109,7 @@ def _compiled(template: str, limits: RenderLimits, what: str):
             bound.arguments(args, kwargs)
             bound.str_method(__obj.__name__, __obj.__self__, args, kwargs)
         elif __obj is lipsum and lipsum is not None:  # lipsum(n, html, min, max): n paragraphs of <= max words
-            n, words = (args + (5,))[0], (args + (5, True, 20, 100))[3]
+            n, words = kwargs.get("n", (args + (5,))[0]), kwargs.get("max", (args + (5, True, 20, 100))[3])
             bound.too_big(n * words * 16 if isinstance(n, int) and isinstance(words, int) else 0)
         return checked(sandbox_call(__context, __obj, *args, **kwargs))
 

@@ -70,6 +70,7 @@ HOSTILE = {  # each builds, from small pieces, a value far past any memory: it m
     "expandtabs": "{{ ('\\t' * 100000).expandtabs(100000)|length }}",
     "tojson indent": "{{ range(100000)|list|tojson(indent=100000)|length }}",
     "lipsum": "{{ lipsum(100000000)|length }}",
+    "lipsum n=": "{{ lipsum(n=100000000)|length }}",
 }
 _RENDER_ALL = """
 import json, resource, sys, time
