@@ -28,6 +28,72 @@ def utf8_len(text: str, pos: int) -> int:
     return len(text[:pos].encode("utf-8")) + max(0, pos - len(text))
 
 
+class SharedHeaders:
+    """Rendered texts mostly begin alike: the template's system block (Qwen2.5's default system prompt, Llama-3.1's
+    dates), a dataset's own fixed system prompt, the shared history of --rewritten_replies split samples. Such a
+    header, up to the end of a special token, is encoded once per process and its ids reused: the tokenizer then
+    encodes only what follows (Qwen2.5's system block is ~8% of a short record's tokens).
+
+    Exact: the Rust tokenizer first splits a text at its added tokens and encodes the pieces between them one by
+    one (normalizer, pre-tokenizer, model per piece), so ids(header + rest) = ids(header) + ids(rest) when the header
+    ends with an added token that no added token's match can cross: `cut_tokens` are those that strip nothing to
+    their right (rstrip), are matched before normalization, are no part of a longer added token and do not end
+    with whitespace, on a byte-level tokenizer (its pre-tokenizer treats every piece alike; a Metaspace one marks
+    the text's first piece) with no single_word tokens (TemplateTokens._cut_tokens checks these once). The first
+    VERIFY headers of a process are also checked against the whole text's encoding; a difference switches the
+    cache off for good (`off`).
+
+    A header is learned from two neighbouring texts of a work unit: the longest prefix they share that ends at a
+    cut token (from SCAN characters, at least MIN_CHARS long). At most KEEP headers are held."""
+
+    MIN_CHARS, SCAN, KEEP, VERIFY = 32, 8192, 64, 4
+
+    def __init__(self, special_re, cut_tokens: set):
+        self.special_re, self.cut_tokens = special_re, cut_tokens
+        self.ids: dict[str, list[int]] = {}  # header -> its ids
+        self.verified, self.off = 0, False
+
+    def _learn(self, text: str, before: str):
+        header = None
+        for m in self.special_re.finditer(text, 0, self.SCAN):
+            if m.group() not in self.cut_tokens:
+                continue
+            if not before.startswith(text[:m.end()]):
+                break
+            header = text[:m.end()]
+        return header if header is not None and len(header) >= self.MIN_CHARS else None
+
+    def encode(self, texts: list[str], encode_batch) -> list[list[int]]:
+        """The ids of each text, as encode_batch(texts) gives them (`encode_batch`: a list of texts -> a list of id
+        lists, one tokenizer call), each shared header encoded once."""
+        if self.off:
+            return encode_batch(texts)
+        heads, rests, new = [None] * len(texts), list(texts), {}  # new: header -> the text that first uses it
+        known, last, before = list(self.ids), None, None
+        for k, text in enumerate(texts):
+            head = last if last is not None and text.startswith(last) else \
+                next((h for h in known if text.startswith(h)), None)
+            if head is None and before is not None:
+                head = self._learn(text, before)
+                if head is not None:
+                    new[head] = k
+                    known.insert(0, head)
+            if head is not None:
+                heads[k], rests[k], last = head, text[len(head):], head
+            before = text
+        check = list(new.items())[:max(0, self.VERIFY - self.verified)]
+        lists = encode_batch(rests + list(new) + [texts[k] for _, k in check])
+        n, m = len(texts), len(new)
+        table = {**self.ids, **dict(zip(new, lists[n:n + m]))}
+        for (head, k), whole in zip(check, lists[n + m:]):
+            if table[head] + lists[k] != whole:
+                self.off = True  # (not expected: the conditions above make it exact)
+                return encode_batch(texts)
+        self.verified += len(check)
+        self.ids = table if len(table) <= self.KEEP else dict(zip(new, lists[n:n + m]))
+        return [lists[k] if head is None else table[head] + lists[k] for k, head in enumerate(heads)]
+
+
 class TemplateTokens:
     def _backend(self, plain: bool):
         """The Rust tokenizer, with offsets: the tokenizer's own (base.own_backend: a private copy only where it
@@ -124,6 +190,26 @@ class TemplateTokens:
             self._backends["bytes"], self._backends["nfc"] = table, norm is not None
         return self._backends["bytes"]
 
+    def _encode_ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._backend(False).encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _headers(self) -> SharedHeaders:
+        """This process's SharedHeaders, its cut tokens checked once (none: every text encoded whole)."""
+        if "headers" not in self._backends:
+            self._backends["headers"] = SharedHeaders(self.special_re, self._cut_tokens())
+        return self._backends["headers"]
+
+    def _cut_tokens(self) -> set:
+        """The special tokens a shared header may end with (SharedHeaders: why these conditions make it exact)."""
+        if self._byte_table() is None:
+            return set()
+        added = list(self._backend(False).get_added_tokens_decoder().values())
+        if any(t.single_word for t in added):
+            return set()
+        by_text = {t.content: t for t in added}
+        return {s for s in self.special_ids if s in by_text and not by_text[s].rstrip and not by_text[s].normalized
+                and not s[-1:].isspace() and not any(s in t.content and s != t.content for t in added)}
+
     def _with_bytes_of(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
         """The byte table with every token of `ids` looked up (one character of the byte-level alphabet per byte):
         a work unit meets a few thousand distinct tokens, where reading the whole vocabulary (get_vocab, 0.2 s for
@@ -172,7 +258,7 @@ class TemplateTokens:
         if table is None:
             return self._offsets_of(texts, range(len(texts)))
         nfc = self._backends["nfc"]
-        lists = [e.ids for e in self._backend(False).encode_batch_fast(texts, add_special_tokens=False)]
+        lists = self._headers().encode(texts, self._encode_ids)
         counts = np.fromiter(map(len, lists), np.int64, len(lists))
         ids = np.fromiter(chain.from_iterable(lists), np.int32, int(counts.sum()))
         table = self._with_bytes_of(table, ids)

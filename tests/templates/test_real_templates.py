@@ -292,3 +292,25 @@ def test_one_rendering_gives_the_same_samples_as_every_prefix(real_format, case)
         finally:
             del f._render
         assert len(calls) == 1
+
+
+@pytest.mark.parametrize("case", ["qwen2.5", "qwen3", "llama3.1", "smollm2", "mistral-v3"])
+def test_shared_headers_on_real_vocabularies(real_format, case):
+    """A header the rendered texts share is encoded once (auto_tokens.SharedHeaders) on the byte-level real
+    vocabularies, with the tokenizer's ids for every whole text; the SentencePiece (Metaspace) one cuts nothing."""
+    from longsft.templates.auto_tokens import SharedHeaders
+
+    from longsft.data.inputs import Skip
+
+    f = real_format(case)
+    texts = []
+    for r in RECORDS + RECORDS[:6]:
+        try:
+            texts += [text for text, *_ in f._layout(f.parse_record(r)[1])[0]]
+        except Skip:  # SmolLM2's template writes no tools
+            pass
+    backend = f._backend(False)
+    headers = SharedHeaders(f.special_re, f._cut_tokens())
+    ids = headers.encode(texts, lambda batch: [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)])
+    assert ids == [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+    assert bool(headers.ids) == (case != "mistral-v3") and not headers.off, (case, len(headers.ids))
