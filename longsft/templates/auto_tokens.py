@@ -1,12 +1,14 @@
 """Template `auto`'s rendered text -> token ids and token positions (AutoFormat mixes in TemplateTokens): one call of
 the tokenizer's own Rust backend per work unit; special-token text of the data kept as text (the marked path);
-positions from a byte-level BPE's token byte lengths, else from offsets.
+positions from a byte-level BPE's token byte lengths, else from offsets; a header the texts share (the system
+block) encoded once per process (SharedHeaders).
 
     from longsft.templates.registry import chat_format
     fmt = chat_format("auto", tokenizer)                      # an AutoFormat: a TemplateTokens
     ids, starts, counts, in_bytes = fmt._encode_clean(["<|im_start|>user\nHi<|im_end|>\n"])
 
     python -m pytest -q tests/templates/test_auto.py -k "byte_positions or special_token_text"   # its tests (CPU)
+    python -m pytest -q tests/templates/test_shared_headers.py                                  # shared headers
 
 Uses the AutoFormat attributes `tokenizer`, `_backends` (per-process caches), `special_re`, `strips`,
 `special_ids` and `unmark` (the private-use marks of special-token text in the data).
