@@ -46,7 +46,9 @@ class SharedHeaders:
     cache off for good (`off`).
 
     A header is learned from two neighbouring texts of a work unit: the longest prefix they share that ends at a
-    cut token (from SCAN characters, at least MIN_CHARS long). At most KEEP headers are held."""
+    cut token (from SCAN characters, at least MIN_CHARS long), also past a header they already share (a default
+    system block, then the first user turn both repeat). At most KEEP headers are held; past that, those the last
+    work unit used."""
 
     MIN_CHARS, SCAN, KEEP, VERIFY = 32, 8192, 64, 4
 
@@ -55,9 +57,11 @@ class SharedHeaders:
         self.ids: dict[str, list[int]] = {}  # header -> its ids
         self.verified, self.off = 0, False
 
-    def _learn(self, text: str, before: str):
+    def _learn(self, text: str, before: str, start: int):
+        """The longest prefix of `text` that `before` shares, past `start` (a header both already share), ending at
+        a cut token; None if there is none past `start` or it is shorter than MIN_CHARS."""
         header = None
-        for m in self.special_re.finditer(text, 0, self.SCAN):
+        for m in self.special_re.finditer(text, start, self.SCAN):
             if m.group() not in self.cut_tokens:
                 continue
             prefix = text[:m.end()]
@@ -76,25 +80,26 @@ class SharedHeaders:
         for k, text in enumerate(texts):
             head = last if last is not None and text.startswith(last) else \
                 next((h for h in known if text.startswith(h)), None)
-            if head is None and before is not None:
-                head = self._learn(text, before)
-                if head is not None:
-                    new[head] = k
-                    known.insert(0, head)
+            if before is not None and (head is None or before.startswith(head)):  # does it share more?
+                longer = self._learn(text, before, len(head) if head else 0)
+                if longer is not None:
+                    head = longer
+                    if longer not in self.ids and longer not in new:
+                        new[longer] = k
+                        known.insert(0, longer)
             if head is not None:
                 heads[k], rests[k], last = head, text[len(head):], head
             before = text
         check = list(new.items())[:max(0, self.VERIFY - self.verified)]
         lists = encode_batch(rests + list(new) + [texts[k] for _, k in check])
         n, m = len(texts), len(new)
-        learned = dict(zip(new, lists[n:n + m]))
-        table = {**self.ids, **learned}
+        table = {**self.ids, **dict(zip(new, lists[n:n + m]))}
         for (head, k), whole in zip(check, lists[n + m:]):
             if table[head] + lists[k] != whole:
                 self.off = True  # (not expected: the conditions above make it exact)
                 return encode_batch(texts)
         self.verified += len(check)
-        self.ids = table if len(table) <= self.KEEP else learned
+        self.ids = table if len(table) <= self.KEEP else {h: table[h] for h in set(heads) if h is not None}
         return [lists[k] if head is None else table[head] + lists[k] for k, head in enumerate(heads)]
 
 

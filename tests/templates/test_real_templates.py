@@ -314,3 +314,5 @@ def test_shared_headers_on_real_vocabularies(real_format, case):
     ids = headers.encode(texts, lambda batch: [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)])
     assert ids == [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     assert bool(headers.ids) == (case != "mistral-v3") and not headers.off, (case, len(headers.ids))
+    block = {"qwen2.5": "You are Qwen, created by Alibaba Cloud.", "llama3.1": "Today Date:"}.get(case)
+    assert block is None or any(block in h for h in headers.ids), (case, list(headers.ids))  # the default block

@@ -67,6 +67,17 @@ def unit_samples(f, convs) -> tuple[list, list]:
         owners.tolist()
 
 
+def test_a_longer_shared_header_is_learned_past_a_known_one(chat_tokenizer_dir):
+    f = registry.chat_format("auto", PreTrainedTokenizerFast.from_pretrained(chat_tokenizer_dir("qwen2")))
+    short = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>"
+    longer = short + "user\nThe same long instruction every record repeats.<|im_end|>\n<|im_start|>"
+    texts = [short + "user\nsomething else<|im_end|>\n", longer + "assistant\none<|im_end|>\n",
+             longer + "assistant\ntwo<|im_end|>\n", longer + "assistant\nthree<|im_end|>\n"]
+    headers = SharedHeaders(f.special_re, f._cut_tokens())
+    assert headers.encode(texts, f._encode_ids) == f._encode_ids(texts)
+    assert set(headers.ids) == {short, longer}
+
+
 def test_cut_tokens_are_the_tokens_no_match_crosses(chat_tokenizer_dir):
     tok = PreTrainedTokenizerFast.from_pretrained(chat_tokenizer_dir("qwen2"))
     tok.add_special_tokens({"additional_special_tokens": [
