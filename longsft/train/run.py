@@ -15,10 +15,13 @@ trained with TrainerNoShuffle (trainer.py); the model or adapter saved with its 
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import logging
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -241,8 +244,37 @@ def train(argv: list[str], parsed: tuple, callbacks: list | None = None) -> Opti
 
 
 def shutdown_distributed() -> None:
-    """Leave together: rank 0 hosts the rendezvous store (deepspeed launcher), and a rank still tearing down its
-    process group when rank 0 exits aborts ("terminate called without an active exception" from gloo)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    """End a successful run of a multi-process launch: leave together, then exit without Python's finalization.
+
+    1. barrier: every rank has written its part of the output and finished its last collective. Rank 0 hosts the
+       rendezvous store under the deepspeed launcher, and a rank still tearing down its process group when rank 0
+       exits aborts ("terminate called without an active exception" from gloo; a 2-node run did).
+    2. destroy_process_group: the backends shut down while the interpreter is fully alive.
+    3. exit now (`exit_without_finalization`): destroy_process_group only forgets the groups, and DeepSpeed keeps
+       them referenced (deepspeed.utils.groups._WORLD_GROUP and its other module globals, each ZeRO-3 parameter), so
+       their C++ objects and gloo's threads would otherwise be destroyed during the interpreter's finalization, in
+       no set order, after the run succeeded; a rank of a 2-rank ZeRO-3 run died there once with SIGABRT (CI).
+    A single process run (no launcher) ends as usual."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    # WORLD_SIZE too: evaluate_saved_model (--test_file) has left the group already on every rank
+    if distributed or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        exit_without_finalization(0)
+
+
+def exit_without_finalization(code: int) -> None:
+    """What a normal exit does in Python (wait for non-daemon threads, run the atexit handlers: logging's flush,
+    wandb's finish, ...; flush stdout and stderr), then os._exit: no module teardown, no C++ static destructors."""
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken pipe: nothing more can be written to it anyway
+            pass
+    os._exit(code)
