@@ -12,6 +12,7 @@ import pytest
 
 from tests.test_quickstart import ROOT, dry_run, flag
 from tests.test_sft_script import sft_steps
+from tests.launch import failure_text, free_port
 
 
 @pytest.mark.parametrize("family", ["glm4", "llama3"])
@@ -60,10 +61,10 @@ def test_sft_script_stage_dpo_runs_on_a_tiny_model(tmp_path):
     run_env = {**env, "STAGE": "dpo", "NUM_GPUS": "2", "MODEL": str(tmp_path / "model"),
                "DATA": str(tmp_path / "pairs.jsonl"), "TOKENIZED": str(tmp_path / "data"),
                "OUTPUT": str(tmp_path / "dpo"), "MAX_LENGTH": "512", "LR": "5e-4", "BF16": "0", "GRAD_CKPT": "0",
-               "MASTER_PORT": str(29500 + os.getpid() % 1000)}
+               "MASTER_PORT": str(free_port())}
     out = subprocess.run(["bash", str(ROOT / "scripts" / "sft.sh"), "--max_steps", "2", "--disable_tqdm", "True"],
                          cwd=ROOT, env=run_env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stdout[-3000:] + failure_text(out.stderr)
     logs = json.loads((tmp_path / "dpo" / "trainer_state.json").read_text())["log_history"]
     steps = [h for h in logs if "rewards/margins" in h]
     assert len(steps) == 2 and all("logps/chosen" in h for h in steps)

@@ -19,7 +19,7 @@ import sort_and_group
 from longsft.evaluate.records import read_test_set
 from longsft.tiny.models import make_tiny_model
 from tests.records import write_jsonl
-from tests.train.test_distributed import _free_port, failure_text
+from tests.launch import failure_text, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "data" / "sample.jsonl"
@@ -75,7 +75,7 @@ def test_two_processes_leave_the_group_and_rank0_evaluates(tmp_path, prepared):
     out = tmp_path / "run2"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "main.py",
+                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "main.py",
                            *train_argv(model, data, out, "--test_file", SAMPLE, "--test_max_new_tokens", 4)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + failure_text(proc.stderr)

@@ -5,7 +5,6 @@ Run: python -m pytest -q tests/train/test_careless_settings.py
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 import main as train_main
 from longsft.train import setting_types
+from tests.launch import free_port
 from tests.train.test_run import llama_dir, write_task  # noqa: F401 (fixtures)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,12 +163,6 @@ def test_a_typo_fails_before_torch_is_imported(tmp_path):
 # Item 15: the head rule under sequence parallelism, printed once, about the model
 # ----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_the_head_rule_is_printed_once_under_a_heading_about_the_model(tmp_path, llama_dir):  # noqa: F811
     model = tmp_path / "model"
@@ -180,7 +174,7 @@ def test_the_head_rule_is_printed_once_under_a_heading_about_the_model(tmp_path,
     (model / "config.json").write_text(json.dumps({**config, "num_attention_heads": 1, "num_key_value_heads": 1}))
     data = write_task(tmp_path / "data", llama_dir, "llama3", n=6, max_length=64)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "main.py"), "--model_name_or_path", str(model),
+           "--master_port", str(free_port()), str(ROOT / "main.py"), "--model_name_or_path", str(model),
            "--train_file", str(data), "--output_dir", str(tmp_path / "out"), "--batch_method", "pack",
            "--sequence_parallel_size", "2", "--deepspeed", str(ROOT / "ds_config" / "stage3.json"),
            "--report_to", "none", "--max_steps", "1"]

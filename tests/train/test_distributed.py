@@ -7,7 +7,6 @@ Run: python -m pytest -q tests/train/test_distributed.py  (marked slow: seven 2-
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +15,10 @@ import pytest
 
 from tests.train.test_run import EXACT, llama_dir, losses, max_weight_diff, run, write_task  # noqa: F401 (fixture)
 from longsft.tiny.models import make_tiny_model
+from tests.launch import failure_text, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_two_ranks(model_dir, data, out, *extra):
@@ -34,7 +28,7 @@ def launch_two_ranks(model_dir, data, out, *extra):
 def launch_ranks(nproc: int, model_dir, data, out, *extra):
     """main.py on `nproc` real processes (torchrun, gloo on CPU); (logged losses, rank 0's output)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "main.py"),
+           "--master_port", str(free_port()), str(ROOT / "main.py"),
            "--model_name_or_path", str(model_dir), "--train_file", str(data), "--output_dir", str(out),
            "--logging_steps", "1", "--report_to", "none", "--disable_tqdm", "true", "--seed", "0",
            *map(str, extra)]
@@ -45,16 +39,6 @@ def launch_ranks(nproc: int, model_dir, data, out, *extra):
     assert proc.returncode == 0, proc.stdout[-3000:] + failure_text(proc.stderr)
     state = json.loads((Path(out) / "trainer_state.json").read_text())
     return [h["loss"] for h in state["log_history"] if "loss" in h], proc.stdout
-
-
-def failure_text(stderr: str, limit: int = 8000) -> str:
-    """The ranks' stderr without the lines every run prints (deprecation warnings of deepspeed's collectives, the
-    accelerator notice), so the line that says why a rank died (a C++ `terminate called ...`, a Python traceback)
-    is not pushed out of the shown tail by them."""
-    noise = ("Warning: `torch.distributed.", "return func(*args, **kwargs)", "Setting accelerator to CPU",
-             "deepspeed_shm_comm_op built successfully")
-    kept = [line for line in stderr.splitlines() if not any(n in line for n in noise)]
-    return "\n".join(kept)[-limit:]
 
 
 def eval_losses(log_history) -> list[float]:

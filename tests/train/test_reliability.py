@@ -296,7 +296,8 @@ def test_a_read_only_output_folder_is_named_at_start(tmp_path, llama_dir, data8)
 def test_sp2_checkpoint_resumed_with_sp1_on_two_ranks_is_refused_once(tmp_path, llama_dir):  # noqa: F811
     """The issue's case: an SP 2 checkpoint (1 pack per step on 2 ranks) resumed with SP 1 on 2 ranks (2 packs per
     step) skipped 10 of 28 packs; now it is refused, by rank 0 alone, before the model loads."""
-    from tests.train.test_distributed import _free_port, launch_ranks
+    from tests.launch import free_port
+    from tests.train.test_distributed import launch_ranks
     from tests.train.test_sequence_parallel import SHAPES
 
     data = write_task(tmp_path / "data", llama_dir, "llama3", max_length=64, shapes=SHAPES)
@@ -306,7 +307,7 @@ def test_sp2_checkpoint_resumed_with_sp1_on_two_ranks_is_refused_once(tmp_path, 
                  "steps", "--save_steps", 1)
     before = tree_digest(tmp_path / "sp2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "main.py"), "--model_name_or_path", str(llama_dir),
+           "--master_port", str(free_port()), str(ROOT / "main.py"), "--model_name_or_path", str(llama_dir),
            "--train_file", str(data), "--output_dir", str(tmp_path / "sp2"), "--report_to", "none",
            *map(str, common), "--max_steps", "4", "--sequence_parallel_size", "1", "--resume_from_checkpoint", "true"]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
