@@ -253,7 +253,8 @@ def shutdown_distributed() -> None:
     3. exit now (`exit_without_finalization`): destroy_process_group only forgets the groups, and DeepSpeed keeps
        them referenced (deepspeed.utils.groups._WORLD_GROUP and its other module globals, each ZeRO-3 parameter), so
        their C++ objects and gloo's threads would otherwise be destroyed during the interpreter's finalization, in
-       no set order, after the run succeeded; a rank of a 2-rank ZeRO-3 run died there once with SIGABRT (CI).
+       no set order. A rank of a 2-rank ZeRO-3 run once died with SIGABRT after its outputs were written (CI; its
+       reason was not printed and 72 launches here did not repeat it): finalization is the likely place.
     A single process run (no launcher) ends as usual."""
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if distributed:
