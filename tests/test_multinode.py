@@ -12,12 +12,13 @@ two nodes run sequence parallelism across them and preference training (scripts/
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 2
@@ -38,12 +39,6 @@ def tiny_glm4_run(tmp_path_factory, glm4_tokenizer_dir):
                             "--num_proc", "1"])
     sort_and_group.main(["--train_file", str(data), "--max_length", "512", "--group_size", "2", "--no_plot"])
     return root, model, data
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_two_nodes(root: Path, name: str, model: Path, data: Path,

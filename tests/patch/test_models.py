@@ -491,14 +491,13 @@ def _zero3_check(port: int) -> None:
 
 @pytest.mark.slow
 def test_chunked_loss_under_deepspeed_zero3():
-    import socket
     import subprocess
     import sys
     from pathlib import Path
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.launch import free_port
+
+    port = free_port()
     root = Path(__file__).resolve().parents[2]
     code = f"import sys; sys.path[:0] = [{str(root)!r}]; " \
            f"import tests.conftest; from tests.patch import test_models; test_models._zero3_check({port})"

@@ -311,7 +311,7 @@ def test_shared_headers_on_real_vocabularies(real_format, case):
             pass
     backend = f._backend(False)
     headers = SharedHeaders(f.special_re, f._cut_tokens())
-    ids = headers.encode(texts, lambda batch: [e.ids for e in backend.encode_batch(batch, add_special_tokens=False)])
+    ids = headers.encode(texts, f._encode_ids)  # what _encode_clean gives it
     assert ids == [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
     assert bool(headers.ids) == (case != "mistral-v3") and not headers.off, (case, len(headers.ids))
     block = {"qwen2.5": "You are Qwen, created by Alibaba Cloud.", "llama3.1": "Today Date:"}.get(case)
