@@ -21,8 +21,10 @@ real folders via --glm4_tokenizer/--llama3_tokenizer.
    `tokenizer(texts)`). pre_tokenize_* runs end to end (load the tokenizer, index the file, read and parse JSON,
    build labels, write and fsync the dataset). Every run is a fresh process; wall time and CPU time (the process
    and its workers) are measured; --trials runs of each, interleaved, fastest counts, spread printed.
-   `wall ratio` = bare wall / ours wall on the same text (the goal: >= 0.8). `steady` = the same after
-   subtracting each side's start-up wall time, measured as a run on 20 short records.
+   `wall ratio` = bare wall / ours wall on the same text (the goal: >= 0.8); `paired` = the median over trials of
+   that ratio within a trial (bare and ours run one after the other), steadier on a machine whose speed drifts.
+   `steady` = the wall ratio after subtracting each side's start-up wall time, measured as a run on 20 short
+   records.
    pre_tokenize_glm4 does not call tiktoken per text: it encodes a whole work unit in one call (the texts joined
    by special tokens, see GLM4Format.encode_batch), which saves tiktoken's per-call cost. So that this does not
    hide overhead, GLM-4 rows also print `same-trick bare`: bare wall with the same trick (each 256-record batch of
@@ -46,6 +48,7 @@ import json
 import os
 import random
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,13 +267,20 @@ def run_child(spec: dict) -> dict:
 
 def measure(trials: int, *specs: dict) -> list[dict]:
     """Each spec `trials` times, interleaved (so a busy moment hits all of them): the first run's counts, the
-    fastest wall and CPU time, and the median wall time (the spread on a shared machine)."""
+    fastest wall and CPU time, the median wall time (the spread on a shared machine) and every run's wall time
+    (`walls`, in trial order: runs of one trial ran one after the other)."""
     runs = [[] for _ in specs]
     for _ in range(trials):
         for k, spec in enumerate(specs):
             runs[k].append(run_child(spec))
     return [{**r[0], "wall": min(x["wall"] for x in r), "cpu": min(x["cpu"] for x in r),
-             "wall_median": sorted(x["wall"] for x in r)[len(r) // 2]} for r in runs]
+             "wall_median": sorted(x["wall"] for x in r)[len(r) // 2], "walls": [x["wall"] for x in r]} for r in runs]
+
+
+def paired_ratio(a: dict, b: dict) -> float:
+    """The median over trials of a's wall / b's wall in the same trial: on a machine whose speed drifts between
+    trials, steadier than the ratio of the two fastest runs (which may come from different trials)."""
+    return statistics.median(x / y for x, y in zip(a["walls"], b["walls"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +362,7 @@ def speed_rows(args, paths: dict, records: list[dict], sets: dict, tmp: Path) ->
           f"fastest, and median in brackets; start-up = a run on 20 records)")
     print(f"{'family':7} {'data':5} {'records':>7} {'tokens':>10} {'bare tok/s':>11} {'ours tok/s':>11} "
           f"{'bare wall':>15} {'ours wall':>15} {'wall ratio':>10} {'start-up b/o':>12} {'steady':>6} "
-          f"{'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9} {'same-trick bare, ratio':>22}")
+          f"{'bare cpu':>8} {'ours cpu':>8} {'cpu ratio':>9} {'paired':>6} {'same-trick bare, ratio':>22}")
     for family in args.family:
         for name, recs in sets.items():
             data = usable(recs, ROLES[family])[0]
@@ -375,7 +385,8 @@ def speed_rows(args, paths: dict, records: list[dict], sets: dict, tmp: Path) ->
                   f"{ours['tokens'] / ours['wall']:11,.0f} {bare['wall']:6.2f}s ({bare['wall_median']:5.2f}) "
                   f"{ours['wall']:6.2f}s ({ours['wall_median']:5.2f}) {bare['wall'] / ours['wall']:9.2f}x "
                   f"{bare0['wall']:5.2f}/{ours0['wall']:4.2f}s {steady} {bare['cpu']:7.2f}s "
-                  f"{ours['cpu']:7.2f}s {bare['cpu'] / ours['cpu']:8.2f}x {trick:>22}", flush=True)
+                  f"{ours['cpu']:7.2f}s {bare['cpu'] / ours['cpu']:8.2f}x {paired_ratio(bare, ours):5.2f}x "
+                  f"{trick:>22}", flush=True)
 
 
 def memory_rows(args, paths: dict, records: list[dict], tmp: Path) -> None:
