@@ -200,7 +200,31 @@ class TemplateTokens:
         return self._backends["bytes"]
 
     def _encode_ids(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._backend(False).encode_batch_fast(texts, add_special_tokens=False)]
+        """The ids of each text (special tokens matched), as encode_batch_fast gives them. When the tokenizer's
+        normalizer leaves ASCII text as it is (_ascii_normalizer: Qwen's NFC), the ASCII texts are encoded with it
+        off, set for that call and restored after it: the same ids, without the Rust tokenizer's normalization pass
+        (a copy of each text with its alignments; ~13% of Qwen's encoding time)."""
+        tk = self._backend(False)
+        ascii_ = [t.isascii() for t in texts] if self._ascii_normalizer() else None
+        if not ascii_ or not any(ascii_):
+            return [e.ids for e in tk.encode_batch_fast(texts, add_special_tokens=False)]
+        normalizer, tk.normalizer = tk.normalizer, None
+        try:
+            plain = iter(tk.encode_batch_fast([t for t, a in zip(texts, ascii_) if a], add_special_tokens=False))
+        finally:
+            tk.normalizer = normalizer
+        rest = [t for t, a in zip(texts, ascii_) if not a]
+        rest = iter(tk.encode_batch_fast(rest, add_special_tokens=False) if rest else ())
+        return [next(plain if a else rest).ids for a in ascii_]
+
+    def _ascii_normalizer(self) -> bool:
+        """Whether the tokenizer has a normalizer and it is one of the Unicode normal forms (NFC, NFKC, NFD, NFKD),
+        which leave ASCII text unchanged: then ASCII texts need no normalization pass (_encode_ids)."""
+        if "ascii_norm" not in self._backends:
+            norm = self._backend(False).normalizer
+            kind = json.loads(norm.__getstate__()).get("type") if norm is not None else None
+            self._backends["ascii_norm"] = kind in ("NFC", "NFKC", "NFD", "NFKD")
+        return self._backends["ascii_norm"]
 
     def _headers(self) -> SharedHeaders:
         """This process's SharedHeaders, its cut tokens checked once (none: every text encoded whole)."""
