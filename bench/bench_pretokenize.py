@@ -29,8 +29,9 @@ real folders via --glm4_tokenizer/--llama3_tokenizer.
    by special tokens, see GLM4Format.encode_batch), which saves tiktoken's per-call cost. So that this does not
    hide overhead, GLM-4 rows also print `same-trick bare`: bare wall with the same trick (each 256-record batch of
    texts joined by a special token, one call), and ours against it. Template auto encodes each header its texts
-   share (the system block up to a special token, auto_tokens.SharedHeaders) once per process: its rows print
-   the bare tokenizer doing the same in that column.
+   share (the system block up to a special token, auto_tokens.SharedHeaders) once per process, and ASCII texts
+   without a normal-form normalizer's pass (TemplateTokens._encode_ids): its rows print the bare tokenizer doing
+   the same in that column.
 2. Memory. pre_tokenize_* on the real records plus 8 conversations of 30k words, once per --max_length;
    printed: peak RSS of the main process and of the largest worker. Upstream allocated (samples x max_length)
    arrays; here the peak must not grow with --max_length.

@@ -203,7 +203,7 @@ class TemplateTokens:
         """The ids of each text (special tokens matched), as encode_batch_fast gives them. When the tokenizer's
         normalizer leaves ASCII text as it is (_ascii_normalizer: Qwen's NFC), the ASCII texts are encoded with it
         off, set for that call and restored after it: the same ids, without the Rust tokenizer's normalization pass
-        (a copy of each text with its alignments; ~13% of Qwen's encoding time)."""
+        (9% of the time Qwen's tokenizer takes for ASCII chat texts)."""
         tk = self._backend(False)
         ascii_ = [t.isascii() for t in texts] if self._ascii_normalizer() else None
         if not ascii_ or not any(ascii_):
