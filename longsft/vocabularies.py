@@ -127,26 +127,30 @@ QWEN_HUB_VOCABULARY = "*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"  # llama
 # (convert_hf_to_gguf_update.py: Qwen/Qwen1.5-7B; Qwen2, Qwen2.5 and Qwen3 share its 151,643 tokens and merges)
 
 
-def gguf_strings(gguf: Path, key: str) -> list[str]:
-    """A string-array field of a GGUF file's metadata (tokenizer.ggml.tokens, tokenizer.ggml.merges)."""
+def gguf_strings(gguf: Path, *keys: str) -> list[list[str]]:
+    """String-array fields of a GGUF file's metadata (tokenizer.ggml.tokens, tokenizer.ggml.merges), the file read
+    once."""
     from gguf import GGUFReader
 
-    field = GGUFReader(str(gguf)).fields.get(key)
-    if field is None:
-        raise UserError(f"{gguf}: no {key} in its metadata")
-    return [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+    fields, out = GGUFReader(str(gguf)).fields, []
+    for key in keys:
+        if key not in fields:
+            raise UserError(f"{gguf}: no {key} in its metadata")
+        out.append([bytes(fields[key].parts[i]).decode("utf-8") for i in fields[key].data])
+    return out
 
 
 def hub_merges(gguf: Path, vocab: dict[str, int]) -> list[list[str]]:
     """The merge list of the hub tokenizer.json a llama.cpp vocabulary file was converted from, checked against
     `vocab` (the ranks' tokens): the file's first len(vocab) tokens are those tokens in rank order, and every merge
     joins two tokens of `vocab` into a third."""
-    tokens = gguf_strings(gguf, "tokenizer.ggml.tokens")[:len(vocab)]
+    tokens, merges = gguf_strings(gguf, "tokenizer.ggml.tokens", "tokenizer.ggml.merges")
+    tokens = tokens[:len(vocab)]
     by_rank = sorted(vocab, key=vocab.get)
     if tokens != by_rank:
         k = next((k for k, (a, b) in enumerate(zip(tokens, by_rank)) if a != b), min(len(tokens), len(by_rank)))
         raise UserError(f"{gguf}: its tokens differ from the ranks' at id {k}; not the same vocabulary")
-    merges = [m.split(" ") for m in gguf_strings(gguf, "tokenizer.ggml.merges")]
+    merges = [m.split(" ") for m in merges]
     bad = [m for m in merges if len(m) != 2 or m[0] not in vocab or m[1] not in vocab or m[0] + m[1] not in vocab]
     if bad or not merges:
         raise UserError(f"{gguf}: {len(bad)} of its {len(merges)} merges do not join two tokens into a third "

@@ -44,7 +44,7 @@ def _texts(tk: Tokenizer, n: int) -> list[str]:
 def test_qwen_folder_takes_the_hub_merges(qwen):
     tk, _ = qwen
     spec = json.loads(tk.to_str())
-    hub = gguf_strings(qwen_hub_vocabulary(), "tokenizer.ggml.merges")
+    (hub,) = gguf_strings(qwen_hub_vocabulary(), "tokenizer.ggml.merges")
     merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
     assert merges == hub  # one merge per regular token but the 256 bytes, in the hub file's order
     assert len(merges) < len(spec["model"]["vocab"])
@@ -69,3 +69,22 @@ def test_qwen_folder_matches_llama_cpp_reference_encodings(qwen):
     assert len(inputs) == len(outputs) > 20
     for text, expected in zip(inputs, outputs):
         assert tk.encode(text, add_special_tokens=False).ids == [int(x) for x in expected.split()], repr(text)
+
+
+def test_qwen_folder_ascii_texts_skip_its_nfc_pass_with_the_same_ids():
+    """Template auto on the real folder (NFC normalizer): ASCII texts are encoded without it (_encode_ids), and the
+    rendered texts of real-shaped records get the ids of the tokenizer with its normalizer on."""
+    from transformers import PreTrainedTokenizerFast
+
+    from longsft.templates.registry import chat_format
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_folder("qwen2.5"))
+    f = chat_format("auto", tok)
+    assert type(tok.backend_tokenizer.normalizer).__name__ == "NFC" and f._ascii_normalizer()
+    texts = [text for r in glaive_records(20) + alpaca_records(20) + multi_turn_records(10)
+             for text, *_ in f._layout(f.parse_record(r)[1])[0]]
+    texts += ["re\u0301sume\u0301 Cafe\u0301 <|im_end|>", "Grüße, 東京"]  # NFC changes the first
+    assert any(t.isascii() for t in texts) and not all(t.isascii() for t in texts)
+    reference = Tokenizer.from_str(tok.backend_tokenizer.to_str())  # an independent copy, normalizer on
+    assert f._encode_ids(texts) == [e.ids for e in reference.encode_batch(texts, add_special_tokens=False)]
+    assert type(tok.backend_tokenizer.normalizer).__name__ == "NFC"
